@@ -1,0 +1,1 @@
+"""Client-side identity: the token model and one module per login method."""

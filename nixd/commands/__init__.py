@@ -1,0 +1,1 @@
+"""One module per ``nixd`` command group; see :mod:`nixd.cli`."""

@@ -1,0 +1,78 @@
+"""Store paths: ``<store dir>/<32-char base32 hash>-<name>``.
+
+The rules are Nix 2.8's ``checkName``: a name of at most 211 characters from
+``[A-Za-z0-9+-._?=]`` that does not start with a period.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from nixd.errors import FormatError
+from nixd.nix import base32
+
+DEFAULT_STORE_DIR = "/nix/store"
+HASH_LEN = 32
+MAX_NAME_LEN = 211
+_NAME = re.compile(r"[A-Za-z0-9+\-._?=]+")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class StorePath:
+    """A store path, kept as its hash part and name; the store dir is separate."""
+
+    hash_part: str
+    name: str
+
+    def __post_init__(self) -> None:
+        validate_hash_part(self.hash_part)
+        validate_name(self.name)
+
+    @classmethod
+    def from_basename(cls, basename: str) -> StorePath:
+        """Parse ``<hash>-<name>``."""
+        if len(basename) < HASH_LEN + 2 or basename[HASH_LEN] != "-":
+            raise FormatError(f"{basename!r} is not a store path basename (<hash>-<name>)")
+        return cls(basename[:HASH_LEN], basename[HASH_LEN + 1 :])
+
+    @classmethod
+    def parse(cls, path: str, store_dir: str = DEFAULT_STORE_DIR) -> StorePath:
+        """Parse a full path directly inside ``store_dir``."""
+        prefix = store_dir.rstrip("/") + "/"
+        if not path.startswith(prefix):
+            raise FormatError(f"path {path!r} is not in the Nix store {store_dir}")
+        rest = path[len(prefix) :]
+        if "/" in rest:
+            raise FormatError(f"path {path!r} is inside a store path, not a store path")
+        return cls.from_basename(rest)
+
+    @property
+    def basename(self) -> str:
+        return f"{self.hash_part}-{self.name}"
+
+    def path(self, store_dir: str = DEFAULT_STORE_DIR) -> str:
+        """The full path in ``store_dir``."""
+        return f"{store_dir.rstrip('/')}/{self.basename}"
+
+    def __str__(self) -> str:
+        return self.basename
+
+
+def validate_hash_part(hash_part: str) -> None:
+    """Raise unless ``hash_part`` is 32 characters of Nix base32."""
+    if len(hash_part) != HASH_LEN:
+        raise FormatError(f"store path hash {hash_part!r} must be {HASH_LEN} characters")
+    base32.decode(hash_part)
+
+
+def validate_name(name: str) -> None:
+    """Raise unless ``name`` is a valid store path name."""
+    if not name:
+        raise FormatError("store path name is empty")
+    if len(name) > MAX_NAME_LEN:
+        raise FormatError(f"store path name is longer than {MAX_NAME_LEN} characters")
+    if name.startswith("."):
+        raise FormatError(f"store path name {name!r} starts with a period")
+    if not _NAME.fullmatch(name):
+        raise FormatError(f"store path name {name!r} has a character outside [A-Za-z0-9+-._?=]")
