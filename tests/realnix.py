@@ -53,7 +53,7 @@ class RealNix:
         self,
         args: Sequence[str],
         *,
-        store: Path | None | bool = True,
+        store: Path | bool | None = True,
         check: bool = True,
         input: bytes | None = None,
         env: Mapping[str, str] | None = None,
