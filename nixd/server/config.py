@@ -1,0 +1,217 @@
+"""The cache server's configuration: ``STATE_DIR/config.toml`` into frozen dataclasses.
+
+Everything the server keeps lives in one state directory; relative paths in the config are
+relative to it. The file is nested by section and every key is known: an unknown key, a
+wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``file:key``::
+
+    [server]
+    listen = ["127.0.0.1:8080"]     # host:port, [v6]:port, or fd://N (socket activation)
+    graceful_timeout = 10.0         # seconds in-flight NAR streams get on shutdown
+    address_file = "run/address"    # where `serve` writes the bound address ("" = none)
+
+    [storage]
+    database = "server.db"          # SQLite (WAL): narinfos, slices, credentials, keys
+    blobs = "blobs"                 # NAR files, zstd, named by their FileHash
+    zstd_level = 3
+    max_upload_bytes = 68719476736  # largest NAR (uncompressed) accepted by a PUT
+
+    [tokens]
+    issuer = "nixd-server"
+    audience = "nixd"
+    access_ttl = 3600               # seconds an exchanged access token lives
+
+    [policy]
+    file = "policy.toml"
+
+    [audit]
+    file = "audit.log"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from nixd.errors import ConfigError
+
+CONFIG_NAME = "config.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSection:
+    listen: tuple[str, ...] = ("127.0.0.1:8080",)
+    graceful_timeout: float = 10.0
+    address_file: str = "run/address"
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSection:
+    database: str = "server.db"
+    blobs: str = "blobs"
+    zstd_level: int = 3
+    max_upload_bytes: int = 64 * 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class TokensSection:
+    issuer: str = "nixd-server"
+    audience: str = "nixd"
+    access_ttl: int = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySection:
+    file: str = "policy.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSection:
+    file: str = "audit.log"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The whole config; ``state_dir`` is where the file was found."""
+
+    state_dir: Path
+    server: ServerSection = field(default_factory=ServerSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    tokens: TokensSection = field(default_factory=TokensSection)
+    policy: PolicySection = field(default_factory=PolicySection)
+    audit: AuditSection = field(default_factory=AuditSection)
+
+    def path(self, relative: str) -> Path:
+        """A config path resolved against the state directory."""
+        p = Path(relative)
+        return p if p.is_absolute() else self.state_dir / p
+
+    @property
+    def database_path(self) -> Path:
+        return self.path(self.storage.database)
+
+    @property
+    def blobs_path(self) -> Path:
+        return self.path(self.storage.blobs)
+
+    @property
+    def policy_path(self) -> Path:
+        return self.path(self.policy.file)
+
+    @property
+    def audit_path(self) -> Path:
+        return self.path(self.audit.file)
+
+    @property
+    def address_path(self) -> Path | None:
+        return self.path(self.server.address_file) if self.server.address_file else None
+
+    @classmethod
+    def load(cls, state_dir: str | Path) -> ServerConfig:
+        """Read ``STATE_DIR/config.toml``."""
+        state = Path(state_dir)
+        file = state / CONFIG_NAME
+        try:
+            text = file.read_text()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{file}: no server config here; create one with `nixd-server init {state}`"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
+        return cls.from_toml(text, state_dir=state, source=str(file))
+
+    @classmethod
+    def from_toml(cls, text: str, *, state_dir: Path, source: str = CONFIG_NAME) -> ServerConfig:
+        """Parse config text; every error names ``source:key``."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+        sections: dict[str, type[Any]] = {
+            "server": ServerSection,
+            "storage": StorageSection,
+            "tokens": TokensSection,
+            "policy": PolicySection,
+            "audit": AuditSection,
+        }
+        built: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in sections:
+                raise ConfigError(f"{source}:{key}: unknown section (known: {', '.join(sections)})")
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}:{key}: must be a table")
+            built[key] = _section(sections[key], value, source, key)
+        config = cls(state_dir=state_dir, **built)
+        _check(config, source)
+        return config
+
+
+def _section(kind: type[Any], data: dict[str, Any], source: str, name: str) -> Any:
+    known = {f.name: f for f in fields(kind)}
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        where = f"{source}:{name}.{key}"
+        value = raw
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(known)})")
+        default = getattr(kind(), key)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: must be a list of strings")
+            value = tuple(value)
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}: must be a number")
+            value = float(value)
+        elif isinstance(default, bool) or not isinstance(value, type(default)):
+            raise ConfigError(f"{where}: must be a {type(default).__name__}")
+        values[key] = value
+    return kind(**values)
+
+
+def _check(config: ServerConfig, source: str) -> None:
+    if not config.server.listen:
+        raise ConfigError(f"{source}:server.listen: needs at least one address")
+    if config.server.graceful_timeout < 0:
+        raise ConfigError(f"{source}:server.graceful_timeout: must not be negative")
+    if not 1 <= config.storage.zstd_level <= 22:
+        raise ConfigError(f"{source}:storage.zstd_level: must be between 1 and 22")
+    if config.storage.max_upload_bytes <= 0:
+        raise ConfigError(f"{source}:storage.max_upload_bytes: must be positive")
+    if config.tokens.access_ttl <= 0:
+        raise ConfigError(f"{source}:tokens.access_ttl: must be positive")
+
+
+def render_default(listen: str = "127.0.0.1:8080") -> str:
+    """The config ``nixd-server init`` writes: every key, with its default."""
+    d = ServerConfig(state_dir=Path())
+    return f"""\
+# nixd-server configuration; paths are relative to this directory.
+
+[server]
+# host:port, [v6addr]:port, or fd://N for a socket passed by systemd
+listen = ["{listen}"]
+# seconds in-flight downloads get to finish on SIGTERM
+graceful_timeout = {d.server.graceful_timeout}
+# `serve` writes its bound addresses here, one per line ("" = do not)
+address_file = "{d.server.address_file}"
+
+[storage]
+database = "{d.storage.database}"
+blobs = "{d.storage.blobs}"
+zstd_level = {d.storage.zstd_level}
+max_upload_bytes = {d.storage.max_upload_bytes}
+
+[tokens]
+issuer = "{d.tokens.issuer}"
+audience = "{d.tokens.audience}"
+access_ttl = {d.tokens.access_ttl}
+
+[policy]
+file = "{d.policy.file}"
+
+[audit]
+file = "{d.audit.file}"
+"""

@@ -1,0 +1,556 @@
+"""Content storage of the cache server: NAR blobs on disk, metadata in SQLite.
+
+The model:
+
+- A **NAR** is stored once, whatever slice or client compression it came in: decompressed
+  and hashed as it streams in, then recompressed as zstd into
+  ``blobs/<ab>/<filehash32>.nar.zst`` (``filehash`` = sha256 of that file). The ``nars`` table
+  maps its NarHash to that file; a second upload of the same NarHash keeps the first file.
+- A **path** is a store path's narinfo fields (StorePath, NarHash, NarSize, References,
+  Deriver, System, CA). Signatures are never stored: the server signs when it serves.
+- A **slice** is ``org/project``; ``slice_paths`` says which slices hold which path. A slice is
+  what policy talks about; a path is visible to whoever may read one slice holding it.
+- An **upload alias** remembers, per slice, the NAR URL a client used for a PUT
+  (``nar/<its filehash>.nar.xz``) and the NarHash it turned out to have, so that the narinfo
+  PUT that follows can be checked against the bytes actually received.
+
+Reads are small indexed SELECTs on the event loop's own connection (WAL, so writers never
+block them). The CPU-heavy part of an upload (decompress, hash, parse, recompress) runs in a
+worker thread in ~1 MiB batches, so one NAR never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import hashlib
+import lzma
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import zstandard
+
+from nixd.errors import FormatError, NixdError
+from nixd.nix import base32
+from nixd.nix.hashes import Hash
+from nixd.server.db import Migration, Project, ensure_schema, get_project, transaction
+from nixd.server.errors import BadUpload, TooLarge, UnsupportedCompression
+
+STORE_MIGRATIONS: list[Migration] = [
+    # 1: NARs, paths, which slices hold them, upload aliases, build logs.
+    """
+    CREATE TABLE nars (
+        nar_hash TEXT PRIMARY KEY, nar_size INTEGER NOT NULL,
+        file_hash TEXT NOT NULL UNIQUE, file_size INTEGER NOT NULL, created REAL NOT NULL);
+    CREATE TABLE paths (
+        hash_part TEXT NOT NULL, nar_hash TEXT NOT NULL REFERENCES nars(nar_hash),
+        name TEXT NOT NULL, refs TEXT NOT NULL, deriver TEXT, system TEXT, ca TEXT,
+        created REAL NOT NULL, PRIMARY KEY (hash_part, nar_hash));
+    CREATE TABLE slice_paths (
+        project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+        hash_part TEXT NOT NULL, nar_hash TEXT NOT NULL, created REAL NOT NULL,
+        PRIMARY KEY (project_id, hash_part));
+    CREATE INDEX slice_paths_by_hash ON slice_paths(hash_part);
+    CREATE INDEX slice_paths_by_nar ON slice_paths(nar_hash);
+    CREATE TABLE upload_aliases (
+        project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+        url TEXT NOT NULL, nar_hash TEXT NOT NULL, created REAL NOT NULL,
+        PRIMARY KEY (project_id, url));
+    CREATE INDEX upload_aliases_by_nar ON upload_aliases(nar_hash);
+    CREATE TABLE logs (
+        project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+        drv TEXT NOT NULL, data BLOB NOT NULL, created REAL NOT NULL,
+        PRIMARY KEY (project_id, drv));
+    CREATE INDEX logs_by_drv ON logs(drv);
+    """,
+]
+COMPRESSIONS = ("none", "xz", "zstd", "bzip2", "br")
+SUFFIX_COMPRESSION = {
+    ".nar": "none",
+    ".nar.xz": "xz",
+    ".nar.zst": "zstd",
+    ".nar.bz2": "bzip2",
+    ".nar.br": "br",
+}
+_CHUNK = 1 << 20
+
+
+class StoreError(NixdError):
+    """The store was asked for something it cannot do (bad name, unknown slice)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Nar:
+    """A stored NAR: its NarHash/NarSize and the zstd file holding it."""
+
+    nar_hash: str  # sha256:<base32>
+    nar_size: int
+    file_hash: str  # base32 of the zstd file's sha256, no prefix
+    file_size: int
+
+    @property
+    def url(self) -> str:
+        return f"nar/{self.file_hash}.nar.zst"
+
+
+@dataclass(frozen=True, slots=True)
+class PathInfo:
+    """A store path's narinfo fields, as stored (no URL, no signatures)."""
+
+    hash_part: str
+    name: str
+    nar: Nar
+    references: tuple[str, ...]  # basenames, sorted
+    deriver: str | None
+    system: str | None
+    ca: str | None
+
+    @property
+    def basename(self) -> str:
+        return f"{self.hash_part}-{self.name}"
+
+
+class NarChecker(Protocol):
+    """Strict NAR structure check fed with the decompressed bytes (NarParser)."""
+
+    def feed(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+def compression_of(url_name: str) -> str:
+    """The compression a client's NAR file name says (``abc.nar.xz`` → ``xz``)."""
+    for suffix, comp in sorted(SUFFIX_COMPRESSION.items(), key=lambda kv: -len(kv[0])):
+        if url_name.endswith(suffix):
+            return comp
+    raise BadUpload(f"NAR file name {url_name!r} does not end in .nar, .nar.xz, .nar.zst, ...")
+
+
+class _Decoder(Protocol):
+    def feed(self, data: bytes, out: Callable[[bytes], None]) -> None: ...
+    def finish(self, out: Callable[[bytes], None]) -> None: ...
+
+
+class _Plain:
+    def feed(self, data: bytes, out: Callable[[bytes], None]) -> None:
+        out(data)
+
+    def finish(self, out: Callable[[bytes], None]) -> None:
+        return None
+
+
+class _Bounded:
+    """xz/bzip2 with bounded output per call, so a small bomb cannot fill memory."""
+
+    def __init__(self, factory: Callable[[], Any], name: str) -> None:
+        self._d = factory()
+        self._name = name
+
+    def feed(self, data: bytes, out: Callable[[bytes], None]) -> None:
+        try:
+            if self._d.eof:
+                if data:
+                    raise BadUpload(f"{self._name} stream has trailing data after its end")
+                return
+            chunk = self._d.decompress(data, _CHUNK)
+            out(chunk)
+            while not self._d.eof and not self._d.needs_input:
+                out(self._d.decompress(b"", _CHUNK))
+        except (lzma.LZMAError, OSError, EOFError, ValueError) as exc:
+            raise BadUpload(f"the upload is not valid {self._name}: {exc}") from exc
+
+    def finish(self, out: Callable[[bytes], None]) -> None:
+        if not self._d.eof:
+            raise BadUpload(f"the {self._name} stream of the upload is truncated")
+
+
+class _Sink:
+    """Where zstandard's stream_writer puts decompressed bytes."""
+
+    def __init__(self) -> None:
+        self.out: Callable[[bytes], None] = lambda b: None
+
+    def write(self, data: bytes) -> int:
+        self.out(data)
+        return len(data)
+
+
+class _Zstd:
+    def __init__(self) -> None:
+        self._sink = _Sink()
+        self._w = zstandard.ZstdDecompressor().stream_writer(
+            self._sink, write_size=_CHUNK, write_return_read=True
+        )
+
+    def feed(self, data: bytes, out: Callable[[bytes], None]) -> None:
+        self._sink.out = out
+        try:
+            self._w.write(data)
+        except zstandard.ZstdError as exc:
+            raise BadUpload(f"the upload is not valid zstd: {exc}") from exc
+
+    def finish(self, out: Callable[[bytes], None]) -> None:
+        self._sink.out = out
+        try:
+            self._w.flush()
+        except zstandard.ZstdError as exc:
+            raise BadUpload(f"the zstd stream of the upload is truncated: {exc}") from exc
+
+
+def _decoder(compression: str) -> _Decoder:
+    if compression == "none":
+        return _Plain()
+    if compression == "xz":
+        return _Bounded(lzma.LZMADecompressor, "xz")
+    if compression == "bzip2":
+        return _Bounded(bz2.BZ2Decompressor, "bzip2")
+    if compression == "zstd":
+        return _Zstd()
+    if compression == "br":
+        raise UnsupportedCompression(
+            "brotli-compressed NARs cannot be decoded by this server (no brotli module); "
+            "upload with ?compression=zstd, xz, bzip2 or none"
+        )
+    raise UnsupportedCompression(f"unknown NAR compression {compression!r}")
+
+
+class _HashingFile:
+    """A write-only file that hashes and counts what passes through."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._f.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+class NarIngest:
+    """One NAR upload in progress: feed compressed bytes, get NarHash/NarSize and a blob.
+
+    Not thread-safe, but may move between threads: the app calls :meth:`feed` and
+    :meth:`finish` through ``trio.to_thread.run_sync``.
+    """
+
+    def __init__(
+        self,
+        tmp_dir: Path,
+        compression: str,
+        *,
+        zstd_level: int,
+        max_nar_size: int,
+        checker: NarChecker | None,
+    ) -> None:
+        self._decoder = _decoder(compression)
+        self._nar_sha = hashlib.sha256()
+        self.nar_size = 0
+        self._max = max_nar_size
+        self._checker = checker
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".nar.zst", dir=tmp_dir)
+        self.tmp_path = Path(name)
+        self._raw = os.fdopen(fd, "wb")
+        self._file = _HashingFile(self._raw)
+        self._zw = zstandard.ZstdCompressor(level=zstd_level).stream_writer(
+            self._file, closefd=False
+        )
+
+    def _nar_bytes(self, data: bytes) -> None:
+        if not data:
+            return
+        self.nar_size += len(data)
+        if self.nar_size > self._max:
+            raise TooLarge(f"the NAR is larger than this server accepts ({self._max} bytes)")
+        self._nar_sha.update(data)
+        if self._checker is not None:
+            try:
+                self._checker.feed(data)
+            except FormatError as exc:
+                raise BadUpload(f"the uploaded NAR is malformed: {exc}") from exc
+        self._zw.write(data)
+
+    def feed(self, data: bytes) -> None:
+        self._decoder.feed(data, self._nar_bytes)
+
+    def finish(self) -> tuple[Hash, int, str, int]:
+        """End of the upload: NarHash, NarSize, FileHash (base32) and FileSize; fsynced."""
+        self._decoder.finish(self._nar_bytes)
+        if self._checker is not None:
+            try:
+                self._checker.close()
+            except FormatError as exc:
+                raise BadUpload(f"the uploaded NAR is malformed: {exc}") from exc
+        if self.nar_size == 0:
+            raise BadUpload("the uploaded NAR is empty")
+        self._zw.flush(zstandard.FLUSH_FRAME)
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        nar_hash = Hash("sha256", self._nar_sha.digest())
+        return nar_hash, self.nar_size, base32.encode(self._file.sha.digest()), self._file.size
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._raw.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp_path.unlink()
+
+
+class Store:
+    """Blobs and metadata of one server; open with :meth:`open`, close with :meth:`close`.
+
+    Orgs and projects are :mod:`nixd.server.db`'s; this class adds what slices hold.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, blobs: Path, *, zstd_level: int = 3) -> None:
+        self.conn = conn
+        self.blobs = blobs
+        self.tmp = blobs / "tmp"
+        self.zstd_level = zstd_level
+
+    @classmethod
+    def open(cls, conn: sqlite3.Connection, blobs: Path, *, zstd_level: int = 3) -> Store:
+        """Use ``conn`` (from :func:`nixd.server.db.open_db`); create the store's tables."""
+        try:
+            blobs.mkdir(parents=True, exist_ok=True)
+            (blobs / "tmp").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{blobs}: cannot create the blob directory: {exc}") from exc
+        ensure_schema(conn, component="store", migrations=STORE_MIGRATIONS)
+        store = cls(conn, blobs, zstd_level=zstd_level)
+        store._sweep_tmp()
+        return store
+
+    def _sweep_tmp(self) -> None:
+        """Uploads cut off by a crash leave temp files; nothing refers to them."""
+        for p in self.tmp.glob("upload-*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    # -- reads --------------------------------------------------------------------------
+
+    def project(self, org: str, name: str) -> Project | None:
+        return get_project(self.conn, org, name)
+
+    _PATH_COLS = (
+        "p.hash_part, p.name, p.refs, p.deriver, p.system, p.ca, "
+        "n.nar_hash, n.nar_size, n.file_hash, n.file_size"
+    )
+    _PROJECT_COLS = "pr.id, o.name, pr.name, pr.public, pr.created"
+    _PROJECT_JOIN = "JOIN projects pr ON pr.id = s.project_id JOIN orgs o ON o.id = pr.org_id"
+
+    @staticmethod
+    def _path(row: Sequence[Any]) -> PathInfo:
+        hp, name, refs, deriver, system, ca, nh, ns, fh, fs = row
+        return PathInfo(
+            hash_part=hp,
+            name=name,
+            nar=Nar(nh, ns, fh, fs),
+            references=tuple(refs.split()) if refs else (),
+            deriver=deriver,
+            system=system,
+            ca=ca,
+        )
+
+    @staticmethod
+    def _project(row: Sequence[Any]) -> Project:
+        return Project(row[0], row[1], row[2], bool(row[3]), row[4])
+
+    def holders(self, hash_part: str) -> list[tuple[Project, PathInfo]]:
+        """Every slice holding a store path, with the path as that slice has it."""
+        rows = self.conn.execute(
+            f"SELECT {self._PROJECT_COLS}, {self._PATH_COLS} FROM slice_paths s "  # noqa: S608
+            f"{self._PROJECT_JOIN} "
+            "JOIN paths p ON p.hash_part = s.hash_part AND p.nar_hash = s.nar_hash "
+            "JOIN nars n ON n.nar_hash = p.nar_hash WHERE s.hash_part = ? "
+            "ORDER BY pr.public DESC, o.name, pr.name",
+            (hash_part,),
+        ).fetchall()
+        return [(self._project(r[:5]), self._path(r[5:])) for r in rows]
+
+    def in_slice(self, project: Project, hash_part: str) -> PathInfo | None:
+        row = self.conn.execute(
+            f"SELECT {self._PATH_COLS} FROM slice_paths s "  # noqa: S608
+            "JOIN paths p ON p.hash_part = s.hash_part AND p.nar_hash = s.nar_hash "
+            "JOIN nars n ON n.nar_hash = p.nar_hash "
+            "WHERE s.project_id = ? AND s.hash_part = ?",
+            (project.id, hash_part),
+        ).fetchone()
+        return self._path(row) if row else None
+
+    def nar_holders(self, file_hash: str) -> tuple[Nar | None, list[Project]]:
+        """A stored NAR file by its FileHash, and the slices holding a path that uses it."""
+        row = self.conn.execute(
+            "SELECT nar_hash, nar_size, file_hash, file_size FROM nars WHERE file_hash = ?",
+            (file_hash,),
+        ).fetchone()
+        if row is None:
+            return None, []
+        rows = self.conn.execute(
+            f"SELECT DISTINCT {self._PROJECT_COLS} FROM slice_paths s {self._PROJECT_JOIN} "  # noqa: S608
+            "WHERE s.nar_hash = ? ORDER BY pr.public DESC",
+            (row[0],),
+        ).fetchall()
+        return Nar(*row), [self._project(r) for r in rows]
+
+    def blob_path(self, file_hash: str) -> Path:
+        return self.blobs / file_hash[:2] / f"{file_hash}.nar.zst"
+
+    def nar_by_hash(self, nar_hash: str) -> Nar | None:
+        row = self.conn.execute(
+            "SELECT nar_hash, nar_size, file_hash, file_size FROM nars WHERE nar_hash = ?",
+            (nar_hash,),
+        ).fetchone()
+        return Nar(*row) if row else None
+
+    def alias(self, project: Project, url: str) -> Nar | None:
+        """The NAR a client uploaded to this slice under ``url`` (e.g. ``nar/x.nar.xz``)."""
+        row = self.conn.execute(
+            "SELECT n.nar_hash, n.nar_size, n.file_hash, n.file_size FROM upload_aliases a "
+            "JOIN nars n ON n.nar_hash = a.nar_hash WHERE a.project_id = ? AND a.url = ?",
+            (project.id, url),
+        ).fetchone()
+        return Nar(*row) if row else None
+
+    def log_holders(self, drv: str) -> list[tuple[Project, bytes]]:
+        rows = self.conn.execute(
+            f"SELECT {self._PROJECT_COLS}, s.data FROM logs s {self._PROJECT_JOIN} "  # noqa: S608
+            "WHERE s.drv = ? ORDER BY pr.public DESC",
+            (drv,),
+        ).fetchall()
+        return [(self._project(r[:5]), zstandard.decompress(r[5])) for r in rows]
+
+    def stats(self) -> dict[str, int]:
+        q = self.conn.execute
+        return {
+            "nars": q("SELECT count(*) FROM nars").fetchone()[0],
+            "paths": q("SELECT count(*) FROM paths").fetchone()[0],
+            "bytes": q("SELECT coalesce(sum(file_size), 0) FROM nars").fetchone()[0],
+        }
+
+    # -- writes -------------------------------------------------------------------------
+
+    def begin_nar(
+        self, compression: str, *, max_nar_size: int, checker: NarChecker | None
+    ) -> NarIngest:
+        return NarIngest(
+            self.tmp,
+            compression,
+            zstd_level=self.zstd_level,
+            max_nar_size=max_nar_size,
+            checker=checker,
+        )
+
+    def commit_nar(
+        self,
+        ingest: NarIngest,
+        finished: tuple[Hash, int, str, int],
+        project: Project,
+        url: str,
+    ) -> Nar:
+        """Keep a finished upload's blob once (dedup by NarHash) and alias ``url`` to it.
+
+        ``finished`` is what :meth:`NarIngest.finish` returned (run that in a worker thread;
+        this method touches the database and must run on the loop's thread).
+        """
+        nar_hash, nar_size, file_hash, file_size = finished
+        key = str(nar_hash)
+        existing = self.nar_by_hash(key)
+        if existing is not None:
+            ingest.discard()
+        else:
+            dest = self.blob_path(file_hash)
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(ingest.tmp_path, dest)
+            _fsync_dir(dest.parent)
+        now = time.time()
+        with transaction(self.conn):
+            self.conn.execute(
+                "INSERT OR IGNORE INTO nars(nar_hash, nar_size, file_hash, file_size, created) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key, nar_size, file_hash, file_size, now),
+            )
+            self.conn.execute(
+                "INSERT OR REPLACE INTO upload_aliases(project_id, url, nar_hash, created) "
+                "VALUES (?, ?, ?, ?)",
+                (project.id, url, key, now),
+            )
+        return self.nar_by_hash(key) or Nar(key, nar_size, file_hash, file_size)
+
+    def add_path(self, project: Project, info: PathInfo) -> None:
+        """Put a (verified) path into a slice; its NAR must be stored already.
+
+        Durable: the client is told the upload succeeded only after this commit.
+        """
+        now = time.time()
+        with transaction(self.conn, durable=True):
+            self.conn.execute(
+                "INSERT OR IGNORE INTO paths(hash_part, nar_hash, name, refs, deriver, system, "
+                "ca, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    info.hash_part,
+                    info.nar.nar_hash,
+                    info.name,
+                    " ".join(sorted(info.references)),
+                    info.deriver,
+                    info.system,
+                    info.ca,
+                    now,
+                ),
+            )
+            self.conn.execute(
+                "INSERT OR REPLACE INTO slice_paths(project_id, hash_part, nar_hash, created) "
+                "VALUES (?, ?, ?, ?)",
+                (project.id, info.hash_part, info.nar.nar_hash, now),
+            )
+
+    def drop_alias(self, project: Project, url: str) -> None:
+        """Forget a refused upload; its blob goes too unless something else uses it."""
+        gone: Nar | None = None
+        with transaction(self.conn):
+            row = self.conn.execute(
+                "SELECT nar_hash FROM upload_aliases WHERE project_id = ? AND url = ?",
+                (project.id, url),
+            ).fetchone()
+            self.conn.execute(
+                "DELETE FROM upload_aliases WHERE project_id = ? AND url = ?", (project.id, url)
+            )
+            if row is None:
+                return
+            used = self.conn.execute(
+                "SELECT 1 FROM paths WHERE nar_hash = ? UNION ALL "
+                "SELECT 1 FROM upload_aliases WHERE nar_hash = ? LIMIT 1",
+                (row[0], row[0]),
+            ).fetchone()
+            if not used:
+                gone = self.nar_by_hash(row[0])
+                self.conn.execute("DELETE FROM nars WHERE nar_hash = ?", (row[0],))
+        if gone is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(gone.file_hash).unlink()
+
+    def put_log(self, project: Project, drv: str, data: bytes) -> None:
+        with transaction(self.conn):
+            self.conn.execute(
+                "INSERT OR REPLACE INTO logs(project_id, drv, data, created) VALUES (?, ?, ?, ?)",
+                (project.id, drv, zstandard.compress(data), time.time()),
+            )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
