@@ -1,0 +1,367 @@
+"""The cache server's SQLite metadata: connection setup, schema migrations, orgs and projects.
+
+One database file in the state directory holds all server metadata: organizations,
+their projects (the *slices* paths are pushed to), API credentials, and the store's
+narinfo/NAR tables. NAR bytes live in files next to it, never in SQLite.
+
+Connections
+    :func:`open_db` returns a connection in autocommit mode (``isolation_level=None``):
+    nothing is in a transaction unless a caller opens one with :func:`transaction`, which
+    issues ``BEGIN IMMEDIATE`` so a writer takes the write lock up front instead of failing
+    half-way with ``SQLITE_BUSY`` on upgrade. The journal is WAL (readers never block the
+    writer and vice versa), foreign keys are enforced, and a busy timeout makes concurrent
+    writers (the server and a ``nixd-server token`` command) wait rather than fail.
+
+    ``synchronous=NORMAL`` is safe in WAL mode: the database can never be corrupted by a
+    crash or power loss, and a committed transaction survives an application crash (the
+    WAL is in the OS page cache). Only a power loss or kernel crash may roll back the last
+    few commits. Where that matters — an acknowledged credential revocation must not come
+    back after a power cut — use ``transaction(conn, durable=True)``, which fsyncs the WAL
+    at that commit (``synchronous=FULL`` for one transaction).
+
+    Connections are opened with ``check_same_thread=False`` so the async server may hand
+    one to ``trio.to_thread.run_sync`` workers; a connection must still be used by one
+    thread at a time (serialize with a lock, or open one connection per worker thread).
+
+Migrations
+    Each *component* owns an ordered list of migrations; a migration is an SQL script or a
+    callable taking the connection. ``schema_versions(component, version)`` records how
+    many of a component's migrations have been applied, and :func:`ensure_schema` applies
+    the missing ones in one ``BEGIN IMMEDIATE`` transaction (all or nothing; two processes
+    starting at once apply them exactly once). Migrations are append-only: never edit or
+    reorder a released one, add a new one. This module owns the ``"core"`` component
+    (:data:`MIGRATIONS`, applied by :func:`open_db`); the store registers its own::
+
+        ensure_schema(conn, component="store", migrations=STORE_MIGRATIONS)
+
+    ``PRAGMA user_version`` mirrors the core version so ``sqlite3 server.db 'PRAGMA
+    user_version'`` tells an operator what they have.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from nixd.errors import ConfigError, NixdError
+
+log = logging.getLogger(__name__)
+
+Migration = str | Callable[[sqlite3.Connection], None]
+"""An SQL script (several statements allowed) or a function run inside the transaction."""
+
+BUSY_TIMEOUT_MS = 5_000
+_savepoints = itertools.count()
+
+MIGRATIONS: list[Migration] = [
+    # 1: organizations, their projects (slices), API credentials.
+    """
+    CREATE TABLE orgs (
+        id      INTEGER PRIMARY KEY,
+        name    TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL
+    );
+    CREATE TABLE projects (
+        id      INTEGER PRIMARY KEY,
+        org_id  INTEGER NOT NULL REFERENCES orgs(id) ON DELETE CASCADE,
+        name    TEXT NOT NULL,
+        public  INTEGER NOT NULL DEFAULT 0 CHECK (public IN (0, 1)),
+        created REAL NOT NULL,
+        UNIQUE (org_id, name)
+    );
+    CREATE TABLE credentials (
+        id          TEXT PRIMARY KEY,
+        org_id      INTEGER NOT NULL REFERENCES orgs(id) ON DELETE CASCADE,
+        name        TEXT NOT NULL,
+        kind        TEXT NOT NULL DEFAULT 'token',
+        secret_hash BLOB NOT NULL,
+        attributes  TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(attributes)),
+        created     REAL NOT NULL,
+        expires     REAL,
+        revoked_at  REAL,
+        last_used   REAL
+    );
+    -- A name is reusable once its credential is revoked (rotation: revoke, create anew).
+    CREATE UNIQUE INDEX credentials_live_name
+        ON credentials(org_id, name) WHERE revoked_at IS NULL;
+    CREATE INDEX credentials_org ON credentials(org_id);
+    """,
+]
+
+_SCHEMA_VERSIONS = """
+CREATE TABLE IF NOT EXISTS schema_versions (
+    component TEXT PRIMARY KEY,
+    version   INTEGER NOT NULL
+)
+"""
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+"""Org and project names: they appear in URLs (``/cache/<org>/<project>/``) and in
+policy resources (``org/project`` globs), so no slashes, globs or spaces."""
+
+
+class DatabaseError(NixdError):
+    """The metadata database could not be opened, migrated or written."""
+
+
+def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> sqlite3.Connection:
+    """Open (creating if needed, mode 0600) the server database and apply core migrations.
+
+    The file holds credential hashes, so it is created owner-only before SQLite touches
+    it; SQLite gives its ``-wal`` and ``-shm`` files the same mode.
+    """
+    where = os.fspath(path)
+    try:
+        if where != ":memory:":
+            Path(where).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(where, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+        conn = sqlite3.connect(
+            where,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
+    except (OSError, sqlite3.Error) as exc:
+        raise DatabaseError(f"{where}: cannot open the database: {exc}") from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal" and where != ":memory:":
+            raise DatabaseError(f"{where}: SQLite refused WAL mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if migrate:
+            ensure_schema(conn, component="core", migrations=MIGRATIONS)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise DatabaseError(f"{where}: cannot set up the database: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, *, durable: bool = False) -> Iterator[None]:
+    """Run the block in one write transaction; commit on success, roll back on error.
+
+    Nested use becomes a savepoint of the outer transaction. ``durable=True`` fsyncs the
+    WAL at this commit (for acknowledged admin changes such as a revocation); it has no
+    effect on a nested block, whose durability is the outer one's.
+    """
+    if conn.in_transaction:
+        name = f"sp_{next(_savepoints)}"
+        conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            conn.execute(f"ROLLBACK TO {name}")
+            conn.execute(f"RELEASE {name}")
+            raise
+        conn.execute(f"RELEASE {name}")
+        return
+    if durable:
+        conn.execute("PRAGMA synchronous = FULL")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+    finally:
+        if durable:
+            conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def schema_version(conn: sqlite3.Connection, component: str) -> int:
+    """How many of ``component``'s migrations this database has (0 if none)."""
+    conn.execute(_SCHEMA_VERSIONS)
+    row = conn.execute(
+        "SELECT version FROM schema_versions WHERE component = ?", (component,)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def ensure_schema(
+    conn: sqlite3.Connection, *, component: str, migrations: Sequence[Migration]
+) -> int:
+    """Apply the migrations of ``component`` the database does not have yet; return the version.
+
+    Idempotent and safe against a concurrent process doing the same: the version is
+    re-read under the write lock. A database newer than ``migrations`` (a downgrade) is
+    refused rather than silently used.
+    """
+    conn.execute(_SCHEMA_VERSIONS)
+    if schema_version(conn, component) == len(migrations):
+        return len(migrations)  # the common case, without taking the write lock
+    with transaction(conn):
+        have = schema_version(conn, component)
+        if have > len(migrations):
+            raise ConfigError(
+                f"database schema of {component!r} is at version {have}, newer than the "
+                f"{len(migrations)} this nixd-server knows; upgrade nixd-server"
+            )
+        for number in range(have + 1, len(migrations) + 1):
+            log.info("applying %s schema migration %d", component, number)
+            migration = migrations[number - 1]
+            try:
+                if isinstance(migration, str):
+                    for statement in _split_sql(migration):
+                        conn.execute(statement)
+                else:
+                    migration(conn)
+            except sqlite3.Error as exc:
+                raise DatabaseError(f"{component} schema migration {number} failed: {exc}") from exc
+        conn.execute(
+            "INSERT INTO schema_versions (component, version) VALUES (?, ?) "
+            "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+            (component, len(migrations)),
+        )
+        if component == "core":
+            conn.execute(f"PRAGMA user_version = {len(migrations)}")
+    return len(migrations)
+
+
+def _split_sql(script: str) -> Iterator[str]:
+    """Split a script into statements (``executescript`` would COMMIT our transaction).
+
+    Pieces are joined until SQLite says the statement is complete, so a ``;`` inside a
+    string literal or a trigger body does not split it.
+    """
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\r\n;"):
+                yield pending
+            pending = ""
+    if pending.strip(" \t\r\n;"):
+        raise DatabaseError(f"incomplete SQL statement in migration: {pending.strip()[:60]!r}")
+
+
+# --- organizations and projects -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Org:
+    id: int
+    name: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    id: int
+    org: str
+    name: str
+    public: bool
+    created: float
+
+    @property
+    def slice(self) -> str:
+        """The policy resource name, ``org/project``."""
+        return f"{self.org}/{self.name}"
+
+
+def check_name(kind: str, name: str) -> str:
+    """Return ``name`` if it is a valid org/project name, else raise ConfigError."""
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(at most 63, starting with a letter or digit)"
+        )
+    return name
+
+
+def create_org(conn: sqlite3.Connection, name: str, *, now: float | None = None) -> Org:
+    """Create an organization; ConfigError if the name is invalid or taken."""
+    check_name("organization", name)
+    created = time.time() if now is None else now
+    try:
+        with transaction(conn, durable=True):
+            cur = conn.execute("INSERT INTO orgs (name, created) VALUES (?, ?)", (name, created))
+    except sqlite3.IntegrityError as exc:
+        raise ConfigError(f"organization {name!r} already exists") from exc
+    assert cur.lastrowid is not None
+    return Org(cur.lastrowid, name, created)
+
+
+def get_org(conn: sqlite3.Connection, name: str) -> Org | None:
+    row = conn.execute("SELECT id, name, created FROM orgs WHERE name = ?", (name,)).fetchone()
+    return Org(row[0], row[1], row[2]) if row else None
+
+
+def list_orgs(conn: sqlite3.Connection) -> list[Org]:
+    rows = conn.execute("SELECT id, name, created FROM orgs ORDER BY name").fetchall()
+    return [Org(r[0], r[1], r[2]) for r in rows]
+
+
+def create_project(
+    conn: sqlite3.Connection,
+    org: str,
+    name: str,
+    *,
+    public: bool = False,
+    now: float | None = None,
+) -> Project:
+    """Create project ``name`` in ``org``; ConfigError if the org is missing or name taken."""
+    check_name("project", name)
+    created = time.time() if now is None else now
+    try:
+        with transaction(conn, durable=True):
+            found = get_org(conn, org)
+            if found is None:
+                raise ConfigError(f"organization {org!r} does not exist")
+            cur = conn.execute(
+                "INSERT INTO projects (org_id, name, public, created) VALUES (?, ?, ?, ?)",
+                (found.id, name, int(public), created),
+            )
+    except sqlite3.IntegrityError as exc:
+        raise ConfigError(f"project {org}/{name} already exists") from exc
+    assert cur.lastrowid is not None
+    return Project(cur.lastrowid, org, name, public, created)
+
+
+_PROJECT_SELECT = (
+    "SELECT p.id, o.name, p.name, p.public, p.created FROM projects p "
+    "JOIN orgs o ON o.id = p.org_id"
+)
+
+
+def get_project(conn: sqlite3.Connection, org: str, name: str) -> Project | None:
+    row = conn.execute(f"{_PROJECT_SELECT} WHERE o.name = ? AND p.name = ?", (org, name)).fetchone()
+    return Project(row[0], row[1], row[2], bool(row[3]), row[4]) if row else None
+
+
+def list_projects(conn: sqlite3.Connection, org: str | None = None) -> list[Project]:
+    if org is None:
+        rows = conn.execute(f"{_PROJECT_SELECT} ORDER BY o.name, p.name").fetchall()
+    else:
+        rows = conn.execute(
+            f"{_PROJECT_SELECT} WHERE o.name = ? ORDER BY p.name", (org,)
+        ).fetchall()
+    return [Project(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+
+
+def set_project_public(conn: sqlite3.Connection, org: str, name: str, public: bool) -> Project:
+    """Mark a project readable by anyone (or not); ConfigError if it does not exist."""
+    with transaction(conn, durable=True):
+        conn.execute(
+            "UPDATE projects SET public = ? WHERE name = ? "
+            "AND org_id = (SELECT id FROM orgs WHERE name = ?)",
+            (int(public), name, org),
+        )
+        project = get_project(conn, org, name)
+    if project is None:
+        raise ConfigError(f"project {org}/{name} does not exist")
+    return project
