@@ -186,7 +186,7 @@ def test_create_validation(store: CredentialStore) -> None:
         store.create("acme", "x", attributes={"n": 1})  # type: ignore[dict-item]
     with pytest.raises(ConfigError, match="invalid credential name"):
         store.create("acme", "a b")
-    record, token = store.create("acme", "grouped", attributes={"groups": ["a", "b"]})
+    _, token = store.create("acme", "grouped", attributes={"groups": ["a", "b"]})
     assert store.authenticate(token).attributes["groups"] == ["a", "b"]
 
 
