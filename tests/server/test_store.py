@@ -1,0 +1,154 @@
+"""The blob store: streaming ingest of every compression, dedup, aliases, refusals."""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import lzma
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from nixd.nix import base32
+from nixd.nix.nar import NarParser, dump
+from nixd.server.db import create_org, create_project, open_db
+from nixd.server.errors import BadUpload, TooLarge, UnsupportedCompression
+from nixd.server.store import PathInfo, Store, compression_of
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    c = open_db(tmp_path / "server.db")
+    create_org(c, "acme")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(conn: sqlite3.Connection, tmp_path: Path) -> Store:
+    return Store.open(conn, tmp_path / "blobs")
+
+
+def nar_of(tmp_path: Path, content: bytes) -> bytes:
+    tree = tmp_path / "tree"
+    tree.mkdir(exist_ok=True)
+    (tree / "file").write_bytes(content)
+    (tree / "link").unlink(missing_ok=True)
+    (tree / "link").symlink_to("file")
+    return b"".join(dump(tree))
+
+
+COMPRESS = {
+    "none": lambda b: b,
+    "xz": lzma.compress,
+    "bzip2": bz2.compress,
+    "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
+}
+
+
+@pytest.mark.parametrize("compression", sorted(COMPRESS))
+def test_ingest_decompresses_hashes_and_stores_zstd(
+    store: Store, conn: sqlite3.Connection, tmp_path: Path, compression: str
+) -> None:
+    project = create_project(conn, "acme", "app")
+    nar = nar_of(tmp_path, b"hello world\n" * 50_000)
+    data = COMPRESS[compression](nar)
+    ingest = store.begin_nar(compression, max_nar_size=1 << 30, checker=NarParser())
+    for i in range(0, len(data), 7_777):  # odd chunking: boundaries everywhere
+        ingest.feed(data[i : i + 7_777])
+    finished = ingest.finish()
+    stored = store.commit_nar(ingest, finished, project, "nar/x.nar")
+    assert stored.nar_hash == f"sha256:{base32.encode(hashlib.sha256(nar).digest())}"
+    assert stored.nar_size == len(nar)
+    blob = store.blob_path(stored.file_hash).read_bytes()
+    assert base32.encode(hashlib.sha256(blob).digest()) == stored.file_hash
+    assert len(blob) == stored.file_size
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(blob) == nar
+    assert store.alias(project, "nar/x.nar") == stored
+    assert not list(store.tmp.iterdir())
+
+
+def test_same_nar_is_stored_once(store: Store, conn: sqlite3.Connection, tmp_path: Path) -> None:
+    a = create_project(conn, "acme", "a")
+    b = create_project(conn, "acme", "b")
+    nar = nar_of(tmp_path, b"same")
+    results = []
+    for project, comp in ((a, "xz"), (b, "none")):
+        ingest = store.begin_nar(comp, max_nar_size=1 << 20, checker=NarParser())
+        ingest.feed(COMPRESS[comp](nar))
+        results.append(store.commit_nar(ingest, ingest.finish(), project, f"nar/{comp}"))
+    assert results[0] == results[1]
+    assert store.stats()["nars"] == 1
+    assert len([p for p in store.blobs.rglob("*.nar.zst")]) == 1
+
+
+def test_malformed_nar_is_refused_and_leaves_nothing(store: Store, tmp_path: Path) -> None:
+    nar = nar_of(tmp_path, b"x")
+    ingest = store.begin_nar("none", max_nar_size=1 << 20, checker=NarParser())
+    with pytest.raises(BadUpload, match="malformed"):
+        ingest.feed(nar[:-8] + b"garbage!")
+        ingest.finish()
+    ingest.discard()
+    assert not list(store.tmp.iterdir())
+
+
+def test_truncated_xz_is_refused(store: Store, tmp_path: Path) -> None:
+    data = lzma.compress(nar_of(tmp_path, b"x" * 10_000))
+    ingest = store.begin_nar("xz", max_nar_size=1 << 20, checker=None)
+    ingest.feed(data[: len(data) // 2])
+    with pytest.raises(BadUpload, match="truncated"):
+        ingest.finish()
+    ingest.discard()
+
+
+def test_size_limit_applies_to_decompressed_bytes(store: Store) -> None:
+    bomb = zstandard.ZstdCompressor().compress(bytes(5 << 20))
+    ingest = store.begin_nar("zstd", max_nar_size=1 << 20, checker=None)
+    with pytest.raises(TooLarge):
+        ingest.feed(bomb)
+    ingest.discard()
+
+
+def test_brotli_is_a_clear_415(store: Store) -> None:
+    with pytest.raises(UnsupportedCompression, match="brotli"):
+        store.begin_nar("br", max_nar_size=1, checker=None)
+
+
+def test_compression_of_names() -> None:
+    assert compression_of("nar/abc.nar.xz") == "xz"
+    assert compression_of("nar/abc.nar") == "none"
+    assert compression_of("nar/abc.nar.zst") == "zstd"
+    with pytest.raises(BadUpload):
+        compression_of("nar/abc.tar")
+
+
+def test_paths_slices_and_dropped_aliases(
+    store: Store, conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    app = create_project(conn, "acme", "app")
+    other = create_project(conn, "acme", "other", public=True)
+    ingest = store.begin_nar("none", max_nar_size=1 << 20, checker=None)
+    ingest.feed(nar_of(tmp_path, b"a"))
+    nar = store.commit_nar(ingest, ingest.finish(), app, "nar/a.nar")
+    info = PathInfo("0" * 32, "a", nar, (), None, "x86_64-linux", None)
+    store.add_path(app, info)
+    store.add_path(other, info)
+    holders = store.holders("0" * 32)
+    assert [p.slice for p, _ in holders] == ["acme/other", "acme/app"]  # public first
+    assert holders[0][1] == info
+    assert store.in_slice(app, "0" * 32) == info
+    found, users = store.nar_holders(nar.file_hash)
+    assert found == nar and {p.slice for p in users} == {"acme/app", "acme/other"}
+    # A refused upload whose NAR nothing uses disappears with its blob.
+    ingest = store.begin_nar("none", max_nar_size=1 << 20, checker=None)
+    ingest.feed(nar_of(tmp_path, b"b"))
+    lone = store.commit_nar(ingest, ingest.finish(), app, "nar/b.nar")
+    store.drop_alias(app, "nar/b.nar")
+    assert store.nar_holders(lone.file_hash) == (None, [])
+    assert not store.blob_path(lone.file_hash).exists()
+    # ... but not a NAR a stored path still uses.
+    store.drop_alias(app, "nar/a.nar")
+    assert store.blob_path(nar.file_hash).exists()
