@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from hypothesis import given, settings
@@ -138,19 +140,15 @@ def test_non_utf8_is_a_format_error() -> None:
 @given(st.text(alphabet=st.sampled_from(list(' \t\r\n"\\#mMachinedfultlogpswrc'))))
 @settings(max_examples=300, deadline=None)
 def test_parse_raises_only_format_error_on_netrc_like_text(text: str) -> None:
-    try:
+    with contextlib.suppress(FormatError):
         parse_netrc(text)
-    except FormatError:
-        pass
 
 
 @given(st.one_of(st.text(), st.binary()))
 @settings(max_examples=300, deadline=None)
 def test_parse_raises_only_format_error_on_anything(text: str | bytes) -> None:
-    try:
+    with contextlib.suppress(FormatError):
         parse_netrc(text)
-    except FormatError:
-        pass
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -249,7 +247,7 @@ def test_lookup_first_match_or_default() -> None:
 
 
 class _AuthEcho(http.server.BaseHTTPRequestHandler):
-    seen: list[str | None] = []
+    seen: ClassVar[list[str | None]] = []
 
     def do_GET(self) -> None:
         type(self).seen.append(self.headers.get("Authorization"))
