@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from nixd import __version__
 from nixd.errors import NixdError
 
-COMMAND_MODULES = ("nar", "key")
+COMMAND_MODULES = ("nar", "key", "daemon", "login", "status")
 
 
 def build_parser() -> argparse.ArgumentParser:

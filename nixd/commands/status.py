@@ -1,0 +1,90 @@
+"""``nixd status`` and ``nixd version``: what the daemon is doing (never a token)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from nixd import __version__
+from nixd.commands._common import add_daemon_options
+from nixd.daemon.client import DaemonUnreachable, call, socket_path
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = sub.add_parser("status", help="show the login, the proxy and the upstreams")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    add_daemon_options(status)
+    status.set_defaults(func=run_status)
+
+    version = sub.add_parser("version", help="print the versions of this CLI and the daemon")
+    add_daemon_options(version)
+    version.set_defaults(func=run_version)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    delta = ts - time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    rel = f"in {delta:.0f}s" if delta >= 0 else f"{-delta:.0f}s ago"
+    return f"{stamp} ({rel})"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = []
+    if status.get("logged_in"):
+        lines.append(f"logged in as:   {status.get('identity')} at {status.get('server')}")
+        valid = "valid" if status.get("token_valid") else "EXPIRED"
+        lines.append(f"token:          {valid}, expires {_when(status.get('token_expires_at'))}")
+        lines.append(f"next refresh:   {_when(status.get('next_refresh'))}")
+    else:
+        lines.append("logged in as:   nobody (run `nixd login token`)")
+    lines.append(f"last refresh:   {_when(status.get('last_refresh'))}")
+    lines.append(f"last error:     {status.get('last_error') or 'none'}")
+    proxy = status.get("proxy") or {}
+    lines.append(f"proxy:          {proxy.get('url') or proxy.get('error') or 'not running'}")
+    store = status.get("store") or {}
+    lines.append(
+        f"local store:    {_size(int(store.get('bytes_used', 0)))} of "
+        f"{_size(int(store.get('max_bytes', 0)))} in {store.get('dir')}"
+    )
+    upstreams = status.get("upstreams") or []
+    lines.append(f"upstreams:      {len(upstreams) or 'none'}")
+    for u in upstreams:
+        health = u.get("health", u.get("state", "unknown"))
+        lines.append(
+            f"  - {u.get('url')} (priority {u.get('priority')}, auth {u.get('auth')}, {health})"
+        )
+    keys = status.get("pinned_keys") or []
+    lines.append(f"pinned keys:    {', '.join(keys) if keys else 'none'}")
+    lines.append(f"daemon:         nixd {status.get('version')}, pid {status.get('pid')}")
+    return "\n".join(lines)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    status = call(socket_path(args.socket, args.config), "GET", "/status", config_arg=args.config)
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else render(status))
+    return 0
+
+
+def run_version(args: argparse.Namespace) -> int:
+    print(f"nixd {__version__}")
+    try:
+        daemon = call(
+            socket_path(args.socket, args.config), "GET", "/version", config_arg=args.config
+        )
+        print(f"daemon: nixd {daemon.get('version')}")
+    except DaemonUnreachable:
+        print("daemon: not running")
+    return 0

@@ -1,0 +1,295 @@
+"""The daemon's configuration: one TOML file read into frozen, typed sections.
+
+The file (``/etc/nixd/config.toml`` by default) has four sections, all optional::
+
+    [daemon]   control_socket, state_dir, control_group, shutdown_grace, log_level
+    [server]   url, trusted_keys            (the nixd cache server; its keys are pinned at login)
+    [proxy]    listen, store_dir, store_max_bytes, negative_ttl, [[proxy.upstreams]]
+    [nix]      nix_conf, fragment, netrc, additional_netrc_sources, restart_nix_daemon
+
+Every path is configurable, so tests and the demo run unprivileged inside a temp dir.
+:func:`load_config` is the single parser: it refuses unknown keys and wrong types, and every
+error names ``file:key`` so a reload that fails can say exactly what to fix while the old
+config stays in force.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+from nixd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/nixd/config.toml"
+DEFAULT_CONTROL_SOCKET = "/run/nixd/nixd.sock"
+DEFAULT_PROXY_PORT = 37515
+
+AuthMode = Literal["nixd", "none", "netrc"]
+_AUTH_MODES: tuple[AuthMode, ...] = ("nixd", "none", "netrc")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSection:
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    state_dir: str = "/var/lib/nixd"
+    #: members of this group (besides root) may log in and out; None = root only
+    control_group: str | None = None
+    #: seconds in-flight downloads get to finish on SIGTERM before they are cut
+    shutdown_grace: float = 10.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSection:
+    #: base URL of the nixd cache server, e.g. https://cache.example.org (login may set it)
+    url: str | None = None
+    #: keys trusted in addition to those pinned from the server at login
+    trusted_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSection:
+    url: str
+    priority: int = 50
+    trusted_keys: tuple[str, ...] = ()
+    auth: AuthMode = "none"
+    netrc_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySection:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = DEFAULT_PROXY_PORT
+    store_dir: str = "/var/cache/nixd/store"
+    store_max_bytes: int = 10 * 1024**3
+    negative_ttl: float = 30.0
+    upstreams: tuple[UpstreamSection, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NixSection:
+    nix_conf: str = "/etc/nix/nix.conf"
+    fragment: str = "/etc/nix/nixd.conf"
+    netrc: str = "/etc/nix/nixd-netrc"
+    additional_netrc_sources: tuple[str, ...] = ()
+    restart_nix_daemon: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str | None = None
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    server: ServerSection = field(default_factory=ServerSection)
+    proxy: ProxySection = field(default_factory=ProxySection)
+    nix: NixSection = field(default_factory=NixSection)
+
+    @property
+    def proxy_secret_file(self) -> str:
+        return str(Path(self.daemon.state_dir) / "proxy-secret")
+
+    @property
+    def state_file(self) -> str:
+        return str(Path(self.daemon.state_dir) / "state.json")
+
+
+class _Section:
+    """Reads typed values out of one TOML table and remembers which keys were used."""
+
+    def __init__(self, file: str, prefix: str, table: Any) -> None:
+        self.file = file
+        self.prefix = prefix
+        if not isinstance(table, dict):
+            raise ConfigError(f"{file}:{prefix.rstrip('.')}: expected a table")
+        self.table: dict[str, Any] = table
+        self.seen: set[str] = set()
+
+    def where(self, key: str) -> str:
+        return f"{self.file}:{self.prefix}{key}"
+
+    def get(
+        self,
+        key: str,
+        kind: type[T],
+        default: T,
+        check: Callable[[T], str | None] = (lambda _v: None),
+    ) -> T:
+        self.seen.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(
+                f"{self.where(key)}: expected {kind.__name__}, got {type(value).__name__}"
+            )
+        problem = check(cast(T, value))
+        if problem:
+            raise ConfigError(f"{self.where(key)}: {problem}")
+        return cast(T, value)
+
+    def opt_str(self, key: str, default: str | None = None) -> str | None:
+        self.seen.add(key)
+        if key not in self.table:
+            return default
+        return self.get(key, str, "")
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        values = self.get(key, list, [])
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise ConfigError(f"{self.where(key)}[{i}]: expected a string")
+        return tuple(values)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.where(unknown[0])}: unknown key")
+
+
+def _nonempty(v: str) -> str | None:
+    return None if v else "must not be empty"
+
+
+def _absolute(v: str) -> str | None:
+    return None if v.startswith("/") else "must be an absolute path"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be positive"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must not be negative"
+
+
+def _http_url(v: str) -> str | None:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "must be an http:// or https:// URL"
+    return None
+
+
+def _log_level(v: str) -> str | None:
+    ok = ("debug", "info", "warning", "error")
+    return None if v.lower() in ok else f"must be one of {', '.join(ok)}"
+
+
+def _parse_listen(where: str, value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PROXY_PORT})")
+    return host, int(port_text)
+
+
+def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
+    """Build a :class:`Config` from parsed TOML; errors say ``file:key``."""
+    top = _Section(file, "", dict(data))
+    for name in ("daemon", "server", "proxy", "nix"):
+        top.get(name, dict, {})
+    top.finish()
+
+    d = _Section(file, "daemon.", data.get("daemon", {}))
+    group = d.opt_str("control_group")
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"{d.where('control_group')}: no such group {group!r}") from None
+    daemon = DaemonSection(
+        control_socket=d.get("control_socket", str, DEFAULT_CONTROL_SOCKET, _absolute),
+        state_dir=d.get("state_dir", str, "/var/lib/nixd", _absolute),
+        control_group=group,
+        shutdown_grace=d.get("shutdown_grace", float, 10.0, _non_negative),
+        log_level=d.get("log_level", str, "info", _log_level).lower(),
+    )
+    d.finish()
+
+    s = _Section(file, "server.", data.get("server", {}))
+    url = s.opt_str("url")
+    if url is not None and (problem := _http_url(url)):
+        raise ConfigError(f"{s.where('url')}: {problem}")
+    server = ServerSection(
+        url=url.rstrip("/") if url else None, trusted_keys=s.strings("trusted_keys")
+    )
+    s.finish()
+
+    p = _Section(file, "proxy.", data.get("proxy", {}))
+    host, port = _parse_listen(
+        p.where("listen"), p.get("listen", str, f"127.0.0.1:{DEFAULT_PROXY_PORT}")
+    )
+    upstreams = []
+    for i, table in enumerate(p.get("upstreams", list, [])):
+        u = _Section(file, f"proxy.upstreams[{i}].", table)
+        auth = u.get(
+            "auth", str, "none", lambda v: None if v in _AUTH_MODES else f"one of {_AUTH_MODES}"
+        )
+        netrc_file = u.opt_str("netrc_file")
+        if netrc_file is not None and (problem := _absolute(netrc_file)):
+            raise ConfigError(f"{u.where('netrc_file')}: {problem}")
+        upstream = UpstreamSection(
+            url=u.get("url", str, "", lambda v: _nonempty(v) or _http_url(v)).rstrip("/"),
+            priority=u.get("priority", int, 50, _non_negative),
+            trusted_keys=u.strings("trusted_keys"),
+            auth=cast(AuthMode, auth),
+            netrc_file=netrc_file,
+        )
+        if not upstream.url:
+            raise ConfigError(f"{u.where('url')}: required")
+        u.finish()
+        upstreams.append(upstream)
+    proxy = ProxySection(
+        listen_host=host,
+        listen_port=port,
+        store_dir=p.get("store_dir", str, "/var/cache/nixd/store", _absolute),
+        store_max_bytes=p.get("store_max_bytes", int, 10 * 1024**3, _positive),
+        negative_ttl=p.get("negative_ttl", float, 30.0, _non_negative),
+        upstreams=tuple(upstreams),
+    )
+    p.finish()
+
+    n = _Section(file, "nix.", data.get("nix", {}))
+    sources = n.strings("additional_netrc_sources")
+    for i, src in enumerate(sources):
+        if problem := _absolute(src):
+            raise ConfigError(f"{n.where('additional_netrc_sources')}[{i}]: {problem}")
+    nix = NixSection(
+        nix_conf=n.get("nix_conf", str, "/etc/nix/nix.conf", _absolute),
+        fragment=n.get("fragment", str, "/etc/nix/nixd.conf", _absolute),
+        netrc=n.get("netrc", str, "/etc/nix/nixd-netrc", _absolute),
+        additional_netrc_sources=sources,
+        restart_nix_daemon=n.get("restart_nix_daemon", bool, True),
+    )
+    n.finish()
+    return Config(
+        path=None if file == "<config>" else file,
+        daemon=daemon,
+        server=server,
+        proxy=proxy,
+        nix=nix,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check the config file at ``path``; a missing file is an error."""
+    file = os.path.abspath(path)
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
+    return parse_config(data, file)

@@ -1,0 +1,545 @@
+"""The daemon process: one trio nursery holding every long-running part.
+
+Start-up order: signals are handled first (so SIGTERM during start-up is clean), then the
+refresher (with the saved login, if any), the proxy, the control socket; the Nix
+integration is (re)written, and only then is systemd told ``READY=1``. Listeners come
+from socket activation when systemd passes them (names ``control`` and ``proxy``),
+otherwise they are bound from the config.
+
+- SIGTERM/SIGINT: ``STOPPING=1``, the control socket closes, the proxy gets
+  ``daemon.shutdown_grace`` seconds for in-flight downloads, then everything is cancelled.
+- SIGHUP, or a change of the config file seen by watchfiles: the config is re-read. A valid
+  one is applied in place (upstreams, keys, control group, Nix integration) without
+  touching in-flight downloads; an invalid one is logged with file:key and the old config
+  stays. Settings that need a restart (socket paths, listen address, state dir) are
+  reported as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+import watchfiles
+
+from nixd import __version__
+from nixd.auth.model import AccessToken
+from nixd.auth.token import Credential, exchange, fetch_cache_keys
+from nixd.daemon import systemd
+from nixd.daemon.config import Config, load_config
+from nixd.daemon.control import (
+    ApiError,
+    ControlServer,
+    Peer,
+    Route,
+    open_control_listener,
+    serve_control,
+)
+from nixd.daemon.nixsetup import ApplyResult, NixSetup, NixSetupConfig, NixState
+from nixd.daemon.refresher import Refresher
+from nixd.daemon.state import (
+    LoginState,
+    clear_state,
+    ensure_proxy_secret,
+    load_state,
+    save_state,
+)
+from nixd.errors import ConfigError, NixdError
+
+log = logging.getLogger(__name__)
+
+HTTP_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+def configure_logging(level: str) -> None:
+    """Journald when stderr is the journal, plain stderr lines otherwise."""
+    root = logging.getLogger()
+    handler = systemd.journald_handler()
+    if handler is None:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("nixd: %(levelname)s: %(name)s: %(message)s"))
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+class Daemon:
+    """The daemon's state and the control API handlers."""
+
+    def __init__(self, config: Config, http: httpx.AsyncClient) -> None:
+        self.config = config
+        self.http = http
+        self.refresher = Refresher(on_token=self._on_token)
+        self.login_state: LoginState | None = None
+        self.proxy_handle: Any = None
+        self.proxy_url: str | None = None
+        self.proxy_error: str | None = None
+        self.last_error: str | None = None
+        self.started_at = time.time()
+        self._admin_lock = trio.Lock()
+        self._nix_lock = trio.Lock()
+        self.control = ControlServer(
+            {
+                ("GET", "/status"): Route(self.status, privileged=False),
+                ("GET", "/version"): Route(self.version, privileged=False),
+                ("POST", "/login"): Route(self.login, privileged=True),
+                ("POST", "/logout"): Route(self.logout, privileged=True),
+            },
+            group=config.daemon.control_group,
+        )
+
+    # -- login state -----------------------------------------------------------------------
+
+    def _renewer(self, server: str, credential: Credential) -> Callable[[], Awaitable[AccessToken]]:
+        async def renew() -> AccessToken:
+            return await exchange(self.http, server, credential)
+
+        return renew
+
+    def restore_login(self) -> None:
+        state = load_state(self.config.state_file)
+        if state is None:
+            return
+        self.login_state = state
+        self.refresher.set_login(self._renewer(state.server_url, state.credential), state.token)
+        log.info("restored the login of %s at %s", self._identity() or "?", state.server_url)
+
+    def _identity(self) -> str | None:
+        token = self.refresher.token or (self.login_state.token if self.login_state else None)
+        return token.identity if token else None
+
+    async def _on_token(self, token: AccessToken) -> None:
+        state = self.login_state
+        if state is None:
+            return
+        self.login_state = dataclasses.replace(state, token=token)
+        await trio.to_thread.run_sync(save_state, self.config.state_file, self.login_state)
+        await self.apply_nix()
+
+    # -- proxy and Nix integration ---------------------------------------------------------
+
+    def proxy_config(self) -> Any:
+        proxy_config = importlib.import_module("nixd.proxy.config")
+        ProxyConfig, UpstreamConfig = proxy_config.ProxyConfig, proxy_config.UpstreamConfig
+
+        c = self.config
+        upstreams = []
+        if self.login_state is not None:
+            keys = tuple(dict.fromkeys(self.login_state.pinned_keys + c.server.trusted_keys))
+            upstreams.append(
+                UpstreamConfig(
+                    url=self.login_state.server_url + "/cache",
+                    priority=30,
+                    trusted_keys=keys,
+                    auth="nixd",
+                    netrc_file=None,
+                )
+            )
+        for u in c.proxy.upstreams:
+            upstreams.append(
+                UpstreamConfig(
+                    url=u.url,
+                    priority=u.priority,
+                    trusted_keys=u.trusted_keys,
+                    auth=u.auth,
+                    netrc_file=u.netrc_file,
+                )
+            )
+        return ProxyConfig(
+            listen_host=c.proxy.listen_host,
+            listen_port=c.proxy.listen_port,
+            secret_file=c.proxy_secret_file,
+            store_dir=c.proxy.store_dir,
+            store_max_bytes=c.proxy.store_max_bytes,
+            negative_ttl=c.proxy.negative_ttl,
+            upstreams=tuple(upstreams),
+        )
+
+    def update_proxy(self) -> None:
+        handle = self.proxy_handle
+        if handle is None:
+            return
+        update = getattr(handle, "update_upstreams", None)
+        if update is not None:
+            update(self.proxy_config().upstreams)
+
+    def nix_setup(self) -> NixSetup:
+        n = self.config.nix
+        return NixSetup(
+            NixSetupConfig(
+                nix_conf=Path(n.nix_conf),
+                fragment=Path(n.fragment),
+                netrc=Path(n.netrc),
+                additional_netrc_sources=tuple(Path(p) for p in n.additional_netrc_sources),
+            )
+        )
+
+    def nix_state(self) -> NixState | None:
+        """What Nix should be told now; None when there is nothing to tell (logged out)."""
+        state = self.login_state
+        if state is None or self.proxy_url is None:
+            return None
+        c = self.config
+        keys = state.pinned_keys + c.server.trusted_keys
+        for u in c.proxy.upstreams:
+            keys += u.trusted_keys
+        token = self.refresher.token
+        host = urlsplit(state.server_url).hostname
+        return NixState(
+            proxy_url=self.proxy_url,
+            proxy_secret=ensure_proxy_secret(c.proxy_secret_file),
+            trusted_public_keys=tuple(dict.fromkeys(keys)),
+            server_credentials=((host, token.value),) if host and token else (),
+        )
+
+    async def apply_nix(self) -> None:
+        """(Re)write the managed netrc and nix.conf fragment; errors are logged, not raised."""
+        async with self._nix_lock:
+            try:
+                result = await trio.to_thread.run_sync(self._apply_nix_sync)
+            except (NixdError, OSError) as exc:
+                self.last_error = f"could not write the Nix configuration: {exc}"
+                log.error("%s", self.last_error)
+                return
+            if result is not None and result.restart_needed:
+                await self.restart_nix_daemon()
+
+    def _apply_nix_sync(self) -> ApplyResult | None:
+        state = self.nix_state()
+        if state is None:
+            return None
+        return self.nix_setup().apply(state)
+
+    async def remove_nix(self, setup: NixSetup | None = None) -> None:
+        async with self._nix_lock:
+            target = setup or self.nix_setup()
+            try:
+                changed = await trio.to_thread.run_sync(target.remove)
+            except (NixdError, OSError) as exc:
+                self.last_error = f"could not remove the Nix configuration: {exc}"
+                log.error("%s", self.last_error)
+                return
+            if changed:
+                await self.restart_nix_daemon()
+
+    async def restart_nix_daemon(self) -> None:
+        """nix-daemon reads nix.conf only at start: restart it if systemd runs it."""
+        if not self.config.nix.restart_nix_daemon:
+            return
+        if not await trio.Path("/run/systemd/system").is_dir():
+            return
+        result = await trio.run_process(
+            ["systemctl", "try-restart", "nix-daemon.service"], check=False, capture_stderr=True
+        )
+        if result.returncode != 0:
+            log.warning("could not restart nix-daemon: %s", result.stderr.decode().strip())
+        else:
+            log.info("restarted nix-daemon to load the new nix.conf")
+
+    # -- control API -----------------------------------------------------------------------
+
+    async def version(self, _peer: Peer | None, _body: Any) -> dict[str, Any]:
+        return {"version": __version__}
+
+    async def status(self, _peer: Peer | None, _body: Any) -> dict[str, Any]:
+        c = self.config
+        token = self.refresher.token
+        state = self.login_state
+        proxy: dict[str, Any] = {"url": self.proxy_url, "error": self.proxy_error}
+        handle_status = getattr(self.proxy_handle, "status", None)
+        upstream_health: dict[str, Any] = {}
+        if callable(handle_status):
+            try:
+                extra = handle_status()
+                if isinstance(extra, dict):
+                    upstream_health = {
+                        str(u.get("url")): u
+                        for u in extra.pop("upstreams", [])
+                        if isinstance(u, dict)
+                    }
+                    proxy.update(extra)
+            except Exception:
+                log.exception("proxy status failed")
+        upstreams = []
+        try:
+            configured = list(self.proxy_config().upstreams)
+        except ImportError:
+            configured = []
+        for u in configured:
+            entry = {"url": u.url, "priority": u.priority, "auth": u.auth}
+            if u.url in upstream_health:
+                entry.update({k: v for k, v in upstream_health[u.url].items() if k not in entry})
+            upstreams.append(entry)
+        store_bytes = await trio.to_thread.run_sync(_tree_size, c.proxy.store_dir)
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "config": c.path,
+            "started_at": self.started_at,
+            "logged_in": state is not None,
+            "server": state.server_url if state else None,
+            "identity": token.identity if token else None,
+            "token_expires_at": token.expires_at if token else None,
+            "token_valid": bool(token and not token.expired()),
+            "last_refresh": self.refresher.last_refresh,
+            "next_refresh": self.refresher.next_refresh,
+            "last_error": self.refresher.last_error or self.last_error,
+            "pinned_keys": list(state.pinned_keys) if state else [],
+            "proxy": proxy,
+            "upstreams": upstreams,
+            "store": {
+                "dir": c.proxy.store_dir,
+                "bytes_used": store_bytes,
+                "max_bytes": c.proxy.store_max_bytes,
+            },
+            "nix": {"nix_conf": c.nix.nix_conf, "fragment": c.nix.fragment, "netrc": c.nix.netrc},
+        }
+
+    async def login(self, peer: Peer | None, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_request", "expected a JSON object")
+        method = body.get("method")
+        if method != "token":
+            raise ApiError(400, "bad_request", f"unsupported login method {method!r}")
+        secret = body.get("token")
+        if not isinstance(secret, str) or not secret.strip():
+            raise ApiError(400, "bad_request", "no API token given")
+        server = body.get("server") or self.config.server.url
+        if not isinstance(server, str) or not server.startswith(("http://", "https://")):
+            raise ApiError(
+                400, "bad_request", "no server URL: pass --server or set server.url in the config"
+            )
+        server = server.rstrip("/")
+        credential = Credential("token", secret.strip())
+        async with self._admin_lock:
+            token = await exchange(self.http, server, credential)
+            keys = await fetch_cache_keys(self.http, server)
+            state = LoginState(server, credential, keys, token, time.time())
+            await trio.to_thread.run_sync(save_state, self.config.state_file, state)
+            self.login_state = state
+            self.refresher.set_login(self._renewer(server, credential), token)
+            self.last_error = None
+            self.update_proxy()
+            await self.apply_nix()
+        log.info(
+            "logged in as %s at %s (by uid %s)", token.identity, server, peer.uid if peer else "?"
+        )
+        return {
+            "identity": token.identity,
+            "server": server,
+            "token_expires_at": token.expires_at,
+            "pinned_keys": list(keys),
+        }
+
+    async def logout(self, peer: Peer | None, _body: Any) -> dict[str, Any]:
+        async with self._admin_lock:
+            was = self._identity()
+            self.refresher.clear()
+            self.login_state = None
+            await trio.to_thread.run_sync(clear_state, self.config.state_file)
+            self.update_proxy()
+            await self.remove_nix()
+        log.info("logged out %s (by uid %s)", was or "nobody", peer.uid if peer else "?")
+        return {"logged_out": was}
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self, reason: str) -> bool:
+        """Re-read the config; keep the old one if the new one is invalid."""
+        path = self.config.path
+        if path is None:
+            return False
+        try:
+            new = await trio.to_thread.run_sync(load_config, path)
+        except ConfigError as exc:
+            self.last_error = f"config not reloaded: {exc}"
+            log.error("config reload (%s) refused, keeping the old config: %s", reason, exc)
+            systemd.notify("STATUS=config reload failed; running with the old config")
+            return False
+        if new == self.config:
+            return True
+        old = self.config
+        needs_restart = [
+            name
+            for name, a, b in (
+                ("daemon.control_socket", old.daemon.control_socket, new.daemon.control_socket),
+                ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
+                (
+                    "proxy.listen",
+                    (old.proxy.listen_host, old.proxy.listen_port),
+                    (new.proxy.listen_host, new.proxy.listen_port),
+                ),
+                ("proxy.store_dir", old.proxy.store_dir, new.proxy.store_dir),
+            )
+            if a != b
+        ]
+        if needs_restart:
+            log.warning("config: %s change(s) take effect on restart", ", ".join(needs_restart))
+            new = dataclasses.replace(
+                new,
+                daemon=dataclasses.replace(
+                    new.daemon,
+                    control_socket=old.daemon.control_socket,
+                    state_dir=old.daemon.state_dir,
+                ),
+                proxy=dataclasses.replace(
+                    new.proxy,
+                    listen_host=old.proxy.listen_host,
+                    listen_port=old.proxy.listen_port,
+                    store_dir=old.proxy.store_dir,
+                ),
+            )
+        if old.nix != new.nix:
+            await self.remove_nix(self.nix_setup())
+        self.config = new
+        self.control.group = new.daemon.control_group
+        self.last_error = None
+        self.update_proxy()
+        await self.apply_nix()
+        log.info("config reloaded (%s)", reason)
+        systemd.notify(f"STATUS={self.status_line()}")
+        return True
+
+    def status_line(self) -> str:
+        who = self._identity()
+        proxy = self.proxy_url or "no proxy"
+        return f"{'logged in as ' + who if who else 'not logged in'}; proxy {proxy}"
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    async def watch_config(self) -> None:
+        path = self.config.path
+        if path is None:
+            return
+        target = Path(path)  # absolute: load_config made it so
+
+        def only_config(_change: watchfiles.Change, changed: str) -> bool:
+            return Path(changed) == target
+
+        async for _changes in watchfiles.awatch(
+            target.parent, watch_filter=only_config, recursive=False, debounce=200, step=50
+        ):
+            await self.reload("config file changed")
+
+    async def watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+    async def run_proxy(
+        self, listeners: list[Any] | None, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        try:
+            serve_proxy = importlib.import_module("nixd.proxy.server").serve_proxy
+        except ImportError:
+            self.proxy_error = "the proxy is not available in this build"
+            log.warning("%s", self.proxy_error)
+            task_status.started()
+            return
+        await trio.to_thread.run_sync(ensure_proxy_secret, self.config.proxy_secret_file)
+        async with trio.open_nursery() as nursery:
+            self.proxy_handle = await nursery.start(
+                lambda task_status: serve_proxy(
+                    self.proxy_config(),
+                    self.refresher,
+                    listeners=listeners,
+                    task_status=task_status,
+                )
+            )
+            self.proxy_url = str(self.proxy_handle.url)
+            log.info("proxy listening on %s", self.proxy_url)
+            task_status.started()
+
+
+async def _proxy_listeners(sockets: list[Any]) -> list[trio.SocketListener]:
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+
+
+async def run_daemon(config: Config) -> None:
+    """Run the daemon until SIGTERM/SIGINT; see the module docstring."""
+    activated = systemd.listen_fds()
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False) as http:
+        daemon = Daemon(config, http)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.refresher.run)
+                daemon.restore_login()
+                proxy_scope = trio.CancelScope()
+                proxy_listeners = (
+                    await _proxy_listeners(activated["proxy"]) if "proxy" in activated else None
+                )
+
+                async def proxy_task(*, task_status: trio.TaskStatus[None]) -> None:
+                    with proxy_scope:
+                        await daemon.run_proxy(proxy_listeners, task_status=task_status)
+
+                await nursery.start(proxy_task)
+                if "control" in activated:
+                    control_listener = trio.SocketListener(
+                        trio.socket.from_stdlib_socket(activated["control"][0])
+                    )
+                else:
+                    control_listener = await open_control_listener(config.daemon.control_socket)
+                control_scope = trio.CancelScope()
+
+                async def control_task(*, task_status: trio.TaskStatus[None]) -> None:
+                    with control_scope:
+                        await serve_control(
+                            daemon.control, control_listener, task_status=task_status
+                        )
+
+                await nursery.start(control_task)
+                await daemon.apply_nix()
+                nursery.start_soon(daemon.watch_config)
+                interval = systemd.watchdog_interval()
+                if interval:
+                    nursery.start_soon(daemon.watchdog, interval)
+                systemd.notify("READY=1", f"STATUS={daemon.status_line()}")
+                log.info(
+                    "nixd %s ready; control socket %s", __version__, config.daemon.control_socket
+                )
+
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await daemon.reload("SIGHUP")
+                        continue
+                    log.info("%s: shutting down", signal.Signals(signum).name)
+                    break
+                systemd.notify("STOPPING=1", "STATUS=shutting down")
+                control_scope.cancel()
+                await _stop_proxy(daemon, proxy_scope, daemon.config.daemon.shutdown_grace)
+                nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _stop_proxy(daemon: Daemon, scope: trio.CancelScope, grace: float) -> None:
+    """Let in-flight downloads finish for up to ``grace`` seconds, then cut them."""
+    handle = daemon.proxy_handle
+    drain = getattr(handle, "drain", None) if handle is not None else None
+    if drain is not None:
+        with trio.move_on_after(grace):
+            await drain()
+    scope.cancel()

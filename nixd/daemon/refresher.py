@@ -1,0 +1,217 @@
+"""The daemon's :class:`~nixd.auth.model.TokenSource`: one access token, kept fresh.
+
+After a login the refresher holds a *renew* function (the credential exchange, bound to the
+server and the credential) and the current access token. A background task renews the
+token at about two thirds of its life; a failed renewal is retried with jittered
+exponential backoff. Upstream clients call :meth:`Refresher.get` for the token and
+:meth:`Refresher.refresh` when an upstream rejected it; concurrent refreshes for the same
+stale token share one exchange, and a renewal that just failed is not repeated by every
+waiter. :meth:`get` never returns a token that is (about to be) expired: it renews first.
+
+Time is wall-clock (tokens carry Unix expiry times); the background loop sleeps in bounded
+steps so a machine resuming from suspend notices a due renewal within a minute. Tests pass
+a ``clock`` tied to trio's (autojump) clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from nixd.auth.model import AccessToken
+from nixd.errors import AuthError, LoginFailed, NixdError
+
+log = logging.getLogger(__name__)
+
+Renew = Callable[[], Awaitable[AccessToken]]
+OnToken = Callable[[AccessToken], Awaitable[None]]
+
+#: renew when this fraction of the token's life has passed
+RENEW_AT = 2 / 3
+#: first retry delay after a failed renewal, and the cap of the exponential backoff
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+#: longest single sleep, so a wall-clock jump (suspend/resume) is noticed
+MAX_SLEEP = 60.0
+#: an exchange taking longer than this counts as failed
+EXCHANGE_TIMEOUT = 30.0
+
+
+def backoff_delay(attempt: int, rng: random.Random) -> float:
+    """Delay before retry number ``attempt`` (1-based): exponential, capped, jittered.
+
+    "Equal jitter": half the nominal delay fixed, half random, so retries spread out but
+    never hammer the server.
+    """
+    nominal = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
+    delay: float = nominal / 2 + rng.uniform(0, nominal / 2)
+    return delay
+
+
+class Refresher:
+    """Holds the machine's access token; implements ``TokenSource``."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_token: OnToken | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._clock = clock
+        self._on_token = on_token
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._renew: Renew | None = None
+        self._token: AccessToken | None = None
+        self._lock = trio.Lock()
+        self._wake = trio.Event()
+        self._attempts = 0
+        self._last_failed = False
+        self._failures = 0
+        self.last_refresh: float | None = None
+        self.last_error: str | None = None
+        self.next_refresh: float | None = None
+
+    # -- state changes from login/logout ---------------------------------------------------
+
+    def set_login(self, renew: Renew, token: AccessToken | None) -> None:
+        """Start keeping a new login fresh (``token`` may be None: renew right away)."""
+        self._renew = renew
+        self._token = token
+        self._failures = 0
+        self._last_failed = False
+        self.last_error = None
+        if token is not None:
+            self.last_refresh = self._clock()
+        self._poke()
+
+    def clear(self) -> None:
+        """Forget the login (logout)."""
+        self._renew = None
+        self._token = None
+        self.next_refresh = None
+        self.last_error = None
+        self._poke()
+
+    @property
+    def logged_in(self) -> bool:
+        return self._renew is not None
+
+    @property
+    def token(self) -> AccessToken | None:
+        """The current token, possibly expired; for status display only."""
+        return self._token
+
+    def _poke(self) -> None:
+        self._wake.set()
+        self._wake = trio.Event()
+
+    # -- TokenSource -----------------------------------------------------------------------
+
+    def _usable(self, token: AccessToken | None) -> bool:
+        if token is None:
+            return False
+        life = max(0.0, token.expires_at - (token.issued_at or token.expires_at))
+        leeway = min(5.0, life * 0.05)
+        return not token.expired(self._clock(), leeway=leeway)
+
+    async def get(self) -> AccessToken:
+        token = self._token
+        if self._usable(token):
+            assert token is not None
+            return token
+        return await self.refresh(token)
+
+    async def refresh(self, stale: AccessToken | None) -> AccessToken:
+        if self._renew is None:
+            raise AuthError("not logged in: run `nixd login`")
+        attempts_seen = self._attempts
+        async with self._lock:
+            current = self._token
+            fresh = current is not None and (stale is None or current.value != stale.value)
+            if fresh and self._usable(current):
+                assert current is not None
+                return current
+            if self._attempts != attempts_seen and self._last_failed:
+                # someone tried for us while we waited for the lock, and it failed
+                raise AuthError(f"token renewal failed: {self.last_error}")
+            return await self._renew_locked()
+
+    async def _renew_locked(self) -> AccessToken:
+        renew = self._renew
+        if renew is None:
+            raise AuthError("not logged in: run `nixd login`")
+        self._attempts += 1
+        try:
+            with trio.fail_after(EXCHANGE_TIMEOUT):
+                token = await renew()
+        except (NixdError, trio.TooSlowError) as exc:
+            self._last_failed = True
+            self._failures += 1
+            message = str(exc) if isinstance(exc, NixdError) else "the server did not answer"
+            self.last_error = message
+            log.warning("token renewal failed (attempt %d): %s", self._failures, message)
+            if isinstance(exc, LoginFailed):
+                raise
+            raise AuthError(f"token renewal failed: {message}") from exc
+        if renew is not self._renew:  # logged out or in again meanwhile: drop the result
+            raise AuthError("login changed during token renewal")
+        self._last_failed = False
+        self._failures = 0
+        self._token = token
+        self.last_refresh = self._clock()
+        self.last_error = None
+        log.info("access token renewed for %s", token.identity)
+        if self._on_token is not None:
+            try:
+                await self._on_token(token)
+            except (NixdError, OSError):
+                log.exception("could not record the renewed token")
+        self._poke()
+        return token
+
+    # -- background renewal ----------------------------------------------------------------
+
+    def _due(self, token: AccessToken) -> float:
+        issued = token.issued_at or self.last_refresh or self._clock()
+        return issued + RENEW_AT * max(0.0, token.expires_at - issued)
+
+    async def _sleep_until(self, deadline: float, wake: trio.Event) -> None:
+        """Sleep until wall-clock ``deadline`` or until poked."""
+        while not wake.is_set():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return
+            with trio.move_on_after(min(remaining, MAX_SLEEP)):
+                await wake.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Renew in the background until cancelled."""
+        task_status.started()
+        while True:
+            wake = self._wake
+            if self._renew is None:
+                self.next_refresh = None
+                await wake.wait()
+                continue
+            token = self._token
+            if self._failures:
+                due = self._clock() + backoff_delay(self._failures, self._rng)
+            elif token is None:
+                due = self._clock()
+            else:
+                due = self._due(token)
+            self.next_refresh = due
+            await self._sleep_until(due, wake)
+            if wake.is_set():
+                continue  # login changed or someone renewed: recompute
+            async with self._lock:
+                if self._renew is None or self._token is not token:
+                    continue
+                with contextlib.suppress(AuthError):  # recorded; backoff on the next round
+                    await self._renew_locked()

@@ -1,0 +1,98 @@
+"""What the daemon tells systemd, and what systemd hands the daemon.
+
+- :func:`notify` sends ``READY=1`` / ``STATUS=...`` / ``WATCHDOG=1`` / ``STOPPING=1`` as one
+  datagram to ``$NOTIFY_SOCKET`` (the sd_notify protocol; a path or an ``@abstract`` name).
+  It is a raw datagram rather than libsystemd's ``sd_notify`` so it works the same without
+  systemd-python (macOS, minimal images) and never blocks.
+- :func:`listen_fds` takes the sockets of socket activation (``$LISTEN_FDS`` from fd 3 on,
+  named by ``$LISTEN_FDNAMES``) when ``$LISTEN_PID`` is us, and clears the variables so
+  children do not inherit them.
+- :func:`watchdog_interval` is how often to send ``WATCHDOG=1`` (half of ``WatchdogSec``).
+- :func:`journald_handler` logs to the journal with structured fields when stderr is the
+  journal stream (``$JOURNAL_STREAM``), so messages keep their priority.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3
+
+
+def notify(*lines: str) -> bool:
+    """Send sd_notify lines (``"READY=1"``, ``"STATUS=..."``); False if not under systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    message = "\n".join(lines).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message, address)
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc.strerror)
+        return False
+    return True
+
+
+def listen_fds(*, unset_environment: bool = True) -> dict[str, list[socket.socket]]:
+    """Sockets passed by socket activation, by name (unnamed ones are ``"unknown"``)."""
+    try:
+        pid = int(os.environ.get("LISTEN_PID", ""))
+        count = int(os.environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return {}
+    names = (
+        os.environ.get("LISTEN_FDNAMES", "").split(":") if "LISTEN_FDNAMES" in os.environ else []
+    )
+    if unset_environment:
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(var, None)
+    if pid != os.getpid() or count <= 0:
+        return {}
+    result: dict[str, list[socket.socket]] = {}
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        result.setdefault(name, []).append(sock)
+    log.debug("socket activation: %s", {k: len(v) for k, v in result.items()})
+    return result
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings, or None when no watchdog is set for us."""
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    wpid = os.environ.get("WATCHDOG_PID")
+    if usec <= 0 or (wpid and wpid != str(os.getpid())):
+        return None
+    return usec / 1e6 / 2
+
+
+def journald_handler() -> logging.Handler | None:
+    """A journald handler when our stderr is connected to the journal, else None."""
+    stream = os.environ.get("JOURNAL_STREAM")
+    if not stream:
+        return None
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return None
+    if (st.st_dev, st.st_ino) != (dev, ino):
+        return None
+    try:
+        from systemd.journal import JournalHandler  # noqa: PLC0415
+    except ImportError:
+        return None
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="nixd")
+    return handler

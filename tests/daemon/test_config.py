@@ -1,0 +1,131 @@
+"""Config parsing: typed sections, defaults, and errors that name file:key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nixd.daemon.config import DEFAULT_CONTROL_SOCKET, Config, load_config
+from nixd.errors import ConfigError
+
+FULL = """
+[daemon]
+control_socket = "{d}/nixd.sock"
+state_dir = "{d}/state"
+control_group = "root"
+shutdown_grace = 3
+
+[server]
+url = "http://127.0.0.1:8080/"
+trusted_keys = ["extra-1:AAAA"]
+
+[proxy]
+listen = "127.0.0.1:0"
+store_dir = "{d}/store"
+store_max_bytes = 1048576
+negative_ttl = 5
+
+[[proxy.upstreams]]
+url = "https://cache.nixos.org"
+priority = 40
+trusted_keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+
+[[proxy.upstreams]]
+url = "https://private.example/cache"
+auth = "netrc"
+netrc_file = "{d}/private-netrc"
+
+[nix]
+nix_conf = "{d}/nix.conf"
+fragment = "{d}/nixd.conf"
+netrc = "{d}/netrc"
+additional_netrc_sources = ["{d}/user-netrc"]
+restart_nix_daemon = false
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_config(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL.format(d=tmp_path)))
+    assert config.path == str(tmp_path / "config.toml")
+    assert config.daemon.control_socket == f"{tmp_path}/nixd.sock"
+    assert config.daemon.control_group == "root"
+    assert config.daemon.shutdown_grace == 3.0
+    assert config.server.url == "http://127.0.0.1:8080"
+    assert config.server.trusted_keys == ("extra-1:AAAA",)
+    assert (config.proxy.listen_host, config.proxy.listen_port) == ("127.0.0.1", 0)
+    assert config.proxy.negative_ttl == 5.0
+    assert [u.url for u in config.proxy.upstreams] == [
+        "https://cache.nixos.org",
+        "https://private.example/cache",
+    ]
+    assert config.proxy.upstreams[0].auth == "none"
+    assert config.proxy.upstreams[1].auth == "netrc"
+    assert config.proxy.upstreams[1].netrc_file == f"{tmp_path}/private-netrc"
+    assert config.nix.additional_netrc_sources == (f"{tmp_path}/user-netrc",)
+    assert config.nix.restart_nix_daemon is False
+    assert config.state_file == f"{tmp_path}/state/state.json"
+    assert config.proxy_secret_file == f"{tmp_path}/state/proxy-secret"
+
+
+def test_empty_config_is_all_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    assert config.daemon.control_socket == DEFAULT_CONTROL_SOCKET
+    assert config.nix.nix_conf == "/etc/nix/nix.conf"
+    assert config.proxy.upstreams == ()
+    assert config == Config(path=config.path)
+
+
+def test_frozen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    with pytest.raises(AttributeError):
+        config.daemon.state_dir = "/tmp"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "what"),
+    [
+        ("[daemon]\ncontrol_sockett = '/x'\n", "daemon.control_sockett", "unknown key"),
+        ("[deamon]\n", "deamon", "unknown key"),
+        ("[daemon]\nstate_dir = 'relative'\n", "daemon.state_dir", "absolute path"),
+        ("[daemon]\nshutdown_grace = 'soon'\n", "daemon.shutdown_grace", "expected float"),
+        ("[daemon]\ncontrol_group = 'no-such-group-x'\n", "daemon.control_group", "no such group"),
+        ("[daemon]\nlog_level = 'loud'\n", "daemon.log_level", "must be one of"),
+        ("[server]\nurl = 'ftp://x'\n", "server.url", "http"),
+        ("[server]\ntrusted_keys = [1]\n", "server.trusted_keys[0]", "expected a string"),
+        ("[proxy]\nlisten = 'localhost'\n", "proxy.listen", "HOST:PORT"),
+        ("[proxy]\nstore_max_bytes = 0\n", "proxy.store_max_bytes", "positive"),
+        ("[proxy]\nstore_max_bytes = true\n", "proxy.store_max_bytes", "expected int"),
+        ("[[proxy.upstreams]]\npriority = 1\n", "proxy.upstreams[0].url", "required"),
+        (
+            "[[proxy.upstreams]]\nurl = 'http://a'\n[[proxy.upstreams]]\nurl = 'http://b'\nauthh = 1\n",
+            "proxy.upstreams[1].authh",
+            "unknown key",
+        ),
+        ("[[proxy.upstreams]]\nurl = 'http://a'\nauth = 'magic'\n", "proxy.upstreams[0].auth", "one of"),
+        ("[nix]\nrestart_nix_daemon = 'yes'\n", "nix.restart_nix_daemon", "expected bool"),
+        ("[nix]\nadditional_netrc_sources = ['x']\n", "nix.additional_netrc_sources[0]", "absolute"),
+        ("daemon = 3\n", "daemon", "expected dict"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, where: str, what: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{where}:"), message
+    assert what in message
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[daemon\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: invalid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.toml")
