@@ -309,9 +309,13 @@ class CredentialStore:
                 credential_id=credential_id,
             )
         if record.last_used is None or now - record.last_used >= LAST_USED_GRANULARITY:
-            with transaction(self._conn):
-                self._conn.execute(
-                    "UPDATE credentials SET last_used = ? WHERE id = ?", (now, credential_id)
-                )
+            # Bookkeeping only: a database busy past its timeout must not refuse the caller.
+            try:
+                with transaction(self._conn):
+                    self._conn.execute(
+                        "UPDATE credentials SET last_used = ? WHERE id = ?", (now, credential_id)
+                    )
+            except sqlite3.OperationalError as exc:
+                log.warning("could not record last use of credential %s: %s", credential_id, exc)
         attributes = {**record.attributes, "org": record.org, "credential": record.id}
         return Identity(kind=record.kind, subject=record.name, attributes=attributes)

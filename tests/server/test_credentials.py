@@ -200,3 +200,19 @@ def test_list(store: CredentialStore, clock: Clock) -> None:
     assert [r.id for r in store.list()] == [a.id, b.id, c.id]
     assert [r.id for r in store.list("acme")] == [a.id, b.id]
     assert [r.id for r in store.list("acme", include_revoked=False)] == [a.id]
+
+
+def test_busy_database_does_not_refuse_a_valid_token(
+    store: CredentialStore, conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    record, token = store.create("acme", "ci-bot")
+    conn.execute("PRAGMA busy_timeout = 50")
+    writer = db.open_db(tmp_path / "server.db")
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        assert store.authenticate(token).subject == "ci-bot"
+        writer.rollback()
+    finally:
+        writer.close()
+    found = store.get(record.id)
+    assert found is not None and found.last_used is None
