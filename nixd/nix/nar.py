@@ -151,6 +151,16 @@ class NarHasher:
 def _dump(root: bytes, *, reuse: bool) -> Iterator[bytes | memoryview]:
     """The NAR writer. With ``reuse`` large files are yielded as memoryviews of one
     reused buffer, valid only until the next chunk is requested (for hashing)."""
+    try:
+        yield from _dump_tree(root, reuse)
+    except OSError as exc:
+        # Paths are bytes here; name them as text in messages.
+        if isinstance(exc.filename, bytes):
+            exc.filename = os.fsdecode(exc.filename)
+        raise
+
+
+def _dump_tree(root: bytes, reuse: bool) -> Iterator[bytes | memoryview]:
     out = bytearray(_MAGIC)
     big = bytearray(CHUNK_SIZE) if reuse else None
     # Directories being written: (path, remaining entries in reverse sorted order).
