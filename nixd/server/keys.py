@@ -552,6 +552,9 @@ class ServerKeys:
         directory = Path(state_dir) / KEYS_DIR
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(directory, 0o700)
+        for name in (NARINFO_KEYS_FILE, JWT_KEYS_FILE):  # all or nothing
+            if (directory / name).exists():
+                raise ConfigError(f"{directory / name}: already exists; rotate instead")
         narinfo = NarinfoKeys.create(directory / NARINFO_KEYS_FILE, narinfo_key, clock=clock)
         jwt = JwtKeys.create(directory / JWT_KEYS_FILE, clock=clock)
         return cls(narinfo, jwt)
