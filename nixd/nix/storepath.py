@@ -1,7 +1,10 @@
 """Store paths: ``<store dir>/<32-char base32 hash>-<name>``.
 
-The rules are Nix 2.8's ``checkName``: a name of at most 211 characters from
-``[A-Za-z0-9+-._?=]`` that does not start with a period.
+The rules are Nix's ``checkName``: a name of at most 211 characters from
+``[A-Za-z0-9+-._?=]``. Names may start with a period (``nix-store --add .bashrc`` makes
+``<hash>-.bashrc``), but, as in Nix since 2.20, a name whose first dash-separated
+component is ``.`` or ``..`` is refused; Nix 2.8 accepts those, though nothing makes them.
+Nix 2.8 also does not check the dash after the hash; we require it.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def validate_name(name: str) -> None:
         raise FormatError("store path name is empty")
     if len(name) > MAX_NAME_LEN:
         raise FormatError(f"store path name is longer than {MAX_NAME_LEN} characters")
-    if name.startswith("."):
-        raise FormatError(f"store path name {name!r} starts with a period")
+    if name.split("-", 1)[0] in (".", ".."):
+        raise FormatError(f"store path name {name!r} starts with the component '.' or '..'")
     if not _NAME.fullmatch(name):
         raise FormatError(f"store path name {name!r} has a character outside [A-Za-z0-9+-._?=]")
