@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -184,7 +184,7 @@ class _Zstd:
     def __init__(self) -> None:
         self._sink = _Sink()
         self._w = zstandard.ZstdDecompressor().stream_writer(
-            self._sink, write_size=_CHUNK, write_return_read=True
+            cast("IO[bytes]", self._sink), write_size=_CHUNK, write_return_read=True
         )
 
     def feed(self, data: bytes, out: Callable[[bytes], None]) -> None:
@@ -197,7 +197,7 @@ class _Zstd:
     def finish(self, out: Callable[[bytes], None]) -> None:
         self._sink.out = out
         try:
-            self._w.flush()
+            self._w.flush()  # type: ignore[no-untyped-call]
         except zstandard.ZstdError as exc:
             raise BadUpload(f"the zstd stream of the upload is truncated: {exc}") from exc
 
@@ -263,7 +263,7 @@ class NarIngest:
         self._raw = os.fdopen(fd, "wb")
         self._file = _HashingFile(self._raw)
         self._zw = zstandard.ZstdCompressor(level=zstd_level).stream_writer(
-            self._file, closefd=False
+            cast("IO[bytes]", self._file), closefd=False
         )
 
     def _nar_bytes(self, data: bytes) -> None:

@@ -1,0 +1,716 @@
+"""The cache server's HTTP front: the Nix binary-cache protocol and the token API.
+
+URL space (NIX-PROTOCOL.md has what the real client does with each answer)::
+
+    /cache/nix-cache-info                    public, always 200
+    /cache/<hash32>.narinfo                  GET/HEAD: the unified read view over all slices
+    /cache/nar/<filehash32>.nar.zst          GET/HEAD, Range
+    /cache/log/<drv basename>                GET
+    /cache/<org>/<project>/...               the same names, scoped to one slice, plus PUT
+                                             (the target of ``nix copy --to``)
+    POST /api/v1/token/exchange              credential -> short-lived access token
+    GET  /api/v1/token/status                who am I, until when
+    GET  /api/v1/cache/keys                  narinfo public keys, for pinning
+    GET  /.well-known/jwks.json              access-token verification keys
+
+**Visibility.** A path is visible to a caller if at least one slice holding it is public or
+the policy allows the caller ``cache:read`` on it; a NAR file is visible if a visible path
+uses it. Anything invisible is a 404 indistinguishable from absent, except that a caller
+with no credential at all gets 401 + ``WWW-Authenticate`` (so a client knows to log in).
+A credential that is presented but bad (expired, revoked, forged) is always a 401.
+Uploads need ``cache:write`` on the slice; refusals of a known caller are 403.
+
+**Uploads.** The NAR PUT is decompressed, parsed strictly and hashed as it streams into a
+temp file (recompressed as zstd); the narinfo PUT that follows is accepted only if its
+NarHash/NarSize are those of the NAR the same slice uploaded under its URL. Client
+signatures, URL, Compression and FileHash are dropped: the server serves its own file and
+signs with its own keys.
+
+**Hot path.** ``/cache/`` is dispatched by hand, without a router or middleware: parsing
+the Authorization header, a cached token verification, one indexed SQLite query, the policy
+decision and a cached signed narinfo. Every decision is audit-logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from nixd.errors import AuthError, FormatError, NixdError
+from nixd.nix import base32
+from nixd.nix.hashes import Hash
+from nixd.nix.narinfo import NarInfo
+from nixd.nix.storepath import StorePath
+from nixd.server.audit import AuditLog
+from nixd.server.credentials import CredentialRejected, CredentialStore
+from nixd.server.db import Project
+from nixd.server.errors import (
+    WWW_AUTHENTICATE,
+    BadUpload,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    TooLarge,
+    Unauthenticated,
+    into_client,
+)
+from nixd.server.identity import Identity, anonymous
+from nixd.server.keys import ServerKeys
+from nixd.server.policy import PolicyHolder
+from nixd.server.store import PathInfo, Store, compression_of
+from nixd.server.tokens import TokenIssuer
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+CACHE_INFO = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+NARINFO_TYPE = b"text/x-nix-narinfo"
+NAR_TYPE = b"application/x-nix-nar"
+MAX_SMALL_BODY = 4 << 20  # narinfos, logs, JSON
+FEED_BATCH = 1 << 20  # bytes handed to the ingest thread at a time
+READ_CHUNK = 1 << 20  # NAR download chunk
+_TOKEN_CACHE_MAX = 10_000
+_NARINFO_CACHE_MAX = 50_000
+PUBLIC_RULE = "public-project"
+
+
+@dataclass
+class Services:
+    """What the app needs, built by :mod:`nixd.server.serve` (or a test)."""
+
+    store: Store
+    credentials: CredentialStore
+    issuer: TokenIssuer
+    keys: ServerKeys
+    policy: PolicyHolder
+    audit: AuditLog
+    max_upload_bytes: int = 64 * 1024**3
+    clock: Callable[[], float] = time.time
+    nar_checker: Callable[[], Any] | None = None
+
+
+@dataclass
+class _Ctx:
+    """One request: who sent it, from where, under which id."""
+
+    request_id: str
+    source_ip: str
+    identity: Identity | None = None
+    credential_error: AuthError | None = None
+    authenticated: bool = field(default=False)
+
+
+class CacheApp:
+    """The ASGI application. ``app = CacheApp(services)``; Hypercorn serves it."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+        self._tokens: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+        self._narinfos: OrderedDict[tuple[str, str, tuple[str, ...]], bytes] = OrderedDict()
+        self._keys_checked = 0.0
+
+    # -- ASGI entry ---------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        client = scope.get("client")
+        ctx = _Ctx(request_id=secrets.token_hex(6), source_ip=client[0] if client else "")
+        path: str = scope["path"]
+        as_json = not path.startswith("/cache/")
+        try:
+            if path.startswith("/cache/"):
+                await self._cache(ctx, scope, receive, send, path[len("/cache/") :])
+            elif path.startswith("/api/v1/") or path == "/.well-known/jwks.json":
+                await self._api(ctx, scope, receive, send, path)
+            else:
+                raise NotFound()
+        except Exception as exc:
+            status, headers, body = into_client(exc, request_id=ctx.request_id, as_json=as_json)
+            await _respond(send, status, body, headers, head=scope["method"] == "HEAD")
+
+    # -- identity -----------------------------------------------------------------------
+
+    def _identify(self, ctx: _Ctx, scope: Scope) -> Identity | None:
+        """The caller's identity from ``Authorization``; None if it sent none.
+
+        Raises an :class:`AuthError` if a credential was sent and is not good.
+        """
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+                break
+        if header is None:
+            return None
+        scheme, _, rest = header.decode("latin-1").strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            secret = rest.strip()
+        elif scheme == "basic":
+            try:
+                decoded = base64.b64decode(rest.strip(), validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError) as exc:
+                raise AuthError("malformed Basic authorization header") from exc
+            secret = decoded.partition(":")[2]
+        else:
+            raise AuthError(f"unsupported authorization scheme {scheme!r}")
+        if not secret:
+            raise AuthError("empty credential in the authorization header")
+        ident = self._verify_secret(secret)
+        ctx.identity = ident
+        ctx.authenticated = True
+        return ident
+
+    def _verify_secret(self, secret: str) -> Identity:
+        now = self.s.clock()
+        cached = self._tokens.get(secret)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        if secret.startswith("nixd_"):
+            # An API token used directly (netrc for `nix copy`): checked on every request
+            # (a primary-key read and a sha256), so a revocation applies at once.
+            return self.s.credentials.authenticate(secret)
+        ident, claims = self.s.issuer.verify(secret)
+        # Cache until expiry: the check is a signature verification, the answer a pure
+        # function of the token and the clock (key retirement is rare and checked on reload).
+        if len(self._tokens) >= _TOKEN_CACHE_MAX:
+            self._tokens.popitem(last=False)
+        self._tokens[secret] = (ident, float(claims["exp"]) + self.s.issuer.leeway)
+        return ident
+
+    def _forget_tokens(self) -> None:
+        self._tokens.clear()
+
+    # -- policy + audit -----------------------------------------------------------------
+
+    def _may(self, ctx: _Ctx, action: str, project: Project) -> tuple[bool, str]:
+        """Whether the caller may ``action`` on ``project``, and the rule that said so."""
+        if action == "cache:read" and project.public:
+            return True, PUBLIC_RULE
+        decision = self.s.policy.current.decide(
+            ctx.identity or anonymous(), action, project.slice, ctx.source_ip or None
+        )
+        return decision.allowed, decision.rule
+
+    async def _audit(
+        self, ctx: _Ctx, action: str, resource: str, allowed: bool, rule: str, **extra: Any
+    ) -> None:
+        ident = ctx.identity or anonymous()
+        await self.s.audit.arecord(
+            {
+                "request_id": ctx.request_id,
+                "identity": ident.render(),
+                "action": action,
+                "resource": resource,
+                "decision": "allow" if allowed else "deny",
+                "rule": rule,
+                "source": ctx.source_ip,
+                **extra,
+            }
+        )
+
+    async def _read_decision(self, ctx: _Ctx, candidates: list[Project], what: str) -> Project:
+        """The first candidate slice the caller may read; else 401/404 (audit-logged)."""
+        rule = "no-slice"
+        for project in candidates:
+            allowed, rule = self._may(ctx, "cache:read", project)
+            if allowed:
+                await self._audit(ctx, "cache:read", project.slice, True, rule, object=what)
+                return project
+        await self._audit(ctx, "cache:read", "*", False, rule, object=what)
+        if ctx.identity is None:
+            raise Unauthenticated("authentication required")
+        raise NotFound()
+
+    async def _write_decision(self, ctx: _Ctx, project: Project, what: str) -> None:
+        allowed, rule = self._may(ctx, "cache:write", project)
+        await self._audit(ctx, "cache:write", project.slice, allowed, rule, object=what)
+        if allowed:
+            return
+        if ctx.identity is None:
+            raise Unauthenticated("authentication required to upload")
+        raise Forbidden(f"{ctx.identity.render()} may not upload to {project.slice} (rule: {rule})")
+
+    # -- /cache/ ------------------------------------------------------------------------
+
+    async def _cache(
+        self, ctx: _Ctx, scope: Scope, receive: Receive, send: Send, rest: str
+    ) -> None:
+        method: str = scope["method"]
+        head = method == "HEAD"
+        if rest == "nix-cache-info":
+            if method in ("GET", "HEAD"):
+                await _respond(send, 200, CACHE_INFO, {"content-type": "text/plain"}, head=head)
+                return
+            raise MethodNotAllowed("nix-cache-info is fixed by the server")
+        try:
+            self._identify(ctx, scope)
+        except AuthError as exc:
+            await self._audit(ctx, "authenticate", "*", False, "credential", error=str(exc))
+            raise
+        parts = rest.split("/")
+        if parts[0] in ("nar", "log", "realisations") or len(parts) == 1:
+            if method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(
+                    "the unified cache URL is read-only; upload to /cache/<org>/<project>"
+                )
+            await self._unified(ctx, scope, send, rest, head)
+            return
+        if len(parts) < 3:
+            raise NotFound()
+        project = self.s.store.project(parts[0], parts[1])
+        if project is None:
+            if ctx.identity is None:
+                raise Unauthenticated("authentication required")
+            raise NotFound()
+        name = "/".join(parts[2:])
+        if method in ("GET", "HEAD"):
+            await self._slice_read(ctx, scope, send, project=project, name=name, head=head)
+        elif method == "PUT":
+            await self._slice_put(ctx, scope, receive, send, project=project, name=name)
+        else:
+            raise MethodNotAllowed(f"{method} is not supported here")
+
+    async def _unified(self, ctx: _Ctx, scope: Scope, send: Send, name: str, head: bool) -> None:
+        if name.endswith(".narinfo") and "/" not in name:
+            hash_part = _hash_part(name)
+            holders = self.s.store.holders(hash_part)
+            project = await self._read_decision(ctx, [p for p, _ in holders], name)
+            info = next(i for p, i in holders if p.id == project.id)
+            await self._send_narinfo(send, info, head)
+        elif name.startswith("nar/"):
+            await self._send_nar(ctx, scope, send, file_name=name[4:], project=None, head=head)
+        elif name.startswith("log/"):
+            logs = self.s.store.log_holders(name[4:])
+            project = await self._read_decision(ctx, [p for p, _ in logs], name)
+            data = next(d for p, d in logs if p.id == project.id)
+            await _respond(send, 200, data, {"content-type": "text/plain"}, head=head)
+        else:
+            await self._read_decision(ctx, [], name)
+
+    async def _slice_read(
+        self, ctx: _Ctx, scope: Scope, send: Send, *, project: Project, name: str, head: bool
+    ) -> None:
+        if name == "nix-cache-info":
+            await _respond(send, 200, CACHE_INFO, {"content-type": "text/plain"}, head=head)
+        elif name.endswith(".narinfo") and "/" not in name:
+            await self._read_decision(ctx, [project], name)
+            info = self.s.store.in_slice(project, _hash_part(name))
+            if info is None:
+                raise NotFound()
+            await self._send_narinfo(send, info, head)
+        elif name.startswith("nar/"):
+            alias = self.s.store.alias(project, name)
+            if alias is not None and head:
+                # `nix copy --to` asks whether its own upload is here before sending it.
+                await self._write_decision(ctx, project, name)
+                await _respond(send, 200, b"", {"content-length": str(alias.nar_size)}, head=True)
+                return
+            await self._send_nar(ctx, scope, send, file_name=name[4:], project=project, head=head)
+        elif name.startswith("log/"):
+            await self._read_decision(ctx, [project], name)
+            logs = [d for p, d in self.s.store.log_holders(name[4:]) if p.id == project.id]
+            if not logs:
+                raise NotFound()
+            await _respond(send, 200, logs[0], {"content-type": "text/plain"}, head=head)
+        else:
+            await self._read_decision(ctx, [project], name)
+            raise NotFound()
+
+    def _signed_narinfo(self, info: PathInfo) -> bytes:
+        now = self.s.clock()
+        if now - self._keys_checked > 1.0:
+            self._keys_checked = now
+            if self.s.keys.refresh():
+                self._narinfos.clear()
+                self._forget_tokens()
+        signers = self.s.keys.narinfo.signing_keys()
+        key = (info.hash_part, info.nar.nar_hash, tuple(k.name for k in signers))
+        cached = self._narinfos.get(key)
+        if cached is not None:
+            return cached
+        ni = NarInfo(
+            store_path=StorePath(info.hash_part, info.name),
+            url=info.nar.url,
+            compression="zstd",
+            file_hash=Hash("sha256", base32.decode(info.nar.file_hash)),
+            file_size=info.nar.file_size,
+            nar_hash=Hash.parse(info.nar.nar_hash),
+            nar_size=info.nar.nar_size,
+            references=tuple(StorePath.from_basename(r) for r in info.references),
+            deriver=StorePath.from_basename(info.deriver) if info.deriver else None,
+            system=info.system,
+            sigs=(),
+            ca=info.ca,
+        )
+        for secret in signers:
+            ni = ni.signed(secret)
+        body = ni.render().encode()
+        if len(self._narinfos) >= _NARINFO_CACHE_MAX:
+            self._narinfos.popitem(last=False)
+        self._narinfos[key] = body
+        return body
+
+    async def _send_narinfo(self, send: Send, info: PathInfo, head: bool) -> None:
+        body = self._signed_narinfo(info)
+        await _respond(send, 200, body, {"content-type": "text/x-nix-narinfo"}, head=head)
+
+    async def _send_nar(
+        self,
+        ctx: _Ctx,
+        scope: Scope,
+        send: Send,
+        *,
+        file_name: str,
+        project: Project | None,
+        head: bool,
+    ) -> None:
+        if not file_name.endswith(".nar.zst"):
+            await self._read_decision(ctx, [], file_name)
+        file_hash = file_name[: -len(".nar.zst")]
+        nar, holders = self.s.store.nar_holders(file_hash)
+        if project is not None:
+            holders = [p for p in holders if p.id == project.id]
+        await self._read_decision(ctx, holders if nar else [], f"nar/{file_name}")
+        assert nar is not None
+        await _send_file(scope, send, self.s.store.blob_path(nar.file_hash), head)
+
+    # -- uploads ------------------------------------------------------------------------
+
+    async def _slice_put(
+        self,
+        ctx: _Ctx,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        project: Project,
+        name: str,
+    ) -> None:
+        await self._write_decision(ctx, project, name)
+        if name.startswith("nar/"):
+            nar = await self._receive_nar(receive, project, name)
+            log.info(
+                "stored NAR %s (%d bytes) for %s as %s",
+                nar.nar_hash,
+                nar.nar_size,
+                project.slice,
+                name,
+            )
+        elif name.endswith(".narinfo") and "/" not in name:
+            body = await _read_body(receive, MAX_SMALL_BODY)
+            self._accept_narinfo(project, name, body)
+        elif name.startswith("log/"):
+            body = await _read_body(receive, 64 << 20)
+            self.s.store.put_log(project, name[4:], body)
+        elif name.endswith(".ls") or name == "nix-cache-info":
+            await _read_body(receive, MAX_SMALL_BODY)  # listings are not served; drop them
+        else:
+            await _read_body(receive, MAX_SMALL_BODY)
+            raise BadUpload(f"{name!r} is not something this cache stores")
+        await _respond(send, 200, b"", {"content-type": "text/plain"})
+
+    async def _receive_nar(self, receive: Receive, project: Project, name: str) -> Any:
+        compression = compression_of(name)
+        checker = self.s.nar_checker() if self.s.nar_checker is not None else None
+        ingest = self.s.store.begin_nar(
+            compression, max_nar_size=self.s.max_upload_bytes, checker=checker
+        )
+        try:
+            pending: list[bytes] = []
+            size = 0
+            more = True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise BadUpload("the client went away during the upload")
+                chunk = msg.get("body", b"")
+                more = msg.get("more_body", False)
+                if chunk:
+                    pending.append(chunk)
+                    size += len(chunk)
+                if size >= FEED_BATCH or (not more and pending):
+                    data = b"".join(pending)
+                    pending.clear()
+                    size = 0
+                    await trio.to_thread.run_sync(ingest.feed, data)
+            finished = await trio.to_thread.run_sync(ingest.finish)
+        except BaseException:
+            ingest.discard()
+            raise
+        return self.s.store.commit_nar(ingest, finished, project, name)
+
+    def _accept_narinfo(self, project: Project, name: str, body: bytes) -> None:
+        try:
+            ni = NarInfo.parse(body)
+        except FormatError as exc:
+            raise BadUpload(f"{name}: not a valid narinfo: {exc}") from exc
+        if ni.store_path.hash_part != _hash_part(name):
+            raise BadUpload(
+                f"{name} describes {ni.store_path.path()}, whose hash is not in the file name"
+            )
+        nar = self.s.store.alias(project, ni.url)
+        if nar is None:
+            raise BadUpload(
+                f"the narinfo of {ni.store_path.path()} refers to {ni.url}, which was not "
+                f"uploaded to {project.slice}; upload the NAR first"
+            )
+        if nar.nar_hash != str(ni.nar_hash) or nar.nar_size != ni.nar_size:
+            self.s.store.drop_alias(project, ni.url)
+            raise BadUpload(
+                f"NAR mismatch for {ni.store_path.path()}: the narinfo says NarHash "
+                f"{ni.nar_hash}, NarSize {ni.nar_size}, but the NAR uploaded as {ni.url} has "
+                f"NarHash {nar.nar_hash}, NarSize {nar.nar_size}; nothing was stored"
+            )
+        self.s.store.add_path(
+            project,
+            PathInfo(
+                hash_part=ni.store_path.hash_part,
+                name=ni.store_path.name,
+                nar=nar,
+                references=tuple(sorted(r.basename for r in ni.references)),
+                deriver=ni.deriver.basename if ni.deriver else None,
+                system=ni.system,
+                ca=ni.ca,
+            ),
+        )
+        log.info("stored %s in %s", ni.store_path.path(), project.slice)
+
+    # -- /api/ --------------------------------------------------------------------------
+
+    async def _api(self, ctx: _Ctx, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        method = scope["method"]
+        if path == "/.well-known/jwks.json" and method == "GET":
+            await _json(send, 200, self.s.issuer.jwks())
+        elif path == "/api/v1/cache/keys" and method == "GET":
+            self.s.keys.refresh()
+            await _json(send, 200, self.s.keys.narinfo.published())
+        elif path == "/api/v1/token/exchange" and method == "POST":
+            await self._exchange(ctx, receive, send)
+        elif path == "/api/v1/token/status" and method == "GET":
+            await self._status(ctx, scope, send)
+        elif path in ("/api/v1/token/exchange", "/api/v1/token/status", "/api/v1/cache/keys"):
+            raise MethodNotAllowed(f"{method} is not supported on {path}")
+        else:
+            raise NotFound()
+
+    async def _exchange(self, ctx: _Ctx, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive, MAX_SMALL_BODY)
+        try:
+            request = json.loads(body)
+        except ValueError as exc:
+            raise FormatError("the request body is not JSON") from exc
+        if not isinstance(request, dict):
+            raise FormatError('the request body must be a JSON object {"kind": ..., ...}')
+        kind = request.get("kind")
+        if kind != "token":
+            raise FormatError(f"credential kind {kind!r} is not supported (supported: token)")
+        token = request.get("token")
+        if not isinstance(token, str) or not token:
+            raise FormatError('"token" must be a non-empty string')
+        try:
+            ident = self.s.credentials.authenticate(token)
+        except CredentialRejected as exc:
+            await self._audit(ctx, "token:exchange", "*", False, exc.code, reason=exc.reason)
+            await _json(
+                send,
+                401,
+                {"error": exc.code, "message": str(exc)},
+                headers={"www-authenticate": WWW_AUTHENTICATE},
+            )
+            return
+        ctx.identity = ident
+        credential = self.s.credentials.get(str(ident.attributes.get("credential", "")))
+        not_after = credential.expires if credential is not None else None
+        access, claims = self.s.issuer.issue(ident, not_after=not_after)
+        await self._audit(ctx, "token:exchange", ident.render(), True, "credential")
+        await _json(
+            send,
+            200,
+            {
+                "access_token": access,
+                "token_type": "Bearer",
+                "expires_in": int(claims["exp"] - claims["iat"]),
+                "expires_at": int(claims["exp"]),
+                "identity": ident.render(),
+            },
+        )
+
+    async def _status(self, ctx: _Ctx, scope: Scope, send: Send) -> None:
+        ident = self._identify(ctx, scope)
+        if ident is None:
+            raise Unauthenticated("send the access token as Authorization: Bearer")
+        claims: dict[str, Any] = {}
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, tok = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and not tok.strip().startswith("nixd_"):
+                    _, claims = self.s.issuer.verify(tok.strip())
+        await _json(
+            send,
+            200,
+            {
+                "identity": ident.render(),
+                **ident.to_json(),
+                "expires_at": claims.get("exp"),
+                "issued_at": claims.get("iat"),
+            },
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _hash_part(name: str) -> str:
+    hash_part = name[: -len(".narinfo")]
+    if len(hash_part) != 32:
+        raise NotFound()
+    try:
+        base32.decode(hash_part)
+    except FormatError:
+        raise NotFound() from None
+    return hash_part
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, headers: dict[str, str], *, head: bool = False
+) -> None:
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    if "content-length" not in headers:
+        raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def _json(
+    send: Send, status: int, payload: Any, *, headers: dict[str, str] | None = None
+) -> None:
+    await _respond(
+        send,
+        status,
+        json.dumps(payload).encode(),
+        {"content-type": "application/json", "cache-control": "no-store", **(headers or {})},
+    )
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise BadUpload("the client went away during the upload")
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the request body is larger than {limit} bytes")
+        parts.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(parts)
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """One ``bytes=`` range as [start, end); None if unsatisfiable. Multi-range: whole file."""
+    unit, _, spec = value.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return (0, size)
+    first, _, last = spec.strip().partition("-")
+    try:
+        if not first:
+            n = int(last)
+            if n <= 0:
+                return None
+            return (max(0, size - n), size)
+        start = int(first)
+        end = int(last) + 1 if last else size
+    except ValueError:
+        return (0, size)
+    if start >= size or end <= start:
+        return None
+    return (start, min(end, size))
+
+
+async def _send_file(scope: Scope, send: Send, path: os.PathLike[str], head: bool) -> None:
+    """A NAR file with Content-Length, Accept-Ranges and single-range support.
+
+    Reads are synchronous pread()s of up to 1 MiB: the files are mostly in the page cache,
+    and a thread hop per chunk costs more than it saves.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        log.error("stored NAR %s is missing", path)
+        raise NotFound() from None
+    try:
+        size = os.fstat(fd).st_size
+        start, end, status = 0, size, 200
+        headers = [
+            (b"content-type", b"application/zstd"),
+            (b"accept-ranges", b"bytes"),
+            (b"cache-control", b"private, max-age=31536000, immutable"),
+        ]
+        for name, value in scope["headers"]:
+            if name == b"range":
+                rng = _parse_range(value.decode("latin-1"), size)
+                if rng is None:
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 416,
+                            "headers": [
+                                (b"content-range", f"bytes */{size}".encode()),
+                                (b"content-length", b"0"),
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": b""})
+                    return
+                start, end = rng
+                if (start, end) != (0, size):
+                    status = 206
+                    headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
+        headers.append((b"content-length", str(end - start).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if head:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        pos = start
+        while pos < end:
+            chunk = os.pread(fd, min(READ_CHUNK, end - pos), pos)
+            if not chunk:
+                raise NixdError(f"stored NAR {path} shrank while being sent")
+            pos += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
+        if start == end:
+            await send({"type": "http.response.body", "body": b""})
+    finally:
+        os.close(fd)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,625 @@
+"""``nixd-server``: set up, run and administer an identity-aware Nix binary cache.
+
+Thin: parse, call the server modules, print. Errors nixd raises on purpose print as one
+line on stderr (exit 1), never as a traceback. Every admin change is written to the audit
+log as well, under the identity ``admin:<user>`` of whoever ran the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import ipaddress
+import json
+import logging
+import re
+import socket
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from nixd import __version__
+from nixd.errors import ConfigError, NixdError
+from nixd.server.audit import AuditLog, verify
+from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
+from nixd.server.credentials import CredentialStore
+from nixd.server.db import (
+    create_org,
+    create_project,
+    get_org,
+    get_project,
+    list_projects,
+    open_db,
+    set_project_public,
+)
+from nixd.server.identity import KINDS, Identity
+from nixd.server.keys import ServerKeys
+from nixd.server.policy import load_policy
+from nixd.server.store import Store
+
+PROG = "nixd-server"
+_DURATION = re.compile(r"(\d+)([smhdwy]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+ACTIONS = ("cache:read", "cache:write", "cache:admin", "flake:read", "flake:publish", "deploy:read")
+
+
+def default_policy(org: str) -> str:
+    """The policy ``init`` writes: a sensible start for one organization."""
+    return textwrap.dedent(
+        f"""\
+        # nixd-server access policy, reloaded on change; a broken file is refused and the
+        # previous policy stays in force. Deny beats allow; no matching rule means deny.
+        # API tokens are identities of kind "token" with attributes org (the token's
+        # organization), credential (its id) and whatever `token create --attr K=V` set.
+        # Projects created with `project create --public` are readable by anyone; so are
+        # the slices listed here:
+        #
+        # [public]
+        # resources = ["{org}/oss-*"]
+
+        [[rule]]
+        id = "{org}-admins"
+        description = "admin tokens may do everything in their organization"
+        effect = "allow"
+        subjects = [{{ kind = "token", org = "{org}", role = "admin" }}]
+        actions = ["*"]
+        resources = ["{org}/*"]
+
+        [[rule]]
+        id = "{org}-members"
+        description = "every token of the organization reads and writes its projects"
+        effect = "allow"
+        subjects = [{{ kind = "token", org = "{org}" }}]
+        actions = ["cache:read", "cache:write"]
+        resources = ["{org}/*"]
+
+        [[rule]]
+        id = "{org}-readers-read-only"
+        description = "tokens created with --attr role=reader never upload"
+        effect = "deny"
+        subjects = [{{ kind = "token", org = "{org}", role = "reader" }}]
+        actions = ["cache:write", "cache:admin", "flake:publish"]
+        resources = ["*"]
+        """
+    )
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``15m``, ``12h``, ``30d``, ``1y`` into seconds."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m or int(m.group(1)) <= 0:
+        raise ConfigError(f"--expires {text!r}: use a positive number with s, m, h, d, w or y")
+    return float(int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def parse_attrs(pairs: Sequence[str]) -> dict[str, str]:
+    attrs: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--attr {pair!r}: expected KEY=VALUE")
+        attrs[key] = value
+    return attrs
+
+
+def _admin_identity() -> Identity:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return Identity("user", f"{user}@{socket.gethostname()}", {"via": "nixd-server"})
+
+
+def _audit(config: ServerConfig, action: str, resource: str, **extra: Any) -> None:
+    event = {
+        "request_id": f"cli-{int(time.time() * 1000)}",
+        "identity": _admin_identity().render(),
+        "action": action,
+        "resource": resource,
+        "decision": "allow",
+        "rule": "local-admin",
+        "source": "local",
+        **extra,
+    }
+
+    async def record() -> None:
+        await AuditLog(config.audit_path).arecord(event)
+
+    trio.run(record)
+
+
+def _fmt_time(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z"
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir)
+    if (state / CONFIG_NAME).exists():
+        raise ConfigError(f"{state / CONFIG_NAME}: already initialized")
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state.chmod(0o700)
+    (state / CONFIG_NAME).write_text(render_default(args.listen))
+    config = ServerConfig.load(state)
+    policy_text = default_policy(args.org)
+    load_policy_text(policy_text, str(config.policy_path))
+    config.policy_path.write_text(policy_text)
+    key_name = args.key_name or f"{args.org}-cache-1"
+    keys = ServerKeys.init(state, key_name)
+    conn = open_db(config.database_path)
+    try:
+        Store.open(conn, config.blobs_path)
+        create_org(conn, args.org)
+        _, token = CredentialStore(conn).create(args.org, "admin", attributes={"role": "admin"})
+    finally:
+        conn.close()
+    _audit(config, "admin:init", f"{args.org}/*", org=args.org)
+    print(f"initialized {state}")
+    print(f"  organization:        {args.org}")
+    print(f"  narinfo public key:  {keys.narinfo.current.public().render()}")
+    print(f"  config:              {state / CONFIG_NAME}")
+    print(f"  policy:              {config.policy_path}")
+    print()
+    print("admin API token (shown once, store it now):")
+    print(f"  {token}")
+    return 0
+
+
+def load_policy_text(text: str, source: str) -> None:
+    """Refuse a broken default policy before writing it (a bug here, not user input)."""
+    tmp = Path(source).with_name(".policy-check.toml")
+    tmp.write_text(text)
+    try:
+        load_policy(tmp)
+    finally:
+        tmp.unlink()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nixd.server.serve import serve  # noqa: PLC0415 - hypercorn only for serve
+
+    config = ServerConfig.load(args.state_dir)
+    trio.run(lambda: serve(config, listen=args.listen or None))
+    return 0
+
+
+def _open(args: argparse.Namespace) -> tuple[ServerConfig, Any]:
+    config = ServerConfig.load(args.state_dir)
+    conn = open_db(config.database_path)
+    Store.open(conn, config.blobs_path)
+    return config, conn
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    config, conn = _open(args)
+    try:
+        expires = parse_duration(args.expires) if args.expires else None
+        record, token = CredentialStore(conn).create(
+            args.org, args.name, attributes=parse_attrs(args.attr), expires_in=expires
+        )
+    finally:
+        conn.close()
+    _audit(config, "admin:token.create", f"{record.org}/*", credential=record.id, name=record.name)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "id": record.id,
+                    "org": record.org,
+                    "name": record.name,
+                    "token": token,
+                    "attributes": dict(record.attributes),
+                    "expires": record.expires,
+                }
+            )
+        )
+    else:
+        print(
+            f"created API token {record.id} ({record.org}/{record.name}), "
+            f"expires {_fmt_time(record.expires)}; shown once:"
+        )
+        print(token)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    _, conn = _open(args)
+    try:
+        records = CredentialStore(conn).list(args.org, include_revoked=args.all)
+    finally:
+        conn.close()
+    now = time.time()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": r.id,
+                        "org": r.org,
+                        "name": r.name,
+                        "state": r.state(now),
+                        "attributes": dict(r.attributes),
+                        "created": r.created,
+                        "expires": r.expires,
+                        "revoked_at": r.revoked_at,
+                        "last_used": r.last_used,
+                    }
+                    for r in records
+                ]
+            )
+        )
+        return 0
+    print(f"{'ID':16}  {'ORG/NAME':28}  {'STATE':8}  {'EXPIRES':20}  {'LAST USED':20}  ATTRS")
+    for r in records:
+        attrs = ",".join(f"{k}={v}" for k, v in sorted(r.attributes.items()))
+        print(
+            f"{r.id:16}  {r.org + '/' + r.name:28}  {r.state(now):8}  "
+            f"{_fmt_time(r.expires):20}  {_fmt_time(r.last_used):20}  {attrs}"
+        )
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    config, conn = _open(args)
+    try:
+        store = CredentialStore(conn)
+        ident = args.credential
+        if "/" in ident:
+            org, _, name = ident.partition("/")
+            found = store.find(org, name)
+            if found is None:
+                raise ConfigError(f"no live credential {ident!r}")
+            ident = found.id
+        record = store.revoke(ident)
+    finally:
+        conn.close()
+    _audit(config, "admin:token.revoke", f"{record.org}/*", credential=record.id)
+    print(f"revoked {record.id} ({record.org}/{record.name})")
+    return 0
+
+
+def cmd_org_create(args: argparse.Namespace) -> int:
+    config, conn = _open(args)
+    try:
+        create_org(conn, args.org)
+    finally:
+        conn.close()
+    _audit(config, "admin:org.create", f"{args.org}/*")
+    print(f"created organization {args.org}")
+    return 0
+
+
+def cmd_project_create(args: argparse.Namespace) -> int:
+    org, sep, name = args.project.partition("/")
+    if not sep or not org or not name:
+        raise ConfigError(f"{args.project!r}: expected ORG/PROJECT")
+    config, conn = _open(args)
+    try:
+        if get_project(conn, org, name) is not None:
+            project = set_project_public(conn, org, name, args.public)
+            verb = "updated"
+        else:
+            if get_org(conn, org) is None:
+                raise ConfigError(
+                    f"organization {org!r} does not exist; create it with "
+                    f"`{PROG} org create {args.state_dir} {org}`"
+                )
+            project = create_project(conn, org, name, public=args.public)
+            verb = "created"
+    finally:
+        conn.close()
+    _audit(config, f"admin:project.{verb[:-1]}", project.slice, public=project.public)
+    url_hint = f"/cache/{project.slice}"
+    print(
+        f"{verb} project {project.slice} ({'public' if project.public else 'private'}); "
+        f"upload URL: http://HOST:PORT{url_hint}"
+    )
+    return 0
+
+
+def cmd_project_list(args: argparse.Namespace) -> int:
+    _, conn = _open(args)
+    try:
+        projects = list_projects(conn, args.org)
+    finally:
+        conn.close()
+    for p in projects:
+        print(f"{p.slice}\t{'public' if p.public else 'private'}")
+    return 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    config = ServerConfig.load(args.state_dir)
+    kind, sep, subject = args.identity.partition(":")
+    if not sep or kind not in KINDS or not subject:
+        raise ConfigError(
+            f"--identity {args.identity!r}: expected KIND:SUBJECT, KIND one of "
+            f"{', '.join(sorted(KINDS))}"
+        )
+    if args.source_ip:
+        try:
+            ipaddress.ip_address(args.source_ip)
+        except ValueError as exc:
+            raise ConfigError(f"--source-ip {args.source_ip!r}: {exc}") from exc
+    identity = Identity(kind, subject, parse_attrs(args.attr))
+    policy = load_policy(config.policy_path)
+    source_ip = args.source_ip or None
+    decision = policy.decide(identity, args.action, args.resource, source_ip)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "identity": identity.render(),
+                    "attributes": dict(identity.attributes),
+                    "action": args.action,
+                    "resource": args.resource,
+                    "source_ip": source_ip,
+                    "decision": decision.effect,
+                    "rule": decision.rule,
+                    "reason": decision.reason,
+                }
+            )
+        )
+    else:
+        print(policy.explain(identity, args.action, args.resource, source_ip), end="")
+    return 0 if decision.allowed else 2
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    path = Path(args.file) if args.file else ServerConfig.load(args.state_dir).audit_path
+    result = verify(path)
+    ok = getattr(result, "ok", result)
+    message = getattr(result, "message", None) or getattr(result, "reason", None)
+    if ok:
+        count = getattr(result, "lines", None)
+        print(f"{path}: OK" + (f" ({count} lines)" if count is not None else ""))
+        return 0
+    print(f"{path}: TAMPERED: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_key_rotate(args: argparse.Namespace) -> int:
+    config = ServerConfig.load(args.state_dir)
+    keys = ServerKeys.load(config.state_dir)
+    if args.tokens:
+        new = keys.jwt.rotate(retain_for=float(args.grace if args.grace is not None else 86400))
+        _audit(config, "admin:key.rotate", "*", keyring="jwt", kid=new.kid)
+        print(f"token signing key rotated; new kid {new.kid}")
+        return 0
+    grace = (
+        parse_duration(args.grace)
+        if args.grace not in (None, "0")
+        else (0.0 if args.grace == "0" else 30 * 86400.0)
+    )
+    secret = keys.narinfo.rotate(args.name, grace=grace)
+    _audit(config, "admin:key.rotate", "*", keyring="narinfo", key=secret.name)
+    print(f"narinfo signing key rotated; new public key {secret.public().render()}")
+    print("published keys: " + " ".join(k.render() for k in keys.narinfo.public_keys()))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------
+
+
+def _state(p: argparse.ArgumentParser) -> None:
+    p.add_argument("state_dir", metavar="STATE_DIR", help="the server's state directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=fmt,
+        description=textwrap.dedent(
+            """\
+            An identity-aware Nix binary cache. One read URL serves every slice
+            (ORG/PROJECT) the caller may read; `nix copy --to` uploads to a slice URL.
+
+              nixd-server init /var/lib/nixd-server --org acme
+              nixd-server project create /var/lib/nixd-server acme/app
+              nixd-server token create /var/lib/nixd-server --org acme --name ci --attr role=member
+              nixd-server serve /var/lib/nixd-server --listen 0.0.0.0:8080
+
+            Then: nix copy --to http://HOST:8080/cache/acme/app PATH (netrc password = token)
+            and substituters = http://HOST:8080/cache/ with the key from `init`.
+            """
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "init",
+        formatter_class=fmt,
+        help="create a state directory: config, policy, keys, an org and its admin token",
+        description=textwrap.dedent(
+            """\
+            Create STATE_DIR with config.toml, policy.toml (org admins do everything in
+            their org, members read and write, readers read), the narinfo signing key and
+            the access-token key (keys/), the database, the organization, and an API token
+            named `admin` with attribute role=admin. The token is printed once.
+            """
+        ),
+    )
+    _state(p)
+    p.add_argument("--org", default="main", help="the first organization (default: main)")
+    p.add_argument("--listen", default="127.0.0.1:8080", help="address in config.toml")
+    p.add_argument("--key-name", help="narinfo signing key name (default: ORG-cache-1)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "serve",
+        formatter_class=fmt,
+        help="run the server until SIGTERM/SIGINT",
+        description=textwrap.dedent(
+            """\
+            Serve the cache. ADDR is host:port ([v6]:port), port 0 for any free port, or
+            fd://N for a socket passed by systemd; repeat --listen for several. The bound
+            URLs are logged and written to server.address_file (default run/address).
+            On SIGTERM downloads in flight get server.graceful_timeout seconds to finish.
+            """
+        ),
+    )
+    _state(p)
+    p.add_argument("--listen", action="append", metavar="ADDR", help="override server.listen")
+    p.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="API tokens: create, list, revoke").add_subparsers(
+        dest="token_command", metavar="ACTION", required=True
+    )
+    p = token.add_parser(
+        "create",
+        formatter_class=fmt,
+        help="create an API token (printed once)",
+        description=textwrap.dedent(
+            """\
+            Create a long-lived API token for an organization; only its hash is stored.
+            The identity it proves is token:NAME with attributes org=ORG, credential=ID
+            and every --attr. Attributes are facts the policy matches on (e.g. role=member),
+            not permissions. Use it as the netrc password for `nix copy`, or exchange it
+            at POST /api/v1/token/exchange for a short-lived access token.
+            """
+        ),
+    )
+    _state(p)
+    p.add_argument("--org", required=True, help="the token's organization")
+    p.add_argument("--name", required=True, help="a name unique among the org's live tokens")
+    p.add_argument("--expires", metavar="DURATION", help="lifetime: 3600, 15m, 12h, 30d, 1y")
+    p.add_argument("--attr", action="append", default=[], metavar="K=V", help="an attribute")
+    p.add_argument("--json", action="store_true", help="print JSON (id, token, ...)")
+    p.set_defaults(func=cmd_token_create)
+    p = token.add_parser("list", help="list API tokens (never their secrets)")
+    _state(p)
+    p.add_argument("--org", help="only this organization's")
+    p.add_argument("--all", action="store_true", help="include revoked tokens")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_token_list)
+    p = token.add_parser(
+        "revoke",
+        help="revoke an API token by ID or ORG/NAME; its next exchange or use fails",
+    )
+    _state(p)
+    p.add_argument("credential", metavar="ID|ORG/NAME")
+    p.set_defaults(func=cmd_token_revoke)
+
+    org = sub.add_parser("org", help="organizations").add_subparsers(
+        dest="org_command", metavar="ACTION", required=True
+    )
+    p = org.add_parser("create", help="create an organization")
+    _state(p)
+    p.add_argument("org", metavar="NAME")
+    p.set_defaults(func=cmd_org_create)
+
+    project = sub.add_parser("project", help="projects (cache slices)").add_subparsers(
+        dest="project_command", metavar="ACTION", required=True
+    )
+    p = project.add_parser(
+        "create",
+        help="create a project (or change its --public flag)",
+        description="Create ORG/PROJECT, a slice paths are uploaded to at /cache/ORG/PROJECT. "
+        "--public makes its paths readable by anyone, without credentials.",
+    )
+    _state(p)
+    p.add_argument("project", metavar="ORG/PROJECT")
+    p.add_argument("--public", action="store_true", help="readable by anyone")
+    p.set_defaults(func=cmd_project_create)
+    p = project.add_parser("list", help="list projects")
+    _state(p)
+    p.add_argument("--org", help="only this organization's")
+    p.set_defaults(func=cmd_project_list)
+
+    policy = sub.add_parser("policy", help="inspect the access policy").add_subparsers(
+        dest="policy_command", metavar="ACTION", required=True
+    )
+    p = policy.add_parser(
+        "explain",
+        formatter_class=fmt,
+        help="decide one request offline and say which rule decided",
+        description=textwrap.dedent(
+            """\
+            Evaluate the policy file for one identity, action and resource, as the server
+            would. Exit 0 on allow, 2 on deny. Example:
+
+              nixd-server policy explain STATE --identity token:ci --attr org=acme \\
+                  --attr role=member --action cache:write --resource acme/app
+            """
+        ),
+    )
+    _state(p)
+    p.add_argument("--identity", required=True, metavar="KIND:SUBJECT")
+    p.add_argument("--attr", action="append", default=[], metavar="K=V")
+    p.add_argument("--action", required=True, choices=ACTIONS)
+    p.add_argument("--resource", required=True, metavar="ORG/PROJECT")
+    p.add_argument("--source-ip", metavar="IP", help="the caller's address, for CIDR rules")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_explain)
+
+    audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
+        dest="audit_command", metavar="ACTION", required=True
+    )
+    p = audit.add_parser(
+        "verify",
+        help="check the hash chain; exit 2 and name the first bad line if it was edited",
+    )
+    _state(p)
+    p.add_argument("--file", help="verify this file instead of the configured log")
+    p.set_defaults(func=cmd_audit_verify)
+
+    key = sub.add_parser("key", help="signing keys").add_subparsers(
+        dest="key_command", metavar="ACTION", required=True
+    )
+    p = key.add_parser(
+        "rotate",
+        formatter_class=fmt,
+        help="rotate the narinfo signing key (or --tokens: the access-token key)",
+        description=textwrap.dedent(
+            """\
+            Make a new current narinfo signing key. The old one keeps co-signing and is
+            still published at /api/v1/cache/keys for --grace (default 30d) so clients can
+            re-pin; --grace 0 drops it at once (a compromised key). With --tokens, rotate
+            the access-token key instead (old tokens verify for --grace seconds, default
+            86400; 0 invalidates every outstanding token).
+            """
+        ),
+    )
+    _state(p)
+    p.add_argument("--name", help="new key name (default: bump the current one's number)")
+    p.add_argument("--grace", help="how long the old key stays valid")
+    p.add_argument("--tokens", action="store_true", help="rotate the access-token key")
+    p.set_defaults(func=cmd_key_rotate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="nixd-server: %(levelname)s: %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except NixdError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

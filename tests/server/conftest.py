@@ -1,0 +1,124 @@
+"""Fixtures that run the real ``nixd-server`` as a process on loopback.
+
+``server_state`` is an initialized state directory (org ``acme`` with its admin token);
+``server`` runs ``nixd-server serve`` on 127.0.0.1 port 0 and reads the bound URL from the
+address file. Every process is stopped in teardown (SIGTERM, then SIGKILL); every wait
+is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "nixd.server.cli"]
+START_TIMEOUT = 30.0
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"nixd-server {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+@dataclass
+class ServerState:
+    """An initialized state directory and the admin token ``init`` printed."""
+
+    path: Path
+    admin_token: str
+    public_key: str
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``nixd-server <args[0]> [args[1]] STATE_DIR <rest>``."""
+        head = [args[0]] if args[0] in ("init", "serve") else list(args[:2])
+        rest = args[len(head) :]
+        return run_cli(*head, str(self.path), *rest, check=check)
+
+    def token(
+        self, org: str, name: str, *attrs: str, expires: str | None = None
+    ) -> tuple[str, str]:
+        """Create an API token; return (id, token)."""
+        extra = [a for kv in attrs for a in ("--attr", kv)]
+        if expires:
+            extra += ["--expires", expires]
+        out = self.cli("token", "create", "--org", org, "--name", name, *extra, "--json")
+        data = json.loads(out.stdout)
+        return data["id"], data["token"]
+
+
+@pytest.fixture
+def server_state(tmp_path: Path) -> ServerState:
+    state = tmp_path / "server"
+    proc = run_cli("init", str(state), "--org", "acme", "--listen", "127.0.0.1:0")
+    token = re.search(r"^\s+(nixd_\S+)$", proc.stdout, re.MULTILINE)
+    key = re.search(r"narinfo public key:\s+(\S+)", proc.stdout)
+    assert token and key, proc.stdout
+    return ServerState(state, token.group(1), key.group(1))
+
+
+@dataclass
+class ServerProcess:
+    state: ServerState
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+
+def start_server(state: ServerState, *listen: str) -> ServerProcess:
+    address = state.path / "run" / "address"
+    address.unlink(missing_ok=True)
+    log = state.path / "serve.log"
+    args = [a for addr in (listen or ("127.0.0.1:0",)) for a in ("--listen", addr)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [*CLI, "serve", str(state.path), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while not address.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=5)
+            raise AssertionError(f"nixd-server did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    url = address.read_text().split()[0]
+    return ServerProcess(state, proc, url, log)
+
+
+@pytest.fixture
+def server(server_state: ServerState) -> Iterator[ServerProcess]:
+    running = start_server(server_state)
+    try:
+        yield running
+    finally:
+        running.stop()

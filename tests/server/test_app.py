@@ -1,0 +1,350 @@
+"""The cache server's HTTP app in-process (httpx ASGI transport): protocol details and auth.
+
+The state directory is made by the real ``nixd-server init``; the app runs on the real
+store, policy, credentials, tokens and audit log. The wire itself and the real Nix client
+are tested in test_nix_e2e.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import lzma
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import zstandard
+from nixd.server.audit import verify
+
+from nixd.nix import base32
+from nixd.nix.hashes import Hash
+from nixd.nix.nar import dump
+from nixd.nix.narinfo import NarInfo
+from nixd.nix.signing import PublicKey
+from nixd.nix.storepath import StorePath
+from nixd.server.app import CacheApp, Services
+from nixd.server.config import ServerConfig
+from nixd.server.serve import open_services
+from tests.server.conftest import ServerState
+
+HASH_A = "0" * 31 + "1"
+HASH_B = "0" * 31 + "2"
+
+
+@dataclass
+class Env:
+    state: ServerState
+    services: Services
+    app: CacheApp
+    member: str  # API token of acme, plain member
+    reader: str  # acme, role=reader
+    other: str  # API token of org "other"
+
+    def client(
+        self, *, auth: str | None = None, basic: bool = False, ip: str = "127.0.0.1"
+    ) -> httpx.AsyncClient:
+        headers = {}
+        if auth is not None:
+            if basic:
+                headers["authorization"] = (
+                    "Basic " + base64.b64encode(f"nixd:{auth}".encode()).decode()
+                )
+            else:
+                headers["authorization"] = f"Bearer {auth}"
+        transport = httpx.ASGITransport(app=self.app, client=(ip, 40000))
+        return httpx.AsyncClient(transport=transport, base_url="http://cache", headers=headers)
+
+    async def access(self, api_token: str) -> str:
+        async with self.client() as c:
+            r = await c.post("/api/v1/token/exchange", json={"kind": "token", "token": api_token})
+        assert r.status_code == 200, r.text
+        return str(r.json()["access_token"])
+
+
+@pytest.fixture
+def env(server_state: ServerState) -> Iterator[Env]:
+    server_state.cli("org", "create", "other")
+    server_state.cli("project", "create", "acme/app")
+    server_state.cli("project", "create", "acme/lib")
+    server_state.cli("project", "create", "other/app")
+    _, member = server_state.token("acme", "ci")
+    _, reader = server_state.token("acme", "viewer", "role=reader")
+    _, other = server_state.token("other", "ci")
+    with open_services(ServerConfig.load(server_state.path)) as services:
+        yield Env(server_state, services, CacheApp(services), member, reader, other)
+
+
+def make_nar(tmp: Path, content: bytes) -> bytes:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "data").write_bytes(content)
+    return b"".join(dump(tmp / "data"))
+
+
+def client_narinfo(
+    hash_part: str,
+    nar: bytes,
+    compressed: bytes,
+    *,
+    refs: tuple[str, ...] = (),
+    nar_hash: bytes | None = None,
+) -> tuple[str, str]:
+    """(NAR URL, narinfo text) as `nix copy --to` would upload them (xz)."""
+    file_hash = base32.encode(hashlib.sha256(compressed).digest())
+    url = f"nar/{file_hash}.nar.xz"
+    info = NarInfo(
+        store_path=StorePath(hash_part, "hello"),
+        url=url,
+        compression="xz",
+        file_hash=Hash("sha256", hashlib.sha256(compressed).digest()),
+        file_size=len(compressed),
+        nar_hash=Hash("sha256", nar_hash or hashlib.sha256(nar).digest()),
+        nar_size=len(nar),
+        references=tuple(StorePath.from_basename(r) for r in refs),
+        deriver=None,
+        system="x86_64-linux",
+        sigs=("client-key:" + base64.b64encode(bytes(64)).decode(),),
+        ca=None,
+    )
+    return url, info.render()
+
+
+async def upload(
+    c: httpx.AsyncClient, slice_: str, hash_part: str, nar: bytes, **kw: object
+) -> httpx.Response:
+    compressed = lzma.compress(nar)
+    url, text = client_narinfo(hash_part, nar, compressed, **kw)  # type: ignore[arg-type]
+    r = await c.put(
+        f"/cache/{slice_}/{url}",
+        content=compressed,
+        headers={"content-type": "application/x-nix-nar"},
+    )
+    assert r.status_code == 200, r.text
+    return await c.put(
+        f"/cache/{slice_}/{hash_part}.narinfo",
+        content=text.encode(),
+        headers={"content-type": "text/x-nix-narinfo"},
+    )
+
+
+@pytest.fixture
+async def uploaded(env: Env, tmp_path: Path) -> AsyncIterator[bytes]:
+    nar = make_nar(tmp_path / "a", b"hello\n" * 10_000)
+    async with env.client(auth=env.member, basic=True) as c:
+        r = await upload(c, "acme/app", HASH_A, nar)
+    assert r.status_code == 200, r.text
+    yield nar
+
+
+async def test_cache_info_is_public(env: Env) -> None:
+    async with env.client() as c:
+        for path in ("/cache/nix-cache-info", "/cache/acme/app/nix-cache-info"):
+            r = await c.get(path)
+            assert r.status_code == 200
+            assert "StoreDir: /nix/store\n" in r.text
+
+
+async def test_anonymous_gets_401_with_www_authenticate(env: Env, uploaded: bytes) -> None:
+    async with env.client() as c:
+        for path in (f"/cache/{HASH_A}.narinfo", f"/cache/{HASH_B}.narinfo"):
+            r = await c.get(path)
+            assert r.status_code == 401
+            assert "Basic" in r.headers["www-authenticate"]
+            assert "Bearer" in r.headers["www-authenticate"]
+
+
+async def test_upload_then_read_signed_by_server(env: Env, uploaded: bytes) -> None:
+    token = await env.access(env.member)
+    async with env.client(auth=token) as c:
+        keys = (await c.get("/api/v1/cache/keys")).json()
+        r = await c.get(f"/cache/{HASH_A}.narinfo")
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("text/x-nix-narinfo")
+        info = NarInfo.parse(r.text)
+        assert info.compression == "zstd"
+        assert info.url.startswith("nar/") and info.url.endswith(".nar.zst")
+        assert info.nar_hash.digest == hashlib.sha256(uploaded).digest()
+        assert info.system == "x86_64-linux"
+        # The client's signature is gone; the server's verifies with the published key.
+        assert not any(s.startswith("client-key:") for s in info.sigs)
+        current = PublicKey.parse(keys["current"])
+        assert info.verify([current]) == [current.name]
+        head = await c.head(f"/cache/{HASH_A}.narinfo")
+        assert head.status_code == 200 and head.content == b""
+
+        nar = await c.get(f"/cache/{info.url}")
+        assert nar.status_code == 200
+        assert nar.headers["accept-ranges"] == "bytes"
+        assert "content-encoding" not in nar.headers
+        assert int(nar.headers["content-length"]) == info.file_size == len(nar.content)
+        assert hashlib.sha256(nar.content).digest() == info.file_hash.digest  # type: ignore[union-attr]
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(nar.content) == uploaded
+
+        head = await c.head(f"/cache/{info.url}")
+        assert head.headers["content-length"] == str(info.file_size)
+
+        part = await c.get(f"/cache/{info.url}", headers={"range": "bytes=10-"})
+        assert part.status_code == 206
+        assert part.content == nar.content[10:]
+        assert (
+            part.headers["content-range"] == f"bytes 10-{len(nar.content) - 1}/{len(nar.content)}"
+        )
+        tail = await c.get(f"/cache/{info.url}", headers={"range": "bytes=-5"})
+        assert tail.status_code == 206 and tail.content == nar.content[-5:]
+        bad = await c.get(f"/cache/{info.url}", headers={"range": f"bytes={len(nar.content)}-"})
+        assert bad.status_code == 416
+        assert bad.headers["content-range"] == f"bytes */{len(nar.content)}"
+
+        # The slice URL shows the same path; another slice of the same org does not.
+        assert (await c.get(f"/cache/acme/app/{HASH_A}.narinfo")).status_code == 200
+        assert (await c.get(f"/cache/acme/lib/{HASH_A}.narinfo")).status_code == 404
+
+
+async def test_other_org_sees_nothing(env: Env, uploaded: bytes) -> None:
+    async with env.client(auth=env.member) as c:
+        url = NarInfo.parse((await c.get(f"/cache/{HASH_A}.narinfo")).text).url
+    async with env.client(auth=env.other, basic=True) as c:
+        absent = await c.get(f"/cache/{HASH_B}.narinfo")
+        hidden = await c.get(f"/cache/{HASH_A}.narinfo")
+        assert hidden.status_code == absent.status_code == 404
+        assert hidden.content == absent.content
+        assert (await c.get(f"/cache/{url}")).status_code == 404
+        assert (await c.get(f"/cache/acme/app/{HASH_A}.narinfo")).status_code == 404
+
+
+async def test_reader_cannot_upload(env: Env, tmp_path: Path) -> None:
+    nar = make_nar(tmp_path / "r", b"r")
+    async with env.client(auth=env.reader, basic=True) as c:
+        r = await c.put(f"/cache/acme/app/nar/{'1' * 52}.nar", content=nar)
+        assert r.status_code == 403
+        assert "token:viewer may not upload to acme/app" in r.text
+        assert "acme-readers-read-only" in r.text
+
+
+async def test_anonymous_upload_is_401(env: Env) -> None:
+    async with env.client() as c:
+        r = await c.put(f"/cache/acme/app/{HASH_A}.narinfo", content=b"x")
+        assert r.status_code == 401
+
+
+async def test_mismatched_narinfo_is_refused_and_nothing_served(env: Env, tmp_path: Path) -> None:
+    nar = make_nar(tmp_path / "m", b"the real bytes")
+    async with env.client(auth=env.member, basic=True) as c:
+        r = await upload(c, "acme/app", HASH_B, nar, nar_hash=hashlib.sha256(b"other").digest())
+        assert r.status_code == 400
+        assert "NAR mismatch" in r.text
+        assert f"NarHash sha256:{base32.encode(hashlib.sha256(nar).digest())}" in r.text
+        assert (await c.get(f"/cache/{HASH_B}.narinfo")).status_code == 404
+        assert (await c.get(f"/cache/acme/app/{HASH_B}.narinfo")).status_code == 404
+    assert env.services.store.stats()["nars"] == 0
+    assert not list(env.services.store.blobs.rglob("*.nar.zst"))
+
+
+async def test_corrupt_nar_upload_is_refused(env: Env, tmp_path: Path) -> None:
+    nar = make_nar(tmp_path / "c", b"c" * 1000)
+    async with env.client(auth=env.member, basic=True) as c:
+        r = await c.put(
+            f"/cache/acme/app/nar/{'2' * 52}.nar.xz",
+            content=lzma.compress(nar[:-16] + bytes(8) + b"garbage!"),
+        )
+        assert r.status_code == 400
+        assert "malformed" in r.text
+        r = await c.put(f"/cache/acme/app/nar/{'2' * 52}.nar.xz", content=b"not xz at all")
+        assert r.status_code == 400
+        assert "not valid xz" in r.text
+        r = await c.put(f"/cache/acme/app/nar/{'2' * 52}.nar.br", content=b"x")
+        assert r.status_code == 415
+
+
+async def test_head_of_own_upload_lets_nix_skip_it(env: Env, tmp_path: Path) -> None:
+    nar = make_nar(tmp_path / "h", b"h")
+    compressed = lzma.compress(nar)
+    url, _ = client_narinfo(HASH_B, nar, compressed)
+    async with env.client(auth=env.member, basic=True) as c:
+        assert (await c.head(f"/cache/acme/app/{url}")).status_code == 404
+        assert (await c.put(f"/cache/acme/app/{url}", content=compressed)).status_code == 200
+        assert (await c.head(f"/cache/acme/app/{url}")).status_code == 200
+        # The alias is the uploader's business only: not a readable file anywhere.
+        assert (await c.get(f"/cache/{url}")).status_code == 404
+
+
+async def test_public_project_is_readable_anonymously(env: Env, tmp_path: Path) -> None:
+    env.state.cli("project", "create", "acme/oss", "--public")
+    nar = make_nar(tmp_path / "p", b"p")
+    async with env.client(auth=env.member, basic=True) as c:
+        assert (await upload(c, "acme/oss", HASH_B, nar)).status_code == 200
+    async with env.client() as c:
+        r = await c.get(f"/cache/{HASH_B}.narinfo")
+        assert r.status_code == 200
+        assert (await c.get(f"/cache/{NarInfo.parse(r.text).url}")).status_code == 200
+        assert (await c.get(f"/cache/{HASH_A}.narinfo")).status_code == 401
+
+
+async def test_tokens_exchange_status_jwks_revocation(env: Env) -> None:
+    cred_id, api = env.state.token("acme", "laptop", "team=infra", expires="1h")
+    async with env.client() as c:
+        r = await c.post("/api/v1/token/exchange", json={"kind": "token", "token": api})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["token_type"] == "Bearer" and body["identity"] == "token:laptop"
+        assert 0 < body["expires_in"] <= 3600
+        jwks = (await c.get("/.well-known/jwks.json")).json()
+        assert jwks["keys"][0]["kty"] == "OKP" and jwks["keys"][0]["crv"] == "Ed25519"
+        st = await c.get(
+            "/api/v1/token/status", headers={"authorization": f"Bearer {body['access_token']}"}
+        )
+        assert st.status_code == 200
+        status = st.json()
+        assert status["identity"] == "token:laptop"
+        assert status["attributes"]["team"] == "infra" and status["attributes"]["org"] == "acme"
+        assert status["expires_at"] == body["expires_at"]
+        assert (await c.get("/api/v1/token/status")).status_code == 401
+
+        env.state.cli("token", "revoke", cred_id)
+        r = await c.post("/api/v1/token/exchange", json={"kind": "token", "token": api})
+        assert r.status_code == 401
+        assert r.json()["error"] == "revoked_credential"
+        # Used directly (netrc), a revoked token is refused at once too.
+        r = await c.get(f"/cache/{HASH_A}.narinfo", auth=("nixd", api))
+        assert r.status_code == 401
+        bad = await c.post("/api/v1/token/exchange", json={"kind": "token", "token": "nixd_x"})
+        assert bad.status_code == 401
+        assert (await c.post("/api/v1/token/exchange", content=b"{")).status_code == 400
+
+
+async def test_source_ip_condition(env: Env, uploaded: bytes) -> None:
+    policy = env.state.path / "policy.toml"
+    policy.write_text(
+        policy.read_text()
+        + """
+[[rule]]
+id = "acme-app-from-loopback-1-only"
+effect = "deny"
+subjects = [{ kind = "*" }]
+actions = ["*"]
+resources = ["acme/app"]
+conditions = { source_ips = ["127.0.0.2/32"] }
+"""
+    )
+    env.services.policy.reload()
+    async with env.client(auth=env.member, basic=True) as c:
+        assert (await c.get(f"/cache/{HASH_A}.narinfo")).status_code == 200
+    async with env.client(auth=env.member, basic=True, ip="127.0.0.2") as c:
+        assert (await c.get(f"/cache/{HASH_A}.narinfo")).status_code == 404
+
+
+async def test_audit_log_records_decisions_and_verifies(env: Env, uploaded: bytes) -> None:
+    async with env.client(auth=env.other, basic=True) as c:
+        await c.get(f"/cache/{HASH_A}.narinfo")
+    lines = env.state.path.joinpath("audit.log").read_text().splitlines()
+    assert any('"cache:write"' in line and '"allow"' in line for line in lines)
+    assert any('"token:ci"' in line and '"deny"' in line for line in lines)
+    assert not any(env.member in line or env.other in line for line in lines)
+    assert _verify_ok(env.state.path / "audit.log")
+
+
+def _verify_ok(path: Path) -> bool:
+    result = verify(path)
+    return bool(getattr(result, "ok", result))
