@@ -216,16 +216,18 @@ class NixSetup:
         return True
 
     def apply(self, state: NixState) -> ApplyResult:
-        """Bring the three files in line with ``state``; say which ones changed."""
+        """Bring the three files in line with ``state``; say which ones changed.
+
+        Everything is rendered (and so validated) before the first write: a bad value
+        raises :class:`FormatError` and leaves every file as it was.
+        """
         self._clean()
         main_text = self._main_text()
-        netrc_changed = self._write_if_changed(
-            self.config.netrc, self.render_netrc(state, main_text).encode(), 0o600
-        )
-        fragment_changed = self._write_if_changed(
-            self.config.fragment, self.render_fragment(state).encode(), 0o644
-        )
+        netrc = self.render_netrc(state, main_text).encode()
+        fragment = self.render_fragment(state).encode()
         new_main = nixconf.ensure_include(main_text, str(self.config.fragment))
+        netrc_changed = self._write_if_changed(self.config.netrc, netrc, 0o600)
+        fragment_changed = self._write_if_changed(self.config.fragment, fragment, 0o644)
         conf_changed = False
         if new_main != main_text:
             meta = files.file_mode(self.config.nix_conf)
