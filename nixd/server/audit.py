@@ -1,0 +1,549 @@
+"""The audit log: one durable, hash-chained JSON line per policy decision and admin change.
+
+The model
+    Each line is a JSON object::
+
+        {"seq": 7, "time": "2026-01-02T03:04:05.678Z", "request_id": "…",
+         "identity": "token:ci", "action": "cache:write", "resource": "acme/app",
+         "decision": "allow", "rule": "acme-ci", "source": "127.0.0.1", …extra…,
+         "prev": "<sha256 hex of line 6's bytes>"}
+
+    ``seq`` is the line number; ``prev`` chains every line to the one before it (line 1 to
+    :data:`GENESIS`), hashing the exact bytes of the previous line without its newline. An
+    edited line breaks the link to the next one, a removed or reordered line breaks ``seq``
+    and the chain, and :func:`verify` names the first bad line and what happened to it.
+
+    The chain cannot see lines cut off the end, nor an edit of the very last line. So after
+    every write the log's head (line count and last hash) is written to ``<log>.head``;
+    :func:`verify` checks the log still reaches it. The head file is rewritten in place
+    without an fsync of its own, after the log's fsync: it never claims a line that is not
+    durable, at worst it lags behind after a power cut. (Anyone who can rewrite both files
+    can rewrite history; ship lines or heads elsewhere if that matters.)
+
+Durability
+    :meth:`AuditLog.record` returns only after the line is written and fsync'ed, so a line
+    acknowledged to a client survives a crash. A crash mid-write can leave an incomplete
+    last line; it was never acknowledged (the fsync had not returned), so the next writer
+    cuts it off with a warning and :func:`verify` reports it as a torn tail, not tampering.
+
+Throughput (group commit)
+    An fsync per line would cap the server at a few hundred decisions per second.
+    :meth:`AuditLog.arecord` (trio) queues its line in the open batch; one caller at a time
+    writes a whole batch with one ``write`` and one ``fsync`` in a worker thread, then sets
+    the batch's ``trio.Event``. Lines that arrive meanwhile form the next batch. Every
+    caller still returns only once its own line is durable. There is no background task to
+    own: whoever finds no write in progress does the next one.
+
+Writers
+    Several processes may write one log (the server, and ``nixd-server token …`` recording
+    admin changes): every batch is written under an exclusive ``flock`` and first re-reads
+    the tail if another process appended. Within a process a lock serializes threads.
+
+Secrets
+    A line never holds a credential: :meth:`AuditLog.record` refuses events with a field
+    named like ``token``, ``password``, ``secret`` or ``authorization``, and values that look
+    like an access token (a JWT) or an API token. Identities appear as ``kind:subject``.
+
+API
+    ``log = AuditLog(path)``; ``log.record(event)`` from threads / sync code;
+    ``await log.arecord(event)`` from trio; ``log.close()``. ``event`` must hold
+    ``identity`` (an :class:`~nixd.server.identity.Identity` or ``"kind:subject"``) and
+    ``action``; ``request_id``, ``resource``, ``decision`` (``"allow"``/``"deny"`` or a
+    :class:`~nixd.server.policy.Decision`, which also fills ``rule`` and ``reason``), ``rule``
+    and ``source`` are written as null when absent; any other JSON fields follow.
+    ``verify(path) -> VerifyResult`` (``.ok``, ``.first_bad``, ``.problem``, ``.describe()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from nixd.errors import NixdError
+from nixd.server.identity import Identity
+from nixd.server.policy import Decision
+
+log = logging.getLogger(__name__)
+
+GENESIS = hashlib.sha256(b"nixd audit log v1").hexdigest()
+"""The ``prev`` of line 1."""
+
+HEAD_SUFFIX = ".head"
+_HEAD_SIZE = 128
+_CORE_FIELDS = ("request_id", "identity", "action", "resource", "decision", "rule", "source")
+_RESERVED = frozenset({"seq", "time", "prev"})
+_SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "authorization", "cookie"})
+_SECRET_VALUE = re.compile(
+    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.|nixd_[0-9a-f]{16}_[A-Za-z0-9_-]{20,}"
+)
+_TAIL_CHUNK = 64 * 1024
+
+
+class AuditError(NixdError):
+    """The audit log cannot be written (or read back); the request must not proceed."""
+
+
+def _hash(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def _now_rfc3339(seconds: float) -> str:
+    stamp = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _check_secrets(value: Any, where: str) -> None:
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"audit event field names must be strings, got {key!r}")
+            words = set(re.split(r"[^a-z0-9]+", key.lower()))
+            if words & _SECRET_WORDS:
+                raise ValueError(
+                    f"audit event field {where}{key!r} looks like a secret; audit lines never "
+                    "hold credentials (log the identity as kind:subject instead)"
+                )
+            _check_secrets(inner, f"{where}{key}.")
+    elif isinstance(value, list | tuple):
+        for inner in value:
+            _check_secrets(inner, where)
+
+
+def _body(event: Mapping[str, Any], now: float) -> str:
+    """The JSON members of one line except ``seq`` and ``prev``: ``"time":…,…`` (no braces).
+
+    Done by the caller, before queueing, so one bad event fails its own caller and never
+    the batch it would have shared.
+    """
+    if not isinstance(event, Mapping):
+        raise TypeError(f"an audit event is a mapping, got {type(event).__name__}")
+    _check_secrets(event, "")
+    for key in _RESERVED:
+        if key in event:
+            raise ValueError(f"audit event field {key!r} is set by the log, not the caller")
+    identity = event.get("identity")
+    if isinstance(identity, Identity):
+        identity = identity.render()
+    if not isinstance(identity, str) or ":" not in identity:
+        raise ValueError(f"audit event needs identity as kind:subject, got {identity!r}")
+    action = event.get("action")
+    if not isinstance(action, str) or not action:
+        raise ValueError(f"audit event needs an action, got {action!r}")
+    out: dict[str, Any] = {"time": _now_rfc3339(now)}
+    out.update({name: event.get(name) for name in _CORE_FIELDS})
+    out["identity"] = identity
+    decision = event.get("decision")
+    if isinstance(decision, Decision):
+        out["decision"] = decision.effect
+        out["rule"] = event.get("rule", decision.rule)
+        out["reason"] = decision.reason
+    out.update((k, v) for k, v in event.items() if k not in out)
+    try:
+        text = json.dumps(out, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"audit event is not JSON-serializable: {exc}") from exc
+    if _SECRET_VALUE.search(text):
+        raise ValueError("audit event holds a value that looks like a token; refusing to log it")
+    return text[1:-1]
+
+
+@dataclass(eq=False)
+class _Batch:
+    bodies: list[str] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class AuditLog:
+    """An append-only, hash-chained, fsync'ed JSON-lines log (see the module docstring)."""
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.head_path = Path(f"{self.path}{HEAD_SUFFIX}")
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failed: str | None = None
+        self._end = -1  # file size after our last write; -1 = re-read the tail
+        self._seq = 0
+        self._prev = GENESIS
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+            self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot open the audit log: {exc.strerror}") from exc
+        self._pending: _Batch | None = None
+        self._writing: _Batch | None = None
+        try:
+            with self._lock, self._flocked():
+                self._sync_tail()
+                damage = self._check_head()
+            if damage is not None:
+                # Appending would overwrite the head and bury the evidence; put it in the chain.
+                log.error("%s: %s", self.path, damage)
+                self.record(
+                    {"identity": "system:nixd-server", "action": "audit:damage", "problem": damage}
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def record(self, event: Mapping[str, Any]) -> None:
+        """Append one line; return once it is on disk. ValueError for a bad event."""
+        self._write_batch([_body(event, self._clock())])
+
+    async def arecord(self, event: Mapping[str, Any]) -> None:
+        """Append one line from trio, sharing write and fsync with concurrent callers."""
+        body = _body(event, self._clock())
+        if self._pending is None:
+            self._pending = _Batch()
+        batch = self._pending
+        batch.bodies.append(body)
+        while not batch.done.is_set():
+            writing = self._writing
+            if writing is not None:
+                await writing.done.wait()
+                continue
+            # Nobody is writing: this caller writes everything queued so far.
+            mine, self._pending = self._pending, None
+            assert mine is not None
+            self._writing = mine
+            try:
+                await trio.to_thread.run_sync(self._write_batch, mine.bodies)
+            except BaseException as exc:
+                mine.error = exc
+            finally:
+                self._writing = None
+                mine.done.set()
+        if batch.error is not None:
+            if isinstance(batch.error, AuditError):
+                raise AuditError(str(batch.error)) from batch.error
+            raise AuditError(f"{self.path}: audit write failed: {batch.error!r}") from batch.error
+
+    def _write_batch(self, bodies: list[str]) -> None:
+        with self._lock:
+            if self._failed is not None:
+                raise AuditError(self._failed)
+            if self._fd < 0:
+                raise AuditError(f"{self.path}: the audit log is closed")
+            with self._flocked():
+                self._sync_tail()
+                seq, prev = self._seq, self._prev
+                chunks = []
+                for body in bodies:
+                    seq += 1
+                    line = f'{{"seq":{seq},{body},"prev":"{prev}"}}'.encode()
+                    prev = _hash(line)
+                    chunks.append(line)
+                    chunks.append(b"\n")
+                data = b"".join(chunks)
+                start = self._end
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self._fd, view) :]
+                except OSError as exc:
+                    self._undo(start, exc)
+                    raise AuditError(
+                        f"{self.path}: cannot write the audit log: {exc.strerror}"
+                    ) from exc
+                try:
+                    os.fsync(self._fd)
+                except OSError as exc:
+                    # After a failed fsync the kernel may have dropped the dirty pages; what
+                    # is on disk is unknown, so stop rather than chain onto a guess.
+                    self._failed = f"{self.path}: fsync failed ({exc.strerror}); audit stopped"
+                    log.error("%s", self._failed)
+                    raise AuditError(self._failed) from exc
+                self._end = start + len(data)
+                self._seq, self._prev = seq, prev
+                self._write_head()
+
+    def _undo(self, start: int, exc: OSError) -> None:
+        """Cut a partial write off, so the file still ends with a whole line."""
+        try:
+            os.ftruncate(self._fd, start)
+        except OSError:
+            self._failed = f"{self.path}: write failed ({exc.strerror}) and could not be undone"
+            log.error("%s", self._failed)
+        else:
+            log.error("%s: audit write failed (%s); nothing written", self.path, exc.strerror)
+
+    def _write_head(self) -> None:
+        head = json.dumps({"lines": self._seq, "last": self._prev}, separators=(",", ":"))
+        data = head.encode().ljust(_HEAD_SIZE - 1) + b"\n"
+        try:
+            os.pwrite(self._head_fd, data, 0)
+        except OSError as exc:
+            log.warning("%s: cannot update the head file: %s", self.head_path, exc.strerror)
+
+    @contextlib.contextmanager
+    def _flocked(self) -> Iterator[None]:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot lock the audit log: {exc.strerror}") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _sync_tail(self) -> None:
+        """Pick up the chain from the file's last line (after another writer, or at open).
+
+        Called holding the flock, so nobody is mid-write: an incomplete last line is a
+        crashed writer's, never acknowledged, and is cut off.
+        """
+        try:
+            size = os.fstat(self._fd).st_size
+            if size == self._end:
+                return
+            tail, tail_start = self._read_tail(size)
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot read the audit log: {exc.strerror}") from exc
+        cut = tail.rfind(b"\n") + 1  # 0 if the tail holds no newline (tail_start is then 0)
+        if cut < len(tail):
+            torn = len(tail) - cut
+            try:
+                os.ftruncate(self._fd, tail_start + cut)
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise AuditError(
+                    f"{self.path}: cannot cut off an incomplete last line: {exc.strerror}"
+                ) from exc
+            log.warning(
+                "%s: cut off an incomplete last line (%d bytes) left by a crash; it was "
+                "never acknowledged",
+                self.path,
+                torn,
+            )
+            size = tail_start + cut
+        complete = tail[:cut]
+        if not complete:
+            self._seq, self._prev, self._end = 0, GENESIS, size
+            return
+        last = complete[:-1].rsplit(b"\n", 1)[-1]
+        try:
+            seq = json.loads(last)["seq"]
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+                raise ValueError(seq)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuditError(
+                f"{self.path}: the last line is not an audit record; refusing to extend a "
+                "damaged log (run `nixd-server audit verify`)"
+            ) from exc
+        self._seq, self._prev, self._end = seq, _hash(last), size
+
+    def _check_head(self) -> str | None:
+        """What is wrong if the log no longer reaches its head file (cut or last line edited)."""
+        head = _read_head(self.head_path)
+        if isinstance(head, str):
+            return head
+        if head is None:
+            return None
+        lines, last = head
+        if lines > self._seq:
+            return f"the log ends at line {self._seq} but {self.head_path.name} records {lines}"
+        if lines == self._seq and last != self._prev:
+            return f"line {lines} does not match {self.head_path.name} (edited)"
+        return None
+
+    def _read_tail(self, size: int) -> tuple[bytes, int]:
+        """The file from the start of its last complete line on, and that offset."""
+        end, tail = size, b""
+        while end > 0:
+            start = max(0, end - _TAIL_CHUNK)
+            tail = os.pread(self._fd, end - start, start) + tail
+            end = start
+            last_nl = tail.rfind(b"\n")
+            before = tail.rfind(b"\n", 0, last_nl) if last_nl > 0 else -1
+            if before >= 0:
+                return tail[before + 1 :], end + before + 1
+        return tail, 0
+
+    def close(self) -> None:
+        """Close the files; later records fail."""
+        for name in ("_fd", "_head_fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, -1)
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- verifying ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """What :func:`verify` found; ``first_bad`` is a 1-based line number."""
+
+    ok: bool
+    lines: int
+    first_bad: int | None = None
+    problem: str | None = None
+    torn_tail: int = 0
+    head: str = ""
+
+    def describe(self) -> str:
+        """One paragraph for ``nixd-server audit verify``."""
+        out = [f"{'OK' if self.ok else 'FAILED'}: {self.lines} complete lines checked"]
+        if self.problem:
+            out.append(f"line {self.first_bad}: {self.problem}")
+        if self.torn_tail:
+            out.append(
+                f"the file ends with an incomplete line ({self.torn_tail} bytes) left by a "
+                "crash; it was never acknowledged and the next writer cuts it off"
+            )
+        if self.head:
+            out.append(self.head)
+        return "\n".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    seq: int | None
+    prev: str | None
+    digest: str
+
+
+def _parse_line(line: bytes) -> tuple[int, str] | None:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    seq, prev = obj.get("seq"), obj.get("prev")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(prev, str):
+        return None
+    return seq, prev
+
+
+def _read_head(path: Path) -> tuple[int, str] | str | None:
+    """(lines, last hash); a message if the head file is damaged; None if there is none."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if not data.strip():
+        return None
+    try:
+        head = json.loads(data)
+        lines, last = head["lines"], head["last"]
+        if not isinstance(lines, int) or not isinstance(last, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return f"{path} is damaged"
+    return lines, last
+
+
+def verify(path: str | Path) -> VerifyResult:
+    """Check the chain of an audit log and that it reaches its head file.
+
+    Streams the file once; only when something is wrong is it read again to tell an
+    edited line from a removed or reordered one.
+    """
+    path = Path(path)
+    head_path = Path(f"{path}{HEAD_SUFFIX}")
+    head = _read_head(head_path)  # before the log: the head never claims an unwritten line
+    if isinstance(head, str):
+        return VerifyResult(False, 0, 1, head)
+    prev, n, torn = GENESIS, 0, 0
+    try:
+        with path.open("rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    torn = len(raw)
+                    break
+                n += 1
+                line = raw[:-1]
+                parsed = _parse_line(line)
+                if parsed is None:
+                    return VerifyResult(
+                        False, n - 1, n, "not an audit record (not a JSON object with seq/prev)"
+                    )
+                seq, line_prev = parsed
+                if seq != n or line_prev != prev:
+                    first_bad, problem = _diagnose(path, n, seq, line_prev, prev)
+                    return VerifyResult(False, n - 1, first_bad, problem)
+                prev = _hash(line)
+                if head is not None and n == head[0] and prev != head[1]:
+                    return VerifyResult(
+                        False,
+                        n - 1,
+                        n,
+                        f"line {n} was edited: its hash does not match {head_path.name}",
+                    )
+    except FileNotFoundError:
+        return VerifyResult(False, 0, None, f"{path}: no such audit log")
+    except OSError as exc:
+        return VerifyResult(False, 0, None, f"{path}: cannot read: {exc.strerror}")
+    if head is None:
+        note = f"no {head_path.name}: lines cut off the end could go unnoticed"
+    elif head[0] > n:
+        missing = head[0] - n
+        return VerifyResult(
+            False,
+            n,
+            n + 1,
+            f"the log was truncated: {missing} line(s) after line {n} are missing "
+            f"({head_path.name} records {head[0]} lines)",
+            torn,
+        )
+    else:
+        note = f"{head_path.name}: the log reaches its recorded head (line {head[0]})"
+    return VerifyResult(True, n, None, None, torn, note)
+
+
+def _diagnose(path: Path, n: int, seq: int, line_prev: str, prev: str) -> tuple[int, str]:
+    """Tell what happened at line ``n``, where ``seq`` or ``prev`` is not as expected."""
+    lines: list[_Line] = []
+    with path.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            parsed = _parse_line(raw[:-1])
+            digest = _hash(raw[:-1])
+            lines.append(_Line(*parsed, digest) if parsed else _Line(None, None, digest))
+    if seq != n:
+        later = next((i for i in range(n, len(lines)) if lines[i].seq == n), None)
+        if later is not None:
+            return n, (
+                f"out of order: holds record {seq}, and record {n} is at line {later + 1} "
+                "(lines were reordered)"
+            )
+        if seq > n:
+            gone = f"record {n} was" if seq == n + 1 else f"records {n}..{seq - 1} were"
+            return n, f"{gone} removed (this line holds record {seq})"
+        return n, f"holds record {seq} again (a line was duplicated or moved)"
+    if n == 1:
+        return 1, "prev is not the genesis hash: the log does not start with its first record"
+    target = next((i for i, line in enumerate(lines) if line.digest == line_prev), None)
+    if target is not None and target != n - 2:
+        return n, f"prev points at line {target + 1}, not line {n - 1}: lines were reordered"
+    return n - 1, f"was edited: its hash does not match the prev recorded in line {n}"
