@@ -296,7 +296,8 @@ def render_netrc(entries: Iterable[NetrcEntry]) -> str:
 def merge_netrc(*sources: Sequence[NetrcEntry]) -> list[NetrcEntry]:
     """Concatenate ``sources`` keeping the first entry per machine and one ``default``, last.
 
-    Machines compare case-insensitively, as curl matches them.
+    Machines compare case-insensitively, as curl matches them. A later block for the same
+    machine is dropped even where curl would have taken a missing password from it.
     """
     merged: list[NetrcEntry] = []
     seen: set[str] = set()
@@ -317,7 +318,11 @@ def merge_netrc(*sources: Sequence[NetrcEntry]) -> list[NetrcEntry]:
 
 
 def lookup(entries: Iterable[NetrcEntry], host: str) -> NetrcEntry | None:
-    """The entry curl would use for ``host``: the first matching machine or default."""
+    """The entry curl would use for ``host``: the first matching machine or default.
+
+    Exact for blocks that carry both login and password; for an incomplete block curl
+    would read on into the next blocks, which this does not model.
+    """
     for entry in entries:
         if entry.machine is None or entry.machine.lower() == host.lower():
             return entry

@@ -62,7 +62,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp(
     def broken_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(files.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(ConfigError, match="cannot write"):
         files.atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
