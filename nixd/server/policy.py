@@ -104,6 +104,7 @@ _RULE_KEYS = frozenset(
 )
 _CONDITION_KEYS = frozenset({"source_ips"})
 _PUBLIC_KEYS = frozenset({"resources", "actions"})
+_WATCH_POLL_MS = 300
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -861,8 +862,14 @@ class PolicyHolder:
         def _ours(_change: watchfiles.Change, changed: str) -> bool:
             return Path(changed).name == target.name
 
+        # rust_timeout bounds how long a cancel waits for the watcher thread to notice.
         async for _changes in watchfiles.awatch(
-            directory, watch_filter=_ours, debounce=200, step=50, recursive=False
+            directory,
+            watch_filter=_ours,
+            debounce=200,
+            step=50,
+            rust_timeout=_WATCH_POLL_MS,
+            recursive=False,
         ):
             self._checked = self._clock()
             self.reload()
