@@ -36,7 +36,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import shutil
 import stat
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -763,12 +762,57 @@ def restore(chunks: Iterable[bytes | bytearray | memoryview], dest: str | os.Pat
 
 
 def _remove(parent_fd: int, name: str) -> None:
-    """Remove ``name`` (any type) under ``parent_fd`` without following symlinks."""
+    """Remove ``name`` (any type) under ``parent_fd`` without following symlinks.
+
+    Iterative and holding one directory fd at a time (``shutil.rmtree`` recurses, and a
+    restored tree may be :data:`MAX_DEPTH` deep); it climbs back through ``..`` and checks
+    that it arrives where it came from.
+    """
     try:
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=parent_fd)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=parent_fd)
+        return
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, dir_fd=parent_fd)
+    # Per level: (name in its parent, (dev, ino) of the parent, subdirectories left).
+    stack: list[tuple[str, tuple[int, int], list[str]]] = []
+    subdirs = _clear_files(fd)
+    try:
+        while True:
+            if subdirs:
+                child = subdirs.pop()
+                here = os.fstat(fd)
+                cfd = os.open(child, flags, dir_fd=fd)
+                os.close(fd)
+                fd = cfd
+                stack.append((child, (here.st_dev, here.st_ino), subdirs))
+                subdirs = _clear_files(fd)
+                continue
+            if not stack:
+                break
+            child, parent_id, subdirs = stack.pop()
+            up = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != parent_id:
+                raise OSError(errno.ESTALE, "directory moved while being removed", name)
+            os.rmdir(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _clear_files(fd: int) -> list[str]:
+    """Unlink every non-directory in the directory ``fd``; return its subdirectories."""
+    subdirs = []
+    with os.scandir(fd) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e.name)
+            else:
+                os.unlink(e.name, dir_fd=fd)
+    return subdirs
