@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from nixd import __version__
 from nixd.errors import ConfigError, NixdError
 from nixd.server.audit import AuditLog, verify
@@ -130,10 +128,8 @@ def _audit(config: ServerConfig, action: str, resource: str, **extra: Any) -> No
         **extra,
     }
 
-    async def record() -> None:
-        await AuditLog(config.audit_path).arecord(event)
-
-    trio.run(record)
+    with AuditLog(config.audit_path) as audit:
+        audit.record(event)
 
 
 def _fmt_time(t: float | None) -> str:
@@ -186,6 +182,8 @@ def load_policy_text(text: str, source: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import trio  # noqa: PLC0415 - only serve runs an event loop
+
     from nixd.server.serve import serve  # noqa: PLC0415 - hypercorn only for serve
 
     config = ServerConfig.load(args.state_dir)
@@ -378,14 +376,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     path = Path(args.file) if args.file else ServerConfig.load(args.state_dir).audit_path
     result = verify(path)
-    ok = getattr(result, "ok", result)
-    message = getattr(result, "message", None) or getattr(result, "reason", None)
-    if ok:
-        count = getattr(result, "lines", None)
-        print(f"{path}: OK" + (f" ({count} lines)" if count is not None else ""))
-        return 0
-    print(f"{path}: TAMPERED: {message}", file=sys.stderr)
-    return 2
+    print(f"{path}: {result.describe()}", file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 2
 
 
 def cmd_key_rotate(args: argparse.Namespace) -> int:

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 def open_services(config: ServerConfig) -> Iterator[Services]:
     """Everything the app needs, opened from the state directory; closed on exit."""
     conn = open_db(config.database_path)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(conn.close)
         store = Store.open(conn, config.blobs_path, zstd_level=config.storage.zstd_level)
         keys = ServerKeys.load(config.state_dir)
         issuer = TokenIssuer(
@@ -51,6 +52,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
         )
         policy = PolicyHolder(config.policy_path)
         audit = AuditLog(config.audit_path)
+        stack.callback(audit.close)
         yield Services(
             store=store,
             credentials=CredentialStore(conn),
@@ -61,8 +63,6 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
             max_upload_bytes=config.storage.max_upload_bytes,
             nar_checker=NarParser,
         )
-    finally:
-        conn.close()
 
 
 def hypercorn_config(config: ServerConfig, listen: Sequence[str]) -> HypercornConfig:

@@ -8,6 +8,8 @@ is bounded.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from nixd.server.cli import main as cli_main
 
 CLI = [sys.executable, "-m", "nixd.server.cli"]
 START_TIMEOUT = 30.0
@@ -48,25 +52,36 @@ class ServerState:
         rest = args[len(head) :]
         return run_cli(*head, str(self.path), *rest, check=check)
 
+    def admin(self, *args: str) -> str:
+        """Like :meth:`cli` but in this process (fast; not from inside a trio run)."""
+        head = [args[0]] if args[0] in ("init", "serve") else list(args[:2])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli_main([*head, str(self.path), *args[len(head) :]])
+        assert code == 0, out.getvalue()
+        return out.getvalue()
+
     def token(
-        self, org: str, name: str, *attrs: str, expires: str | None = None
+        self, org: str, name: str, *attrs: str, expires: str | None = None, fast: bool = False
     ) -> tuple[str, str]:
         """Create an API token; return (id, token)."""
         extra = [a for kv in attrs for a in ("--attr", kv)]
         if expires:
             extra += ["--expires", expires]
-        out = self.cli("token", "create", "--org", org, "--name", name, *extra, "--json")
-        data = json.loads(out.stdout)
+        args = ("token", "create", "--org", org, "--name", name, *extra, "--json")
+        data = json.loads(self.admin(*args) if fast else self.cli(*args).stdout)
         return data["id"], data["token"]
 
 
 @pytest.fixture
 def server_state(tmp_path: Path) -> ServerState:
     state = tmp_path / "server"
-    proc = run_cli("init", str(state), "--org", "acme", "--listen", "127.0.0.1:0")
-    token = re.search(r"^\s+(nixd_\S+)$", proc.stdout, re.MULTILINE)
-    key = re.search(r"narinfo public key:\s+(\S+)", proc.stdout)
-    assert token and key, proc.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(["init", str(state), "--org", "acme", "--listen", "127.0.0.1:0"]) == 0
+    token = re.search(r"^\s+(nixd_\S+)$", out.getvalue(), re.MULTILINE)
+    key = re.search(r"narinfo public key:\s+(\S+)", out.getvalue())
+    assert token and key, out.getvalue()
     return ServerState(state, token.group(1), key.group(1))
 
 

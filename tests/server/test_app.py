@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 import zstandard
-from nixd.server.audit import verify
 
 from nixd.nix import base32
 from nixd.nix.hashes import Hash
@@ -26,6 +25,7 @@ from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
 from nixd.nix.storepath import StorePath
 from nixd.server.app import CacheApp, Services
+from nixd.server.audit import verify
 from nixd.server.config import ServerConfig
 from nixd.server.serve import open_services
 from tests.server.conftest import ServerState
@@ -66,13 +66,13 @@ class Env:
 
 @pytest.fixture
 def env(server_state: ServerState) -> Iterator[Env]:
-    server_state.cli("org", "create", "other")
-    server_state.cli("project", "create", "acme/app")
-    server_state.cli("project", "create", "acme/lib")
-    server_state.cli("project", "create", "other/app")
-    _, member = server_state.token("acme", "ci")
-    _, reader = server_state.token("acme", "viewer", "role=reader")
-    _, other = server_state.token("other", "ci")
+    server_state.admin("org", "create", "other")
+    server_state.admin("project", "create", "acme/app")
+    server_state.admin("project", "create", "acme/lib")
+    server_state.admin("project", "create", "other/app")
+    _, member = server_state.token("acme", "ci", fast=True)
+    _, reader = server_state.token("acme", "viewer", "role=reader", fast=True)
+    _, other = server_state.token("other", "ci", fast=True)
     with open_services(ServerConfig.load(server_state.path)) as services:
         yield Env(server_state, services, CacheApp(services), member, reader, other)
 
