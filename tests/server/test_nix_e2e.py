@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from nixd.nix import base32
-from nixd.nix.narinfo import NarInfo
 from nixd.nix.nar import dump
+from nixd.nix.narinfo import NarInfo
 from nixd.server.identity import Identity
 from nixd.server.keys import ServerKeys
 from nixd.server.tokens import TokenIssuer
