@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from nixd.errors import FormatError
+from nixd.errors import FormatError, NixdError
 from nixd.nix.signing import SecretKey
 
 EPILOG_GENERATE = """\
@@ -36,15 +36,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     key = sub.add_parser(
         "key",
         help="generate and convert Nix signing keys",
-        description="Generate and convert Ed25519 signing keys in the format Nix uses "
+        description="Generate and convert Ed25519 signing keys in the format Nix uses\n"
         "(`name:base64`) for binary cache signatures.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    key_sub = key.add_subparsers(dest="key_command", metavar="SUBCOMMAND", required=True)
+    key_sub = key.add_subparsers(dest="key_command", required=True)
 
     generate = key_sub.add_parser(
         "generate",
         help="generate a secret signing key",
-        description="Generate a new secret key and print it to stdout (or write it to "
+        description="Generate a new secret key and print it to stdout (or write it to\n"
         "--secret-out). Like `nix key generate-secret --key-name NAME`.",
         epilog=EPILOG_GENERATE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -64,7 +65,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     public = key_sub.add_parser(
         "public",
         help="print the public key of a secret key",
-        description="Read a secret key from FILE or stdin and print its public key. "
+        description="Read a secret key from FILE or stdin and print its public key.\n"
         "Like `nix key convert-secret-to-public`.",
         epilog=EPILOG_PUBLIC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -103,7 +104,10 @@ def run_public(args: argparse.Namespace) -> int:
 
 def _write_secret(path: str, text: str) -> None:
     """Create ``path`` 0600 and exclusively, so an existing key is never clobbered."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise NixdError(f"{path} already exists; not overwriting a secret key") from None
     with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(text)
         f.flush()
