@@ -15,7 +15,10 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from nixd.errors import FormatError
 from nixd.nix import base32
 from nixd.nix.cacheinfo import CacheInfo
 from nixd.nix.hashes import Hash, sha256
@@ -218,3 +221,58 @@ def test_nix_refuses_a_signature_of_other_data(
     store, err = copy_from(real_nix, tmp_path / "cache", b, key.public().render(), check=False)
     assert "lacks a valid signature" in err
     assert not is_valid(real_nix, store, b)
+
+
+def test_nix_reads_our_nix_cache_info(real_nix: RealNix, tmp_path: Path) -> None:
+    a, _ = build_pair(real_nix)
+    key = SecretKey.generate("nixd-test-1")
+    write_cache(real_nix, tmp_path / "cache", [a], key)
+    (tmp_path / "cache" / "nix-cache-info").write_text(CacheInfo(store_dir="/gnu/store").render())
+    store, err = copy_from(real_nix, tmp_path / "cache", a, key.public().render(), check=False)
+    assert "is for Nix stores with prefix '/gnu/store'" in err
+    assert not is_valid(real_nix, store, a)
+
+
+def test_nix_written_nix_cache_info(real_nix: RealNix, tmp_path: Path) -> None:
+    a, _ = build_pair(real_nix)
+    real_nix.run(["nix", "copy", "--to", f"file://{tmp_path / 'c'}", a])
+    text = (tmp_path / "c" / "nix-cache-info").read_text()
+    info = CacheInfo.parse(text)
+    assert info == CacheInfo(store_dir="/nix/store", want_mass_query=False, priority=None)
+    assert info.render() == text
+
+
+def test_cache_info_parse_and_render() -> None:
+    ours = CacheInfo()
+    assert ours.render() == "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+    assert CacheInfo.parse(ours.render()) == ours
+    # Nix trims values, ignores unknown keys and lines without a colon, and reads only
+    # "1" as true.
+    text = "StoreDir:  /nix/store \r\nno colon here\nWantMassQuery: yes\nOther: 1\nPriority: -3\n"
+    assert CacheInfo.parse(text) == CacheInfo("/nix/store", False, -3)
+    assert CacheInfo.parse(b"") == CacheInfo("/nix/store", False, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "where"),
+    [
+        ("Priority: 12abc\n", "not an integer", "line 1"),
+        ("Priority: 99999999999\n", "not an integer", "line 1"),
+        ("StoreDir: /nix/store\nStoreDir: /nix/store\n", "duplicate StoreDir", "line 2"),
+        ("StoreDir: relative\n", "not absolute", "line 1"),
+        (b"StoreDir: /nix/store\n\xff: x\n", "UTF-8", "line 2"),
+    ],
+)
+def test_cache_info_errors(text: str | bytes, message: str, where: str) -> None:
+    with pytest.raises(FormatError, match=message) as exc:
+        CacheInfo.parse(text)
+    assert exc.value.where == where
+
+
+@given(st.text(max_size=200))
+def test_cache_info_parse_raises_only_format_error(text: str) -> None:
+    try:
+        info = CacheInfo.parse(text)
+    except FormatError:
+        return
+    assert CacheInfo.parse(info.render()) == info
