@@ -191,7 +191,12 @@ def test_malformed_archives_are_rejected(data: bytes, offset: int | None) -> Non
     assert str(info2.value) == str(info.value)
 
 
-@pytest.mark.parametrize(("data", "offset"), [pytest.param(d, o, id=i) for i, d, o in MALFORMED])
+@pytest.mark.parametrize(
+    ("data", "offset"),
+    # "too deep" would be restored (and removed) 2048 levels deep, which is slow on some
+    # file systems; test_nar.py covers deep restores and their cleanup.
+    [pytest.param(d, o, id=i) for i, d, o in MALFORMED if i != "too deep"],
+)
 def test_restore_of_malformed_leaves_nothing(
     tmp_path: Path, data: bytes, offset: int | None
 ) -> None:
