@@ -38,6 +38,7 @@ import binascii
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -87,6 +88,8 @@ READ_CHUNK = 1 << 20  # NAR download chunk
 _TOKEN_CACHE_MAX = 10_000
 _NARINFO_CACHE_MAX = 50_000
 PUBLIC_RULE = "public-project"
+_HASH_PART = re.compile(r"[0-9a-df-np-sv-z]{32}")  # Nix base32: no e, o, t, u
+_DECISION_CACHE_MAX = 10_000
 
 
 @dataclass
@@ -123,6 +126,7 @@ class CacheApp:
         self._tokens: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self._narinfos: OrderedDict[tuple[str, str, tuple[str, ...]], bytes] = OrderedDict()
         self._keys_checked = 0.0
+        self._decisions: dict[tuple[int, int, str, str, str], tuple[Any, Any, bool, str]] = {}
 
     # -- ASGI entry ---------------------------------------------------------------------
 
@@ -206,9 +210,18 @@ class CacheApp:
         """Whether the caller may ``action`` on ``project``, and the rule that said so."""
         if action == "cache:read" and project.public:
             return True, PUBLIC_RULE
-        decision = self.s.policy.current.decide(
-            ctx.identity or anonymous(), action, project.slice, ctx.source_ip or None
-        )
+        identity = ctx.identity or anonymous()
+        policy = self.s.policy.current
+        # Identities come from the token cache, so the same caller is the same object:
+        # decisions are memoized per (identity, policy) object, checked by identity (`is`).
+        key = (id(identity), id(policy), action, project.slice, ctx.source_ip)
+        hit = self._decisions.get(key)
+        if hit is not None and hit[0] is identity and hit[1] is policy:
+            return hit[2], hit[3]
+        decision = policy.decide(identity, action, project.slice, ctx.source_ip or None)
+        if len(self._decisions) >= _DECISION_CACHE_MAX:
+            self._decisions.clear()
+        self._decisions[key] = (identity, policy, decision.allowed, decision.rule)
         return decision.allowed, decision.rule
 
     async def _audit(
@@ -582,12 +595,8 @@ class CacheApp:
 
 def _hash_part(name: str) -> str:
     hash_part = name[: -len(".narinfo")]
-    if len(hash_part) != 32:
+    if not _HASH_PART.fullmatch(hash_part):
         raise NotFound()
-    try:
-        base32.decode(hash_part)
-    except FormatError:
-        raise NotFound() from None
     return hash_part
 
 

@@ -79,6 +79,7 @@ SUFFIX_COMPRESSION = {
     ".nar.br": "br",
 }
 _CHUNK = 1 << 20
+_HOLDERS_CACHE_MAX = 100_000
 
 
 class StoreError(NixdError):
@@ -318,6 +319,19 @@ class Store:
         self.blobs = blobs
         self.tmp = blobs / "tmp"
         self.zstd_level = zstd_level
+        self._holders: dict[str, list[tuple[Project, PathInfo]]] = {}
+        self._data_version = -1
+
+    def _fresh(self) -> None:
+        """Drop cached reads if another connection (process) committed since."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            self._holders.clear()
+
+    def _changed(self) -> None:
+        """This connection wrote: cached reads may be stale."""
+        self._holders.clear()
 
     @classmethod
     def open(cls, conn: sqlite3.Connection, blobs: Path, *, zstd_level: int = 3) -> Store:
@@ -368,7 +382,15 @@ class Store:
         return Project(row[0], row[1], row[2], bool(row[3]), row[4])
 
     def holders(self, hash_part: str) -> list[tuple[Project, PathInfo]]:
-        """Every slice holding a store path, with the path as that slice has it."""
+        """Every slice holding a store path, with the path as that slice has it.
+
+        The hot path of every narinfo request: answered from memory while the database
+        is unchanged (``PRAGMA data_version`` notices other processes' commits).
+        """
+        self._fresh()
+        cached = self._holders.get(hash_part)
+        if cached is not None:
+            return cached
         rows = self.conn.execute(
             f"SELECT {self._PROJECT_COLS}, {self._PATH_COLS} FROM slice_paths s "  # noqa: S608
             f"{self._PROJECT_JOIN} "
@@ -377,7 +399,11 @@ class Store:
             "ORDER BY pr.public DESC, o.name, pr.name",
             (hash_part,),
         ).fetchall()
-        return [(self._project(r[:5]), self._path(r[5:])) for r in rows]
+        found = [(self._project(r[:5]), self._path(r[5:])) for r in rows]
+        if len(self._holders) >= _HOLDERS_CACHE_MAX:
+            self._holders.clear()
+        self._holders[hash_part] = found
+        return found
 
     def in_slice(self, project: Project, hash_part: str) -> PathInfo | None:
         row = self.conn.execute(
@@ -493,6 +519,7 @@ class Store:
 
         Durable: the client is told the upload succeeded only after this commit.
         """
+        self._changed()
         now = time.time()
         with transaction(self.conn, durable=True):
             self.conn.execute(
@@ -517,6 +544,7 @@ class Store:
 
     def drop_alias(self, project: Project, url: str) -> None:
         """Forget a refused upload; its blob goes too unless something else uses it."""
+        self._changed()
         gone: Nar | None = None
         with transaction(self.conn):
             row = self.conn.execute(
@@ -541,6 +569,7 @@ class Store:
                 self.blob_path(gone.file_hash).unlink()
 
     def put_log(self, project: Project, drv: str, data: bytes) -> None:
+        self._changed()
         with transaction(self.conn):
             self.conn.execute(
                 "INSERT OR REPLACE INTO logs(project_id, drv, data, created) VALUES (?, ?, ?, ?)",
