@@ -1,0 +1,86 @@
+"""Configuration of the local proxy substituter: what to listen on, where to keep NARs,
+which upstream caches to ask and which keys to trust for each.
+
+The daemon builds these values from its TOML config and the login state; tests build them
+directly. They are frozen and validated on construction, so a running proxy never sees a
+half-valid config: :meth:`ProxyHandle.update_upstreams` swaps the whole tuple at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+from nixd.errors import ConfigError, FormatError
+from nixd.nix.signing import PublicKey
+
+AuthMode = Literal["nixd", "none", "netrc"]
+AUTH_MODES: tuple[AuthMode, ...] = ("nixd", "none", "netrc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamConfig:
+    """One cache the proxy fetches from.
+
+    ``priority`` follows Nix: the lower number wins among verified answers; ties keep
+    config order. ``trusted_keys`` are ``name:base64`` public keys; a narinfo from this
+    upstream is served only with a valid signature by one of them (none: nothing is served).
+    """
+
+    url: str
+    priority: int = 40
+    trusted_keys: tuple[str, ...] = ()
+    auth: AuthMode = "none"
+    netrc_file: str | None = None
+    timeout: float = 30.0
+    """Seconds to wait for a connection, a response or the next chunk of a body."""
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"upstream url {self.url!r} is not an http(s) URL")
+        if self.auth not in AUTH_MODES:
+            raise ConfigError(f"upstream {self.url}: auth must be one of {', '.join(AUTH_MODES)}")
+        if self.auth == "netrc" and not self.netrc_file:
+            raise ConfigError(f"upstream {self.url}: auth 'netrc' needs netrc_file")
+        for key in self.trusted_keys:
+            try:
+                PublicKey.parse(key)
+            except FormatError as exc:
+                raise ConfigError(f"upstream {self.url}: trusted key {key!r}: {exc}") from exc
+        if self.timeout <= 0:
+            raise ConfigError(f"upstream {self.url}: timeout must be positive")
+
+    @property
+    def base_url(self) -> str:
+        """The URL without a trailing slash, so file names can be appended with ``/``."""
+        return self.url.rstrip("/")
+
+    def public_keys(self) -> tuple[PublicKey, ...]:
+        return tuple(PublicKey.parse(k) for k in self.trusted_keys)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyConfig:
+    """The whole proxy: listener, local secret, local store and upstreams."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    secret_file: str
+    store_dir: str
+    store_max_bytes: int = 10 * 1024**3
+    negative_ttl: float = 30.0
+    upstreams: tuple[UpstreamConfig, ...] = field(default_factory=tuple)
+    positive_ttl: float = 300.0
+    """Seconds a verified upstream narinfo is answered from memory before asking again."""
+    priority: int = 30
+    """The ``Priority`` announced in ``nix-cache-info`` (lower is preferred by Nix)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.listen_port <= 65535:
+            raise ConfigError(f"proxy listen_port {self.listen_port} is not a port")
+        if self.store_max_bytes < 0:
+            raise ConfigError("proxy store_max_bytes must not be negative")
+        if self.negative_ttl < 0 or self.positive_ttl < 0:
+            raise ConfigError("proxy cache TTLs must not be negative")

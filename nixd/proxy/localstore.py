@@ -1,0 +1,173 @@
+"""The proxy's on-disk store of verified NARs and their narinfos, with LRU eviction.
+
+Layout under ``store_dir``::
+
+    index.sqlite    nars(key, size, atime) and narinfos(hash_part, key, text)
+    nar/<key>       NAR files exactly as the upstream sent them (compressed)
+    tmp/            downloads in flight; emptied at start
+
+A NAR enters only through :meth:`LocalStore.admit`, after its decompressed NarHash/NarSize
+matched a signed narinfo, by an atomic rename from ``tmp/`` followed by the index row, so a
+crash leaves either no row (the file is swept at the next start) or a complete file. At
+start the index and the directory are reconciled both ways. Eviction drops the least
+recently served NARs (and their narinfos) until the total is under ``max_bytes``.
+
+SQLite calls are short local operations made on the event loop thread; the database runs
+in WAL mode without fsync per commit: losing the last few atime updates in a power cut is
+harmless, and a lost row only makes the proxy fetch the NAR again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+from nixd.errors import ConfigError
+from nixd.proxy.metrics import Metrics
+from nixd.proxy.verify import parse_nar_key
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nars (
+    key TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    atime REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS nars_atime ON nars(atime);
+CREATE TABLE IF NOT EXISTS narinfos (
+    hash_part TEXT PRIMARY KEY,
+    key TEXT NOT NULL REFERENCES nars(key) ON DELETE CASCADE,
+    text BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS narinfos_key ON narinfos(key);
+"""
+
+
+class LocalStore:
+    """Verified NARs on disk under a size cap; see the module docstring."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int, metrics: Metrics) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self.nar_dir = self.root / "nar"
+        self.tmp_dir = self.root / "tmp"
+        try:
+            self.nar_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.db = sqlite3.connect(self.root / "index.sqlite", isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"proxy store {self.root}: cannot open: {exc}") from exc
+        self.total_bytes = 0
+        self._recover()
+
+    def _recover(self) -> None:
+        """Empty tmp/, drop index rows without files and files without rows."""
+        for entry in os.scandir(self.tmp_dir):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        on_disk = {e.name: e for e in os.scandir(self.nar_dir) if e.is_file()}
+        rows = self.db.execute("SELECT key, size FROM nars").fetchall()
+        known: set[str] = set()
+        for key, size in rows:
+            found = on_disk.get(key)
+            if found is None or found.stat().st_size != size:
+                log.warning("proxy store: dropping index entry %s (file missing or wrong)", key)
+                self.db.execute("DELETE FROM nars WHERE key = ?", (key,))
+                if found is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(found.path)
+                continue
+            known.add(key)
+            self.total_bytes += size
+        for name, entry in on_disk.items():
+            if name not in known:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        self.db.execute("DELETE FROM narinfos WHERE key NOT IN (SELECT key FROM nars)")
+        self._update_gauge()
+        self.evict()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def new_temp(self) -> Path:
+        return self.tmp_dir / f"{uuid.uuid4().hex}.part"
+
+    def narinfo(self, hash_part: str) -> bytes | None:
+        """The stored (already rewritten) narinfo text for a path, if its NAR is here."""
+        row = self.db.execute(
+            "SELECT text FROM narinfos WHERE hash_part = ?", (hash_part,)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def nar(self, key: str, *, touch: bool = True) -> tuple[Path, int] | None:
+        """Path and size of a stored NAR; ``touch`` marks it recently used."""
+        row = self.db.execute("SELECT size FROM nars WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        if touch:
+            self.db.execute("UPDATE nars SET atime = ? WHERE key = ?", (time.time(), key))
+        return self.nar_dir / key, int(row[0])
+
+    def admit(self, key: str, temp: Path, hash_part: str, narinfo_text: bytes) -> bool:
+        """Move a verified download into the store; False if it cannot fit at all."""
+        if parse_nar_key(key) is None:
+            raise ValueError(f"not a proxy NAR name: {key!r}")
+        size = temp.stat().st_size
+        if size > self.max_bytes:
+            log.info("proxy store: %s (%d bytes) is larger than the cap; not kept", key, size)
+            return False
+        target = self.nar_dir / key
+        existing = self.nar(key, touch=False)
+        if existing is None:
+            os.replace(temp, target)
+            self.db.execute(
+                "INSERT OR REPLACE INTO nars(key, size, atime) VALUES (?, ?, ?)",
+                (key, size, time.time()),
+            )
+            self.total_bytes += size
+        else:
+            os.unlink(temp)
+        self.db.execute(
+            "INSERT OR REPLACE INTO narinfos(hash_part, key, text) VALUES (?, ?, ?)",
+            (hash_part, key, narinfo_text),
+        )
+        self.evict(keep=key)
+        self._update_gauge()
+        return True
+
+    def evict(self, keep: str | None = None) -> None:
+        """Drop least recently used NARs until the total fits under the cap."""
+        while self.total_bytes > self.max_bytes:
+            row = self.db.execute(
+                "SELECT key, size FROM nars WHERE key != ? ORDER BY atime LIMIT 1",
+                (keep or "",),
+            ).fetchone()
+            if row is None:
+                break
+            key, size = row
+            self.db.execute("DELETE FROM narinfos WHERE key = ?", (key,))
+            self.db.execute("DELETE FROM nars WHERE key = ?", (key,))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.nar_dir / key)
+            self.total_bytes -= size
+            self.metrics.inc("nixd_proxy_store_evictions_total")
+            log.debug("proxy store: evicted %s (%d bytes)", key, size)
+        self._update_gauge()
+
+    def keys(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT key FROM nars ORDER BY atime")]
+
+    def _update_gauge(self) -> None:
+        self.metrics.set("nixd_proxy_store_bytes", self.total_bytes)

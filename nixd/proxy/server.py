@@ -1,0 +1,592 @@
+"""The local authenticating proxy substituter: what Nix talks to on 127.0.0.1.
+
+Model (DESIGN.md, "Security model"):
+
+- Every request but ``nix-cache-info`` (a constant Nix must always be able to read) and
+  ``/metrics`` from loopback needs Basic auth with user ``nixd`` and the local secret from
+  ``secret_file`` (compared in constant time). Others get 401. Nix remembers a 401 as
+  "absent" for an hour: for a local user without the secret that is the intended outcome,
+  and for root/nix-daemon (which read the managed netrc) it never happens.
+  ``/metrics`` holds only counters (no store paths, no identities), so it is open to
+  loopback callers for a Prometheus scraper without the secret.
+- ``<hash>.narinfo``: answered from the local store (narinfos whose NAR is kept there),
+  else from memory (verified answers, ``positive_ttl``; misses, ``negative_ttl``), else by
+  asking every upstream concurrently. The upstream with the best (lowest) priority among
+  those with a narinfo signed by a key trusted *for that upstream* wins; an upstream that
+  is slow only matters while no better-priority answer decides. Nix gets the upstream's
+  narinfo unchanged (its signatures too, so nix-daemon verifies again) except ``URL``,
+  which becomes ``nar/<hash part>-<file digest>.nar<ext>``: the name says which store path
+  and which exact file, so after a restart the proxy finds the upstream again.
+- ``nar/<name>``: from the local store (``sendfile``, Range), else from a single-flight
+  :class:`~nixd.proxy.singleflight.Download` that all requests for the name tail.
+  After a download verified its FileHash, a worker thread decompresses it and checks the
+  signed NarHash/NarSize; only then does it enter the :class:`LocalStore`.
+- Errors reach Nix only through :func:`nixd.proxy.errors.status_for`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hmac
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from nixd.errors import ConfigError, FormatError, NixdError
+from nixd.nix.cacheinfo import CacheInfo
+from nixd.nix.narinfo import NarInfo
+from nixd.nix.signing import PublicKey
+from nixd.proxy.config import ProxyConfig, UpstreamConfig
+from nixd.proxy.errors import NotFound, RangeNotSatisfiable, status_for
+from nixd.proxy.front import ConnectionTracker, Request, Responder, serve_connection
+from nixd.proxy.localstore import LocalStore
+from nixd.proxy.metrics import Metrics
+from nixd.proxy.negcache import NegativeCache, TTLCache
+from nixd.proxy.singleflight import Download, State
+from nixd.proxy.upstream import Upstream
+from nixd.proxy.verify import nar_key, nar_matches, parse_nar_key
+
+if TYPE_CHECKING:
+    from nixd.auth.model import TokenSource
+
+log = logging.getLogger(__name__)
+
+NARINFO_TYPE = (b"content-type", b"text/x-nix-narinfo")
+NAR_HEADERS = ((b"content-type", b"application/x-nix-nar"), (b"accept-ranges", b"bytes"))
+_PENDING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A verified narinfo: the text Nix gets, the NAR's proxy name, and where it is."""
+
+    text: bytes
+    key: str
+    info: NarInfo
+    """As the upstream sent it (URL relative to the upstream), or as stored locally."""
+    upstream: Upstream | None
+    """None: the narinfo came from the local store."""
+
+
+def _read_secret(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"proxy secret_file {path}: {exc.strerror}") from exc
+    if not secret:
+        raise ConfigError(f"proxy secret_file {path} is empty")
+    return secret
+
+
+class _Secret:
+    """The local secret, re-read when its file changes (checked at most once a second)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._checked = 0.0
+        self._mtime = 0.0
+        self._load()
+
+    def _load(self) -> None:
+        self._mtime = os.stat(self.path).st_mtime
+        secret = _read_secret(self.path)
+        self.secret = secret.encode()
+        self.header = b"Basic " + base64.b64encode(b"nixd:" + self.secret)
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        try:
+            if os.stat(self.path).st_mtime != self._mtime:
+                self._load()
+        except (OSError, ConfigError) as exc:
+            log.warning("keeping the previous proxy secret: %s", exc)
+
+    def allows(self, header: bytes | None) -> bool:
+        if header is None:
+            return False
+        self._refresh()
+        if hmac.compare_digest(header, self.header):
+            return True
+        scheme, _, value = header.partition(b" ")
+        if scheme.lower() != b"basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+        except ValueError:
+            return False
+        # Both comparisons always run: no early exit that would time the user name.
+        user_ok = hmac.compare_digest(user, b"nixd")
+        password_ok = hmac.compare_digest(password, self.secret)
+        return bool(sep) and user_ok and password_ok
+
+
+def _parse_range(value: bytes | None, size: int | None) -> tuple[int, int | None] | None:
+    """``(start, end_inclusive)`` of a single ``bytes=`` range, or None for the whole file."""
+    if value is None:
+        return None
+    unit, _, spec = value.partition(b"=")
+    if unit.strip().lower() != b"bytes" or b"," in spec:
+        return None
+    first, dash, last = spec.strip().partition(b"-")
+    if not dash or not first.isdigit() or (last and not last.isdigit()):
+        return None  # suffix ranges and junk: serve the whole file, as RFC 9110 allows
+    start = int(first)
+    end = int(last) if last else None
+    if size is not None:
+        if start >= size:
+            raise RangeNotSatisfiable(f"range start {start} beyond {size}")
+        if end is not None:
+            end = min(end, size - 1)
+    if end is not None and end < start:
+        return None
+    return start, end
+
+
+class Proxy:
+    """Request handling and the state behind it; one per :func:`serve_proxy`."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        tokens: TokenSource | None,
+        store: LocalStore,
+        metrics: Metrics,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.config = config
+        self.tokens = tokens
+        self.store = store
+        self.metrics = metrics
+        self.nursery = nursery
+        self.secret = _Secret(config.secret_file)
+        self.tracker = ConnectionTracker()
+        self.token_lock = trio.Lock()
+        self.cache_info = (
+            CacheInfo(want_mass_query=True, priority=config.priority).render().encode()
+        )
+        self.resolved: TTLCache[Resolved] = TTLCache(config.positive_ttl)
+        self.negative = NegativeCache(config.negative_ttl)
+        self.downloads: dict[str, Download] = {}
+        self.downloads_idle = trio.Event()
+        self.downloads_idle.set()
+        self.upstreams: list[Upstream] = []
+        self.all_keys: tuple[PublicKey, ...] = ()
+        self._set_upstreams(config.upstreams)
+
+    # -- upstreams ---------------------------------------------------------------------
+
+    def _set_upstreams(self, configs: Sequence[UpstreamConfig]) -> None:
+        new = [
+            Upstream(c, i, self.tokens, self.token_lock, self.metrics)
+            for i, c in enumerate(configs)
+        ]
+        new.sort(key=lambda u: (u.config.priority, u.index))
+        old, self.upstreams = self.upstreams, new
+        self.all_keys = tuple(dict.fromkeys(k for u in new for k in u.keys))
+        self.resolved.clear()
+        self.negative.clear()
+        for upstream in old:
+            upstream.retire()
+            self.nursery.start_soon(self._close_when_unused, upstream)
+
+    async def _close_when_unused(self, upstream: Upstream) -> None:
+        await upstream.unused.wait()
+        await upstream.aclose()
+
+    def update_upstreams(self, configs: Sequence[UpstreamConfig]) -> None:
+        """Swap the upstream set; downloads in flight finish on the old clients."""
+        self.config = dataclasses.replace(self.config, upstreams=tuple(configs))
+        self._set_upstreams(configs)
+        log.info("proxy upstreams: %s", ", ".join(u.name for u in self.upstreams) or "none")
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def handle(self, request: Request, resp: Responder) -> None:
+        path = request.path
+        head = request.method == b"HEAD"
+        kind = "other"
+        try:
+            if request.method not in (b"GET", b"HEAD"):
+                await resp.simple(405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
+            elif path == b"/nix-cache-info":
+                kind = "cache-info"
+                await resp.simple(
+                    200, self.cache_info, [(b"content-type", b"text/x-nix-cache-info")], head=head
+                )
+            elif path == b"/metrics" and (
+                request.peer_is_loopback
+                or self.secret.allows(request.headers.get(b"authorization"))
+            ):
+                kind = "metrics"
+                body = self.metrics.render().encode()
+                await resp.simple(
+                    200, body, [(b"content-type", b"text/plain; version=0.0.4")], head=head
+                )
+            elif not self.secret.allows(request.headers.get(b"authorization")):
+                kind = "unauthorized"
+                await resp.simple(
+                    401,
+                    b"this proxy needs the local secret (netrc)\n",
+                    [(b"www-authenticate", b'Basic realm="nixd-proxy"')],
+                    head=head,
+                )
+            elif path.endswith(b".narinfo") and len(path) == 41 and path.count(b"/") == 1:
+                kind = "narinfo"
+                await self._serve_narinfo(path[1:33].decode("ascii", "replace"), resp, head)
+            elif path.startswith(b"/nar/") and path.count(b"/") == 2:
+                kind = "nar"
+                await self._serve_nar(path[5:].decode("ascii", "replace"), request, resp, head)
+            else:
+                await resp.simple(404, b"not found\n", head=head)
+        except NixdError as exc:
+            if resp.started:
+                resp.abort(str(exc))
+            status, message = status_for(exc)
+            await resp.simple(status, message.encode(), head=head)
+        finally:
+            self.metrics.inc("nixd_proxy_requests_total", kind=kind, status=str(resp.status))
+
+    async def _serve_narinfo(self, hash_part: str, resp: Responder, head: bool) -> None:
+        resolved = await self.resolve(hash_part)
+        await resp.simple(200, resolved.text, [NARINFO_TYPE], head=head)
+
+    async def resolve(self, hash_part: str) -> Resolved:
+        """The verified narinfo for a store-path hash part, or NotFound / an upstream error."""
+        if not all(c in "0123456789abcdfghijklmnpqrsvwxyz" for c in hash_part):
+            raise NotFound(hash_part)
+        cached = self.resolved.get(hash_part)
+        if cached is not None:
+            if cached.upstream is None:
+                self.metrics.inc("nixd_proxy_local_hits_total", kind="narinfo")
+            return cached
+        local = self._local_narinfo(hash_part)
+        if local is not None:
+            self.metrics.inc("nixd_proxy_local_hits_total", kind="narinfo")
+            self.resolved.put(hash_part, local)
+            return local
+        if hash_part in self.negative:
+            raise NotFound(f"{hash_part}: recently absent upstream")
+        found = await self._lookup_upstreams(hash_part)
+        self.resolved.put(hash_part, found)
+        return found
+
+    def _local_narinfo(self, hash_part: str) -> Resolved | None:
+        text = self.store.narinfo(hash_part)
+        if text is None:
+            return None
+        try:
+            info = NarInfo.parse(text)
+        except FormatError as exc:
+            log.warning("proxy store: unreadable narinfo for %s: %s", hash_part, exc)
+            return None
+        # Trust is re-checked against the current config: a key dropped since is honoured.
+        if info.store_path.hash_part != hash_part or not info.verify(self.all_keys):
+            return None
+        return Resolved(text, info.url.removeprefix("nar/"), info, None)
+
+    async def _lookup_upstreams(self, hash_part: str) -> Resolved:
+        upstreams = list(self.upstreams)
+        results: list[object] = [_PENDING] * len(upstreams)
+        send, receive = trio.open_memory_channel[tuple[int, object]](len(upstreams))
+
+        async def ask(i: int, upstream: Upstream) -> None:
+            outcome: object
+            try:
+                outcome = await upstream.fetch_narinfo(hash_part)
+            except Exception as exc:
+                outcome = exc
+            send.send_nowait((i, outcome))
+
+        winner: int | None = None
+        async with trio.open_nursery() as nursery:
+            for i, upstream in enumerate(upstreams):
+                nursery.start_soon(ask, i, upstream)
+            remaining = len(upstreams)
+            while remaining:
+                i, outcome = await receive.receive()
+                results[i] = outcome
+                remaining -= 1
+                decided, winner = _decide(results)
+                if decided:
+                    break
+            nursery.cancel_scope.cancel()
+        if winner is not None:
+            upstream = upstreams[winner]
+            info = results[winner]
+            assert isinstance(info, NarInfo)
+            key = nar_key(info)
+            text = dataclasses.replace(info, url=f"nar/{key}").render().encode()
+            return Resolved(text, key, info, upstream)
+        errors = [r for r in results if isinstance(r, Exception) and not isinstance(r, FormatError)]
+        if errors:
+            raise errors[0]
+        self.metrics.inc("nixd_proxy_misses_total")
+        self.negative.add(hash_part)
+        raise NotFound(f"{hash_part}: no upstream has a trusted narinfo")
+
+    async def _serve_nar(self, key: str, request: Request, resp: Responder, head: bool) -> None:
+        hash_part = parse_nar_key(key)
+        if hash_part is None:
+            raise NotFound(key)
+        if await self._serve_local_nar(key, request, resp, head):
+            return
+        download = self.downloads.get(key)
+        if download is None:
+            resolved = await self.resolve(hash_part)
+            if resolved.upstream is None:  # the local copy went away since; ask upstreams
+                self.resolved.discard(hash_part)
+                resolved = await self._lookup_upstreams(hash_part)
+                self.resolved.put(hash_part, resolved)
+            if resolved.key != key or resolved.upstream is None:
+                raise NotFound(f"{key}: not the file the trusted narinfo names")
+            if await self._serve_local_nar(key, request, resp, head):
+                return
+            if head:
+                size = resolved.info.file_size
+                headers = [*NAR_HEADERS]
+                if size is not None:
+                    headers.append((b"content-length", str(size).encode()))
+                await resp.start(200, headers)
+                await resp.end()
+                return
+            download = self.downloads.get(key) or self._start_download(key, resolved)
+        else:
+            self.metrics.inc("nixd_proxy_singleflight_joins_total")
+        await self._serve_download(download, request, resp, head)
+
+    async def _serve_local_nar(
+        self, key: str, request: Request, resp: Responder, head: bool
+    ) -> bool:
+        found = self.store.nar(key)
+        if found is None:
+            return False
+        path, size = found
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            self.metrics.inc("nixd_proxy_local_hits_total", kind="nar")
+            rng = _parse_range(request.headers.get(b"range"), size)
+            start, end = (
+                (rng[0], rng[1] if rng[1] is not None else size - 1) if rng else (0, size - 1)
+            )
+            headers = [*NAR_HEADERS, (b"content-length", str(end - start + 1).encode())]
+            if rng:
+                headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
+            await resp.start(206 if rng else 200, headers)
+            if not head:
+                await resp.send_file(fd, start, end - start + 1)
+                self.metrics.inc("nixd_proxy_sent_bytes_total", end - start + 1, source="local")
+            await resp.end()
+        finally:
+            os.close(fd)
+        return True
+
+    def _start_download(self, key: str, resolved: Resolved) -> Download:
+        assert resolved.upstream is not None
+        download = Download(
+            key, resolved.info, resolved.upstream, self.store.new_temp(), self.metrics
+        )
+        self.downloads[key] = download
+        if self.downloads_idle.is_set():
+            self.downloads_idle = trio.Event()
+        self.nursery.start_soon(self._run_download, download, resolved)
+        return download
+
+    async def _run_download(self, download: Download, resolved: Resolved) -> None:
+        key = download.key
+        try:
+            await download.run()
+            if download.state is not State.OK:
+                return
+            try:
+                ok = download.nar_verified or await trio.to_thread.run_sync(
+                    nar_matches, download.temp, download.info
+                )
+            except OSError as exc:
+                log.warning("could not verify %s: %s", key, exc)
+                ok = False
+            if not ok:
+                self.metrics.inc("nixd_proxy_verification_failures_total", stage="nar")
+                log.warning(
+                    "upstream %s: %s does not decompress to the signed NarHash/NarSize; not kept",
+                    download.upstream.name,
+                    key,
+                )
+                return
+            try:
+                self.store.admit(
+                    key, download.temp, download.info.store_path.hash_part, resolved.text
+                )
+            except OSError as exc:
+                log.warning("could not keep %s in the proxy store: %s", key, exc)
+        finally:
+            if self.downloads.get(key) is download:
+                del self.downloads[key]
+            if not self.downloads:
+                self.downloads_idle.set()
+            if download.temp.exists():
+                download.temp.unlink(missing_ok=True)
+
+    async def _serve_download(
+        self, download: Download, request: Request, resp: Responder, head: bool
+    ) -> None:
+        try:
+            fd = download.open_reader()
+        except FileNotFoundError:
+            raise download.error or NotFound(download.key) from None
+        try:
+            while download.state is State.STARTING:
+                await download.wait_changed()
+            if download.state is State.FAILED:
+                assert download.error is not None
+                raise download.error
+            size = download.size
+            rng = _parse_range(request.headers.get(b"range"), size) if size is not None else None
+            start = rng[0] if rng else 0
+            end = (rng[1] if rng and rng[1] is not None else size - 1) if size is not None else None
+            headers = [*NAR_HEADERS]
+            if size is not None and end is not None:
+                headers.append((b"content-length", str(end - start + 1).encode()))
+            if rng and size is not None:
+                headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
+            await resp.start(206 if rng else 200, headers)
+            if head:
+                await resp.end()
+                return
+            stop = end + 1 if end is not None else None
+            pos = start
+            while True:
+                if download.failed:
+                    resp.abort(f"{download.key}: {download.error}")
+                limit = download.servable()
+                if stop is not None:
+                    limit = min(limit, stop)
+                if pos < limit:
+                    await resp.send_file(fd, pos, limit - pos)
+                    self.metrics.inc("nixd_proxy_sent_bytes_total", limit - pos, source="upstream")
+                    pos = limit
+                elif download.state is State.OK and (
+                    stop is None or pos >= stop or pos >= download.written
+                ):
+                    break
+                else:
+                    await download.wait_changed()
+            await resp.end()
+        finally:
+            os.close(fd)
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "store_dir": self.config.store_dir,
+            "store_bytes": self.store.total_bytes,
+            "store_max_bytes": self.store.max_bytes,
+            "requests": int(m.total("nixd_proxy_requests_total")),
+            "local_hits": int(m.total("nixd_proxy_local_hits_total")),
+            "misses": int(m.total("nixd_proxy_misses_total")),
+            "verification_failures": int(m.total("nixd_proxy_verification_failures_total")),
+            "downloads_in_flight": len(self.downloads),
+            "upstreams": [u.status() for u in self.upstreams],
+        }
+
+
+def _decide(results: list[object]) -> tuple[bool, int | None]:
+    """In priority order: the first verified answer wins once all better ones are in."""
+    for i, outcome in enumerate(results):
+        if outcome is _PENDING:
+            return False, None
+        if isinstance(outcome, NarInfo):
+            return True, i
+    return True, None
+
+
+class ProxyHandle:
+    """What :func:`serve_proxy` hands back once listening (for the daemon and tests)."""
+
+    def __init__(self, proxy: Proxy, url: str, accept_scope: trio.CancelScope) -> None:
+        self._proxy = proxy
+        self.url = url
+        self.metrics = proxy.metrics
+        self._accept_scope = accept_scope
+
+    @property
+    def store(self) -> LocalStore:
+        return self._proxy.store
+
+    def update_upstreams(self, upstreams: Sequence[UpstreamConfig]) -> None:
+        self._proxy.update_upstreams(upstreams)
+
+    def status(self) -> dict[str, Any]:
+        return {"url": self.url, **self._proxy.status()}
+
+    async def downloads_settled(self) -> None:
+        """Wait until no download is in flight (each verified and kept, or dropped)."""
+        while not self._proxy.downloads_idle.is_set():
+            await self._proxy.downloads_idle.wait()
+
+    async def drain(self) -> None:
+        """Stop accepting, close idle connections, wait for requests in flight."""
+        self._accept_scope.cancel()
+        await self._proxy.tracker.drain()
+
+
+async def serve_proxy(
+    config: ProxyConfig,
+    tokens: TokenSource | None,
+    *,
+    listeners: list[trio.SocketListener] | None = None,
+    task_status: trio.TaskStatus[ProxyHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the proxy until cancelled; ``task_status.started(ProxyHandle)`` once listening.
+
+    ``listeners`` are used as given (socket activation); otherwise the proxy binds
+    ``listen_host:listen_port``.
+    """
+    _read_secret(config.secret_file)
+    metrics = Metrics()
+    store = LocalStore(config.store_dir, config.store_max_bytes, metrics)
+    proxy: Proxy | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(config, tokens, store, metrics, nursery)
+            if listeners is None:
+                listeners = await trio.open_tcp_listeners(
+                    config.listen_port, host=config.listen_host
+                )
+            sockname = listeners[0].socket.getsockname()
+            host = str(sockname[0])
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{sockname[1]}"
+            accept_scope = trio.CancelScope()
+
+            async def handler(stream: trio.SocketStream) -> None:
+                await serve_connection(stream, proxy.handle, proxy.tracker)
+
+            async def accept() -> None:
+                with accept_scope:
+                    await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+                for listener in listeners:
+                    await listener.aclose()
+
+            nursery.start_soon(accept)
+            log.info("proxy listening on %s with %d upstream(s)", url, len(proxy.upstreams))
+            task_status.started(ProxyHandle(proxy, url, accept_scope))
+            await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            for upstream in proxy.upstreams if proxy is not None else []:
+                await upstream.aclose()
+        store.close()

@@ -1,0 +1,152 @@
+"""One upstream download per NAR, however many Nix requests want it.
+
+A :class:`Download` streams the upstream file into a temp file, hashing as it goes, and
+every Nix request for that NAR (the first one too) *tails* the growing file from its own
+offset. So a slow client never slows the download or another client, a client that joins
+late or resumes with ``Range`` just starts further in, and the bytes reach Nix with
+``sendfile`` from the page cache.
+
+The tail rule is what makes "abort on mismatch" work: while the download is not yet
+verified, readers may send everything but the last byte written (:meth:`Download.servable`).
+Only when the whole file has been received and its FileHash/FileSize (or NarHash/NarSize
+for uncompressed NARs) match does the last byte go out; on a mismatch, a short or overlong
+body, or an upstream failure, the download is ``failed`` and every reader cuts its
+connection, so Nix (which got a ``Content-Length``) sees a failed transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from enum import Enum
+from pathlib import Path
+
+import trio
+
+from nixd.errors import IntegrityError, UpstreamError
+from nixd.nix.narinfo import NarInfo
+from nixd.proxy.metrics import Metrics
+from nixd.proxy.upstream import Upstream
+from nixd.proxy.verify import can_verify, expected_raw, nar_matches
+
+log = logging.getLogger(__name__)
+
+
+class State(Enum):
+    STARTING = "starting"  # waiting for the upstream's response headers
+    RUNNING = "running"  # bytes are arriving
+    OK = "ok"  # complete and verified: readers may send everything
+    FAILED = "failed"  # readers must cut their connections
+
+
+class Download:
+    """A NAR being fetched from ``upstream`` into ``temp``; see the module docstring."""
+
+    def __init__(
+        self, key: str, info: NarInfo, upstream: Upstream, temp: Path, metrics: Metrics
+    ) -> None:
+        self.key = key
+        self.info = info
+        self.upstream = upstream
+        self.temp = temp
+        self.metrics = metrics
+        expected = expected_raw(info)
+        self.expected_digest = expected[0] if expected else None
+        self.size: int | None = expected[1] if expected else None
+        """Bytes the file will have, if the narinfo says; readers send it as Content-Length."""
+        self.written = 0
+        self.state = State.STARTING
+        self.error: BaseException | None = None
+        self.nar_verified = False
+        """True when the inline hash already proved NarHash (uncompressed NARs)."""
+        self._changed = trio.Event()
+        self._fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def open_reader(self) -> int:
+        """A read-only fd on the temp file; valid even after the file is renamed or removed."""
+        return os.open(self.temp, os.O_RDONLY | os.O_CLOEXEC)
+
+    @property
+    def failed(self) -> bool:
+        return self.state is State.FAILED
+
+    def servable(self) -> int:
+        """How many bytes from the start readers may send now."""
+        if self.state is State.OK:
+            return self.written
+        return max(0, self.written - 1)
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def run(self) -> None:
+        """Fetch, hash and verify; never raises (the outcome is in ``state``/``error``)."""
+        self.upstream.acquire()
+        try:
+            await self._fetch()
+        except trio.Cancelled:
+            self._fail(UpstreamError(f"download of {self.key} was cancelled"))
+            raise
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            self.upstream.release()
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+    async def _fetch(self) -> None:
+        sha = hashlib.sha256()
+        size = self.size
+        fd = self._fd
+        async with self.upstream.open_nar(self.info) as response:
+            length = response.headers.get("content-length")
+            if size is not None and length is not None and length.isdigit() and int(length) != size:
+                raise IntegrityError(
+                    f"{self.key}: upstream announces {length} bytes, the narinfo says {size}"
+                )
+            self.state = State.RUNNING
+            self._notify()
+            async for chunk in response.aiter_raw():
+                n = len(chunk)
+                if size is not None and self.written + n > size:
+                    raise IntegrityError(f"{self.key}: upstream sent more than {size} bytes")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                sha.update(chunk)
+                self.written += n
+                self._notify()
+        self.metrics.inc("nixd_proxy_upstream_bytes_total", self.written)
+        if size is not None and self.written != size:
+            raise IntegrityError(f"{self.key}: upstream sent {self.written} of {size} bytes")
+        if self.expected_digest is not None:
+            if sha.digest() != self.expected_digest:
+                raise IntegrityError(f"{self.key}: file hash does not match the narinfo")
+            self.nar_verified = self.info.compression == "none"
+        else:
+            # No FileHash to check inline: prove NarHash before releasing the last byte.
+            if not can_verify(self.info.compression):
+                raise IntegrityError(f"{self.key}: cannot verify {self.info.compression} NARs")
+            if not await trio.to_thread.run_sync(nar_matches, self.temp, self.info):
+                raise IntegrityError(f"{self.key}: NAR does not match the signed NarHash")
+            self.nar_verified = True
+        self.state = State.OK
+        self._notify()
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, IntegrityError):
+            self.metrics.inc("nixd_proxy_verification_failures_total", stage="file")
+            log.warning("upstream %s: %s", self.upstream.name, exc)
+        else:
+            log.info("download of %s failed: %s", self.key, exc)
+        self.error = exc
+        self.state = State.FAILED
+        with contextlib.suppress(OSError):
+            os.unlink(self.temp)
+        self._notify()
