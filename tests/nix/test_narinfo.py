@@ -302,6 +302,44 @@ def test_parse_raises_only_format_error(lines: list[tuple[str, str, str]], newli
     assert NarInfo.parse(info.render()) == info
 
 
+REQUIRED_LINES = [
+    line
+    for line in NIX_WRITTEN.splitlines()
+    if line.split(":")[0] in ("StorePath", "URL", "NarHash", "NarSize")
+]
+OPTIONAL_LINES = [
+    *(line for line in NIX_WRITTEN.splitlines() if line not in REQUIRED_LINES),
+    "System: x86_64-linux",
+    f"CA: fixed:r:{NARHASH}",
+    "Sig: other:c2ln",
+    "Deriver: unknown-deriver",
+    "Compression: none",
+    "Unknown: kept out",
+]
+
+
+@given(st.data())
+def test_shuffled_and_corrupted_narinfos(data: st.DataObject) -> None:
+    drop = data.draw(st.sets(st.sampled_from(REQUIRED_LINES), max_size=1))
+    extra = data.draw(st.lists(st.sampled_from(OPTIONAL_LINES), unique=True))
+    lines = data.draw(st.permutations([*(r for r in REQUIRED_LINES if r not in drop), *extra]))
+    text = "".join(line + "\n" for line in lines)
+    corrupt = data.draw(st.one_of(st.none(), st.tuples(st.integers(0, 2000), st.characters())))
+    if corrupt is not None:
+        i = corrupt[0] % len(text)
+        text = text[:i] + corrupt[1] + text[i + 1 :]
+    try:
+        info = NarInfo.parse(text)
+    except FormatError:
+        return
+    again = NarInfo.parse(info.render())
+    assert again == info
+    assert again.render() == info.render()
+    if corrupt is None:
+        sigs = {line[5:] for line in lines if line.startswith("Sig: ")}
+        assert set(info.sigs) == sigs
+
+
 @given(st.binary(max_size=400))
 def test_parse_bytes_raises_only_format_error(data: bytes) -> None:
     try:
