@@ -69,3 +69,15 @@ def test_decode_raises_only_format_error(text: str) -> None:
     except FormatError:
         return
     assert base32.encode(data) == text
+
+
+def test_nix_rejects_what_we_reject(real_nix: RealNix) -> None:
+    for text in ("e" + "0" * 51, "0" * 51 + "u", "z" + "0" * 51, "2" + "0" * 51):
+        with pytest.raises(FormatError):
+            base32.decode(text)
+        proc = real_nix.run(["nix", "hash", "to-base16", f"sha256:{text}"], store=None, check=False)
+        assert proc.returncode != 0, text
+    # All 256 bits set (the top digit carries only one of them) is fine for both.
+    top = "1" + "z" * 51
+    nix = real_nix.run(["nix", "hash", "to-base16", f"sha256:{top}"], store=None)
+    assert base32.decode(top).hex() == nix.stdout.decode().strip()
