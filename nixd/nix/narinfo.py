@@ -157,16 +157,21 @@ class NarInfo:
             except FormatError as exc:
                 raise FormatError(f"{key}: {exc}", where=f"line {lineno}") from None
 
+        def need(key: str, convert: Callable[[str], _T]) -> _T:
+            value = get(key, convert)
+            if value is None:
+                raise FormatError(f"narinfo has no {key} line")
+            return value
+
         def store_path(value: str) -> StorePath:
             return StorePath.parse(value, store_dir)
 
         for key in ("StorePath", "URL", "NarHash", "NarSize"):
             if key not in fields:
                 raise FormatError(f"narinfo has no {key} line")
-        path = get("StorePath", store_path)
-        nar_hash = get("NarHash", _sha256)
-        nar_size = get("NarSize", _size)
-        assert path is not None and nar_hash is not None and nar_size is not None
+        path = need("StorePath", store_path)
+        nar_hash = need("NarHash", _sha256)
+        nar_size = need("NarSize", _size)
         if nar_size == 0:
             raise FormatError("NarSize is zero", where=f"line {fields['NarSize'][0]}")
         url = fields["URL"][1]
