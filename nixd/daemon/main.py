@@ -75,6 +75,7 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def _tree_size(path: str) -> int:
@@ -430,19 +431,35 @@ class Daemon:
 
     # -- tasks -----------------------------------------------------------------------------
 
-    async def watch_config(self) -> None:
+    async def watch_config(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Reload on changes of the config file; started once the watch is in place."""
         path = self.config.path
         if path is None:
+            task_status.started()
             return
         target = Path(path)  # absolute: load_config made it so
 
         def only_config(_change: watchfiles.Change, changed: str) -> bool:
             return Path(changed) == target
 
-        async for _changes in watchfiles.awatch(
-            target.parent, watch_filter=only_config, recursive=False, debounce=200, step=50
+        watching = False
+        async for changes in watchfiles.awatch(
+            target.parent,
+            watch_filter=only_config,
+            recursive=False,
+            debounce=200,
+            step=50,
+            rust_timeout=250,
+            yield_on_timeout=True,
         ):
-            await self.reload("config file changed")
+            if not watching:
+                # the first (possibly empty) yield means the watch is set up; a change
+                # made between loading the config and now would be missed: look once
+                watching = True
+                task_status.started()
+                await self.reload("config file changed")
+            elif changes:
+                await self.reload("config file changed")
 
     async def watchdog(self, interval: float) -> None:
         while True:
@@ -513,7 +530,7 @@ async def run_daemon(config: Config) -> None:
 
                 await nursery.start(control_task)
                 await daemon.apply_nix()
-                nursery.start_soon(daemon.watch_config)
+                await nursery.start(daemon.watch_config)
                 interval = systemd.watchdog_interval()
                 if interval:
                     nursery.start_soon(daemon.watchdog, interval)

@@ -104,13 +104,22 @@ def test_frozen(tmp_path: Path) -> None:
         ("[proxy]\nstore_max_bytes = true\n", "proxy.store_max_bytes", "expected int"),
         ("[[proxy.upstreams]]\npriority = 1\n", "proxy.upstreams[0].url", "required"),
         (
-            "[[proxy.upstreams]]\nurl = 'http://a'\n[[proxy.upstreams]]\nurl = 'http://b'\nauthh = 1\n",
+            "[[proxy.upstreams]]\nurl = 'http://a'\n"
+            "[[proxy.upstreams]]\nurl = 'http://b'\nauthh = 1\n",
             "proxy.upstreams[1].authh",
             "unknown key",
         ),
-        ("[[proxy.upstreams]]\nurl = 'http://a'\nauth = 'magic'\n", "proxy.upstreams[0].auth", "one of"),
+        (
+            "[[proxy.upstreams]]\nurl = 'http://a'\nauth = 'magic'\n",
+            "proxy.upstreams[0].auth",
+            "one of",
+        ),
         ("[nix]\nrestart_nix_daemon = 'yes'\n", "nix.restart_nix_daemon", "expected bool"),
-        ("[nix]\nadditional_netrc_sources = ['x']\n", "nix.additional_netrc_sources[0]", "absolute"),
+        (
+            "[nix]\nadditional_netrc_sources = ['x']\n",
+            "nix.additional_netrc_sources[0]",
+            "absolute",
+        ),
         ("daemon = 3\n", "daemon", "expected dict"),
     ],
 )
