@@ -28,11 +28,12 @@ Durability
 
 Throughput (group commit)
     An fsync per line would cap the server at a few hundred decisions per second.
-    :meth:`AuditLog.arecord` (trio) queues its line in the open batch; one caller at a time
-    writes a whole batch with one ``write`` and one ``fsync`` in a worker thread, then sets
-    the batch's ``trio.Event``. Lines that arrive meanwhile form the next batch. Every
-    caller still returns only once its own line is durable. There is no background task to
-    own: whoever finds no write in progress does the next one.
+    :meth:`AuditLog.arecord` (trio) queues its line in the open batch and waits for that
+    batch's ``trio.Event``; one writer task writes a whole batch with one ``write`` and one
+    ``fdatasync`` in a worker thread, then sets the event. Lines that arrive meanwhile form
+    the next batch. Every caller still returns only once its own line is durable. The
+    writer is a trio system task started on first use, so the server owns no extra task;
+    use one log from one ``trio.run`` at a time (threads may call :meth:`record` freely).
 
 Writers
     Several processes may write one log (the server, and ``nixd-server token …`` recording
@@ -59,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -101,26 +103,47 @@ def _hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _now_rfc3339(seconds: float) -> str:
-    stamp = dt.datetime.fromtimestamp(seconds, dt.UTC)
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339, UTC, milliseconds: ``2026-01-02T03:04:05.678Z`` (cheap: one line each)."""
+    millis = int(seconds * 1000)
+    return f"{_second(millis // 1000)}.{millis % 1000:03d}Z"
 
 
-def _check_secrets(value: Any, where: str) -> None:
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_name(key: str) -> bool:
+    return bool(set(re.split(r"[^a-z0-9]+", key.lower())) & _SECRET_WORDS)
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None), Identity, Decision})
+
+
+def _check_secrets(mapping: Mapping[Any, Any], where: str) -> None:
+    for key, inner in mapping.items():
+        if type(key) is not str:
+            raise ValueError(f"audit event field names must be strings, got {key!r}")
+        if _secret_name(key):
+            raise ValueError(
+                f"audit event field {where}{key!r} looks like a secret; audit lines never "
+                "hold credentials (log the identity as kind:subject instead)"
+            )
+        if type(inner) not in _SCALARS:
+            _check_nested(inner, f"{where}{key}.")
+
+
+def _check_nested(value: Any, where: str) -> None:
     if isinstance(value, Mapping):
-        for key, inner in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"audit event field names must be strings, got {key!r}")
-            words = set(re.split(r"[^a-z0-9]+", key.lower()))
-            if words & _SECRET_WORDS:
-                raise ValueError(
-                    f"audit event field {where}{key!r} looks like a secret; audit lines never "
-                    "hold credentials (log the identity as kind:subject instead)"
-                )
-            _check_secrets(inner, f"{where}{key}.")
+        _check_secrets(value, where)
     elif isinstance(value, list | tuple):
         for inner in value:
-            _check_secrets(inner, where)
+            _check_nested(inner, where)
 
 
 def _body(event: Mapping[str, Any], now: float) -> str:
@@ -153,7 +176,7 @@ def _body(event: Mapping[str, Any], now: float) -> str:
         out["reason"] = decision.reason
     out.update((k, v) for k, v in event.items() if k not in out)
     try:
-        text = json.dumps(out, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(out)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"audit event is not JSON-serializable: {exc}") from exc
     if _SECRET_VALUE.search(text):
@@ -186,8 +209,9 @@ class AuditLog:
             self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise AuditError(f"{self.path}: cannot open the audit log: {exc.strerror}") from exc
-        self._pending: _Batch | None = None
-        self._writing: _Batch | None = None
+        self._writer_token: trio.lowlevel.TrioToken | None = None
+        self._pending = _Batch()
+        self._work = trio.Event()
         try:
             with self._lock, self._flocked():
                 self._sync_tail()
@@ -209,32 +233,44 @@ class AuditLog:
         self._write_batch([_body(event, self._clock())])
 
     async def arecord(self, event: Mapping[str, Any]) -> None:
-        """Append one line from trio, sharing write and fsync with concurrent callers."""
+        """Append one line from trio, sharing write and fsync with concurrent callers.
+
+        Returns once the line is durable. The line joins the open batch; the writer task
+        (started on first use in each ``trio.run``) writes whole batches, one at a time.
+        """
         body = _body(event, self._clock())
-        if self._pending is None:
+        token = trio.lowlevel.current_trio_token()
+        if self._writer_token is not token:
+            self._writer_token = token
             self._pending = _Batch()
+            self._work = trio.Event()
+            trio.lowlevel.spawn_system_task(self._writer, name=f"audit writer {self.path}")
         batch = self._pending
         batch.bodies.append(body)
-        while not batch.done.is_set():
-            writing = self._writing
-            if writing is not None:
-                await writing.done.wait()
-                continue
-            # Nobody is writing: this caller writes everything queued so far.
-            mine, self._pending = self._pending, None
-            assert mine is not None
-            self._writing = mine
-            try:
-                await trio.to_thread.run_sync(self._write_batch, mine.bodies)
-            except BaseException as exc:
-                mine.error = exc
-            finally:
-                self._writing = None
-                mine.done.set()
+        self._work.set()
+        await batch.done.wait()
         if batch.error is not None:
             if isinstance(batch.error, AuditError):
                 raise AuditError(str(batch.error)) from batch.error
             raise AuditError(f"{self.path}: audit write failed: {batch.error!r}") from batch.error
+
+    async def _writer(self) -> None:
+        """Write each batch with one write and one fsync; release its callers together.
+
+        A system task: it needs no nursery from the server, and trio cancels it when the
+        run ends. It never raises: a failed write is handed to that batch's callers.
+        """
+        while True:
+            await self._work.wait()
+            self._work = trio.Event()
+            batch, self._pending = self._pending, _Batch()
+            try:
+                # Not abandoned on cancel: a batch is written whole or not at all.
+                await trio.to_thread.run_sync(self._write_batch, batch.bodies)
+            except Exception as exc:  # handed to every caller of the batch
+                batch.error = exc
+            finally:
+                batch.done.set()
 
     def _write_batch(self, bodies: list[str]) -> None:
         with self._lock:
@@ -264,7 +300,8 @@ class AuditLog:
                         f"{self.path}: cannot write the audit log: {exc.strerror}"
                     ) from exc
                 try:
-                    os.fsync(self._fd)
+                    # fdatasync: the data and the new size, not the mtime; same guarantee.
+                    os.fdatasync(self._fd)
                 except OSError as exc:
                     # After a failed fsync the kernel may have dropped the dirty pages; what
                     # is on disk is unknown, so stop rather than chain onto a guess.
