@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
+from nixd.cli import main
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey, SecretKey
 from tests.nix.test_binary_cache import build_pair, path_info
@@ -16,6 +20,23 @@ from tests.realnix import RealNix
 
 
 def nixd(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``nixd ARGS`` in this process (fast) and capture what it prints."""
+    out, err = io.StringIO(), io.StringIO()
+    stdin = io.StringIO(input or "")
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        mock.patch.object(sys, "stdin", stdin),
+    ):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse: usage errors and --help
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["nixd", *args], code, out.getvalue(), err.getvalue())
+
+
+def nixd_process(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``nixd`` entry point as a separate process."""
     return subprocess.run(
         [sys.executable, "-m", "nixd.cli", *args],
         input=input,
@@ -77,6 +98,13 @@ def test_errors_are_one_line_without_secrets(tmp_path: Path) -> None:
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nixd: error: ")
         assert expected in proc.stderr, proc.stderr
         assert secret_b64[:16] not in proc.stderr
+    # The installed entry point reports the same way.
+    proc = nixd_process("key", "public", input=mismatched)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (
+        proc.stderr
+        == "nixd: error: stdin: secret key 'k': its public half does not match its seed\n"
+    )
     usage = nixd("key")
     assert usage.returncode == 2 and "generate" in usage.stderr
 
@@ -90,8 +118,8 @@ def test_help_explains_the_commands() -> None:
 
 def test_keys_work_with_the_real_nix(real_nix: RealNix, tmp_path: Path) -> None:
     sk = tmp_path / "sk"
-    sk.write_text(nixd("key", "generate", "nixd-made-1").stdout)
-    ours = nixd("key", "public", str(sk)).stdout.strip()
+    sk.write_text(nixd_process("key", "generate", "nixd-made-1").stdout)
+    ours = nixd_process("key", "public", str(sk)).stdout.strip()
     theirs = real_nix.run(
         ["nix", "key", "convert-secret-to-public"], input=sk.read_bytes(), store=None
     )
