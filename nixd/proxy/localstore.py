@@ -166,7 +166,7 @@ class LocalStore:
             log.debug("proxy store: evicted %s (%d bytes)", key, size)
         self._update_gauge()
 
-    def keys(self) -> list[str]:
+    def nar_keys(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT key FROM nars ORDER BY atime")]
 
     def _update_gauge(self) -> None:

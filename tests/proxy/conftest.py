@@ -124,13 +124,14 @@ async def start_proxy(
 
 
 def upstream_for(cache: FakeCache, caches: Caches, **kw: object) -> UpstreamConfig:
-    return UpstreamConfig(
-        url=cache.url,
-        priority=40,
-        trusted_keys=(caches.key.public().render(),),
-        auth="none",
-        **kw,  # type: ignore[arg-type]
-    )
+    fields: dict[str, object] = {
+        "url": cache.url,
+        "priority": 40,
+        "trusted_keys": (caches.key.public().render(),),
+        "auth": "none",
+        **kw,
+    }
+    return UpstreamConfig(**fields)  # type: ignore[arg-type]
 
 
 async def nix_copy(

@@ -61,7 +61,7 @@ async def test_cold_then_warm_with_upstream_stopped(
             metrics = proxy.handle.metrics
             # Admission to the local store happens off the hot path: wait for it.
             await proxy.handle.downloads_settled()
-            assert len(proxy.handle.store.keys()) == len(caches.closure)
+            assert len(proxy.handle.store.nar_keys()) == len(caches.closure)
             assert metrics.total("nixd_proxy_verification_failures_total") == 0
 
             upstream_scope.cancel()
@@ -103,12 +103,12 @@ async def test_local_store_survives_restart(
                 cache_home=tmp_path / "c1",
             )
             await proxy.handle.downloads_settled()
-            assert len(proxy.handle.store.keys()) == len(caches.closure)
+            assert len(proxy.handle.store.nar_keys()) == len(caches.closure)
             nursery.cancel_scope.cancel()
         before = fake_upstream.count(".nar.zst")
         async with trio.open_nursery() as nursery:
             proxy = await start_proxy(nursery, tmp_path, (upstream_for(fake_upstream, caches),))
-            assert len(proxy.handle.store.keys()) == len(caches.closure)
+            assert len(proxy.handle.store.nar_keys()) == len(caches.closure)
             await nix_copy(
                 real_nix,
                 proxy,
