@@ -469,8 +469,9 @@ class _Locator:
         return key_line + 1
 
     def rule(self, index: int, key: str | None = None, needle: str | None = None) -> int:
-        start = self.rule_starts[index] if index < len(self.rule_starts) else None
-        return self._find(self._block(start), key, needle)
+        if index >= len(self.rule_starts):  # written as `rule = [{...}]`: best effort
+            return self.top_key("rule") or 1
+        return self._find(self._block(self.rule_starts[index]), key, needle)
 
     def public(self, key: str | None = None, needle: str | None = None) -> int:
         return self._find(self._block(self.public_start), key, needle)

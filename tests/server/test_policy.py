@@ -271,6 +271,13 @@ def test_broken_file_names_file_and_line(tmp_path, old, new, line, fragment):
     assert fragment in message
 
 
+def test_inline_rule_array_errors_still_have_a_line(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text('# x\nrule = [{ id = "a", effect = "maybe" }]\n')
+    with pytest.raises(ConfigError, match=r"policy.toml:2: rule 'a': effect must be"):
+        load_policy(path)
+
+
 def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(ConfigError, match="no policy file"):
         load_policy(tmp_path / "absent.toml")
