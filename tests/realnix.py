@@ -18,6 +18,8 @@ sandbox = false
 experimental-features = nix-command
 substitute = true
 fsync-metadata = false
+substituters =
+sandbox-paths = /bin /usr /lib /lib64
 """
 
 
@@ -84,7 +86,11 @@ class RealNix:
         return proc
 
     def build(self, expr: str, *, store: Path | None = None) -> str:
-        """``nix-build -E expr`` into the chroot store; return the out path (logical)."""
+        """``nix-build -E expr`` into the chroot store; return the out path (logical).
+
+        Builds in a chroot store always run in a chroot: ``sandbox-paths`` above brings
+        ``/bin/sh`` and coreutils in, but the builder gets no ``PATH`` unless it sets one.
+        """
         proc = self.run(
             ["nix-build", "--no-out-link", "-E", expr],
             store=store or self.store,
