@@ -182,7 +182,14 @@ class _Glob:
 def _compile_glob(pattern: str) -> _Glob:
     if not pattern:
         raise ValueError("empty glob")
-    return _Glob(pattern, re.compile(_glob_regex(pattern), re.DOTALL))
+    return _Glob(pattern, _compile(_glob_regex(pattern), pattern))
+
+
+def _compile(regex: str, pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(regex, re.DOTALL)
+    except re.error as exc:  # e.g. a reversed range such as [z-a]
+        raise ValueError(f"bad glob {pattern!r}: {exc.msg}") from exc
 
 
 def _resource_regex(pattern: str) -> str:
@@ -198,7 +205,9 @@ def _resource_regex(pattern: str) -> str:
                 f"resource {pattern!r}: {part!r} may hold only letters, digits, '.', '_', "
                 "'-' and the glob characters * ? [ ] !"
             )
-    return "/".join(_glob_regex(part, any_char="[^/]") for part in parts)
+    regex = "/".join(_glob_regex(part, any_char="[^/]") for part in parts)
+    _compile(regex, pattern)
+    return regex
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
+import warnings
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import trio
 
 from nixd.errors import ConfigError
 from nixd.server.identity import Identity, anonymous
-from nixd.server.policy import DEFAULT_DENY, PolicyHolder, load_policy, parse_policy
+from nixd.server.policy import (
+    DEFAULT_DENY,
+    PolicyHolder,
+    _compile_glob,
+    load_policy,
+    parse_policy,
+)
 
 POLICY = """\
 [public]
@@ -406,3 +416,26 @@ def test_policy_file_line_numbers_refer_to_real_lines(tmp_path: Path):
     lines = POLICY.splitlines()
     assert lines[3] == "[[rule]]" and lines[13] == "[[rule]]"
     assert lines[21] == "[[rule]]" and lines[29] == 'id = "admins"'
+
+
+# --- globs agree with fnmatch ------------------------------------------------------------------
+
+_GLOB_CHARS = "ab-!^[]*?\\"
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(
+    pattern=st.text(alphabet=_GLOB_CHARS, min_size=1, max_size=8),
+    value=st.text(alphabet="ab-!^[]\\", max_size=6),
+)
+def test_glob_matches_like_fnmatchcase(pattern, value):
+    try:
+        glob = _compile_glob(pattern)
+    except ValueError:
+        # refused: an unclosed "[" (fnmatch would take it literally) or a reversed range
+        assert "[" in pattern
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the oracle's own regex may warn about "--"
+        expected = fnmatch.fnmatchcase(value, pattern)
+    assert glob.match(value) is expected
