@@ -622,8 +622,10 @@ def _parse_rule(raw: Any, line: int) -> Rule:
                 f"unknown key {key!r} in rule (known: {', '.join(sorted(_RULE_KEYS))})", key
             )
     rule_id = raw.get("id")
-    if not isinstance(rule_id, str):
+    if rule_id is None:
         raise _Problem("a rule needs an id (a string naming it in decisions and the audit log)")
+    if not isinstance(rule_id, str):
+        raise _Problem(f"id must be a string, got {rule_id!r}", "id")
     if not _ID_RE.fullmatch(rule_id) or rule_id in _RESERVED_IDS:
         raise _Problem(
             f"bad rule id {rule_id!r}: use letters, digits, '.', '_', '-', ':' "

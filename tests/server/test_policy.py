@@ -236,6 +236,7 @@ BROKEN = [
     ),
     ('id = "admins"\n', "", 29, "needs an id"),
     ('id = "admins"', 'id = "default-deny"', 30, "bad rule id"),
+    ('id = "admins"', "id = 7", 30, "id must be a string, got 7"),
     (
         'effect = "allow"\nsubjects = [{ kind = "user"',
         'effect = "allow"\nsubjcts = [{ kind = "user"',
