@@ -105,6 +105,9 @@ class Services:
     max_upload_bytes: int = 64 * 1024**3
     clock: Callable[[], float] = time.time
     nar_checker: Callable[[], Any] | None = None
+    durable_reads: bool = True
+    background: trio.Nursery | None = None
+    """Where non-durable read-allow audit lines are written (``durable_reads=False``)."""
 
 
 @dataclass
@@ -228,18 +231,21 @@ class CacheApp:
         self, ctx: _Ctx, action: str, resource: str, allowed: bool, rule: str, **extra: Any
     ) -> None:
         ident = ctx.identity or anonymous()
-        await self.s.audit.arecord(
-            {
-                "request_id": ctx.request_id,
-                "identity": ident.render(),
-                "action": action,
-                "resource": resource,
-                "decision": "allow" if allowed else "deny",
-                "rule": rule,
-                "source": ctx.source_ip,
-                **extra,
-            }
-        )
+        event = {
+            "request_id": ctx.request_id,
+            "identity": ident.render(),
+            "action": action,
+            "resource": resource,
+            "decision": "allow" if allowed else "deny",
+            "rule": rule,
+            "source": ctx.source_ip,
+            **extra,
+        }
+        background = self.s.background
+        if allowed and action == "cache:read" and not self.s.durable_reads and background:
+            background.start_soon(self.s.audit.arecord, event)
+            return
+        await self.s.audit.arecord(event)
 
     async def _read_decision(self, ctx: _Ctx, candidates: list[Project], what: str) -> Project:
         """The first candidate slice the caller may read; else 401/404 (audit-logged)."""

@@ -25,6 +25,8 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
 
     [audit]
     file = "audit.log"
+    durable_reads = true            # false: allowed reads are answered before their line
+                                    # is fsynced (denials, uploads, admin: always durable)
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class PolicySection:
 @dataclass(frozen=True, slots=True)
 class AuditSection:
     file: str = "audit.log"
+    durable_reads: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +168,10 @@ def _section(kind: type[Any], data: dict[str, Any], source: str, name: str) -> A
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{where}: must be a number")
             value = float(value)
-        elif isinstance(default, bool) or not isinstance(value, type(default)):
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: must be true or false")
+        elif isinstance(value, bool) or not isinstance(value, type(default)):
             raise ConfigError(f"{where}: must be a {type(default).__name__}")
         values[key] = value
     return kind(**values)
@@ -214,4 +220,10 @@ file = "{d.policy.file}"
 
 [audit]
 file = "{d.audit.file}"
+# Every decision is one hash-chained line. With true, an allowed read is answered only
+# after its line is on disk (an fsync per batch of concurrent requests: the latency of a
+# lone narinfo request becomes the disk's fsync time). With false, allowed reads are
+# answered at once and their lines follow within milliseconds; a crash may lose those
+# last lines. Denials, uploads and admin changes are always durable before the answer.
+durable_reads = {str(d.audit.durable_reads).lower()}
 """

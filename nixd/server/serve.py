@@ -96,6 +96,8 @@ async def serve(
     with open_services(config) as services:
         front = HttpFront(CacheApp(services), graceful_timeout=config.server.graceful_timeout)
         async with trio.open_nursery() as nursery:
+            services.durable_reads = config.audit.durable_reads
+            services.background = nursery
             nursery.start_soon(_watch_signals, front)
             nursery.start_soon(services.policy.watch)
             urls = await nursery.start(front.serve, listeners)
