@@ -172,7 +172,8 @@ def _section(kind: type[Any], data: dict[str, Any], source: str, name: str) -> A
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: must be true or false")
         elif isinstance(value, bool) or not isinstance(value, type(default)):
-            raise ConfigError(f"{where}: must be a {type(default).__name__}")
+            kind_name = "an integer" if isinstance(default, int) else "a string"
+            raise ConfigError(f"{where}: must be {kind_name}")
         values[key] = value
     return kind(**values)
 
