@@ -104,15 +104,15 @@ class Download:
         sha = hashlib.sha256()
         size = self.size
         fd = self._fd
-        async with self.upstream.open_nar(self.info) as response:
-            length = response.headers.get("content-length")
-            if size is not None and length is not None and length.isdigit() and int(length) != size:
+        async with self.upstream.nar_body(self.info) as body:
+            length = body.length
+            if size is not None and length is not None and length != size:
                 raise IntegrityError(
                     f"{self.key}: upstream announces {length} bytes, the narinfo says {size}"
                 )
             self.state = State.RUNNING
             self._notify()
-            async for chunk in response.aiter_raw():
+            async for chunk in body:
                 n = len(chunk)
                 if size is not None and self.written + n > size:
                     raise IntegrityError(f"{self.key}: upstream sent more than {size} bytes")

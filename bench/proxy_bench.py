@@ -1,0 +1,276 @@
+"""Benchmark of the local proxy substituter against nginx serving the same cache directly.
+
+One run, references measured in the same run (see ANCHOR-BENCH.md), rounds interleaved:
+
+- ``nix copy --from`` of one big path (default 1 GiB of random data, uncompressed NAR):
+  nginx direct, through the proxy cold (from nginx, verifying, filling its store) and
+  warm (from its local store); printed as ratios of wall time against direct;
+- narinfo requests/s with ``wrk -t2 -c32`` and p50/p99 latency, proxy vs nginx direct;
+- peak RSS of the proxy process (from /proc) over the run.
+
+Usage: ``.venv/bin/python bench/proxy_bench.py [--size-mib 1024] [--rounds 3]``.
+The proxy runs in its own process (``--serve-proxy CONFIG``) so it is measured like nginx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NIX_CONF = "build-users-group =\nsandbox = false\nexperimental-features = nix-command\n"
+NIX_CONF += "substituters =\nfsync-metadata = false\n"
+
+NGINX_CONF = """
+worker_processes 1;
+pid {run}/nginx.pid;
+error_log {run}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 100000;
+    client_body_temp_path {run}/body;
+    proxy_temp_path {run}/proxy;
+    fastcgi_temp_path {run}/fastcgi;
+    uwsgi_temp_path {run}/uwsgi;
+    scgi_temp_path {run}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        default_type application/octet-stream;
+    }}
+}}
+"""
+
+
+def serve_proxy_main(config_file: str) -> None:
+    """Child mode: run the proxy from a JSON config and print its URL on stdout."""
+    import trio  # noqa: PLC0415
+
+    from nixd.proxy.config import ProxyConfig, UpstreamConfig  # noqa: PLC0415
+    from nixd.proxy.server import serve_proxy  # noqa: PLC0415
+
+    raw = json.loads(Path(config_file).read_text())
+    ups = tuple(
+        UpstreamConfig(**{**u, "trusted_keys": tuple(u["trusted_keys"])})
+        for u in raw.pop("upstreams")
+    )
+    config = ProxyConfig(**raw, upstreams=ups)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(serve_proxy, config, None)
+            print(handle.url, flush=True)
+
+    trio.run(main)
+
+
+class Env:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        (work / "etc").mkdir(parents=True, exist_ok=True)
+        (work / "etc" / "nix.conf").write_text(NIX_CONF)
+        self.env = {
+            "PATH": os.environ["PATH"],
+            "NIX_CONF_DIR": str(work / "etc"),
+            "NIX_USER_CONF_FILES": str(work / "etc" / "nix.conf"),
+            "HOME": str(work / "home"),
+            "NIX_REMOTE": "",
+        }
+
+    def nix(self, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+        env = {**self.env, "XDG_CACHE_HOME": str(cache or self.work / "xdg-setup")}
+        proc = subprocess.run(args, env=env, capture_output=True, check=False)
+        if proc.returncode:
+            sys.exit(f"{' '.join(args)} failed:\n{proc.stderr.decode()}")
+        return proc
+
+
+def free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_peak_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def wrk(url: str, auth: str | None) -> tuple[float, float, float]:
+    args = ["wrk", "-t2", "-c32", "-d5s", "--latency", url]
+    if auth:
+        args[1:1] = ["-H", f"Authorization: {auth}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        assert m, out
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    if "Non-2xx" in out:
+        sys.exit(f"wrk saw errors:\n{out}")
+    return rate, pct("50"), pct("99")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--serve-proxy", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--hold", action="store_true", help="set up, print the URLs, wait (for profiling)"
+    )
+    args = parser.parse_args()
+    if args.serve_proxy:
+        serve_proxy_main(args.serve_proxy)
+        return
+
+    from nixd.nix.signing import SecretKey  # noqa: PLC0415
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # run the cleanup
+
+    work = Path(tempfile.mkdtemp(prefix="nixd-proxy-bench-", dir="/var/tmp"))
+    work.chmod(0o755)  # nginx workers (user nobody) read the cache under it
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        env = Env(work)
+        key = SecretKey.generate("bench-1")
+        (work / "sk").write_text(key.render())
+        blob = work / "big.bin"
+        print(f"setup: {args.size_mib} MiB random path, cache dir, nginx", file=sys.stderr)
+        with open(blob, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(1 << 20))
+        src = work / "src"
+        path = env.nix("nix-store", "--store", str(src), "--add", str(blob)).stdout.decode().strip()
+        blob.unlink()
+        cache = work / "cache"
+        env.nix(
+            "nix", "copy", "--store", str(src),
+            "--to", f"file://{cache}?compression=none&secret-key={work / 'sk'}", path,
+        )  # fmt: skip
+        run = work / "run"
+        run.mkdir()
+        nginx_port = free_port()
+        (run / "nginx.conf").write_text(NGINX_CONF.format(run=run, port=nginx_port, root=cache))
+        procs.append(
+            subprocess.Popen(["nginx", "-c", str(run / "nginx.conf"), "-g", "daemon off;"])
+        )
+        direct = f"http://127.0.0.1:{nginx_port}"
+        secret = secrets.token_urlsafe(32)
+        (work / "secret").write_text(secret)
+        netrc = work / "netrc"
+        netrc.write_text(f"machine 127.0.0.1 login nixd password {secret}\n")
+        pub = key.public().render()
+
+        def start_proxy(store: Path) -> tuple[subprocess.Popen[bytes], str]:
+            cfg = {
+                "secret_file": str(work / "secret"),
+                "store_dir": str(store),
+                "store_max_bytes": 4 * args.size_mib << 20,
+                "upstreams": [{"url": direct, "trusted_keys": [pub], "auth": "none"}],
+            }
+            (work / "proxy.json").write_text(json.dumps(cfg))
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--serve-proxy", str(work / "proxy.json")],
+                stdout=subprocess.PIPE,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            return proc, proc.stdout.readline().decode().strip()
+
+        def copy(url: str) -> float:
+            dst, xdg = work / "dst", work / "xdg-run"
+            subprocess.run(["rm", "-rf", str(dst), str(xdg)], check=True)
+            os.sync()
+            t = time.monotonic()
+            env.nix(
+                "nix", "copy", "--store", str(dst), "--from", url,
+                "--option", "trusted-public-keys", pub, "--option", "netrc-file", str(netrc),
+                path, cache=xdg,
+            )  # fmt: skip
+            return time.monotonic() - t
+
+        time.sleep(0.3)
+        if args.hold:
+            proxy, url = start_proxy(work / "proxy-store-hold")
+            print(f"direct {direct}\nproxy {url} pid {proxy.pid}\npath {path}", flush=True)
+            print(f"netrc {netrc}\nnar {direct}/nar/", flush=True)
+            time.sleep(3600)
+        results: dict[str, list[float]] = {"direct": [], "cold": [], "warm": []}
+        cpu: dict[str, list[float]] = {"cold": [], "warm": []}
+        rss = 0
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+            results["direct"].append(copy(direct))
+            store = work / f"proxy-store-{r}"
+            proxy, url = start_proxy(store)
+            c0 = cpu_seconds(proxy.pid)
+            results["cold"].append(copy(url))
+            c1 = cpu_seconds(proxy.pid)
+            time.sleep(0.5)  # let the off-path NarHash check admit the NAR
+            c2 = cpu_seconds(proxy.pid)
+            results["warm"].append(copy(url))
+            c3 = cpu_seconds(proxy.pid)
+            cpu["cold"].append(c1 - c0)
+            cpu["warm"].append(c3 - c2)
+            rss = max(rss, rss_peak_kib(proxy.pid))
+            hash_part = Path(path).name[:32]
+            if r == args.rounds - 1:
+                auth = "Basic " + __import__("base64").b64encode(f"nixd:{secret}".encode()).decode()
+                w_direct = wrk(f"{direct}/{hash_part}.narinfo", None)
+                w_proxy = wrk(f"{url}/{hash_part}.narinfo", auth)
+            proxy.terminate()
+            proxy.wait()
+            shutil.rmtree(store, ignore_errors=True)
+
+        med = {k: statistics.median(v) for k, v in results.items()}
+        gib = args.size_mib / 1024
+        print(f"\n## nix copy --from, one {args.size_mib} MiB path (medians of {args.rounds})\n")
+        print("| source | wall s | x direct | proxy CPU s |")
+        print("|---|---|---|---|")
+        print(f"| nginx direct | {med['direct']:.2f} | 1.00 | |")
+        for k in ("cold", "warm"):
+            ratio = med["direct"] / med[k]
+            print(f"| proxy {k} | {med[k]:.2f} | {ratio:.2f} | {statistics.median(cpu[k]):.2f} |")
+        print(f"\nproxy peak RSS {rss / 1024:.0f} MiB (size {gib:.2f} GiB)\n")
+        print("## narinfo, wrk -t2 -c32 -d5s\n")
+        print("| server | req/s | p50 ms | p99 ms |")
+        print("|---|---|---|---|")
+        for name, (rate, p50, p99) in (("nginx direct", w_direct), ("proxy", w_proxy)):
+            print(f"| {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+if __name__ == "__main__":
+    main()
