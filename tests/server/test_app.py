@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 import zstandard
 
 from nixd.nix import base32
@@ -348,3 +349,16 @@ async def test_audit_log_records_decisions_and_verifies(env: Env, uploaded: byte
 def _verify_ok(path: Path) -> bool:
     result = verify(path)
     return bool(getattr(result, "ok", result))
+
+
+async def test_key_rotation_co_signs_and_publishes_both(env: Env, uploaded: bytes) -> None:
+    async with env.client(auth=env.member, basic=True) as c:
+        before = NarInfo.parse((await c.get(f"/cache/{HASH_A}.narinfo")).text)
+        env.state.admin("key", "rotate")
+        await trio.sleep(1.1)  # the server looks at the key files at most once a second
+        keys = (await c.get("/api/v1/cache/keys")).json()
+        after = NarInfo.parse((await c.get(f"/cache/{HASH_A}.narinfo")).text)
+    assert len(before.sigs) == 1 and len(after.sigs) == 2
+    assert keys["current"].startswith("acme-cache-2:") and len(keys["keys"]) == 2
+    published = [PublicKey.parse(k) for k in keys["keys"]]
+    assert sorted(after.verify(published)) == ["acme-cache-1", "acme-cache-2"]
