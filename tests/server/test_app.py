@@ -362,3 +362,14 @@ async def test_key_rotation_co_signs_and_publishes_both(env: Env, uploaded: byte
     assert keys["current"].startswith("acme-cache-2:") and len(keys["keys"]) == 2
     published = [PublicKey.parse(k) for k in keys["keys"]]
     assert sorted(after.verify(published)) == ["acme-cache-1", "acme-cache-2"]
+
+
+async def test_build_logs(env: Env, uploaded: bytes) -> None:
+    drv = f"{HASH_B}-hello.drv"
+    async with env.client(auth=env.member, basic=True) as c:
+        assert (await c.put(f"/cache/acme/app/log/{drv}", content=b"building\n")).status_code == 200
+        assert (await c.get(f"/cache/log/{drv}")).content == b"building\n"
+        assert (await c.get(f"/cache/acme/app/log/{drv}")).status_code == 200
+        assert (await c.get(f"/cache/acme/lib/log/{drv}")).status_code == 404
+    async with env.client(auth=env.other, basic=True) as c:
+        assert (await c.get(f"/cache/log/{drv}")).status_code == 404
