@@ -70,6 +70,25 @@ def reference(path: Path) -> str:
     return out.split()[0]
 
 
+def nix_hash_path(path: Path) -> str:
+    """Nix's own NarHash computation (OpenSSL sha256, one process): a second, harder bar."""
+    out = subprocess.run(
+        [
+            "nix",
+            "--extra-experimental-features",
+            "nix-command",
+            "hash",
+            "path",
+            "--base16",
+            str(path),
+        ],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
+    return out.strip()
+
+
 def in_process(path: Path) -> str:
     digest, _ = nar.hash_path(path)
     return digest.digest.hex()
@@ -107,6 +126,7 @@ def bench(label: str, path: Path, runs: int) -> list[str]:
     reference(path)
     methods: dict[str, Callable[[Path], str]] = {
         "nix-store --dump \\| sha256sum": reference,
+        "nix hash path": nix_hash_path,
         "nixd hash_path (in-process)": in_process,
         "nixd validate(dump()) (in-process)": dump_validate,
         "`nixd nar hash` (process)": cli,
