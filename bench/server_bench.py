@@ -39,6 +39,7 @@ BIG_MIB = int(os.environ.get("BIG_MIB", "1024"))
 RUNS = int(os.environ.get("RUNS", "3"))
 WRK_RUNS = int(os.environ.get("WRK_RUNS", "2"))
 WRK_DURATION = os.environ.get("WRK_DURATION", "10s")
+DURABLE_READS = os.environ.get("DURABLE_READS", "true")  # the server's audit.durable_reads
 SMALL_PATHS = 300
 PY = sys.executable
 NIX_CONF = """\
@@ -150,6 +151,12 @@ class Server:
                     )
                 )
                 (BENCH / f"{name}.token").write_text(data["token"])
+        config = self.state / "config.toml"
+        config.write_text(
+            re.sub(
+                r"(?m)^durable_reads = \w+$", f"durable_reads = {DURABLE_READS}", config.read_text()
+            )
+        )
         self.key = re.search(r"narinfo public key:\s+(\S+)", (BENCH / "init.txt").read_text())[1]  # type: ignore[index]
 
     def start(self) -> None:
@@ -397,7 +404,10 @@ def main() -> int:
         ("narinfo req/s (wrk -t2 -c32)", "narinfo req/s", True, None),
         ("narinfo p99 ms", "narinfo p99 ms", False, None),
     ]
-    print(f"\nnixd-server vs nginx (static copy of the same cache), medians of {RUNS} runs")
+    print(
+        f"\nnixd-server (audit.durable_reads = {DURABLE_READS}) vs nginx serving a static copy "
+        f"of the same cache; medians of {RUNS} runs ({WRK_RUNS} for wrk)"
+    )
     print(f"{'measure':34} {'nixd-server':>12} {'nginx':>12} {'ratio':>7} {'target':>8}")
     for title, metric, higher_better, target in rows:
         s, n = med["server"][metric], med["nginx"][metric]
@@ -410,7 +420,7 @@ def main() -> int:
             tgt = "< 10 ms"
             ratio = n / s
         print(f"{title:34} {s:12.2f} {n:12.2f} {ratio:7.2f} {tgt:>8}")
-    (BENCH / "results.json").write_text(json.dumps(results, indent=2))
+    (BENCH / f"results-durable-{DURABLE_READS}.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -129,6 +129,8 @@ class CacheApp:
         self._tokens: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self._narinfos: OrderedDict[tuple[str, str, tuple[str, ...]], bytes] = OrderedDict()
         self._keys_checked = 0.0
+        self._api_tokens: dict[str, tuple[Identity, float]] = {}
+        self._api_version = -1
         self._decisions: dict[tuple[int, int, str, str, str], tuple[Any, Any, bool, str]] = {}
 
     # -- ASGI entry ---------------------------------------------------------------------
@@ -189,19 +191,40 @@ class CacheApp:
 
     def _verify_secret(self, secret: str) -> Identity:
         now = self.s.clock()
+        if secret.startswith("nixd_"):
+            return self._api_token(secret, now)
         cached = self._tokens.get(secret)
         if cached is not None and now < cached[1]:
             return cached[0]
-        if secret.startswith("nixd_"):
-            # An API token used directly (netrc for `nix copy`): checked on every request
-            # (a primary-key read and a sha256), so a revocation applies at once.
-            return self.s.credentials.authenticate(secret)
         ident, claims = self.s.issuer.verify(secret)
         # Cache until expiry: the check is a signature verification, the answer a pure
         # function of the token and the clock (key retirement is rare and checked on reload).
         if len(self._tokens) >= _TOKEN_CACHE_MAX:
             self._tokens.popitem(last=False)
         self._tokens[secret] = (ident, float(claims["exp"]) + self.s.issuer.leeway)
+        return ident
+
+    def _api_token(self, secret: str, now: float) -> Identity:
+        """An API token used directly (netrc for ``nix copy``).
+
+        Remembered only while the database is unchanged: revocations are written by
+        ``nixd-server token revoke`` in another process, so any commit there (``PRAGMA
+        data_version``) drops every remembered token, and a revoked token fails on its
+        next request. The token's own expiry is kept with it.
+        """
+        version = self.s.store.data_version()
+        if version != self._api_version:
+            self._api_version = version
+            self._api_tokens.clear()
+        cached = self._api_tokens.get(secret)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        ident = self.s.credentials.authenticate(secret)
+        record = self.s.credentials.get(str(ident.attributes.get("credential", "")))
+        expires = record.expires if record is not None and record.expires else float("inf")
+        if len(self._api_tokens) >= _TOKEN_CACHE_MAX:
+            self._api_tokens.clear()
+        self._api_tokens[secret] = (ident, expires)
         return ident
 
     def _forget_tokens(self) -> None:

@@ -322,9 +322,13 @@ class Store:
         self._holders: dict[str, list[tuple[Project, PathInfo]]] = {}
         self._data_version = -1
 
+    def data_version(self) -> int:
+        """Changes whenever another connection (e.g. an admin command) commits."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
     def _fresh(self) -> None:
         """Drop cached reads if another connection (process) committed since."""
-        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        version = self.data_version()
         if version != self._data_version:
             self._data_version = version
             self._holders.clear()
