@@ -38,6 +38,9 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 #: longest single sleep, so a wall-clock jump (suspend/resume) is noticed
 MAX_SLEEP = 60.0
+#: never renew more often than this, even if the server's tokens look expired on arrival
+#: (clock skew): a loop of instant renewals would hammer the server
+MIN_RENEW_INTERVAL = 10.0
 #: an exchange taking longer than this counts as failed
 EXCHANGE_TIMEOUT = 30.0
 
@@ -206,6 +209,8 @@ class Refresher:
                 due = self._clock()
             else:
                 due = self._due(token)
+                if self.last_refresh is not None:
+                    due = max(due, self.last_refresh + MIN_RENEW_INTERVAL)
             self.next_refresh = due
             await self._sleep_until(due, wake)
             if wake.is_set():

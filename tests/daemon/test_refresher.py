@@ -24,7 +24,10 @@ def wall() -> float:
 class FakeExchange:
     """Issues tokens of LIFE seconds; fails while ``failures`` > 0."""
 
-    def __init__(self, *, failures: int = 0, delay: float = 0.0, reject: bool = False) -> None:
+    def __init__(
+        self, *, failures: int = 0, delay: float = 0.0, reject: bool = False, clock=wall
+    ) -> None:
+        self.clock = clock
         self.failures = failures
         self.delay = delay
         self.reject = reject
@@ -32,7 +35,7 @@ class FakeExchange:
         self.n = 0
 
     async def __call__(self) -> AccessToken:
-        self.calls.append(wall())
+        self.calls.append(self.clock())
         await trio.sleep(self.delay)
         if self.reject:
             raise LoginFailed("credential revoked")
@@ -40,7 +43,7 @@ class FakeExchange:
             self.failures -= 1
             raise UpstreamError("server down")
         self.n += 1
-        now = wall()
+        now = self.clock()
         return AccessToken(f"tok-{self.n}", now + LIFE, "token:ci", issued_at=now)
 
 
@@ -118,6 +121,24 @@ async def test_concurrent_refreshes_share_one_exchange(
     # a refresh for an older stale token gets the current one without a new exchange
     assert (await r.refresh(stale)).value == "tok-1"
     assert len(exchange.calls) == 1
+
+
+async def test_tokens_expired_on_arrival_do_not_cause_a_renewal_storm(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server clock far behind ours issues tokens that look expired: renew, but slowly."""
+
+    def server_clock() -> float:
+        return wall() - 2 * LIFE
+
+    exchange = FakeExchange(clock=server_clock)
+    r = Refresher(clock=wall)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(r.run)
+        r.set_login(exchange, None)
+        await trio.sleep(100)
+        nursery.cancel_scope.cancel()
+    assert 5 <= len(exchange.calls) <= 100 / refresher_mod.MIN_RENEW_INTERVAL + 1
 
 
 async def test_failed_renewal_is_not_repeated_by_waiters(
@@ -198,7 +219,7 @@ async def test_wall_clock_jump_is_noticed(autojump_clock: trio.testing.MockClock
     def clock() -> float:
         return wall() + offset[0]
 
-    exchange = FakeExchange()
+    exchange = FakeExchange(clock=clock)
     r = Refresher(clock=clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(r.run)
@@ -208,3 +229,5 @@ async def test_wall_clock_jump_is_noticed(autojump_clock: trio.testing.MockClock
         await trio.sleep(refresher_mod.MAX_SLEEP + 1)
         nursery.cancel_scope.cancel()
     assert len(exchange.calls) == 1
+    # noticed within one bounded sleep of the jump (10 s of real time after login)
+    assert exchange.calls[0] - (EPOCH + LIFE) <= 10 + refresher_mod.MAX_SLEEP
