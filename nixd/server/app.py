@@ -26,9 +26,14 @@ NarHash/NarSize are those of the NAR the same slice uploaded under its URL. Clie
 signatures, URL, Compression and FileHash are dropped: the server serves its own file and
 signs with its own keys.
 
-**Hot path.** ``/cache/`` is dispatched by hand, without a router or middleware: parsing
-the Authorization header, a cached token verification, one indexed SQLite query, the policy
-decision and a cached signed narinfo. Every decision is audit-logged.
+**Hot path.** Every URL is dispatched by hand (a dozen fixed routes do not need a router,
+and Starlette's per-request middleware stack cost more than the rest of a narinfo answer):
+parse the Authorization header; a verified token is remembered until it expires (an API
+token used directly, until the database changes); the slices holding a path are remembered
+until the database changes (``PRAGMA data_version``); policy decisions are memoized per
+identity and policy object; signed narinfos per path and key set. What remains per request
+is the audit line: with ``audit.durable_reads`` (the default) the answer waits for its fsync,
+shared by every request in flight (group commit).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -117,12 +122,10 @@ class _Ctx:
     request_id: str
     source_ip: str
     identity: Identity | None = None
-    credential_error: AuthError | None = None
-    authenticated: bool = field(default=False)
 
 
 class CacheApp:
-    """The ASGI application. ``app = CacheApp(services)``; Hypercorn serves it."""
+    """The ASGI application: ``CacheApp(services)``, served by :mod:`nixd.server.serve`."""
 
     def __init__(self, services: Services) -> None:
         self.s = services
@@ -186,7 +189,6 @@ class CacheApp:
             raise AuthError("empty credential in the authorization header")
         ident = self._verify_secret(secret)
         ctx.identity = ident
-        ctx.authenticated = True
         return ident
 
     def _verify_secret(self, secret: str) -> Identity:
