@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
-from nixd.errors import ConfigError
+from nixd.errors import ConfigError, FormatError
+from nixd.nix.signing import PublicKey
 
 DEFAULT_CONFIG_PATH = "/etc/nixd/config.toml"
 DEFAULT_CONTROL_SOCKET = "/run/nixd/nixd.sock"
@@ -150,6 +151,16 @@ class _Section:
                 raise ConfigError(f"{self.where(key)}[{i}]: expected a string")
         return tuple(values)
 
+    def keys(self, key: str) -> tuple[str, ...]:
+        """A list of Nix public keys (``name:base64``), each checked."""
+        values = self.strings(key)
+        for i, v in enumerate(values):
+            try:
+                PublicKey.parse(v)
+            except FormatError as exc:
+                raise ConfigError(f"{self.where(key)}[{i}]: {exc}") from exc
+        return values
+
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
         if unknown:
@@ -220,7 +231,7 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
     if url is not None and (problem := _http_url(url)):
         raise ConfigError(f"{s.where('url')}: {problem}")
     server = ServerSection(
-        url=url.rstrip("/") if url else None, trusted_keys=s.strings("trusted_keys")
+        url=url.rstrip("/") if url else None, trusted_keys=s.keys("trusted_keys")
     )
     s.finish()
 
@@ -240,12 +251,14 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         upstream = UpstreamSection(
             url=u.get("url", str, "", lambda v: _nonempty(v) or _http_url(v)).rstrip("/"),
             priority=u.get("priority", int, 50, _non_negative),
-            trusted_keys=u.strings("trusted_keys"),
+            trusted_keys=u.keys("trusted_keys"),
             auth=cast(AuthMode, auth),
             netrc_file=netrc_file,
         )
         if not upstream.url:
             raise ConfigError(f"{u.where('url')}: required")
+        if auth == "netrc" and netrc_file is None:
+            raise ConfigError(f'{u.where("netrc_file")}: required when auth = "netrc"')
         u.finish()
         upstreams.append(upstream)
     proxy = ProxySection(

@@ -17,9 +17,8 @@ otherwise they are bound from the config.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
+import functools
 import logging
 import os
 import signal
@@ -56,6 +55,8 @@ from nixd.daemon.state import (
     save_state,
 )
 from nixd.errors import ConfigError, NixdError
+from nixd.proxy.config import ProxyConfig, UpstreamConfig
+from nixd.proxy.server import ProxyHandle, serve_proxy
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +79,6 @@ def configure_logging(level: str) -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
-def _tree_size(path: str) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
-
-
 class Daemon:
     """The daemon's state and the control API handlers."""
 
@@ -95,7 +87,7 @@ class Daemon:
         self.http = http
         self.refresher = Refresher(on_token=self._on_token)
         self.login_state: LoginState | None = None
-        self.proxy_handle: Any = None
+        self.proxy_handle: ProxyHandle | None = None
         self.proxy_url: str | None = None
         self.proxy_error: str | None = None
         self.last_error: str | None = None
@@ -142,10 +134,7 @@ class Daemon:
 
     # -- proxy and Nix integration ---------------------------------------------------------
 
-    def proxy_config(self) -> Any:
-        proxy_config = importlib.import_module("nixd.proxy.config")
-        ProxyConfig, UpstreamConfig = proxy_config.ProxyConfig, proxy_config.UpstreamConfig
-
+    def proxy_config(self) -> ProxyConfig:
         c = self.config
         upstreams = []
         if self.login_state is not None:
@@ -180,12 +169,8 @@ class Daemon:
         )
 
     def update_proxy(self) -> None:
-        handle = self.proxy_handle
-        if handle is None:
-            return
-        update = getattr(handle, "update_upstreams", None)
-        if update is not None:
-            update(self.proxy_config().upstreams)
+        if self.proxy_handle is not None:
+            self.proxy_handle.update_upstreams(self.proxy_config().upstreams)
 
     def nix_setup(self) -> NixSetup:
         n = self.config.nix
@@ -270,31 +255,21 @@ class Daemon:
         token = self.refresher.token
         state = self.login_state
         proxy: dict[str, Any] = {"url": self.proxy_url, "error": self.proxy_error}
-        handle_status = getattr(self.proxy_handle, "status", None)
         upstream_health: dict[str, Any] = {}
-        if callable(handle_status):
-            try:
-                extra = handle_status()
-                if isinstance(extra, dict):
-                    upstream_health = {
-                        str(u.get("url")): u
-                        for u in extra.pop("upstreams", [])
-                        if isinstance(u, dict)
-                    }
-                    proxy.update(extra)
-            except Exception:
-                log.exception("proxy status failed")
+        store_bytes = 0
+        if self.proxy_handle is not None:
+            extra = self.proxy_handle.status()
+            upstream_health = {str(u.get("url")): u for u in extra.pop("upstreams", [])}
+            store_bytes = int(extra.pop("store_bytes", 0))
+            for key in ("store_dir", "store_max_bytes", "url"):
+                extra.pop(key, None)
+            proxy.update(extra)
         upstreams = []
-        try:
-            configured = list(self.proxy_config().upstreams)
-        except ImportError:
-            configured = []
-        for u in configured:
-            entry = {"url": u.url, "priority": u.priority, "auth": u.auth}
+        for u in self.proxy_config().upstreams:
+            entry: dict[str, Any] = {"url": u.url, "priority": u.priority, "auth": u.auth}
             if u.url in upstream_health:
                 entry.update({k: v for k, v in upstream_health[u.url].items() if k not in entry})
             upstreams.append(entry)
-        store_bytes = await trio.to_thread.run_sync(_tree_size, c.proxy.store_dir)
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -467,26 +442,17 @@ class Daemon:
             await trio.sleep(interval)
 
     async def run_proxy(
-        self, listeners: list[Any] | None, *, task_status: trio.TaskStatus[None]
+        self, listeners: list[trio.SocketListener] | None, *, task_status: trio.TaskStatus[None]
     ) -> None:
-        try:
-            serve_proxy = importlib.import_module("nixd.proxy.server").serve_proxy
-        except ImportError:
-            self.proxy_error = "the proxy is not available in this build"
-            log.warning("%s", self.proxy_error)
-            task_status.started()
-            return
         await trio.to_thread.run_sync(ensure_proxy_secret, self.config.proxy_secret_file)
         async with trio.open_nursery() as nursery:
-            self.proxy_handle = await nursery.start(
-                lambda task_status: serve_proxy(
-                    self.proxy_config(),
-                    self.refresher,
-                    listeners=listeners,
-                    task_status=task_status,
+            handle: ProxyHandle = await nursery.start(
+                functools.partial(
+                    serve_proxy, self.proxy_config(), self.refresher, listeners=listeners
                 )
             )
-            self.proxy_url = str(self.proxy_handle.url)
+            self.proxy_handle = handle
+            self.proxy_url = handle.url
             log.info("proxy listening on %s", self.proxy_url)
             task_status.started()
 
@@ -555,8 +521,9 @@ async def run_daemon(config: Config) -> None:
 async def _stop_proxy(daemon: Daemon, scope: trio.CancelScope, grace: float) -> None:
     """Let in-flight downloads finish for up to ``grace`` seconds, then cut them."""
     handle = daemon.proxy_handle
-    drain = getattr(handle, "drain", None) if handle is not None else None
-    if drain is not None:
-        with trio.move_on_after(grace):
-            await drain()
+    if handle is not None:
+        with trio.move_on_after(grace) as waited:
+            await handle.drain()
+        if waited.cancelled_caught:
+            log.warning("in-flight downloads did not finish within %.0f s; cutting them", grace)
     scope.cancel()

@@ -9,6 +9,7 @@ import pytest
 from nixd.daemon.config import DEFAULT_CONTROL_SOCKET, Config, load_config
 from nixd.errors import ConfigError
 
+KEY = "6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
 FULL = """
 [daemon]
 control_socket = "{d}/nixd.sock"
@@ -18,7 +19,7 @@ shutdown_grace = 3
 
 [server]
 url = "http://127.0.0.1:8080/"
-trusted_keys = ["extra-1:AAAA"]
+trusted_keys = ["extra-1:{key}"]
 
 [proxy]
 listen = "127.0.0.1:0"
@@ -52,13 +53,13 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_full_config(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, FULL.format(d=tmp_path)))
+    config = load_config(write(tmp_path, FULL.format(d=tmp_path, key=KEY)))
     assert config.path == str(tmp_path / "config.toml")
     assert config.daemon.control_socket == f"{tmp_path}/nixd.sock"
     assert config.daemon.control_group == "root"
     assert config.daemon.shutdown_grace == 3.0
     assert config.server.url == "http://127.0.0.1:8080"
-    assert config.server.trusted_keys == ("extra-1:AAAA",)
+    assert config.server.trusted_keys == (f"extra-1:{KEY}",)
     assert (config.proxy.listen_host, config.proxy.listen_port) == ("127.0.0.1", 0)
     assert config.proxy.negative_ttl == 5.0
     assert [u.url for u in config.proxy.upstreams] == [
@@ -99,6 +100,12 @@ def test_frozen(tmp_path: Path) -> None:
         ("[daemon]\nlog_level = 'loud'\n", "daemon.log_level", "must be one of"),
         ("[server]\nurl = 'ftp://x'\n", "server.url", "http"),
         ("[server]\ntrusted_keys = [1]\n", "server.trusted_keys[0]", "expected a string"),
+        ("[server]\ntrusted_keys = ['k:not base64!']\n", "server.trusted_keys[0]", "base64"),
+        (
+            "[[proxy.upstreams]]\nurl = 'http://a'\nauth = 'netrc'\n",
+            "proxy.upstreams[0].netrc_file",
+            "required",
+        ),
         ("[proxy]\nlisten = 'localhost'\n", "proxy.listen", "HOST:PORT"),
         ("[proxy]\nstore_max_bytes = 0\n", "proxy.store_max_bytes", "positive"),
         ("[proxy]\nstore_max_bytes = true\n", "proxy.store_max_bytes", "expected int"),

@@ -70,6 +70,19 @@ async def test_ready_status_login_logout_sigterm(
 
     state_file = world_dir / "state" / "state.json"
     assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+
+    # Nix is told about the proxy: netrc with the local secret, fragment, include line
+    proxy_url = after["proxy"]["url"]  # type: ignore[index]
+    assert str(proxy_url).startswith("http://127.0.0.1:")
+    secret = (world_dir / "state" / "proxy-secret").read_text().strip()
+    netrc = world_dir / "etc" / "nixd-netrc"
+    assert stat.S_IMODE(netrc.stat().st_mode) == 0o600
+    assert f"machine 127.0.0.1 login nixd password {secret}" in netrc.read_text()
+    assert token_server.issued[-1] in netrc.read_text()  # the server host, for nix copy
+    fragment = (world_dir / "etc" / "nixd.conf").read_text()
+    assert f"extra-substituters = {proxy_url}" in fragment
+    assert KEYS[0] in fragment and str(netrc) in fragment
+    assert (world_dir / "etc" / "nix.conf").read_text().count("nixd.conf") == 1
     log = daemon.log()
     assert token_server.api_token not in log and token_server.issued[0] not in log
 
@@ -77,6 +90,9 @@ async def test_ready_status_login_logout_sigterm(
     assert b"logged out token:ci-bot" in out.stdout
     assert not state_file.exists()
     assert (await status(daemon))["logged_in"] is False
+    # logout removes exactly what nixd added (nix.conf was empty before)
+    assert not netrc.exists() and not (world_dir / "etc" / "nixd.conf").exists()
+    assert (world_dir / "etc" / "nix.conf").read_text() == ""
 
     assert await daemon.stop() == 0
     assert "STOPPING=1" in "\n".join(daemon.notifications) or await _drain(daemon, "STOPPING=1")

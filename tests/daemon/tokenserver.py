@@ -18,7 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-KEYS = ["test-cache-1:2kqWQNXD1ZZcHMuMj8yNBETCHwDe1O+QjpkWp3kH3wU="]
+from nixd.nix.signing import SecretKey
+
+SIGNING_KEY = SecretKey.generate("test-cache-1")
+KEYS = [SIGNING_KEY.public().render()]
 
 
 @dataclass
@@ -63,7 +66,8 @@ class TokenServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[TokenServer]) -> None:
         config = HypercornConfig()
-        config.bind = ["127.0.0.1:0"]
+        # 127.0.0.2: a host other than the proxy's, as a real server would be (netrc is per host)
+        config.bind = ["127.0.0.2:0"]
         config.accesslog = None
         config.errorlog = None
         async with trio.open_nursery() as nursery:
