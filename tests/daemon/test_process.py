@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import stat
 from pathlib import Path
 
+import httpx
 import trio
 
-from tests.daemon.conftest import DaemonProcess, cli, start_daemon, write_config
+from tests.daemon.conftest import NIXD, DaemonProcess, cli, start_daemon, write_config
 from tests.daemon.tokenserver import KEYS, TokenServer
 
 
@@ -170,4 +173,42 @@ async def test_config_reload_keeps_old_config_on_error(
     daemon.process.send_signal(signal.SIGHUP)
     await daemon.wait_log("config reloaded (SIGHUP)")
     assert daemon.process.returncode is None
+    assert await daemon.stop() == 0
+
+
+async def test_socket_activation_with_systemd_socket_activate(
+    world_dir: Path, token_server: TokenServer, daemon_factory: list[DaemonProcess]
+) -> None:
+    """systemd-socket-activate binds both sockets and starts the daemon on first contact."""
+    activate = shutil.which("systemd-socket-activate")
+    assert activate, "systemd-socket-activate is required (apt-get install systemd)"
+    with socket.socket() as probe:  # a free port for the proxy's activated listener
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(world_dir, server_url=token_server.url)
+    (world_dir / "run").mkdir()
+    control = world_dir / "run" / "nixd.sock"
+    command = [
+        activate,
+        "-l", str(control),
+        "-l", f"127.0.0.1:{port}",
+        "--fdname=control:proxy",
+        "-E", "NOTIFY_SOCKET",
+        "-E", "PYTHONUNBUFFERED",
+        *NIXD, "-v", "daemon", "--config", str(config),
+    ]  # fmt: skip
+    daemon = await start_daemon(world_dir, config, command=command)
+    daemon_factory.append(daemon)
+    with trio.fail_after(20):
+        while not control.exists():  # noqa: ASYNC110 - another process creates it
+            await trio.sleep(0.05)
+    assert daemon.notifications == []  # nothing runs until someone connects
+    data = await status(daemon)  # this connection starts the daemon, which answers it
+    await daemon.wait_for("READY=1")
+    assert data["proxy"]["url"] == f"http://127.0.0.1:{port}"  # type: ignore[index]
+    assert "socket activation" in daemon.log()
+    # the activated proxy port answers (nix-cache-info is public)
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{port}/nix-cache-info")
+    assert response.status_code == 200 and b"StoreDir:" in response.content
     assert await daemon.stop() == 0

@@ -1,0 +1,50 @@
+"""The shipped service definitions: the systemd units verify, the launchd plist parses."""
+
+from __future__ import annotations
+
+import plistlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS = ("nixd.service", "nixd.socket", "nixd-proxy.socket")
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is required (apt-get install systemd)")
+    nixd = Path(sys.executable).with_name("nixd")
+    for name in UNITS:
+        text = (REPO / "systemd" / name).read_text()
+        # verify insists the ExecStart binary exists: point it at the installed nixd
+        (tmp_path / name).write_text(text.replace("/usr/bin/nixd", str(nixd)))
+    result = subprocess.run(
+        [analyze, "verify", *(str(tmp_path / n) for n in UNITS)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""
+
+
+def test_service_is_notify_and_names_its_sockets() -> None:
+    service = (REPO / "systemd" / "nixd.service").read_text()
+    assert "Type=notify" in service and "WatchdogSec=" in service
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in service
+    assert "ProtectSystem=strict" in service and "NoNewPrivileges=yes" in service
+    assert "FileDescriptorName=control" in (REPO / "systemd" / "nixd.socket").read_text()
+    assert "FileDescriptorName=proxy" in (REPO / "systemd" / "nixd-proxy.socket").read_text()
+
+
+def test_launchd_plist_parses() -> None:
+    with open(REPO / "launchd" / "org.nixd.daemon.plist", "rb") as f:
+        plist = plistlib.load(f)
+    assert plist["Label"] == "org.nixd.daemon"
+    assert plist["ProgramArguments"][1:] == ["daemon", "--config", "/etc/nixd/config.toml"]
