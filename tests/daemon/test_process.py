@@ -212,3 +212,16 @@ async def test_socket_activation_with_systemd_socket_activate(
         response = await client.get(f"http://127.0.0.1:{port}/nix-cache-info")
     assert response.status_code == 200 and b"StoreDir:" in response.content
     assert await daemon.stop() == 0
+
+
+async def test_watchdog_pings(
+    world_dir: Path, token_server: TokenServer, daemon_factory: list[DaemonProcess]
+) -> None:
+    config = write_config(world_dir, server_url=token_server.url)
+    daemon = await start_daemon(world_dir, config, env={"WATCHDOG_USEC": "400000"})
+    daemon_factory.append(daemon)
+    await daemon.wait_for("READY=1")
+    with trio.fail_after(10):
+        while sum(n == "WATCHDOG=1" for n in daemon.notifications) < 3:
+            daemon.notifications.append((await daemon.notify.recv(4096)).decode())
+    assert await daemon.stop() == 0

@@ -1,0 +1,67 @@
+"""sd_notify, LISTEN_FDS parsing and the watchdog interval, against real sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from nixd.daemon import systemd
+from nixd.daemon.control import Peer, may_administer
+
+
+def test_notify_sends_one_datagram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert systemd.notify("READY=1", "STATUS=serving")
+        assert receiver.recv(100) == b"READY=1\nSTATUS=serving"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not systemd.notify("READY=1")
+
+
+def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"nixd-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert systemd.notify("WATCHDOG=1")
+        assert receiver.recv(100) == b"WATCHDOG=1"
+
+
+def test_listen_fds_only_for_our_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    monkeypatch.setenv("LISTEN_FDNAMES", "control:proxy")
+    assert systemd.listen_fds() == {}
+    assert "LISTEN_FDS" not in os.environ  # never inherited by children
+
+
+def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "20000000")
+    assert systemd.watchdog_interval() == 10.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert systemd.watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_USEC")
+    assert systemd.watchdog_interval() is None
+
+
+def test_journald_only_when_stderr_is_the_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", "1:1")
+    assert systemd.journald_handler() is None
+    st = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    handler = systemd.journald_handler()
+    assert handler is not None and type(handler).__name__ == "JournalHandler"
+
+
+def test_may_administer() -> None:
+    assert may_administer(Peer(1, 0, 0), None)
+    assert not may_administer(Peer(1, 65534, 65534), None)
+    assert not may_administer(None, "root")
+    assert may_administer(Peer(1, 65534, 0), "root")  # primary gid is the group
+    assert not may_administer(Peer(1, 65534, 65534), "root")
