@@ -182,12 +182,10 @@ def load_policy_text(text: str, source: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import trio  # noqa: PLC0415 - only serve runs an event loop
-
-    from nixd.server.serve import serve  # noqa: PLC0415 - hypercorn only for serve
+    from nixd.server.serve import run  # noqa: PLC0415 - only serve needs the HTTP front
 
     config = ServerConfig.load(args.state_dir)
-    trio.run(lambda: serve(config, listen=args.listen or None))
+    run(config, listen=args.listen or None, workers=args.workers or 0)
     return 0
 
 
@@ -465,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _state(p)
     p.add_argument("--listen", action="append", metavar="ADDR", help="override server.listen")
+    p.add_argument("--workers", type=int, metavar="N", help="override server.workers")
     p.set_defaults(func=cmd_serve)
 
     token = sub.add_parser("token", help="API tokens: create, list, revoke").add_subparsers(

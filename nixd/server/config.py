@@ -8,6 +8,7 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     listen = ["127.0.0.1:8080"]     # host:port, [v6]:port, or fd://N (socket activation)
     graceful_timeout = 10.0         # seconds in-flight NAR streams get on shutdown
     address_file = "run/address"    # where `serve` writes the bound address ("" = none)
+    workers = 1                     # processes accepting on the same sockets
 
     [storage]
     database = "server.db"          # SQLite (WAL): narinfos, slices, credentials, keys
@@ -46,6 +47,7 @@ class ServerSection:
     listen: tuple[str, ...] = ("127.0.0.1:8080",)
     graceful_timeout: float = 10.0
     address_file: str = "run/address"
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,8 @@ def _section(kind: type[Any], data: dict[str, Any], source: str, name: str) -> A
 def _check(config: ServerConfig, source: str) -> None:
     if not config.server.listen:
         raise ConfigError(f"{source}:server.listen: needs at least one address")
+    if not 1 <= config.server.workers <= 64:
+        raise ConfigError(f"{source}:server.workers: must be between 1 and 64")
     if config.server.graceful_timeout < 0:
         raise ConfigError(f"{source}:server.graceful_timeout: must not be negative")
     if not 1 <= config.storage.zstd_level <= 22:
@@ -204,6 +208,9 @@ listen = ["{listen}"]
 graceful_timeout = {d.server.graceful_timeout}
 # `serve` writes its bound addresses here, one per line ("" = do not)
 address_file = "{d.server.address_file}"
+# processes serving the same sockets (one per core is plenty; they share the database,
+# the blobs and the audit log)
+workers = {d.server.workers}
 
 [storage]
 database = "{d.storage.database}"

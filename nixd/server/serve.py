@@ -84,15 +84,57 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
         )
 
 
+def run(config: ServerConfig, *, listen: Sequence[str] | None = None, workers: int = 0) -> None:
+    """The ``nixd-server serve`` process tree: bind, fork ``workers - 1`` more, serve.
+
+    The sockets are bound (and the address file written) before forking, so every worker
+    accepts on the same listening sockets and the kernel spreads connections over them.
+    Workers share the database (WAL), the blob directory and the audit log (the audit log
+    takes an ``flock`` per batch); their caches notice each other's commits through
+    ``PRAGMA data_version``. SIGTERM to the first process stops the others after it.
+    """
+    count = workers or config.server.workers
+    sockets = bind_sockets(list(listen or config.server.listen))
+    children: list[int] = []
+    for _ in range(count - 1):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                trio.run(partial(serve, config, sockets=sockets, write_address=False))
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    try:
+        trio.run(partial(serve, config, sockets=sockets))
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
 async def serve(
     config: ServerConfig,
     *,
     listen: Sequence[str] | None = None,
+    sockets: Sequence[stdsocket.socket] | None = None,
+    write_address: bool = True,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or cancellation); ``started`` gets the bound URLs."""
-    binds = list(listen or config.server.listen)
-    listeners = [await _listener(b) for b in binds]
+    """Serve until SIGTERM/SIGINT (or cancellation); ``started`` gets the bound URLs.
+
+    Binds ``listen`` (default ``server.listen``) unless bound ``sockets`` are given.
+    """
+    if sockets is None:
+        sockets = bind_sockets(list(listen or config.server.listen))
+    listeners = [
+        trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup())) for sock in sockets
+    ]
     with open_services(config) as services:
         front = HttpFront(CacheApp(services), graceful_timeout=config.server.graceful_timeout)
         async with trio.open_nursery() as nursery:
@@ -101,35 +143,47 @@ async def serve(
             nursery.start_soon(_watch_signals, front)
             nursery.start_soon(services.policy.watch)
             urls = await nursery.start(front.serve, listeners)
-            log.info("serving on %s", ", ".join(urls))
-            if config.address_path is not None:
+            log.info("serving on %s (pid %d)", ", ".join(urls), os.getpid())
+            if write_address and config.address_path is not None:
                 _write_address(config.address_path, urls)
             task_status.started(urls)
             await front.finished.wait()
             nursery.cancel_scope.cancel()
 
 
-async def _listener(bind: str) -> trio.SocketListener:
-    """``host:port``, ``[v6]:port`` or ``fd://N`` (a listening socket passed by systemd)."""
+def bind_sockets(binds: Sequence[str]) -> list[stdsocket.socket]:
+    """Listening sockets for ``host:port``, ``[v6]:port`` or ``fd://N`` (from systemd)."""
+    return [_bind(b) for b in binds]
+
+
+def _bind(bind: str) -> stdsocket.socket:
     if bind.startswith("fd://"):
         try:
-            sock = trio.socket.fromfd(int(bind[5:]), stdsocket.AF_INET, stdsocket.SOCK_STREAM)
+            return stdsocket.socket(fileno=int(bind[5:]))
         except (ValueError, OSError) as exc:
             raise ConfigError(f"listen {bind!r}: not a usable socket: {exc}") from exc
-        return trio.SocketListener(sock)
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigError(f"listen {bind!r}: expected host:port, [v6]:port or fd://N")
     host = host.strip("[]")
     try:
-        found = await trio.open_tcp_listeners(int(port), host=host or None, backlog=1024)
+        infos = stdsocket.getaddrinfo(
+            host or None, int(port), type=stdsocket.SOCK_STREAM, flags=stdsocket.AI_PASSIVE
+        )
+        family, kind, proto, _, address = infos[0]
+        sock = stdsocket.socket(family, kind, proto)
     except OSError as exc:
         raise ConfigError(f"listen {bind!r}: {exc.strerror or exc}") from exc
-    if len(found) != 1:
-        for extra in found:
-            await extra.aclose()
-        raise ConfigError(f"listen {bind!r}: resolves to {len(found)} addresses; name one")
-    return found[0]
+    try:
+        sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+        if family == stdsocket.AF_INET6:
+            sock.setsockopt(stdsocket.IPPROTO_IPV6, stdsocket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"listen {bind!r}: {exc.strerror or exc}") from exc
+    return sock
 
 
 def _url(listener: trio.SocketListener) -> str:

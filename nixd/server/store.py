@@ -351,10 +351,15 @@ class Store:
         return store
 
     def _sweep_tmp(self) -> None:
-        """Uploads cut off by a crash leave temp files; nothing refers to them."""
+        """Uploads cut off by a crash leave temp files; nothing refers to them.
+
+        Only old ones go: another worker process may be receiving an upload right now.
+        """
+        cutoff = time.time() - 24 * 3600
         for p in self.tmp.glob("upload-*"):
             with contextlib.suppress(OSError):
-                p.unlink()
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
 
     # -- reads --------------------------------------------------------------------------
 

@@ -107,11 +107,12 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(state: ServerState, *listen: str) -> ServerProcess:
+def start_server(state: ServerState, *listen: str, workers: int = 1) -> ServerProcess:
     address = state.path / "run" / "address"
     address.unlink(missing_ok=True)
     log = state.path / "serve.log"
     args = [a for addr in (listen or ("127.0.0.1:0",)) for a in ("--listen", addr)]
+    args += ["--workers", str(workers)]
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [*CLI, "serve", str(state.path), *args],

@@ -278,7 +278,7 @@ resources = ["acme/app"]
 conditions = { source_ips = ["127.0.0.2/32"] }
 """
     )
-    server = start_server(acme)
+    server = start_server(acme, workers=2)  # two processes share sockets, database, audit log
     try:
         _, writer = acme.token("acme", "ci", fast=True)
         top = build_closure(real_nix)
@@ -348,4 +348,6 @@ conditions = { source_ips = ["127.0.0.2/32"] }
         assert explain.returncode == 2
         assert "acme-loopback-1-only" in explain.stdout
     finally:
-        server.stop()
+        assert server.stop() == 0
+    # Both workers wrote to one audit log; the chain holds.
+    assert acme.cli("audit", "verify").returncode == 0

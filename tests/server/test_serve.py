@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from nixd.server.serve import HttpFront, _listener
+from nixd.server.serve import HttpFront, bind_sockets
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -42,7 +42,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 @pytest.fixture
 async def front(nursery: trio.Nursery) -> AsyncIterator[tuple[HttpFront, int]]:
     f = HttpFront(app, graceful_timeout=5)
-    urls = await nursery.start(f.serve, [await _listener("127.0.0.1:0")])
+    (sock,) = bind_sockets(["127.0.0.1:0"])
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    urls = await nursery.start(f.serve, [listener])
     yield f, int(urls[0].rsplit(":", 1)[1])
     f.shutdown()
 
