@@ -40,6 +40,7 @@ RUNS = int(os.environ.get("RUNS", "3"))
 WRK_RUNS = int(os.environ.get("WRK_RUNS", "2"))
 WRK_DURATION = os.environ.get("WRK_DURATION", "10s")
 DURABLE_READS = os.environ.get("DURABLE_READS", "true")  # the server's audit.durable_reads
+WORKERS = os.environ.get("WORKERS", "1")  # the server's worker processes
 SMALL_PATHS = 300
 PY = sys.executable
 NIX_CONF = """\
@@ -164,7 +165,7 @@ class Server:
         address.unlink(missing_ok=True)
         with (BENCH / "serve.log").open("ab") as out:
             self.proc = subprocess.Popen(
-                [PY, "-m", "nixd.server.cli", "serve", str(self.state)],
+                [PY, "-m", "nixd.server.cli", "serve", str(self.state), "--workers", WORKERS],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -405,7 +406,8 @@ def main() -> int:
         ("narinfo p99 ms", "narinfo p99 ms", False, None),
     ]
     print(
-        f"\nnixd-server (audit.durable_reads = {DURABLE_READS}) vs nginx serving a static copy "
+        f"\nnixd-server ({WORKERS} worker(s), audit.durable_reads = {DURABLE_READS}) vs nginx "
+        "(1 worker) serving a static copy "
         f"of the same cache; medians of {RUNS} runs ({WRK_RUNS} for wrk)"
     )
     print(f"{'measure':34} {'nixd-server':>12} {'nginx':>12} {'ratio':>7} {'target':>8}")
@@ -420,7 +422,9 @@ def main() -> int:
             tgt = "< 10 ms"
             ratio = n / s
         print(f"{title:34} {s:12.2f} {n:12.2f} {ratio:7.2f} {tgt:>8}")
-    (BENCH / f"results-durable-{DURABLE_READS}.json").write_text(json.dumps(results, indent=2))
+    (BENCH / f"results-w{WORKERS}-durable-{DURABLE_READS}.json").write_text(
+        json.dumps(results, indent=2)
+    )
     return 0
 
 
