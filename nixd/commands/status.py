@@ -62,7 +62,10 @@ def render(status: dict[str, Any]) -> str:
     upstreams = status.get("upstreams") or []
     lines.append(f"upstreams:      {len(upstreams) or 'none'}")
     for u in upstreams:
-        health = u.get("health", u.get("state", "unknown"))
+        healthy = u.get("healthy")
+        health = "health unknown" if healthy is None else ("healthy" if healthy else "failing")
+        if u.get("last_error") and not healthy:
+            health += f": {u['last_error']}"
         lines.append(
             f"  - {u.get('url')} (priority {u.get('priority')}, auth {u.get('auth')}, {health})"
         )
