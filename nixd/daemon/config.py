@@ -5,7 +5,8 @@ The file (``/etc/nixd/config.toml`` by default) has four sections, all optional:
     [daemon]   control_socket, state_dir, control_group, shutdown_grace, log_level
     [server]   url, trusted_keys            (the nixd cache server; its keys are pinned at login)
     [proxy]    listen, store_dir, store_max_bytes, negative_ttl, [[proxy.upstreams]]
-    [nix]      nix_conf, fragment, netrc, additional_netrc_sources, restart_nix_daemon
+    [nix]      nix_conf, fragment, netrc, additional_netrc_sources, restart_nix_daemon,
+               nix_daemon_unit        (restarted over the system D-Bus when the fragment changes)
 
 Every path is configurable, so tests and the demo run unprivileged inside a temp dir.
 :func:`load_config` is the single parser: it refuses unknown keys and wrong types, and every
@@ -82,6 +83,8 @@ class NixSection:
     netrc: str = "/etc/nix/nixd-netrc"
     additional_netrc_sources: tuple[str, ...] = ()
     restart_nix_daemon: bool = True
+    #: the systemd unit asked to restart (TryRestartUnit) after the fragment changed
+    nix_daemon_unit: str = "nix-daemon.service"
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +198,11 @@ def _log_level(v: str) -> str | None:
     return None if v.lower() in ok else f"must be one of {', '.join(ok)}"
 
 
+def _unit_name(v: str) -> str | None:
+    ok = v.endswith(".service") and "/" not in v and len(v) > len(".service")
+    return None if ok else "must be a systemd service name like nix-daemon.service"
+
+
 def _parse_listen(where: str, value: str) -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
     host = host.strip("[]")
@@ -282,6 +290,7 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         netrc=n.get("netrc", str, "/etc/nix/nixd-netrc", _absolute),
         additional_netrc_sources=sources,
         restart_nix_daemon=n.get("restart_nix_daemon", bool, True),
+        nix_daemon_unit=n.get("nix_daemon_unit", str, "nix-daemon.service", _unit_name),
     )
     n.finish()
     return Config(

@@ -35,7 +35,7 @@ import watchfiles
 from nixd import __version__
 from nixd.auth.model import AccessToken
 from nixd.auth.token import Credential, exchange, fetch_cache_keys
-from nixd.daemon import systemd
+from nixd.daemon import dbus, systemd
 from nixd.daemon.config import Config, load_config
 from nixd.daemon.control import (
     ApiError,
@@ -94,6 +94,7 @@ class Daemon:
         self.started_at = time.time()
         self._admin_lock = trio.Lock()
         self._nix_lock = trio.Lock()
+        self.unit_restarter = dbus.UnitRestarter()
         self.control = ControlServer(
             {
                 ("GET", "/status"): Route(self.status, privileged=False),
@@ -232,18 +233,9 @@ class Daemon:
                 await self.restart_nix_daemon()
 
     async def restart_nix_daemon(self) -> None:
-        """nix-daemon reads nix.conf only at start: restart it if systemd runs it."""
-        if not self.config.nix.restart_nix_daemon:
-            return
-        if not await trio.Path("/run/systemd/system").is_dir():
-            return
-        result = await trio.run_process(
-            ["systemctl", "try-restart", "nix-daemon.service"], check=False, capture_stderr=True
-        )
-        if result.returncode != 0:
-            log.warning("could not restart nix-daemon: %s", result.stderr.decode().strip())
-        else:
-            log.info("restarted nix-daemon to load the new nix.conf")
+        """nix-daemon reads nix.conf only at start: ask systemd (D-Bus) to restart it."""
+        if self.config.nix.restart_nix_daemon:
+            await self.unit_restarter.try_restart(self.config.nix.nix_daemon_unit)
 
     # -- control API -----------------------------------------------------------------------
 
@@ -469,6 +461,8 @@ async def run_daemon(config: Config) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.refresher.run)
+                wake = dbus.SystemBusWatcher(dbus.RefreshOnWake(daemon.refresher))
+                await nursery.start(wake.run)
                 daemon.restore_login()
                 proxy_scope = trio.CancelScope()
                 proxy_listeners = (
