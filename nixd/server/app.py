@@ -48,7 +48,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -71,6 +71,7 @@ from nixd.server.errors import (
     Unauthenticated,
     into_client,
 )
+from nixd.server.exchange import Exchanger, ExchangeRejected
 from nixd.server.identity import Identity, anonymous
 from nixd.server.keys import ServerKeys
 from nixd.server.policy import PolicyHolder
@@ -113,6 +114,8 @@ class Services:
     durable_reads: bool = True
     background: trio.Nursery | None = None
     """Where non-durable read-allow audit lines are written (``durable_reads=False``)."""
+    exchangers: dict[str, Exchanger] = field(default_factory=dict)
+    """Exchange kinds other than ``token`` (:mod:`nixd.server.exchange`), by kind."""
 
 
 @dataclass
@@ -567,7 +570,8 @@ class CacheApp:
             raise FormatError('the request body must be a JSON object {"kind": ..., ...}')
         kind = request.get("kind")
         if kind != "token":
-            raise FormatError(f"credential kind {kind!r} is not supported (supported: token)")
+            await self._exchange_identity(ctx, str(kind), request, send)
+            return
         token = request.get("token")
         if not isinstance(token, str) or not token:
             raise FormatError('"token" must be a non-empty string')
@@ -587,6 +591,44 @@ class CacheApp:
         not_after = credential.expires if credential is not None else None
         access, claims = self.s.issuer.issue(ident, not_after=not_after)
         await self._audit(ctx, "token:exchange", ident.render(), True, "credential")
+        await _json(
+            send,
+            200,
+            {
+                "access_token": access,
+                "token_type": "Bearer",
+                "expires_in": int(claims["exp"] - claims["iat"]),
+                "expires_at": int(claims["exp"]),
+                "identity": ident.render(),
+            },
+        )
+
+    async def _exchange_identity(
+        self, ctx: _Ctx, kind: str, request: dict[str, Any], send: Send
+    ) -> None:
+        """An exchange by one of ``Services.exchangers``; audited, good or bad, with why."""
+        try:
+            exchanger = self.s.exchangers.get(kind)
+            if exchanger is None:
+                supported = ", ".join(["token", *sorted(self.s.exchangers)])
+                raise ExchangeRejected(
+                    f"credential kind {kind!r} is not supported here (supported: {supported})",
+                    code="unsupported_kind",
+                    status=400,
+                )
+            ident = await exchanger.identify(request, ctx.source_ip or None)
+        except ExchangeRejected as exc:
+            await self._audit(
+                ctx, "token:exchange", "*", False, exc.code, kind=kind, reason=exc.reason
+            )
+            headers = {"www-authenticate": WWW_AUTHENTICATE} if exc.status == 401 else None
+            await _json(
+                send, exc.status, {"error": exc.code, "message": exc.message}, headers=headers
+            )
+            return
+        ctx.identity = ident
+        access, claims = self.s.issuer.issue(ident)
+        await self._audit(ctx, "token:exchange", ident.render(), True, kind)
         await _json(
             send,
             200,

@@ -28,18 +28,38 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     file = "audit.log"
     durable_reads = true            # false: allowed reads are answered before their line
                                     # is fsynced (denials, uploads, admin: always durable)
+
+    [[github]]                      # trust GitHub Actions ID tokens (nixd.server.oidc);
+    org = "acme"                    # one entry per org; [[gitlab]] has the same keys
+    audience = "https://cache.example"  # the `aud` jobs must request (required)
+    owner_ids = ["1001"]            # repository_owner_id (GitLab: namespace_id); "*" = any
+    issuer = "https://token.actions.githubusercontent.com"  # default; GHES/self-managed differ
+
+    [[aws]]                         # trust AWS principals proved through STS (nixd.server.aws)
+    org = "acme"
+    audience = "https://cache.example"  # value of the signed X-Nixd-Server-Audience header
+    accounts = ["123456789012"]     # AWS account ids that belong to acme; "*" = any
+    sts_endpoint = "https://sts.amazonaws.com"
+    region = "us-east-1"            # the SigV4 scope region the endpoint expects
+    max_skew = 300.0                # seconds X-Amz-Date may be off
 """
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from nixd.errors import ConfigError
 
 CONFIG_NAME = "config.toml"
+DEFAULT_ISSUERS = {
+    "github": "https://token.actions.githubusercontent.com",
+    "gitlab": "https://gitlab.com",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +97,31 @@ class AuditSection:
 
 
 @dataclass(frozen=True, slots=True)
+class OidcSection:
+    """A trusted CI token issuer (``[[github]]``, ``[[gitlab]]``) and the org it serves."""
+
+    org: str = ""
+    audience: str = ""
+    owner_ids: tuple[str, ...] = ()
+    issuer: str = ""  # "" = the provider's public issuer (DEFAULT_ISSUERS)
+
+
+@dataclass(frozen=True, slots=True)
+class AwsSection:
+    """AWS accounts whose principals belong to an org, proved through an STS endpoint."""
+
+    org: str = ""
+    audience: str = ""
+    accounts: tuple[str, ...] = ()
+    sts_endpoint: str = "https://sts.amazonaws.com"
+    region: str = "us-east-1"
+    max_skew: float = 300.0
+
+
+_LISTS: dict[str, type[Any]] = {"github": OidcSection, "gitlab": OidcSection, "aws": AwsSection}
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The whole config; ``state_dir`` is where the file was found."""
 
@@ -86,6 +131,9 @@ class ServerConfig:
     tokens: TokensSection = field(default_factory=TokensSection)
     policy: PolicySection = field(default_factory=PolicySection)
     audit: AuditSection = field(default_factory=AuditSection)
+    github: tuple[OidcSection, ...] = ()
+    gitlab: tuple[OidcSection, ...] = ()
+    aws: tuple[AwsSection, ...] = ()
 
     def path(self, relative: str) -> Path:
         """A config path resolved against the state directory."""
@@ -143,8 +191,12 @@ class ServerConfig:
         }
         built: dict[str, Any] = {}
         for key, value in data.items():
+            if key in _LISTS:
+                built[key] = _entries(key, value, source)
+                continue
             if key not in sections:
-                raise ConfigError(f"{source}:{key}: unknown section (known: {', '.join(sections)})")
+                known = ", ".join([*sections, *_LISTS])
+                raise ConfigError(f"{source}:{key}: unknown section (known: {known})")
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}:{key}: must be a table")
             built[key] = _section(sections[key], value, source, key)
@@ -178,6 +230,52 @@ def _section(kind: type[Any], data: dict[str, Any], source: str, name: str) -> A
             raise ConfigError(f"{where}: must be {kind_name}")
         values[key] = value
     return kind(**values)
+
+
+def _entries(name: str, value: Any, source: str) -> tuple[Any, ...]:
+    """``[[name]]`` entries (a single ``[name]`` table counts as one), checked."""
+    tables = [value] if isinstance(value, dict) else value
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{source}:{name}: must be a table or an array of tables ([[{name}]])")
+    entries = []
+    for i, table in enumerate(tables):
+        where = f"{source}:{name}[{i}]"
+        entry = _section(_LISTS[name], table, source, f"{name}[{i}]")
+        if not entry.org or not entry.audience:
+            raise ConfigError(f"{where}: needs `org` and `audience`")
+        if isinstance(entry, OidcSection):
+            if not entry.owner_ids:
+                raise ConfigError(f'{where}.owner_ids: list the owner ids to trust (or "*")')
+            if not entry.issuer:
+                entry = replace(entry, issuer=DEFAULT_ISSUERS[name])
+            _check_url(entry.issuer, f"{where}.issuer")
+        else:
+            if not entry.accounts or not all(
+                a == "*" or (len(a) == 12 and a.isdigit()) for a in entry.accounts
+            ):
+                raise ConfigError(f'{where}.accounts: 12-digit AWS account ids (or "*")')
+            _check_url(entry.sts_endpoint, f"{where}.sts_endpoint")
+            if not entry.region:
+                raise ConfigError(f"{where}.region: must not be empty")
+            if entry.max_skew <= 0:
+                raise ConfigError(f"{where}.max_skew: must be positive")
+        entries.append(entry)
+    return tuple(entries)
+
+
+def _check_url(url: str, where: str) -> None:
+    """An identity provider is reached over https; plain http only on loopback (tests)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host:
+        return
+    if parts.scheme == "http":
+        try:
+            if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+                return
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: must be an https:// URL (plain http only on loopback)")
 
 
 def _check(config: ServerConfig, source: str) -> None:

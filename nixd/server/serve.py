@@ -41,6 +41,7 @@ from nixd.server.audit import AuditLog
 from nixd.server.config import ServerConfig
 from nixd.server.credentials import CredentialStore
 from nixd.server.db import open_db
+from nixd.server.exchange import open_exchangers
 from nixd.server.keys import ServerKeys
 from nixd.server.policy import PolicyHolder
 from nixd.server.store import Store
@@ -81,6 +82,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
             audit=audit,
             max_upload_bytes=config.storage.max_upload_bytes,
             nar_checker=NarParser,
+            exchangers=open_exchangers(config),
         )
 
 
