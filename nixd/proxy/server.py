@@ -42,6 +42,7 @@ from nixd.errors import ConfigError, FormatError, NixdError
 from nixd.nix.cacheinfo import CacheInfo
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
+from nixd.proxy import pagecache
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
 from nixd.proxy.errors import NotFound, RangeNotSatisfiable, status_for
 from nixd.proxy.front import ConnectionTracker, Request, Responder, serve_connection
@@ -386,7 +387,12 @@ class Proxy:
                 headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
             await resp.start(206 if rng else 200, headers)
             if not head:
-                await resp.send_file(fd, start, end - start + 1)
+                pos, stop = start, end + 1
+                while pos < stop:  # in blocks, dropping what was sent (see pagecache)
+                    n = min(stop - pos, pagecache.BLOCK)
+                    await resp.send_file(fd, pos, n)
+                    pagecache.drop_behind(fd, pos, pos + n, size)
+                    pos += n
                 self.metrics.inc("nixd_proxy_sent_bytes_total", end - start + 1, source="local")
             await resp.end()
         finally:
@@ -467,6 +473,7 @@ class Proxy:
                 return
             stop = end + 1 if end is not None else None
             pos = start
+            download.reader_at(resp, pos)
             while True:
                 if download.failed:
                     resp.abort(f"{download.key}: {download.error}")
@@ -474,9 +481,11 @@ class Proxy:
                 if stop is not None:
                     limit = min(limit, stop)
                 if pos < limit:
+                    limit = min(limit, pos + pagecache.BLOCK)  # report progress as we go
                     await resp.send_file(fd, pos, limit - pos)
                     self.metrics.inc("nixd_proxy_sent_bytes_total", limit - pos, source="upstream")
                     pos = limit
+                    download.reader_at(resp, pos)
                 elif download.state is State.OK and (
                     stop is None or pos >= stop or pos >= download.written
                 ):
@@ -485,6 +494,7 @@ class Proxy:
                     await download.wait_changed()
             await resp.end()
         finally:
+            download.reader_at(resp, None)
             os.close(fd)
 
     # -- status ------------------------------------------------------------------------

@@ -12,6 +12,15 @@ Only when the whole file has been received and its FileHash/FileSize (or NarHash
 for uncompressed NARs) match does the last byte go out; on a mismatch, a short or overlong
 body, or an upstream failure, the download is ``failed`` and every reader cuts its
 connection, so Nix (which got a ``Content-Length``) sees a failed transfer.
+
+Page cache: on the VMs nixd is benchmarked on, filling page cache pages that were not
+used recently costs ~4 CPU-s per GiB (the host backs them afresh), ten times the cost of
+reusing recently freed ones. So the writer keeps only a window of the file cached: it
+starts writeback of each block as it is written and drops blocks that every reader has
+sent (:class:`nixd.proxy.pagecache.Recycler`), and it stays at most ``AHEAD`` bytes ahead
+of the fastest reader, so the same few hundred MiB of pages are reused for the whole NAR.
+A stalled reader stops throttling after ``STALL`` seconds; a reader that falls behind the
+window is served from disk.
 """
 
 from __future__ import annotations
@@ -28,10 +37,16 @@ import trio
 from nixd.errors import IntegrityError, UpstreamError
 from nixd.nix.narinfo import NarInfo
 from nixd.proxy.metrics import Metrics
+from nixd.proxy.pagecache import Recycler
 from nixd.proxy.upstream import Upstream
 from nixd.proxy.verify import can_verify, expected_raw, nar_matches
 
 log = logging.getLogger(__name__)
+
+AHEAD = 64 << 20
+"""Most bytes the download runs ahead of its fastest reader (when it has readers)."""
+STALL = 10.0
+"""Seconds without reader progress after which the download stops waiting for readers."""
 
 
 class State(Enum):
@@ -63,6 +78,10 @@ class Download:
         """True when the inline hash already proved NarHash (uncompressed NARs)."""
         self._changed = trio.Event()
         self._fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._readers: dict[object, int] = {}
+        """Position of each reader sending the file (see :meth:`reader_at`)."""
+        self._progress: trio.Event | None = None
+        self._throttle = True
 
     def open_reader(self) -> int:
         """A read-only fd on the temp file; valid even after the file is renamed or removed."""
@@ -77,6 +96,32 @@ class Download:
         if self.state is State.OK:
             return self.written
         return max(0, self.written - 1)
+
+    def reader_at(self, reader: object, pos: int | None) -> None:
+        """Record how far ``reader`` has sent the file (None: it is done or gone)."""
+        if pos is None:
+            self._readers.pop(reader, None)
+        else:
+            self._readers[reader] = pos
+        if self._progress is not None:
+            self._progress.set()
+
+    async def _keep_pace(self) -> None:
+        """Wait while the fastest reader is more than AHEAD bytes behind the writer."""
+        while self._throttle and self._readers:
+            if self.written - max(self._readers.values()) <= AHEAD:
+                return
+            self._progress = trio.Event()
+            with trio.move_on_after(STALL) as scope:
+                await self._progress.wait()
+            self._progress = None
+            if scope.cancelled_caught:
+                log.info("%s: readers stalled; downloading without waiting for them", self.key)
+                self._throttle = False
+
+    def _low_water(self) -> int:
+        """Below this offset every current reader has sent the file."""
+        return min(self._readers.values(), default=self.written)
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
@@ -104,6 +149,7 @@ class Download:
         sha = hashlib.sha256()
         size = self.size
         fd = self._fd
+        recycler = Recycler(fd)
         async with self.upstream.nar_body(self.info) as body:
             length = body.length
             if size is not None and length is not None and length != size:
@@ -122,6 +168,8 @@ class Download:
                 sha.update(chunk)
                 self.written += n
                 self._notify()
+                recycler.written(self.written, self._low_water())
+                await self._keep_pace()
         self.metrics.inc("nixd_proxy_upstream_bytes_total", self.written)
         if size is not None and self.written != size:
             raise IntegrityError(f"{self.key}: upstream sent {self.written} of {size} bytes")
