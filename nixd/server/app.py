@@ -61,6 +61,7 @@ from nixd.nix.storepath import StorePath
 from nixd.server.audit import AuditLog
 from nixd.server.credentials import CredentialRejected, CredentialStore
 from nixd.server.db import Project
+from nixd.server.device import DeviceService
 from nixd.server.errors import (
     WWW_AUTHENTICATE,
     BadUpload,
@@ -116,6 +117,8 @@ class Services:
     """Where non-durable read-allow audit lines are written (``durable_reads=False``)."""
     exchangers: dict[str, Exchanger] = field(default_factory=dict)
     """Exchange kinds other than ``token`` (:mod:`nixd.server.exchange`), by kind."""
+    device: DeviceService | None = None
+    """Interactive login: ``/api/v1/device/*`` and the ``/device`` pages."""
 
 
 @dataclass
@@ -156,6 +159,15 @@ class CacheApp:
                 await self._cache(ctx, scope, receive, send, path[len("/cache/") :])
             elif path.startswith("/api/v1/") or path == "/.well-known/jwks.json":
                 await self._api(ctx, scope, receive, send, path)
+            elif (path == "/device" or path.startswith("/device/")) and self.s.device:
+                await self.s.device.pages.handle(
+                    scope,
+                    receive,
+                    send,
+                    path=path,
+                    request_id=ctx.request_id,
+                    source_ip=ctx.source_ip,
+                )
             else:
                 raise NotFound()
         except Exception as exc:
@@ -555,6 +567,15 @@ class CacheApp:
             await self._exchange(ctx, receive, send)
         elif path == "/api/v1/token/status" and method == "GET":
             await self._status(ctx, scope, send)
+        elif path.startswith("/api/v1/device/") and self.s.device is not None:
+            await self.s.device.handle_api(
+                scope,
+                receive,
+                send,
+                path=path,
+                request_id=ctx.request_id,
+                source_ip=ctx.source_ip,
+            )
         elif path in ("/api/v1/token/exchange", "/api/v1/token/status", "/api/v1/cache/keys"):
             raise MethodNotAllowed(f"{method} is not supported on {path}")
         else:
@@ -629,6 +650,8 @@ class CacheApp:
         ctx.identity = ident
         access, claims = self.s.issuer.issue(ident)
         await self._audit(ctx, "token:exchange", ident.render(), True, kind)
+        # An exchanger may add to the answer (``refresh`` hands over the rotated credential).
+        answer_fields = getattr(exchanger, "answer_fields", None)
         await _json(
             send,
             200,
@@ -638,6 +661,7 @@ class CacheApp:
                 "expires_in": int(claims["exp"] - claims["iat"]),
                 "expires_at": int(claims["exp"]),
                 "identity": ident.render(),
+                **(answer_fields() if answer_fields is not None else {}),
             },
         )
 

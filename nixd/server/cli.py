@@ -23,6 +23,7 @@ from typing import Any
 
 from nixd import __version__
 from nixd.errors import ConfigError, NixdError
+from nixd.server.accounts import register_cli as register_user_cli
 from nixd.server.audit import AuditLog, verify
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
 from nixd.server.credentials import CredentialStore
@@ -511,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     _state(p)
     p.add_argument("org", metavar="NAME")
     p.set_defaults(func=cmd_org_create)
+
+    register_user_cli(sub, _state, _open, _audit)
 
     project = sub.add_parser("project", help="projects (cache slices)").add_subparsers(
         dest="project_command", metavar="ACTION", required=True

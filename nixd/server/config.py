@@ -29,6 +29,13 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     durable_reads = true            # false: allowed reads are answered before their line
                                     # is fsynced (denials, uploads, admin: always durable)
 
+    [device]                        # interactive login (`nixd login`, nixd.server.device)
+    code_ttl = 600                  # seconds a user code may wait for approval
+    interval = 5                    # seconds between the client's polls
+    refresh_ttl = 2592000           # an unused refresh credential expires after (30 days)
+    public_url = ""                 # how browsers reach the server (default: the Host
+                                    # header); https:// makes the session cookie Secure
+
     [[github]]                      # trust GitHub Actions ID tokens (nixd.server.oidc);
     org = "acme"                    # one entry per org; [[gitlab]] has the same keys
     audience = "https://cache.example"  # the `aud` jobs must request (required)
@@ -97,6 +104,16 @@ class AuditSection:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceSection:
+    """Interactive login (:mod:`nixd.server.device`): code and refresh lifetimes, the URL."""
+
+    code_ttl: int = 600
+    interval: int = 5
+    refresh_ttl: int = 30 * 86400
+    public_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class OidcSection:
     """A trusted CI token issuer (``[[github]]``, ``[[gitlab]]``) and the org it serves."""
 
@@ -131,6 +148,7 @@ class ServerConfig:
     tokens: TokensSection = field(default_factory=TokensSection)
     policy: PolicySection = field(default_factory=PolicySection)
     audit: AuditSection = field(default_factory=AuditSection)
+    device: DeviceSection = field(default_factory=DeviceSection)
     github: tuple[OidcSection, ...] = ()
     gitlab: tuple[OidcSection, ...] = ()
     aws: tuple[AwsSection, ...] = ()
@@ -188,6 +206,7 @@ class ServerConfig:
             "tokens": TokensSection,
             "policy": PolicySection,
             "audit": AuditSection,
+            "device": DeviceSection,
         }
         built: dict[str, Any] = {}
         for key, value in data.items():
@@ -291,6 +310,13 @@ def _check(config: ServerConfig, source: str) -> None:
         raise ConfigError(f"{source}:storage.max_upload_bytes: must be positive")
     if config.tokens.access_ttl <= 0:
         raise ConfigError(f"{source}:tokens.access_ttl: must be positive")
+    for key in ("code_ttl", "interval", "refresh_ttl"):
+        if getattr(config.device, key) <= 0:
+            raise ConfigError(f"{source}:device.{key}: must be positive")
+    if config.device.public_url and not config.device.public_url.startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError(f"{source}:device.public_url: must be an http(s):// URL")
 
 
 def render_default(listen: str = "127.0.0.1:8080") -> str:

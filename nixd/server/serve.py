@@ -41,6 +41,7 @@ from nixd.server.audit import AuditLog
 from nixd.server.config import ServerConfig
 from nixd.server.credentials import CredentialStore
 from nixd.server.db import open_db
+from nixd.server.device import DeviceService, RefreshExchanger
 from nixd.server.exchange import open_exchangers
 from nixd.server.keys import ServerKeys
 from nixd.server.policy import PolicyHolder
@@ -73,6 +74,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
         policy = PolicyHolder(config.policy_path)
         audit = AuditLog(config.audit_path)
         stack.callback(audit.close)
+        device = DeviceService(conn, issuer=issuer, audit=audit, settings=config.device)
         yield Services(
             store=store,
             credentials=CredentialStore(conn),
@@ -82,7 +84,8 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
             audit=audit,
             max_upload_bytes=config.storage.max_upload_bytes,
             nar_checker=NarParser,
-            exchangers=open_exchangers(config),
+            exchangers={**open_exchangers(config), "refresh": RefreshExchanger(device)},
+            device=device,
         )
 
 

@@ -1,0 +1,637 @@
+"""Interactive login: the OAuth 2.0 device authorization grant (RFC 8628) and refresh credentials.
+
+The flow::
+
+    nixd login ── POST /api/v1/device/authorize ──► device_code (secret), user_code BCDF-GHJK
+       │  prints the URL and the user code              │
+       │                                                ▼
+       │              a person signs in on /device (nixd.server.web), enters the code,
+       │              sees what asks for access, approves or denies
+       ▼
+    POST /api/v1/device/token every `interval` s ──► authorization_pending | slow_down
+                                                     | access_denied | expired_token
+                                                     | 200 access token + refresh credential
+
+**Device codes.** The ``device_code`` is 32 random bytes the client keeps; only its SHA-256
+is stored. The ``user_code`` is 8 letters from a 20-consonant alphabet (no vowels, so no
+words; no 0/O or 1/I to confuse; case and dashes ignored when typed), shown as
+``XXXX-XXXX``; it is only usable by a signed-in person and only while pending. A code is
+decided once and redeemed once. Polls closer together than the code's ``interval`` answer
+``slow_down`` and add 5 s to the interval (RFC 8628 §3.5), which the client must honor.
+
+**Refresh credentials** (``nixdr_<id>_<secret>``, stored as a SHA-256) are what the daemon
+keeps. Each is single-use: ``POST /api/v1/token/exchange {"kind": "refresh", "token": ...}``
+marks it used and answers with an access token and the next refresh credential of the same
+*family* (one family per approved login). Presenting an already used credential means two
+parties hold it — the legitimate client and a thief — so the whole family is revoked at
+once (reuse detection) and both must log in again. Families are revocable by an admin
+(:meth:`DeviceService.revoke_user`), and a disabled account's credentials stop working.
+A credential unused for ``refresh_ttl`` expires.
+
+The identity is the account's (``user:<name>``, attributes ``org`` and ``user``). Every
+step — authorize, each poll outcome but ``authorization_pending``, approve, deny, every
+refresh, good or bad — is written to the audit log with the reason.
+
+All state is in SQLite (schema component ``"device"``), so several server processes share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, quote
+
+from nixd.errors import AuthError, FormatError
+from nixd.server.accounts import Account, AccountStore
+from nixd.server.audit import AuditLog
+from nixd.server.config import DeviceSection
+from nixd.server.db import Migration, ensure_schema, transaction
+from nixd.server.exchange import ExchangeRejected
+from nixd.server.identity import Identity, anonymous
+from nixd.server.tokens import TokenIssuer
+from nixd.server.web import WebPages
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+CLIENT_ID = "nixd-cli"
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
+USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
+USER_CODE_LENGTH = 8
+SLOW_DOWN_STEP = 5
+REFRESH_PREFIX = "nixdr_"
+MAX_FORM = 16 * 1024
+_REFRESH_RE = re.compile(r"nixdr_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+_HASH_DOMAIN = b"nixd-refresh-v1\0"
+
+MIGRATIONS: list[Migration] = [
+    # 1: pending device authorizations and refresh credential families.
+    """
+    CREATE TABLE device_codes (
+        device_hash BLOB PRIMARY KEY,
+        user_code   TEXT NOT NULL UNIQUE,
+        client_id   TEXT NOT NULL,
+        created     REAL NOT NULL,
+        expires     REAL NOT NULL,
+        interval    INTEGER NOT NULL,
+        last_poll   REAL,
+        state       TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'approved', 'denied', 'redeemed')),
+        account_id  INTEGER REFERENCES accounts(id) ON DELETE CASCADE,
+        decided     REAL,
+        source      TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX device_codes_expires ON device_codes(expires);
+    CREATE TABLE refresh_credentials (
+        id          TEXT PRIMARY KEY,
+        family      TEXT NOT NULL,
+        account_id  INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        secret_hash BLOB NOT NULL,
+        created     REAL NOT NULL,
+        expires     REAL NOT NULL,
+        used_at     REAL,
+        revoked_at  REAL
+    );
+    CREATE INDEX refresh_credentials_family ON refresh_credentials(family);
+    CREATE INDEX refresh_credentials_account ON refresh_credentials(account_id);
+    """,
+]
+
+
+DeviceSettings = DeviceSection
+"""``[device]`` in the server config."""
+
+
+class RefreshRejected(AuthError):
+    """A refresh credential was refused; ``code`` for the client, ``reason`` for the audit."""
+
+    code: ClassVar[str] = "invalid_grant"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCode:
+    """A device authorization as the web page shows it (never the device code)."""
+
+    user_code: str
+    client_id: str
+    created: float
+    expires: float
+    state: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    """The outcome of a good refresh: who, and the next credential of the family."""
+
+    identity: Identity
+    refresh_token: str
+    refresh_expires: float
+
+
+def normalize_user_code(text: str) -> str:
+    """``bcdf-ghjk`` / ``BCDF GHJK`` → ``BCDFGHJK`` (what is stored)."""
+    return "".join(c for c in text.upper() if c.isalnum())
+
+
+def format_user_code(code: str) -> str:
+    """``BCDFGHJK`` → ``BCDF-GHJK`` (what people see)."""
+    return f"{code[:4]}-{code[4:]}"
+
+
+def _sha256(data: str) -> bytes:
+    return hashlib.sha256(data.encode()).digest()
+
+
+def _refresh_hash(credential_id: str, secret: str) -> bytes:
+    return hashlib.sha256(_HASH_DOMAIN + credential_id.encode() + b"\0" + secret.encode()).digest()
+
+
+class DeviceService:
+    """The device endpoints, the decisions the web page records, and refresh credentials.
+
+    ``conn`` is the server's database connection (used from the trio thread only, short
+    statements); ``clock`` returns Unix seconds (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        issuer: TokenIssuer,
+        audit: AuditLog,
+        settings: DeviceSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._conn = conn
+        self.issuer = issuer
+        self.audit = audit
+        self.settings = settings or DeviceSettings()
+        self.clock = clock
+        self.accounts = AccountStore(conn, clock=clock)
+        ensure_schema(conn, component="device", migrations=MIGRATIONS)
+        self.pages = WebPages(self)
+
+    # -- HTTP: /api/v1/device/* ------------------------------------------------------------
+
+    async def handle_api(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        path: str,
+        request_id: str,
+        source_ip: str,
+    ) -> None:
+        """Answer ``POST /api/v1/device/authorize`` and ``POST /api/v1/device/token``."""
+        if scope["method"] != "POST":
+            await _oauth(send, 405, {"error": "invalid_request", "error_description": "use POST"})
+            return
+        form = await read_form(scope, receive)
+        if path == "/api/v1/device/authorize":
+            status, body = await self.authorize(
+                form, source_ip=source_ip, base_url=self.base_url(scope), request_id=request_id
+            )
+        elif path == "/api/v1/device/token":
+            status, body = await self.token(form, source_ip=source_ip, request_id=request_id)
+        else:
+            status, body = 404, {"error": "not_found", "error_description": path}
+        await _oauth(send, status, body)
+
+    def base_url(self, scope: Scope) -> str:
+        """Where people reach this server: ``device.public_url``, else from the Host header."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        host = ""
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value.decode("latin-1")
+                break
+        if not host or not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", host):
+            server = scope.get("server") or ("127.0.0.1", 80)
+            host = f"{server[0]}:{server[1]}"
+        return f"{scope.get('scheme', 'http')}://{host}"
+
+    async def authorize(
+        self, form: Mapping[str, str], *, source_ip: str, base_url: str, request_id: str = ""
+    ) -> tuple[int, dict[str, Any]]:
+        """RFC 8628 §3.1-3.2: a new device code for ``client_id`` ``nixd-cli``."""
+        client_id = form.get("client_id", "")
+        if client_id != CLIENT_ID:
+            await self._audit(
+                request_id, anonymous(), "device:authorize", False, "unknown_client", source_ip
+            )
+            return 400, {
+                "error": "invalid_client",
+                "error_description": f"unknown client_id {client_id!r} (expected {CLIENT_ID!r})",
+            }
+        now = self.clock()
+        device_code = secrets.token_urlsafe(32)
+        ttl, interval = self.settings.code_ttl, self.settings.interval
+        self._expire_old(now)
+        for _ in range(10):
+            user_code = "".join(secrets.choice(USER_CODE_ALPHABET) for _ in range(USER_CODE_LENGTH))
+            try:
+                with transaction(self._conn):
+                    self._conn.execute(
+                        "INSERT INTO device_codes (device_hash, user_code, client_id, created,"
+                        " expires, interval, source) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            _sha256(device_code),
+                            user_code,
+                            client_id,
+                            now,
+                            now + ttl,
+                            interval,
+                            source_ip,
+                        ),
+                    )
+                break
+            except sqlite3.IntegrityError:
+                continue  # a live code already has these letters: draw again
+        else:  # pragma: no cover - 20^8 codes; ten collisions in a row do not happen
+            raise FormatError("could not allocate a user code; try again")
+        shown = format_user_code(user_code)
+        await self._audit(
+            request_id,
+            anonymous(),
+            "device:authorize",
+            True,
+            "device-flow",
+            source_ip,
+            user_code=shown,
+        )
+        uri = f"{base_url}/device"
+        return 200, {
+            "device_code": device_code,
+            "user_code": shown,
+            "verification_uri": uri,
+            "verification_uri_complete": f"{uri}?user_code={quote(shown)}",
+            "expires_in": ttl,
+            "interval": interval,
+        }
+
+    async def token(
+        self, form: Mapping[str, str], *, source_ip: str, request_id: str = ""
+    ) -> tuple[int, dict[str, Any]]:
+        """RFC 8628 §3.4-3.5: one poll of the client."""
+        if form.get("grant_type") != GRANT_TYPE:
+            return 400, {
+                "error": "unsupported_grant_type",
+                "error_description": f"grant_type must be {GRANT_TYPE}",
+            }
+        device_code = form.get("device_code", "")
+        client_id = form.get("client_id", "")
+        now = self.clock()
+        with transaction(self._conn):
+            row = self._conn.execute(
+                "SELECT user_code, client_id, expires, interval, last_poll, state, account_id"
+                " FROM device_codes WHERE device_hash = ?",
+                (_sha256(device_code),),
+            ).fetchone()
+            if row is not None:
+                self._conn.execute(
+                    "UPDATE device_codes SET last_poll = ? WHERE device_hash = ?",
+                    (now, _sha256(device_code)),
+                )
+        if row is None or row[1] != client_id:
+            await self._audit(
+                request_id, anonymous(), "device:token", False, "unknown_device_code", source_ip
+            )
+            return 400, {"error": "invalid_grant", "error_description": "unknown device code"}
+        user_code, _, expires, interval, last_poll, state, account_id = row
+        shown = format_user_code(user_code)
+
+        async def refuse(error: str, description: str) -> tuple[int, dict[str, Any]]:
+            await self._audit(
+                request_id, anonymous(), "device:token", False, error, source_ip, user_code=shown
+            )
+            return 400, {"error": error, "error_description": description}
+
+        if state == "redeemed":
+            return await refuse("invalid_grant", "this device code was already used")
+        if state == "denied":
+            return await refuse("access_denied", "the request was denied")
+        if now >= expires:
+            return await refuse("expired_token", "the code expired before it was approved")
+        if last_poll is not None and now - last_poll < interval:
+            with transaction(self._conn):
+                self._conn.execute(
+                    "UPDATE device_codes SET interval = interval + ? WHERE device_hash = ?",
+                    (SLOW_DOWN_STEP, _sha256(device_code)),
+                )
+            return await refuse(
+                "slow_down", f"poll at most every {interval + SLOW_DOWN_STEP} seconds"
+            )
+        if state == "pending":
+            return 400, {"error": "authorization_pending"}
+        # Approved: redeem exactly once, even if two polls race (two server processes).
+        with transaction(self._conn):
+            redeemed = self._conn.execute(
+                "UPDATE device_codes SET state = 'redeemed' WHERE device_hash = ?"
+                " AND state = 'approved'",
+                (_sha256(device_code),),
+            ).rowcount
+        account = self.accounts.by_id(int(account_id)) if account_id is not None else None
+        if redeemed != 1 or account is None or account.disabled_at is not None:
+            return await refuse("invalid_grant", "this device code cannot be used")
+        identity = account.identity()
+        refresh, _ = self._new_refresh(account, family=secrets.token_hex(8), now=now)
+        access, claims = self.issuer.issue(identity)
+        await self._audit(
+            request_id,
+            identity,
+            "device:token",
+            True,
+            "device-approved",
+            source_ip,
+            user_code=shown,
+        )
+        return 200, {
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": int(claims["exp"] - claims["iat"]),
+            "expires_at": int(claims["exp"]),
+            "refresh_token": refresh,
+            "identity": identity.render(),
+        }
+
+    # -- decisions (the web page) ----------------------------------------------------------
+
+    def lookup(self, user_code: str) -> PendingCode | None:
+        """The pending, unexpired authorization with this user code, if any."""
+        code = normalize_user_code(user_code)
+        if len(code) != USER_CODE_LENGTH:
+            return None
+        row = self._conn.execute(
+            "SELECT user_code, client_id, created, expires, state, source FROM device_codes"
+            " WHERE user_code = ? AND state = 'pending' AND expires > ?",
+            (code, self.clock()),
+        ).fetchone()
+        if row is None:
+            return None
+        return PendingCode(format_user_code(row[0]), row[1], row[2], row[3], row[4], row[5])
+
+    async def decide(
+        self,
+        user_code: str,
+        account: Account,
+        *,
+        approve: bool,
+        source_ip: str,
+        request_id: str = "",
+    ) -> bool:
+        """Approve or deny a pending code as ``account``; False if it is no longer pending."""
+        code = normalize_user_code(user_code)
+        now = self.clock()
+        with transaction(self._conn):
+            changed = self._conn.execute(
+                "UPDATE device_codes SET state = ?, account_id = ?, decided = ?"
+                " WHERE user_code = ? AND state = 'pending' AND expires > ?",
+                ("approved" if approve else "denied", account.id, now, code, now),
+            ).rowcount
+        action = "device:approve" if approve else "device:deny"
+        await self._audit(
+            request_id,
+            account.identity(),
+            action,
+            changed == 1,
+            "signed-in-user" if changed == 1 else "code_not_pending",
+            source_ip,
+            user_code=format_user_code(code) if len(code) == USER_CODE_LENGTH else "?",
+        )
+        return changed == 1
+
+    # -- refresh credentials ---------------------------------------------------------------
+
+    def _new_refresh(self, account: Account, *, family: str, now: float) -> tuple[str, float]:
+        credential_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        expires = now + self.settings.refresh_ttl
+        self._conn.execute(
+            "INSERT INTO refresh_credentials (id, family, account_id, secret_hash, created,"
+            " expires) VALUES (?, ?, ?, ?, ?, ?)",
+            (credential_id, family, account.id, _refresh_hash(credential_id, secret), now, expires),
+        )
+        return f"{REFRESH_PREFIX}{credential_id}_{secret}", expires
+
+    def redeem(self, token: str) -> Refreshed:
+        """Redeem a refresh credential: the identity and the family's next credential.
+
+        Raises :class:`RefreshRejected` (``reason`` for the audit line the exchange writes);
+        a replayed credential revokes its whole family before the refusal.
+        """
+        match = _REFRESH_RE.fullmatch(token.strip())
+        if match is None:
+            raise RefreshRejected("not a refresh credential", reason="malformed")
+        credential_id, secret = match.groups()
+        now = self.clock()
+        with transaction(self._conn, durable=True):
+            row = self._conn.execute(
+                "SELECT family, account_id, secret_hash, expires, used_at, revoked_at"
+                " FROM refresh_credentials WHERE id = ?",
+                (credential_id,),
+            ).fetchone()
+            if row is None or not hmac.compare_digest(
+                bytes(row[2]), _refresh_hash(credential_id, secret)
+            ):
+                raise RefreshRejected(
+                    "refresh credential not known; log in again", reason="unknown"
+                )
+            family, account_id, _, expires, used_at, revoked_at = row
+            if revoked_at is not None:
+                raise RefreshRejected(
+                    "this login was revoked; run `nixd login` again", reason="revoked"
+                )
+            if used_at is not None:
+                # Reuse: two parties hold this credential. Revoke the family, commit that,
+                # and only then refuse (raising inside the block would roll it back).
+                self._conn.execute(
+                    "UPDATE refresh_credentials SET revoked_at = ? WHERE family = ?"
+                    " AND revoked_at IS NULL",
+                    (now, family),
+                )
+                log.warning(
+                    "refresh credential %s replayed: family %s revoked", credential_id, family
+                )
+                outcome: Refreshed | RefreshRejected = RefreshRejected(
+                    "this refresh credential was already used (a copy of it is in other hands);"
+                    " the login was revoked, run `nixd login` again",
+                    reason="replayed_family_revoked",
+                )
+            elif now >= expires:
+                raise RefreshRejected(
+                    "the login expired (unused for too long); run `nixd login` again",
+                    reason="expired",
+                )
+            else:
+                account = self.accounts.by_id(int(account_id))
+                if account is None or account.disabled_at is not None:
+                    raise RefreshRejected(
+                        "the account is disabled or gone", reason="account_disabled"
+                    )
+                self._conn.execute(
+                    "UPDATE refresh_credentials SET used_at = ? WHERE id = ?", (now, credential_id)
+                )
+                new, new_expires = self._new_refresh(account, family=family, now=now)
+                outcome = Refreshed(account.identity(), new, new_expires)
+        if isinstance(outcome, RefreshRejected):
+            raise outcome
+        return outcome
+
+    def revoke_user(self, account: Account) -> int:
+        """Revoke every refresh credential of ``account``; how many were live."""
+        return revoke_refresh(self._conn, account, now=self.clock())
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _expire_old(self, now: float) -> None:
+        """Forget device codes a day past their expiry (they only matter for polling)."""
+        with transaction(self._conn):
+            self._conn.execute("DELETE FROM device_codes WHERE expires < ?", (now - 86400,))
+
+    async def _audit(  # noqa: PLR0917 - the fields of one audit line
+        self,
+        request_id: str,
+        identity: Identity,
+        action: str,
+        allowed: bool,
+        rule: str,
+        source_ip: str,
+        **extra: Any,
+    ) -> None:
+        await self.audit.arecord(
+            {
+                "request_id": request_id,
+                "identity": identity.render(),
+                "action": action,
+                "resource": "device",
+                "decision": "allow" if allowed else "deny",
+                "rule": rule,
+                "source": source_ip,
+                **extra,
+            }
+        )
+
+
+_ROTATED: ContextVar[Refreshed | None] = ContextVar("nixd_refresh_rotated", default=None)
+
+
+class RefreshExchanger:
+    """Exchange kind ``refresh``: ``{"kind": "refresh", "token": <refresh credential>}``.
+
+    :meth:`identify` redeems the credential; the next one of its family must reach the
+    client in the same answer, which the exchange asks for with :meth:`answer_fields`
+    right after issuing the access token. The rotated credential is handed over through a
+    context variable, which belongs to the request's own task, so concurrent exchanges
+    never see each other's.
+    """
+
+    kind = "refresh"
+
+    def __init__(self, device: DeviceService) -> None:
+        self.device = device
+
+    async def identify(self, body: Mapping[str, Any], source_ip: str | None) -> Identity:
+        _ROTATED.set(None)
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise ExchangeRejected(
+                '"token" must be a non-empty string', code="invalid_request", status=400
+            )
+        try:
+            result = self.device.redeem(token)
+        except RefreshRejected as exc:
+            raise ExchangeRejected(str(exc), code=exc.code, reason=exc.reason) from exc
+        _ROTATED.set(result)
+        return result.identity
+
+    def answer_fields(self) -> dict[str, Any]:
+        """``refresh_token`` (and its expiry) for the answer of this task's exchange."""
+        result = _ROTATED.get()
+        _ROTATED.set(None)
+        if result is None:
+            return {}
+        return {
+            "refresh_token": result.refresh_token,
+            "refresh_expires_at": int(result.refresh_expires),
+        }
+
+
+def revoke_refresh(conn: sqlite3.Connection, account: Account, *, now: float | None = None) -> int:
+    """Revoke every live refresh credential of ``account`` (``nixd-server user logout``)."""
+    ensure_schema(conn, component="device", migrations=MIGRATIONS)
+    with transaction(conn, durable=True):
+        count = conn.execute(
+            "UPDATE refresh_credentials SET revoked_at = ? WHERE revoked_at IS NULL"
+            " AND account_id = ?",
+            (time.time() if now is None else now, account.id),
+        ).rowcount
+    return int(count)
+
+
+async def read_form(scope: Scope, receive: Receive) -> dict[str, str]:
+    """A small request body as a flat dict: form-encoded (RFC 6749) or a JSON object."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise FormatError("the client went away during the request")
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > MAX_FORM:
+            raise FormatError(f"the request body is larger than {MAX_FORM} bytes")
+        parts.append(chunk)
+        if not msg.get("more_body", False):
+            break
+    body = b"".join(parts)
+    content_type = b""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            content_type = value.split(b";")[0].strip().lower()
+    try:
+        if content_type == b"application/json":
+            data = json.loads(body) if body else {}
+            if not isinstance(data, dict):
+                raise FormatError("the request body must be a JSON object")
+            return {str(k): v for k, v in data.items() if isinstance(v, str)}
+        return dict(parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=32))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"the request body is not a valid form: {exc}") from exc
+
+
+async def _oauth(send: Send, status: int, payload: Mapping[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"cache-control", b"no-store"),
+                (b"pragma", b"no-cache"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
