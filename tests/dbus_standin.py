@@ -76,18 +76,24 @@ class PrivateBus:
             await self.process.wait()
 
 
-async def start_bus(directory: Path) -> PrivateBus:
-    """Start a dbus-daemon listening in ``directory``; returns once it accepts clients."""
+def _prepare(directory: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     socket = directory / "system_bus_socket"
     socket.unlink(missing_ok=True)
     config = directory / "bus.conf"
     config.write_text(BUS_CONFIG.format(socket=socket))
-    process = await trio.lowlevel.open_process(
-        [DBUS_DAEMON, f"--config-file={config}", "--nofork", "--nopidfile", "--print-address"],
-        stdout=subprocess.PIPE,
-        stderr=None,
-    )
+    return socket, config
+
+
+async def start_bus(directory: Path) -> PrivateBus:
+    """Start a dbus-daemon listening in ``directory``; returns once it accepts clients."""
+    socket, config = _prepare(directory)
+    with open(directory / "bus.log", "ab") as log:  # noqa: ASYNC230 - opened once, local
+        process = await trio.lowlevel.open_process(
+            [DBUS_DAEMON, f"--config-file={config}", "--nofork", "--nopidfile", "--print-address"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
     assert process.stdout is not None
     line = b""
     try:

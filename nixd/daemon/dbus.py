@@ -10,7 +10,8 @@ one exception in one place):
   stopped unit stopped). Each request opens its own short connection: restarts are rare,
   and nothing stale survives a restart of the bus. "Not under systemd" means there is no
   system bus or systemd is not on it; that is said once at info level and the request is a
-  no-op. Any other failure is logged as a warning; nothing here raises into the daemon.
+  no-op. Any other failure (including a bus gone after systemd had answered) is logged as
+  a warning; nothing here raises into the daemon.
 - **Waking up.** :class:`SystemBusWatcher` subscribes to logind's
   ``PrepareForSleep(false)`` (the machine resumed) and NetworkManager's ``StateChanged``
   (70 = ``NM_STATE_CONNECTED_GLOBAL``) and tells a :class:`WakeHandler`. The match rules
@@ -189,6 +190,8 @@ class UnitRestarter:
     def __init__(self, *, bus: str = SYSTEM_BUS) -> None:
         self.bus = bus
         self._said_absent = False
+        #: systemd answered before: its absence now is a failure, not "not under systemd"
+        self._seen_systemd = False
         self.last_error: str | None = None
 
     async def try_restart(self, unit: str) -> bool:
@@ -196,7 +199,8 @@ class UnitRestarter:
         try:
             job = await try_restart_unit(unit, bus=self.bus)
         except BusError as exc:
-            if exc.name is None or exc.name in _ABSENT_ERRORS:
+            absent = exc.name is None or exc.name in _ABSENT_ERRORS
+            if absent and not self._seen_systemd:
                 # no bus, or no systemd on it: not running under systemd
                 level = logging.DEBUG if self._said_absent else logging.INFO
                 self._said_absent = True
@@ -211,6 +215,7 @@ class UnitRestarter:
             log.warning("could not restart %s to load the new nix.conf: %s", unit, exc)
             return False
         self._said_absent = False
+        self._seen_systemd = True
         self.last_error = None
         log.info("asked systemd to restart %s to load the new nix.conf (job %s)", unit, job)
         return True
