@@ -25,6 +25,8 @@ import trio
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BODY = 1 << 16
+MAX_HEAD = 16384
+"""Largest request line + headers accepted (431 beyond)."""
 READ_SIZE = 1 << 16
 SENDFILE_MAX = 1 << 23
 
@@ -172,7 +174,7 @@ async def serve_connection(
     idle_timeout: float = 75.0,
 ) -> None:
     """Serve HTTP/1.1 requests on ``stream`` until the peer or the drain closes it."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     try:
         peer = stream.socket.getpeername()
         host = str(peer[0]) if isinstance(peer, tuple) else ""
@@ -214,10 +216,13 @@ async def _read_request(
     while True:
         try:
             event = conn.next_event()
-        except h11.RemoteProtocolError:
+        except h11.RemoteProtocolError as exc:
+            # Malformed request: 400; headers over max_incomplete_event_size: 431.
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                status = 431 if exc.error_status_hint == 431 else 400
+                body = b"request headers too large\n" if status == 431 else b"bad request\n"
                 responder = Responder(stream, conn)
-                await responder.simple(400, b"bad request\n", [(b"connection", b"close")])
+                await responder.simple(status, body, [(b"connection", b"close")])
             return None
         if event is h11.NEED_DATA:
             data = await _receive(stream, tracker, idle_timeout if request is None else 30.0)
@@ -225,6 +230,13 @@ async def _read_request(
                 return None
             conn.receive_data(data)
         elif isinstance(event, h11.Request):
+            # h11 bounds only a head still incomplete; one that arrived whole is sized here.
+            if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEAD:
+                responder = Responder(stream, conn)
+                await responder.simple(
+                    431, b"request headers too large\n", [(b"connection", b"close")]
+                )
+                return None
             target = event.target
             q = target.find(b"?")
             request = Request(
