@@ -220,9 +220,9 @@ async def _read_request(
             # Malformed request: 400; headers over max_incomplete_event_size: 431.
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 status = 431 if exc.error_status_hint == 431 else 400
-                body = b"request headers too large\n" if status == 431 else b"bad request\n"
+                text = b"request headers too large\n" if status == 431 else b"bad request\n"
                 responder = Responder(stream, conn)
-                await responder.simple(status, body, [(b"connection", b"close")])
+                await responder.simple(status, text, [(b"connection", b"close")])
             return None
         if event is h11.NEED_DATA:
             data = await _receive(stream, tracker, idle_timeout if request is None else 30.0)
