@@ -14,7 +14,8 @@ server's audience>`` in what is signed, and sends the request itself as JSON
 The server checks what it can before forwarding — the URL is exactly a configured
 endpoint (scheme, host, port, path ``/``, no query), ``Host`` is that endpoint's, the body
 is exactly ``Action=GetCallerIdentity&Version=2011-06-15``, the signature scope is
-``<date>/<configured region>/sts/aws4_request``, the signed headers include ``host``,
+``<date>/<configured region>/sts/aws4_request``, the signed headers include ``host`` (the
+``Host`` header may be left out: botocore signs it without setting it),
 ``x-amz-date`` and the audience header, whose value is a configured audience, and
 ``X-Amz-Date`` is within ``max_skew`` — then sends it *itself* to the configured endpoint
 (only the signed headers and ``Authorization`` go along) and believes only STS's answer.
@@ -120,7 +121,10 @@ class AwsExchanger:
             )
         self._check_date(headers, trusts)
         forward = {k: v for k, v in headers.items() if k in signed or k == "authorization"}
-        forward.pop("content-length", None)  # recomputed from the body; STS checks it
+        # Both recomputed by httpx, from the configured endpoint and the body; the
+        # signature covers what the client signed, so STS refuses any difference.
+        forward.pop("content-length", None)
+        forward.pop("host", None)
         arn, account, user_id = await self._call_sts(trusts[0].sts_endpoint, forward, payload)
         return self._identity(arn, account, user_id, trusts)
 
@@ -139,7 +143,7 @@ class AwsExchanger:
                 f"not this server's STS endpoint ({endpoints})",
                 "wrong_endpoint",
             )
-        if headers.get("host", "").lower() != target[1]:
+        if headers.get("host", target[1]).lower() != target[1]:
             raise _rejected(
                 f"its Host header {headers.get('host')!r} is not {target[1]!r}", "wrong_endpoint"
             )
@@ -180,7 +184,7 @@ class AwsExchanger:
             raise _rejected(
                 f"the signature must cover {', '.join(sorted(missing))}", "invalid_signature"
             )
-        absent = {h for h in signed if h not in headers}
+        absent = {h for h in signed if h not in headers and h != "host"}
         if absent:
             raise _rejected(f"signed headers are missing: {', '.join(sorted(absent))}")
         if scope[1] != headers["x-amz-date"][:8]:
