@@ -33,8 +33,10 @@ import trio
 import watchfiles
 
 from nixd import __version__
+from nixd.auth import methods
+from nixd.auth.methods import LoginMethod
 from nixd.auth.model import AccessToken
-from nixd.auth.token import Credential, exchange, fetch_cache_keys
+from nixd.auth.token import exchange_json, fetch_cache_keys, fetch_token_status
 from nixd.daemon import dbus, systemd
 from nixd.daemon.config import Config, load_config
 from nixd.daemon.control import (
@@ -54,7 +56,7 @@ from nixd.daemon.state import (
     load_state,
     save_state,
 )
-from nixd.errors import ConfigError, NixdError
+from nixd.errors import ConfigError, LoginFailed, NixdError
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
 from nixd.proxy.server import ProxyHandle, serve_proxy
 
@@ -94,6 +96,8 @@ class Daemon:
         self.started_at = time.time()
         self._admin_lock = trio.Lock()
         self._nix_lock = trio.Lock()
+        self.expiry_changed = trio.Event()
+        methods.load_builtin_methods()  # before READY: the first login is not slowed
         self.unit_restarter = dbus.UnitRestarter()
         self.control = ControlServer(
             {
@@ -107,23 +111,65 @@ class Daemon:
 
     # -- login state -----------------------------------------------------------------------
 
-    def _renewer(self, server: str, credential: Credential) -> Callable[[], Awaitable[AccessToken]]:
+    async def _exchange(self, server: str, method: LoginMethod) -> AccessToken:
+        """One exchange with a fresh body from ``method`` (login and every renewal)."""
+        body = await method.exchange_body(self.http)
+        token, answer = await exchange_json(self.http, server, body)
+        if method.accept(answer):  # e.g. a rotated refresh credential
+            log.debug("the %s login method's state changed; saved with the token", method.name)
+        return token
+
+    def _renewer(self, server: str, method: LoginMethod) -> Callable[[], Awaitable[AccessToken]]:
         async def renew() -> AccessToken:
-            return await exchange(self.http, server, credential)
+            return await self._exchange(server, method)
 
         return renew
+
+    async def _display_identity(self, server: str, token: AccessToken) -> str:
+        """``github:owner/repo@ref`` from the server's token status; the raw identity if not.
+
+        Only CI identities have subjects worth rewriting: the others are shown as they are.
+        """
+        if token.identity.partition(":")[0] not in methods.RENDERED_KINDS:
+            return token.identity
+        try:
+            shown = methods.render_identity(await fetch_token_status(self.http, server, token))
+        except NixdError as exc:
+            log.warning("cannot ask %s who the token names: %s", server, exc)
+            shown = None
+        return shown or token.identity
 
     def restore_login(self) -> None:
         state = load_state(self.config.state_file)
         if state is None:
             return
         self.login_state = state
-        self.refresher.set_login(self._renewer(state.server_url, state.credential), state.token)
+        self.refresher.set_login(self._renewer(state.server_url, state.method), state.token)
+        self._login_changed()
         log.info("restored the login of %s at %s", self._identity() or "?", state.server_url)
 
     def _identity(self) -> str | None:
+        if self.login_state is not None and self.login_state.display_identity:
+            return self.login_state.display_identity
         token = self.refresher.token or (self.login_state.token if self.login_state else None)
         return token.identity if token else None
+
+    def _login_changed(self) -> None:
+        self.expiry_changed.set()
+        self.expiry_changed = trio.Event()
+
+    async def watch_expiry(self) -> None:
+        """Log, ahead of time, that a login's credential cannot be renewed past its expiry."""
+        while True:
+            changed = self.expiry_changed
+            state = self.login_state
+            if state is None or state.method.renewable_until is None:
+                await changed.wait()
+                continue
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_when, changed, nursery.cancel_scope)
+                await methods.warn_before_expiry(state.method, _log_warning)
+                await changed.wait()
 
     async def _on_token(self, token: AccessToken) -> None:
         state = self.login_state
@@ -269,7 +315,12 @@ class Daemon:
             "started_at": self.started_at,
             "logged_in": state is not None,
             "server": state.server_url if state else None,
-            "identity": token.identity if token else None,
+            "identity": self._identity() if state else None,
+            "token_identity": token.identity if token else None,
+            "method": state.method.name if state else None,
+            "renewal": state.method.describe() if state else None,
+            "renewable_until": state.method.renewable_until if state else None,
+            "warning": methods.expiry_warning(state.method) if state else None,
             "token_expires_at": token.expires_at if token else None,
             "token_valid": bool(token and not token.expired()),
             "last_refresh": self.refresher.last_refresh,
@@ -287,36 +338,60 @@ class Daemon:
         }
 
     async def login(self, peer: Peer | None, body: Any) -> dict[str, Any]:
+        """``{"method": name, "server": url, "params": {...}}``: exchange, pin keys, set up Nix.
+
+        The method's params may hold secrets (an API token, a CI request token): they are
+        kept in the 0600 state file and never logged. The older ``{"method": "token",
+        "token": ...}`` form is still accepted.
+        """
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", "expected a JSON object")
-        method = body.get("method")
-        if method != "token":
-            raise ApiError(400, "bad_request", f"unsupported login method {method!r}")
-        secret = body.get("token")
-        if not isinstance(secret, str) or not secret.strip():
-            raise ApiError(400, "bad_request", "no API token given")
+        name = body.get("method")
+        if not isinstance(name, str) or name not in methods.names():
+            known = ", ".join(methods.names())
+            raise ApiError(400, "bad_request", f"unknown login method {name!r} (known: {known})")
+        params = body.get("params")
+        if params is None and name == "token" and "token" in body:
+            params = {"token": body["token"]}
+        if not isinstance(params, dict):
+            raise ApiError(400, "bad_request", '"params" must be a JSON object')
         server = body.get("server") or self.config.server.url
         if not isinstance(server, str) or not server.startswith(("http://", "https://")):
             raise ApiError(
                 400, "bad_request", "no server URL: pass --server or set server.url in the config"
             )
         server = server.rstrip("/")
-        credential = Credential("token", secret.strip())
+        try:
+            method = methods.from_params(name, params, server)
+        except LoginFailed as exc:
+            raise ApiError(400, "bad_request", str(exc)) from exc
         async with self._admin_lock:
-            token = await exchange(self.http, server, credential)
+            token = await self._exchange(server, method)
             keys = await fetch_cache_keys(self.http, server)
-            state = LoginState(server, credential, keys, token, time.time())
+            shown = await self._display_identity(server, token)
+            state = LoginState(server, method, keys, token, time.time(), shown)
             await trio.to_thread.run_sync(save_state, self.config.state_file, state)
             self.login_state = state
-            self.refresher.set_login(self._renewer(server, credential), token)
+            self.refresher.set_login(self._renewer(server, method), token)
+            self._login_changed()
             self.last_error = None
             self.update_proxy()
             await self.apply_nix()
         log.info(
-            "logged in as %s at %s (by uid %s)", token.identity, server, peer.uid if peer else "?"
+            "logged in as %s at %s with %s (by uid %s)",
+            shown,
+            server,
+            name,
+            peer.uid if peer else "?",
         )
+        if warning := methods.expiry_warning(method):
+            log.warning("%s", warning)
         return {
-            "identity": token.identity,
+            "identity": shown,
+            "token_identity": token.identity,
+            "method": name,
+            "renewal": method.describe(),
+            "warning": methods.expiry_warning(method),
             "server": server,
             "token_expires_at": token.expires_at,
             "pinned_keys": list(keys),
@@ -327,6 +402,7 @@ class Daemon:
             was = self._identity()
             self.refresher.clear()
             self.login_state = None
+            self._login_changed()
             await trio.to_thread.run_sync(clear_state, self.config.state_file)
             self.update_proxy()
             await self.remove_nix()
@@ -449,6 +525,15 @@ class Daemon:
             task_status.started()
 
 
+def _log_warning(message: str) -> None:
+    log.warning("%s", message)
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
 async def _proxy_listeners(sockets: list[Any]) -> list[trio.SocketListener]:
     return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
 
@@ -461,6 +546,7 @@ async def run_daemon(config: Config) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.refresher.run)
+                nursery.start_soon(daemon.watch_expiry)
                 wake = dbus.SystemBusWatcher(dbus.RefreshOnWake(daemon.refresher))
                 await nursery.start(wake.run)
                 daemon.restore_login()

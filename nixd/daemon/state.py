@@ -1,10 +1,13 @@
 """What the daemon remembers across restarts: the login, and the proxy's local secret.
 
-``state.json`` (0600, in ``state_dir``) holds the server URL, the credential (so the
-daemon can renew without a new login), the pinned server keys and the last access token
-(so a restart does not need an exchange). ``proxy-secret`` (0600) is the password the
-proxy demands from Nix, written into the managed netrc. Both are written atomically
-(temp file + fsync + rename + directory fsync): a crash leaves the old or the new file.
+``state.json`` (0600, in ``state_dir``) holds the server URL, the login method and its
+state (:meth:`~nixd.auth.methods.LoginMethod.to_state`, which may hold a secret: so the
+daemon can renew without a new login), the pinned server keys, the last access token (so a
+restart does not need an exchange) and the identity as the server describes it. Version 1
+files (an API token as ``credential``) are still read; they are written back as version 2.
+``proxy-secret`` (0600) is the password the proxy demands from Nix, written into the
+managed netrc. Both are written atomically (temp file + fsync + rename + directory fsync):
+a crash leaves the old or the new file.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nixd.auth import methods
+from nixd.auth.methods import LoginMethod
 from nixd.auth.model import AccessToken
-from nixd.auth.token import Credential
+from nixd.auth.token import TokenMethod
 from nixd.daemon.files import atomic_write
-from nixd.errors import ConfigError
+from nixd.errors import ConfigError, LoginFailed
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def write_private(path: str | os.PathLike[str], data: bytes) -> None:
@@ -39,17 +44,20 @@ class LoginState:
     """A login as persisted; ``repr`` shows no secret (the dataclass fields hide theirs)."""
 
     server_url: str
-    credential: Credential
+    method: LoginMethod
     pinned_keys: tuple[str, ...]
     token: AccessToken | None = None
     logged_in_at: float = 0.0
+    #: the identity as ``GET /api/v1/token/status`` describes it, e.g. github:acme/app@ref
+    display_identity: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         token = self.token
         return {
             "version": STATE_VERSION,
             "server_url": self.server_url,
-            "credential": {"kind": self.credential.kind, "secret": self.credential.secret},
+            "method": {"name": self.method.name, "state": self.method.to_state()},
+            "display_identity": self.display_identity,
             "pinned_keys": list(self.pinned_keys),
             "logged_in_at": self.logged_in_at,
             "token": None
@@ -65,8 +73,15 @@ class LoginState:
     @classmethod
     def from_json(cls, data: Any, where: str) -> LoginState:
         try:
-            if data["version"] != STATE_VERSION:
-                raise ValueError(f"unknown version {data['version']!r}")
+            version = data["version"]
+            if version == 1:  # an API token login, before login methods
+                if data["credential"]["kind"] != "token":
+                    raise ValueError(f"unknown credential kind {data['credential']['kind']!r}")
+                method: LoginMethod = TokenMethod(str(data["credential"]["secret"]))
+            elif version == STATE_VERSION:
+                method = methods.from_state(str(data["method"]["name"]), data["method"]["state"])
+            else:
+                raise ValueError(f"unknown version {version!r}")
             t = data["token"]
             token = (
                 None
@@ -80,14 +95,15 @@ class LoginState:
             )
             return cls(
                 server_url=str(data["server_url"]),
-                credential=Credential(
-                    kind=str(data["credential"]["kind"]), secret=str(data["credential"]["secret"])
-                ),
+                method=method,
                 pinned_keys=tuple(str(k) for k in data["pinned_keys"]),
                 token=token,
                 logged_in_at=float(data.get("logged_in_at", 0.0)),
+                display_identity=str(data["display_identity"])
+                if data.get("display_identity")
+                else None,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, LoginFailed) as exc:
             raise ConfigError(f"{where}: damaged login state ({exc}); log in again") from exc
 
 
