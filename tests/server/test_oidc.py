@@ -352,3 +352,15 @@ def test_config_defaults_to_public_issuers(tmp_path: Path) -> None:
     config = ServerConfig.from_toml(text, state_dir=tmp_path)
     assert config.github[0].issuer == "https://token.actions.githubusercontent.com"
     assert config.gitlab[0].issuer == "https://gitlab.com"
+
+
+async def test_actions_id_token_request_endpoint_gives_exchangeable_tokens(env: Env) -> None:
+    url = env.github.id_token_request_url + "&audience=" + AUD
+    async with httpx.AsyncClient(timeout=10) as c:
+        refused = await c.get(url, headers={"authorization": "bearer wrong"})
+        r = await c.get(url, headers={"authorization": f"bearer {env.github.request_token}"})
+    assert refused.status_code == 401
+    assert r.status_code == 200 and env.github.id_token_requests == 1
+    exchanged = await env.exchange("github-action", r.json()["value"])
+    assert exchanged.status_code == 200, exchanged.text
+    assert exchanged.json()["identity"] == "github:repo:acme/app:ref:refs/heads/main"
