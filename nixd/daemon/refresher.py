@@ -10,7 +10,11 @@ waiter. :meth:`get` never returns a token that is (about to be) expired: it rene
 
 Time is wall-clock (tokens carry Unix expiry times); the background loop sleeps in bounded
 steps so a machine resuming from suspend notices a due renewal within a minute. Tests pass
-a ``clock`` tied to trio's (autojump) clock.
+a ``clock`` tied to trio's (autojump) clock. Whatever the wall clock (or the server's) says,
+two renewals started by the loop are at least :data:`MIN_ATTEMPT_GAP` seconds of trio's
+monotonic time apart, slept for in a real blocking sleep: a loop path that renewed again
+without time passing would hammer the server (and, on an autojump clock, never let
+virtual time advance).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ MAX_SLEEP = 60.0
 #: never renew more often than this, even if the server's tokens look expired on arrival
 #: (clock skew): a loop of instant renewals would hammer the server
 MIN_RENEW_INTERVAL = 10.0
+#: the loop never starts two renewals closer than this in monotonic time, whatever the
+#: wall clock does (a wall clock leaping ahead, tokens expired on arrival)
+MIN_ATTEMPT_GAP = BACKOFF_BASE / 2
 #: an exchange taking longer than this counts as failed
 EXCHANGE_TIMEOUT = 30.0
 
@@ -51,7 +58,8 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
     "Equal jitter": half the nominal delay fixed, half random, so retries spread out but
     never hammer the server.
     """
-    nominal = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
+    # the exponent is bounded: 2.0 ** 1024 overflows, and a server down for a day reaches it
+    nominal = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(max(attempt - 1, 0), 32))
     delay: float = nominal / 2 + rng.uniform(0, nominal / 2)
     return delay
 
@@ -76,6 +84,8 @@ class Refresher:
         self._attempts = 0
         self._last_failed = False
         self._failures = 0
+        #: trio.current_time() when the loop last started a renewal (monotonic)
+        self._loop_attempt: float | None = None
         self.last_refresh: float | None = None
         self.last_error: str | None = None
         self.next_refresh: float | None = None
@@ -215,8 +225,16 @@ class Refresher:
             await self._sleep_until(due, wake)
             if wake.is_set():
                 continue  # login changed or someone renewed: recompute
+            if self._loop_attempt is not None:
+                gap = self._loop_attempt + MIN_ATTEMPT_GAP - trio.current_time()
+                if gap > 0:
+                    with trio.move_on_after(gap):
+                        await wake.wait()
+                    if wake.is_set():
+                        continue
             async with self._lock:
                 if self._renew is None or self._token is not token:
                     continue
+                self._loop_attempt = trio.current_time()
                 with contextlib.suppress(AuthError):  # recorded; backoff on the next round
                     await self._renew_locked()

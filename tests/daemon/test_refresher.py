@@ -231,3 +231,43 @@ async def test_wall_clock_jump_is_noticed(autojump_clock: trio.testing.MockClock
     assert len(exchange.calls) == 1
     # noticed within one bounded sleep of the jump (10 s of real time after login)
     assert exchange.calls[0] - (EPOCH + LIFE) <= 10 + refresher_mod.MAX_SLEEP
+
+
+async def test_renewals_take_monotonic_time_whatever_the_wall_clock_does(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A wall clock that leaps ahead on every reading makes each renewal look due at once.
+
+    The loop must still sleep between renewals (in trio's monotonic time): before the fix it
+    renewed in a tight loop without a blocking checkpoint, so the autojump clock never
+    advanced and the test hung (in production: an exchange storm against the server).
+    """
+    leaps = [0]
+
+    def leaping() -> float:
+        leaps[0] += 1
+        return wall() + LIFE * leaps[0]
+
+    exchange = FakeExchange(clock=leaping)
+    storm = 1000
+
+    async def renew() -> AccessToken:
+        if len(exchange.calls) >= storm:
+            raise AssertionError("renewal storm: no time passes between renewals")
+        return await exchange()
+
+    r = Refresher(clock=leaping)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(r.run)
+        r.set_login(renew, None)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert 1 < len(exchange.calls) <= 10 / refresher_mod.MIN_ATTEMPT_GAP + 1
+
+
+def test_backoff_survives_a_day_of_failures() -> None:
+    """Attempt 1025+ used to overflow (2 ** 1024 as a float) and crash the refresher."""
+    rng = random.Random(3)
+    for attempt in (1025, 5000, 10**6):
+        delay = backoff_delay(attempt, rng)
+        assert refresher_mod.BACKOFF_CAP / 2 <= delay <= refresher_mod.BACKOFF_CAP
