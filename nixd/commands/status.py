@@ -45,11 +45,17 @@ def render(status: dict[str, Any]) -> str:
     lines = []
     if status.get("logged_in"):
         lines.append(f"logged in as:   {status.get('identity')} at {status.get('server')}")
+        if status.get("method"):
+            lines.append(f"login method:   {status['method']}")
+        if status.get("renewal"):
+            lines.append(f"renewal:        {status['renewal']}")
+        if status.get("warning"):
+            lines.append(f"WARNING:        {status['warning']}")
         valid = "valid" if status.get("token_valid") else "EXPIRED"
         lines.append(f"token:          {valid}, expires {_when(status.get('token_expires_at'))}")
         lines.append(f"next refresh:   {_when(status.get('next_refresh'))}")
     else:
-        lines.append("logged in as:   nobody (run `nixd login token`)")
+        lines.append("logged in as:   nobody (run `nixd login METHOD`)")
     lines.append(f"last refresh:   {_when(status.get('last_refresh'))}")
     lines.append(f"last error:     {status.get('last_error') or 'none'}")
     proxy = status.get("proxy") or {}
