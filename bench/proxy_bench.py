@@ -3,7 +3,8 @@
 One run, references measured in the same run (see ANCHOR-BENCH.md), rounds interleaved:
 
 - ``nix copy --from`` of one big path (default 1 GiB of random data, uncompressed NAR):
-  nginx direct, through the proxy cold (from nginx, verifying, filling its store) and
+  nginx direct, nginx as a reverse proxy adding ``Authorization`` (buffering off, upstream
+  keep-alive), through the proxy cold (from nginx, verifying, filling its store) and
   warm (from its local store); printed as ratios of wall time against direct;
 - narinfo requests/s with ``wrk -t2 -c32`` and p50/p99 latency, proxy vs nginx direct;
 - peak RSS of the proxy process (from /proc) over the run.
@@ -49,6 +50,20 @@ http {{
         listen 127.0.0.1:{port};
         root {root};
         default_type application/octet-stream;
+    }}
+    upstream cache {{
+        server 127.0.0.1:{port};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{rport};
+        location / {{
+            proxy_pass http://cache;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer bench-token";
+            proxy_buffering off;
+        }}
     }}
 }}
 """
@@ -173,12 +188,15 @@ def main() -> None:
         )  # fmt: skip
         run = work / "run"
         run.mkdir()
-        nginx_port = free_port()
-        (run / "nginx.conf").write_text(NGINX_CONF.format(run=run, port=nginx_port, root=cache))
+        nginx_port, rproxy_port = free_port(), free_port()
+        (run / "nginx.conf").write_text(
+            NGINX_CONF.format(run=run, port=nginx_port, rport=rproxy_port, root=cache)
+        )
         procs.append(
             subprocess.Popen(["nginx", "-c", str(run / "nginx.conf"), "-g", "daemon off;"])
         )
         direct = f"http://127.0.0.1:{nginx_port}"
+        rproxy = f"http://127.0.0.1:{rproxy_port}"
         secret = secrets.token_urlsafe(32)
         (work / "secret").write_text(secret)
         netrc = work / "netrc"
@@ -219,12 +237,13 @@ def main() -> None:
             print(f"direct {direct}\nproxy {url} pid {proxy.pid}\npath {path}", flush=True)
             print(f"netrc {netrc}\nnar {direct}/nar/", flush=True)
             time.sleep(3600)
-        results: dict[str, list[float]] = {"direct": [], "cold": [], "warm": []}
+        results: dict[str, list[float]] = {"direct": [], "nginx-rproxy": [], "cold": [], "warm": []}
         cpu: dict[str, list[float]] = {"cold": [], "warm": []}
         rss = 0
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
             results["direct"].append(copy(direct))
+            results["nginx-rproxy"].append(copy(rproxy))
             store = work / f"proxy-store-{r}"
             proxy, url = start_proxy(store)
             c0 = cpu_seconds(proxy.pid)
@@ -252,6 +271,8 @@ def main() -> None:
         print("| source | wall s | x direct | proxy CPU s |")
         print("|---|---|---|---|")
         print(f"| nginx direct | {med['direct']:.2f} | 1.00 | |")
+        r = med["direct"] / med["nginx-rproxy"]
+        print(f"| nginx reverse proxy, buffering off | {med['nginx-rproxy']:.2f} | {r:.2f} | |")
         for k in ("cold", "warm"):
             ratio = med["direct"] / med[k]
             print(f"| proxy {k} | {med[k]:.2f} | {ratio:.2f} | {statistics.median(cpu[k]):.2f} |")
