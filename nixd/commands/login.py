@@ -10,6 +10,8 @@ keeps the token fresh (see :mod:`nixd.auth.methods`).
 - ``github-action``: ``ACTIONS_ID_TOKEN_REQUEST_URL``/``_TOKEN`` of the running job.
 - ``gitlab-pipeline``: the job's ``id_tokens`` variable (``NIXD_ID_TOKEN``) or a file.
 - ``aws``: nothing secret at all: the daemon uses its own AWS credential chain.
+- no method: interactive login (a device code approved in a browser, :mod:`nixd.auth.device`);
+  the CLI runs the flow itself and hands the resulting refresh credential to the daemon.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from nixd.auth.gitlab_pipeline import DEFAULT_VARIABLE
 from nixd.auth.token import read_api_token
 from nixd.commands._common import add_daemon_options
 from nixd.daemon.client import call, socket_path
-from nixd.errors import LoginFailed
+from nixd.daemon.config import DEFAULT_CONFIG_PATH, load_config
+from nixd.errors import ConfigError, LoginFailed
 
 
 def _method(
@@ -39,7 +42,11 @@ def _method(
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     login = sub.add_parser("login", help="log this machine in (needs root or the nixd group)")
-    methods = login.add_subparsers(dest="method", metavar="METHOD", required=True)
+    # No METHOD: interactive login (device code, approved in a browser).
+    login.add_argument("--server", metavar="URL", help="the nixd server (default from the config)")
+    add_daemon_options(login)
+    login.set_defaults(func=run_login_interactive)
+    methods = login.add_subparsers(dest="method", metavar="METHOD", required=False)
 
     token = _method(methods, "token", "log in with an API token (from a file or stdin)")
     token.add_argument(
@@ -158,6 +165,24 @@ def run_login_aws(args: argparse.Namespace) -> int:
         "audience": args.audience,
     }
     return _login(args, "aws", {k: v for k, v in params.items() if v})
+
+
+def run_login_interactive(args: argparse.Namespace) -> int:
+    """``nixd login``: show a code, wait for its approval in a browser, hand over to the daemon."""
+    from nixd.auth.device import interactive_login  # noqa: PLC0415 - only this command needs it
+
+    server = args.server or server_url(args.config)
+    refresh = interactive_login(server)
+    args.server = server
+    return _login(args, "device", {"refresh_token": refresh})
+
+
+def server_url(config_arg: str | None) -> str:
+    """The server of the daemon's config, for commands that talk to it themselves."""
+    config = load_config(config_arg or DEFAULT_CONFIG_PATH)
+    if not config.server.url:
+        raise ConfigError("no server URL: pass --server or set server.url in the daemon config")
+    return config.server.url.rstrip("/")
 
 
 def run_logout(args: argparse.Namespace) -> int:
