@@ -2,7 +2,8 @@
 
 A :class:`Download` streams the upstream file into a temp file, hashing as it goes, and
 every Nix request for that NAR (the first one too) *tails* the growing file from its own
-offset. So a slow client never slows the download or another client, a client that joins
+offset. So a slow client never slows another client (the download keeps pace with the
+fastest reader only, see below), a client that joins
 late or resumes with ``Range`` just starts further in, and the bytes reach Nix with
 ``sendfile`` from the page cache.
 
