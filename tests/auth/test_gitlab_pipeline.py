@@ -21,6 +21,6 @@ async def test_exchanges_the_same_token_until_it_expires() -> None:
         assert await method.exchange_body(client) == {"kind": "gitlab-pipeline", "token": token}
         assert await method.exchange_body(client) == {"kind": "gitlab-pipeline", "token": token}
         method.expires_at = time.time() - 1  # as if time had passed
-        with pytest.raises(LoginFailed, match="expired at .* cannot be renewed"):
+        with pytest.raises(LoginFailed, match=r"expired at .* cannot be renewed"):
             await method.exchange_body(client)
     assert "until it expires" in method.describe()
