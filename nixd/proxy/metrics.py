@@ -57,6 +57,14 @@ class Metrics:
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         self.values[(name, tuple(sorted(labels.items())))] += amount
 
+    @staticmethod
+    def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """A series key made once, for :meth:`add` on hot paths."""
+        return (name, tuple(sorted(labels.items())))
+
+    def add(self, key: tuple[str, tuple[tuple[str, str], ...]], amount: float = 1) -> None:
+        self.values[key] += amount
+
     def set(self, name: str, value: float, **labels: str) -> None:
         self.values[(name, tuple(sorted(labels.items())))] = value
 

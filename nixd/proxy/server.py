@@ -33,7 +33,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -45,7 +44,7 @@ from nixd.nix.signing import PublicKey
 from nixd.proxy import pagecache
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
 from nixd.proxy.errors import NotFound, RangeNotSatisfiable, status_for
-from nixd.proxy.front import ConnectionTracker, Request, Responder, serve_connection
+from nixd.proxy.front import Connection, ConnectionTracker, Request, Responder, serve_connection
 from nixd.proxy.localstore import LocalStore
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.negcache import NegativeCache, TTLCache
@@ -61,18 +60,34 @@ log = logging.getLogger(__name__)
 NARINFO_TYPE = (b"content-type", b"text/x-nix-narinfo")
 NAR_HEADERS = ((b"content-type", b"application/x-nix-nar"), (b"accept-ranges", b"bytes"))
 _PENDING = object()
+_NARINFO_OK = Metrics.key("nixd_proxy_requests_total", kind="narinfo", status="200")
+_LOCAL_NARINFO_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="narinfo")
 
 
-@dataclass(frozen=True, slots=True)
 class Resolved:
-    """A verified narinfo: the text Nix gets, the NAR's proxy name, and where it is."""
+    """A verified narinfo: the text Nix gets, the NAR's proxy name, and where it is.
 
-    text: bytes
-    key: str
-    info: NarInfo
-    """As the upstream sent it (URL relative to the upstream), or as stored locally."""
-    upstream: Upstream | None
-    """None: the narinfo came from the local store."""
+    The complete HTTP answers (GET and HEAD) are rendered once here, so a hit on the
+    in-memory cache is one lookup and one write.
+    """
+
+    __slots__ = ("get_response", "head_response", "info", "key", "upstream")
+
+    def __init__(self, text: bytes, key: str, info: NarInfo, upstream: Upstream | None) -> None:
+        self.key = key
+        self.info = info
+        """As the upstream sent it (URL relative to the upstream), or as stored locally."""
+        self.upstream = upstream
+        """None: the narinfo came from the local store."""
+        self.head_response = (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/x-nix-narinfo\r\ncontent-length: %d\r\n\r\n"
+            % len(text)
+        )
+        self.get_response = self.head_response + text
+
+    @property
+    def text(self) -> bytes:
+        return self.get_response[len(self.head_response) :]
 
 
 def _read_secret(path: str) -> str:
@@ -129,6 +144,25 @@ class _Secret:
         user_ok = hmac.compare_digest(user, b"nixd")
         password_ok = hmac.compare_digest(password, self.secret)
         return bool(sep) and user_ok and password_ok
+
+    def allows_on(self, header: bytes | None, conn: Connection | None) -> bool:
+        """:meth:`allows`, remembered per connection for the same header and secret.
+
+        Comparing with ``==`` is safe here: the remembered value is what this very
+        connection already sent and had verified, so its timing tells the peer nothing.
+        """
+        if header is None:
+            return False
+        if conn is not None:
+            self._refresh()
+            seen = conn.authorized
+            if isinstance(seen, tuple) and seen[1] is self.secret and seen[0] == header:
+                return True
+        if not self.allows(header):
+            return False
+        if conn is not None:
+            conn.authorized = (header, self.secret)
+        return True
 
 
 def _parse_range(value: bytes | None, size: int | None) -> tuple[int, int | None] | None:
@@ -214,6 +248,22 @@ class Proxy:
 
     async def handle(self, request: Request, resp: Responder) -> None:
         path = request.path
+        # The hot path: a narinfo Nix asked for moments ago (HEAD twice, then GET).
+        if len(path) == 41 and path.endswith(b".narinfo"):
+            cached = self.resolved.get(path[1:33].decode("ascii", "replace"))
+            if (
+                cached is not None
+                and request.method in (b"GET", b"HEAD")
+                and self.secret.allows_on(request.headers.get(b"authorization"), request.connection)
+            ):
+                if request.method == b"GET":
+                    await resp.send_prepared(200, cached.get_response)
+                else:
+                    await resp.send_prepared(200, cached.head_response)
+                self.metrics.add(_NARINFO_OK)
+                if cached.upstream is None:
+                    self.metrics.add(_LOCAL_NARINFO_HIT)
+                return
         head = request.method == b"HEAD"
         kind = "other"
         try:
@@ -233,7 +283,9 @@ class Proxy:
                 await resp.simple(
                     200, body, [(b"content-type", b"text/plain; version=0.0.4")], head=head
                 )
-            elif not self.secret.allows(request.headers.get(b"authorization")):
+            elif not self.secret.allows_on(
+                request.headers.get(b"authorization"), request.connection
+            ):
                 kind = "unauthorized"
                 await resp.simple(
                     401,
@@ -259,7 +311,7 @@ class Proxy:
 
     async def _serve_narinfo(self, hash_part: str, resp: Responder, head: bool) -> None:
         resolved = await self.resolve(hash_part)
-        await resp.simple(200, resolved.text, [NARINFO_TYPE], head=head)
+        await resp.send_prepared(200, resolved.head_response if head else resolved.get_response)
 
     async def resolve(self, hash_part: str) -> Resolved:
         """The verified narinfo for a store-path hash part, or NotFound / an upstream error."""
