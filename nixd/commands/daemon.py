@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-import trio
-
 from nixd.daemon.config import DEFAULT_CONFIG_PATH, load_config
-from nixd.daemon.main import configure_logging, run_daemon
+
+DESCRIPTION = """\
+Run the nixd daemon in the foreground until SIGTERM or SIGINT.
+
+The daemon keeps this machine's short-lived access token fresh, serves the local
+verifying proxy substituter on loopback, writes the netrc and nix.conf include that Nix
+needs, and answers `nixd login`, `nixd logout` and `nixd status` on its control socket.
+Under systemd it reports readiness (Type=notify), takes its sockets by socket activation
+and logs to the journal; SIGHUP reloads the config (so does editing the file).
+"""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("daemon", help="run the nixd daemon in the foreground")
+    p = sub.add_parser(
+        "daemon",
+        help="run the nixd daemon in the foreground",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--config", default=DEFAULT_CONFIG_PATH, help=f"config file (default {DEFAULT_CONFIG_PATH})"
     )
@@ -19,6 +31,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # trio and the daemon's modules are imported here, not at the top: every other
+    # `nixd` command (nar, key, status, ...) starts faster without them
+    import trio  # noqa: PLC0415
+
+    from nixd.daemon.main import configure_logging, run_daemon  # noqa: PLC0415
+
     config = load_config(args.config)
     configure_logging("debug" if args.verbose else config.daemon.log_level)
     trio.run(run_daemon, config)
