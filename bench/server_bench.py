@@ -15,6 +15,11 @@ signed narinfos and hard links to its blob files. Nothing leaves 127.0.0.1; ever
 started here is stopped by its PID.
 
     .venv/bin/python bench/server_bench.py          # BIG_MIB=1024 RUNS=3 WRK_DURATION=10s
+
+Environment: BENCH_DIR, BIG_MIB, RUNS, WRK_RUNS, WRK_DURATION, DURABLE_READS (the server's
+``audit.durable_reads``), WORKERS, MEASURE (comma list of curl, big, closure, narinfo; all
+by default). Besides wall time, the CPU seconds each server process tree spent are read from
+``/proc`` around every measurement and printed per request (narinfo, closure).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ WRK_RUNS = int(os.environ.get("WRK_RUNS", "2"))
 WRK_DURATION = os.environ.get("WRK_DURATION", "10s")
 DURABLE_READS = os.environ.get("DURABLE_READS", "true")  # the server's audit.durable_reads
 WORKERS = os.environ.get("WORKERS", "1")  # the server's worker processes
+MEASURE = set(os.environ.get("MEASURE", "curl,big,closure,narinfo").split(","))
 SMALL_PATHS = 300
 PY = sys.executable
 NIX_CONF = """\
@@ -303,6 +309,22 @@ http {{
 
 # -- measurements ----------------------------------------------------------------------
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children still running."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += tree_cpu(int(child))
+    except (OSError, IndexError, ValueError):
+        pass
+    return total
+
 
 def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
@@ -342,16 +364,22 @@ def nix_copy(url: str, netrc: Path | None, key: str, paths: list[str], tag: str)
     return seconds
 
 
-def wrk(url: str, headers: Sequence[str]) -> tuple[float, float]:
+def wrk(url: str, headers: Sequence[str]) -> tuple[float, float, int]:
+    """Requests/s, p99 ms and the number of requests."""
     hdr = [a for h in headers for a in ("-H", h)]
     out = run(["wrk", "-t2", "-c32", f"-d{WRK_DURATION}", "--latency", *hdr, url])
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    count = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-    return rps, float(p99[1]) * scale[p99[2]] if p99 else float("nan")  # type: ignore[index]
+    ms = float(p99[1]) * scale[p99[2]] if p99 else float("nan")  # type: ignore[index]
+    return rps, ms, count
 
 
 def main() -> int:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        return 0
     BENCH.mkdir(parents=True, exist_ok=True)
     for tool in ("nix", "nginx", "wrk", "curl"):
         if not shutil.which(tool):
@@ -369,29 +397,40 @@ def main() -> int:
         h = Path(big).name[:32]
         big_url = re.search(r"^URL: (\S+)$", (static / f"{h}.narinfo").read_text(), re.MULTILINE)[1]  # type: ignore[index]
         targets = {"server": (f"{server.url}/cache", reader), "nginx": (nginx.url, None)}
+        assert server.proc is not None
+        pids = {"server": server.proc.pid, "nginx": nginx.proc.pid}
         results: dict[str, dict[str, list[float]]] = {k: {} for k in targets}
 
         def add(name: str, metric: str, value: float) -> None:
             results[name].setdefault(metric, []).append(value)
 
-        log("curl throughput")
-        for _ in range(RUNS + 2):
-            for name, (base, net) in targets.items():
-                add(name, "curl MiB/s", curl_speed(f"{base}/{big_url}", net))
+        if "curl" in MEASURE:
+            log("curl throughput")
+            for _ in range(RUNS + 2):
+                for name, (base, net) in targets.items():
+                    add(name, "curl MiB/s", curl_speed(f"{base}/{big_url}", net))
         log(f"nix copy of the {BIG_MIB} MiB path and of the {len(small)}-path closure")
-        for _ in range(RUNS):
+        for _ in range(RUNS if MEASURE & {"big", "closure"} else 0):
             for name, (base, net) in targets.items():
-                add(name, "big s", nix_copy(f"{base}/", net, server.key, [big], name))
-                add(name, "closure s", nix_copy(f"{base}/", net, server.key, small, name))
-        log("wrk narinfo")
+                if "big" in MEASURE:
+                    add(name, "big s", nix_copy(f"{base}/", net, server.key, [big], name))
+                if "closure" in MEASURE:
+                    cpu = tree_cpu(pids[name])
+                    add(name, "closure s", nix_copy(f"{base}/", net, server.key, small, name))
+                    # 4 requests per path (NIX-PROTOCOL.md / ANCHOR-BENCH.md)
+                    per = (tree_cpu(pids[name]) - cpu) / (4 * len(small)) * 1e6
+                    add(name, "closure CPU us/req", per)
         jwt = server.access_token()
         small_h = Path(small[0]).name[:32]
-        for _ in range(WRK_RUNS):
+        for _ in range(WRK_RUNS if "narinfo" in MEASURE else 0):
+            log("wrk narinfo")
             for name, (base, _net) in targets.items():
                 hdr = [f"Authorization: Bearer {jwt}"] if name == "server" else []
-                rps, p99 = wrk(f"{base}/{small_h}.narinfo", hdr)
+                cpu = tree_cpu(pids[name])
+                rps, p99, count = wrk(f"{base}/{small_h}.narinfo", hdr)
                 add(name, "narinfo req/s", rps)
                 add(name, "narinfo p99 ms", p99)
+                add(name, "narinfo CPU us/req", (tree_cpu(pids[name]) - cpu) / count * 1e6)
     finally:
         if nginx is not None:
             nginx.stop()
@@ -402,8 +441,10 @@ def main() -> int:
         ("curl NAR download", "curl MiB/s", True, 0.5),
         (f"nix copy {BIG_MIB} MiB path", "big s", False, 0.9),
         (f"nix copy {len(small)}-path closure", "closure s", False, 0.7),
+        ("  server CPU us per request", "closure CPU us/req", False, None),
         ("narinfo req/s (wrk -t2 -c32)", "narinfo req/s", True, None),
         ("narinfo p99 ms", "narinfo p99 ms", False, None),
+        ("  server CPU us per request", "narinfo CPU us/req", False, None),
     ]
     print(
         f"\nnixd-server ({WORKERS} worker(s), audit.durable_reads = {DURABLE_READS}) vs nginx "
@@ -412,6 +453,8 @@ def main() -> int:
     )
     print(f"{'measure':34} {'nixd-server':>12} {'nginx':>12} {'ratio':>7} {'target':>8}")
     for title, metric, higher_better, target in rows:
+        if metric not in med["server"]:
+            continue
         s, n = med["server"][metric], med["nginx"][metric]
         ratio = s / n if higher_better else n / s
         tgt = f">= {target}" if target else ""
