@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from nixd.server.audit import GENESIS, HEAD_SUFFIX, AuditError, AuditLog, verify
+from nixd.server.audit import (
+    GENESIS,
+    HEAD_SUFFIX,
+    AuditError,
+    AuditLog,
+    _body,
+    event_body,
+    verify,
+)
 from nixd.server.identity import Identity
 from nixd.server.policy import Decision
 
@@ -346,6 +354,64 @@ async def test_arecord_bad_event_fails_only_its_caller(tmp_path):
             await log.arecord({"identity": CI, "action": "x", "token": "t"})
         await log.arecord(_event(1))
     assert verify(path).ok and verify(path).lines == 1
+
+
+def _fields(n: int, obj: str = "abc.narinfo") -> dict[str, str]:
+    return {
+        "identity": "token:ci",
+        "action": "cache:read",
+        "resource": "acme/app",
+        "decision": "allow",
+        "rule": "acme-read",
+        "source": "127.0.0.1",
+        "object": f"{n}-{obj}",
+    }
+
+
+@pytest.mark.parametrize("request_id", ["0a1b2c3d-17", "has space", 'quo"te'])
+@pytest.mark.parametrize("obj", ["x.narinfo", 'we"ird\n\u00e9', ""])
+def test_event_body_is_byte_identical_to_the_checked_path(request_id, obj):
+    fields = _fields(1, obj)
+    fast = event_body(1_700_000_000.123, request_id, **fields)
+    assert fast == _body({"request_id": request_id, **fields}, 1_700_000_000.123)
+    # The remembered part is reused, the varying parts are not.
+    again = event_body(1_700_000_001.5, "other", **_fields(2, obj))
+    assert again == _body({"request_id": "other", **_fields(2, obj)}, 1_700_000_001.5)
+
+
+def test_event_body_refuses_secrets():
+    jwt = "eyJhbGciOi.eyJzdWIiOiJ4In0.sig"
+    with pytest.raises(ValueError, match="token"):
+        event_body(1.0, "r1", **{**_fields(1), "object": f"nar/{jwt}.nar.zst"})
+    with pytest.raises(ValueError, match="token"):
+        event_body(1.0, "r1", **{**_fields(1), "identity": f"token:{jwt}"})
+    with pytest.raises(ValueError, match="secret"):
+        event_body(1.0, "r1", **_fields(1), password="x")
+    with pytest.raises(ValueError, match="extra"):
+        event_body(1.0, "r1", **_fields(1), seq="3")
+
+
+async def test_submitted_lines_share_batches_and_close_writes_the_rest(tmp_path):
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    with trio.fail_after(10):
+        for n in range(200):
+            log.submit(event_body(log.now(), f"r{n}", **_fields(n)))
+            if n % 50 == 0:
+                await trio.lowlevel.checkpoint()
+        await trio.sleep(0.1)  # well past LAZY_WINDOW: all written without anyone waiting
+        assert len(_lines(path)) == 200
+        assert log.batches <= 6
+        for n in range(200, 210):
+            log.submit(event_body(log.now(), f"r{n}", **_fields(n)))
+        # A waiting caller cuts the window short and takes the queued lines along.
+        await log.arecord_body(event_body(log.now(), "last", **_fields(210)))
+        assert len(_lines(path)) == 211
+        log.submit(event_body(log.now(), "queued", **_fields(211)))
+    log.close()  # written by close, not lost
+    objects = [json.loads(line)["object"] for line in _lines(path)]
+    assert objects == [f"{n}-abc.narinfo" for n in range(212)]
+    assert verify(path).ok
 
 
 WRITER = """
