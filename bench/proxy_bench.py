@@ -185,6 +185,9 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--closure", type=int, default=300, help="small paths in the closure")
+    parser.add_argument(
+        "--only", choices=("all", "closure"), default="all", help="closure: just the closure rows"
+    )
     parser.add_argument("--serve-proxy", help=argparse.SUPPRESS)
     parser.add_argument(
         "--hold", action="store_true", help="set up, print the URLs, wait (for profiling)"
@@ -216,9 +219,11 @@ def main() -> None:
             blob.unlink()
             return out.decode().strip()
 
-        print(f"setup: {args.size_mib} and {2 * args.size_mib} MiB random paths", file=sys.stderr)
-        path = add_random(args.size_mib)
-        double = add_random(2 * args.size_mib)
+        closure_only = args.only == "closure"
+        big: list[str] = []
+        if not closure_only:
+            print(f"setup: {args.size_mib}, {2 * args.size_mib} MiB random paths", file=sys.stderr)
+            big = [add_random(args.size_mib), add_random(2 * args.size_mib)]
         print(f"setup: {args.closure} small paths, cache dir, nginx", file=sys.stderr)
         (work / "closure.nix").write_text(CLOSURE_NIX)
         expr = f"import {work / 'closure.nix'} {args.closure}"
@@ -229,8 +234,9 @@ def main() -> None:
         env.nix(
             "nix", "copy", "--store", str(src),
             "--to", f"file://{cache}?compression=none&secret-key={work / 'sk'}",
-            path, double, *small,
+            *big, *small,
         )  # fmt: skip
+        path, double = big if big else (small[0], small[0])
         run = work / "run"
         run.mkdir()
         nginx_port, rproxy_port = free_port(), free_port()
@@ -301,17 +307,25 @@ def main() -> None:
         hash_part = Path(path).name[:32]
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
-            for what, paths in (("big", [path]), ("closure", small)):
+            workloads = (
+                [("closure", small)] if closure_only else [("big", [path]), ("closure", small)]
+            )
+            for what, paths in workloads:
                 results[(what, "direct")].append(copy(direct, paths))
                 results[(what, "nginx-rproxy")].append(copy(rproxy, paths))
             store = work / f"proxy-store-{r}"
             proxy, url = start_proxy(store)
-            for what, paths in (("big", [path]), ("closure", small)):
+            for what, paths in workloads:
                 for kind in ("cold", "warm"):
                     c0 = cpu_seconds(proxy.pid)
                     results[(what, kind)].append(copy(url, paths))
                     cpu.setdefault((what, kind), []).append(cpu_seconds(proxy.pid) - c0)
                     settle(proxy.pid)  # the off-path NarHash check admits the NARs
+            if closure_only:
+                proxy.terminate()
+                proxy.wait()
+                shutil.rmtree(store, ignore_errors=True)
+                continue
             rates["nginx"].append(
                 wrk(f"{direct}/{hash_part}.narinfo", None, lambda: children_cpu_seconds(nginx.pid))
             )
@@ -321,9 +335,14 @@ def main() -> None:
             proxy.wait()
             shutil.rmtree(store, ignore_errors=True)
 
-        print("RSS: streaming one NAR cold then warm through a fresh proxy", file=sys.stderr)
+        if not closure_only:
+            print("RSS: streaming one NAR cold then warm through a fresh proxy", file=sys.stderr)
         rss: dict[str, tuple[int, float, float]] = {}
-        for label, p in ((f"{args.size_mib} MiB", path), (f"{2 * args.size_mib} MiB", double)):
+        for label, p in (
+            []
+            if closure_only
+            else [(f"{args.size_mib} MiB", path), (f"{2 * args.size_mib} MiB", double)]
+        ):
             store = work / "proxy-store-rss"
             proxy, url = start_proxy(store)
             h = Path(p).name[:32]
@@ -362,6 +381,10 @@ def main() -> None:
                 c = statistics.median(cpu[(what, k)])
                 print(f"| proxy {k} | {med[k]:.2f} | {med['direct'] / med[k]:.2f} | {c:.2f} |")
 
+        if closure_only:
+            print(f"\n## nix copy --from, {args.closure} small paths (medians of {args.rounds})\n")
+            ratio_rows("closure")
+            return
         print(f"\n## nix copy --from, one {args.size_mib} MiB path (medians of {args.rounds})\n")
         ratio_rows("big")
         print(f"\n## nix copy --from, {args.closure} small paths (medians of {args.rounds})\n")
