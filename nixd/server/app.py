@@ -31,15 +31,19 @@ and Starlette's per-request middleware stack cost more than the rest of a narinf
 parse the Authorization header; a verified token is remembered until it expires (an API
 token used directly, until the database changes); the slices holding a path are remembered
 until the database changes (``PRAGMA data_version``); policy decisions are memoized per
-identity and policy object; signed narinfos per path and key set. What remains per request
-is the audit line: with ``audit.durable_reads`` (the default) the answer waits for its fsync,
-shared by every request in flight (group commit).
+identity and policy object; signed narinfos per path and key set (the signing keys looked
+up at most once a second). Request ids come from a counter, not from the kernel's random
+source. What remains per request is the audit line, built by
+:func:`nixd.server.audit.event_body`: with ``audit.durable_reads`` (the default) the answer
+waits for its fsync, shared by every request in flight (group commit); without it, an
+allowed read's line is queued and the answer goes out at once.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import logging
 import os
@@ -58,7 +62,7 @@ from nixd.nix import base32
 from nixd.nix.hashes import Hash
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.storepath import StorePath
-from nixd.server.audit import AuditLog
+from nixd.server.audit import AuditLog, event_body
 from nixd.server.credentials import CredentialRejected, CredentialStore
 from nixd.server.db import Project
 from nixd.server.device import DeviceService
@@ -138,6 +142,11 @@ class CacheApp:
         self._tokens: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self._narinfos: OrderedDict[tuple[str, str, tuple[str, ...]], bytes] = OrderedDict()
         self._keys_checked = 0.0
+        self._signers: list[Any] = []
+        self._signer_names: tuple[str, ...] = ()
+        # Unique per process (workers included) and cheap: a random prefix and a counter.
+        self._request_prefix = secrets.token_hex(3)
+        self._request_numbers = itertools.count(1)
         self._api_tokens: dict[str, tuple[Identity, float]] = {}
         self._api_version = -1
         self._decisions: dict[tuple[int, int, str, str, str], tuple[Any, Any, bool, str]] = {}
@@ -151,7 +160,10 @@ class CacheApp:
         if scope["type"] != "http":
             return
         client = scope.get("client")
-        ctx = _Ctx(request_id=secrets.token_hex(6), source_ip=client[0] if client else "")
+        ctx = _Ctx(
+            request_id=f"{self._request_prefix}{next(self._request_numbers):06x}",
+            source_ip=client[0] if client else "",
+        )
         path: str = scope["path"]
         as_json = not path.startswith("/cache/")
         try:
@@ -271,21 +283,23 @@ class CacheApp:
         self, ctx: _Ctx, action: str, resource: str, allowed: bool, rule: str, **extra: Any
     ) -> None:
         ident = ctx.identity or anonymous()
-        event = {
-            "request_id": ctx.request_id,
+        audit = self.s.audit
+        fields = {
             "identity": ident.render(),
             "action": action,
             "resource": resource,
             "decision": "allow" if allowed else "deny",
             "rule": rule,
             "source": ctx.source_ip,
-            **extra,
         }
-        background = self.s.background
-        if allowed and action == "cache:read" and not self.s.durable_reads and background:
-            background.start_soon(self.s.audit.arecord, event)
+        if not all(type(v) is str for v in extra.values()):
+            await audit.arecord({"request_id": ctx.request_id, **fields, **extra})
             return
-        await self.s.audit.arecord(event)
+        body = event_body(audit.now(), ctx.request_id, **fields, **extra)
+        if allowed and action == "cache:read" and not self.s.durable_reads:
+            audit.submit(body)  # written within milliseconds; the answer need not wait
+            return
+        await audit.arecord_body(body)
 
     async def _read_decision(self, ctx: _Ctx, candidates: list[Project], what: str) -> Project:
         """The first candidate slice the caller may read; else 401/404 (audit-logged)."""
@@ -402,8 +416,11 @@ class CacheApp:
             if self.s.keys.refresh():
                 self._narinfos.clear()
                 self._forget_tokens()
-        signers = self.s.keys.narinfo.signing_keys()
-        key = (info.hash_part, info.nar.nar_hash, tuple(k.name for k in signers))
+            # Which keys are live changes with time (grace periods): looked up once a second.
+            self._signers = self.s.keys.narinfo.signing_keys()
+            self._signer_names = tuple(k.name for k in self._signers)
+        signers = self._signers
+        key = (info.hash_part, info.nar.nar_hash, self._signer_names)
         cached = self._narinfos.get(key)
         if cached is not None:
             return cached

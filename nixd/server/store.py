@@ -25,6 +25,7 @@ import bz2
 import contextlib
 import hashlib
 import lzma
+import mmap
 import os
 import sqlite3
 import tempfile
@@ -80,6 +81,9 @@ SUFFIX_COMPRESSION = {
 }
 _CHUNK = 1 << 20
 _HOLDERS_CACHE_MAX = 100_000
+_WAL_HEADER = 48
+"""Bytes of SQLite's wal-index header (https://www.sqlite.org/walformat.html): every commit
+rewrites it (``iChange``, ``mxFrame``, salts), so while it is unchanged nobody committed."""
 
 
 class StoreError(NixdError):
@@ -321,10 +325,26 @@ class Store:
         self.zstd_level = zstd_level
         self._holders: dict[str, list[tuple[Project, PathInfo]]] = {}
         self._data_version = -1
+        self._version = -1
+        self._wal_seen = b""
+        self._wal_index = _map_wal_index(conn)
 
     def data_version(self) -> int:
-        """Changes whenever another connection (e.g. an admin command) commits."""
-        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        """Changes whenever another connection (e.g. an admin command) commits.
+
+        Asked of SQLite (``PRAGMA data_version``: a read transaction, three system calls)
+        only when the wal-index header in ``<db>-shm`` changed since the last time; reading
+        it is a memory access. The header is read before the pragma, so a commit racing
+        with the check changes the header again and is seen by the next call.
+        """
+        index = self._wal_index
+        if index is not None:
+            header = index[:_WAL_HEADER]
+            if header == self._wal_seen:
+                return self._version
+            self._wal_seen = header
+        self._version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        return self._version
 
     def _fresh(self) -> None:
         """Drop cached reads if another connection (process) committed since."""
@@ -584,6 +604,31 @@ class Store:
                 "INSERT OR REPLACE INTO logs(project_id, drv, data, created) VALUES (?, ?, ?, ?)",
                 (project.id, drv, zstandard.compress(data), time.time()),
             )
+
+
+def _map_wal_index(conn: sqlite3.Connection) -> mmap.mmap | None:
+    """The start of the database's ``-shm`` file, mapped read-only; None if there is none.
+
+    The connection keeps the file in use (it only goes away when the last connection to
+    the database closes), so the mapping stays the one SQLite writes.
+    """
+    row = conn.execute("PRAGMA database_list").fetchone()
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    if not row or not row[2] or mode != "wal":
+        return None
+    conn.execute("PRAGMA data_version").fetchone()  # a read: SQLite sets up the wal-index
+    try:
+        fd = os.open(f"{row[2]}-shm", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size < _WAL_HEADER:
+            return None
+        return mmap.mmap(fd, _WAL_HEADER, mmap.MAP_SHARED, mmap.PROT_READ)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -152,3 +152,26 @@ def test_paths_slices_and_dropped_aliases(
     # ... but not a NAR a stored path still uses.
     store.drop_alias(app, "nar/a.nar")
     assert store.blob_path(nar.file_hash).exists()
+
+
+def test_data_version_sees_every_commit_of_another_connection(
+    store: Store, conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    pragmas: list[str] = []
+    conn.set_trace_callback(lambda sql: pragmas.append(sql) if "data_version" in sql else None)
+    first = store.data_version()
+    # Unchanged database: answered from the wal-index header, without asking SQLite.
+    asked = len(pragmas)
+    assert [store.data_version() for _ in range(100)] == [first] * 100
+    assert len(pragmas) == asked
+    other = open_db(conn.execute("PRAGMA database_list").fetchone()[2])
+    try:
+        seen = {first}
+        for n in range(20):
+            create_org(other, f"org{n}")
+            version = store.data_version()
+            assert version not in seen  # every commit, however quick, is noticed
+            seen.add(version)
+            other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL restarts from zero
+    finally:
+        other.close()
