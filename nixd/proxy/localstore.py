@@ -15,6 +15,12 @@ recently served NARs (and their narinfos) until the total is under ``max_bytes``
 SQLite calls are short local operations made on the event loop thread; the database runs
 in WAL mode without fsync per commit: losing the last few atime updates in a power cut is
 harmless, and a lost row only makes the proxy fetch the NAR again.
+
+Hits cost no SQLite statement: the NAR sizes are mirrored in memory, and access times are
+collected in memory and written in one transaction at most every ``FLUSH_INTERVAL``
+seconds, before any eviction, and at :meth:`LocalStore.close`. NARs of at most ``SMALL``
+bytes are kept in a bounded in-memory LRU too (:meth:`LocalStore.small_nar`), so a warm hit
+on one is a dict lookup and one socket write.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import sqlite3
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 from nixd.errors import ConfigError
@@ -32,6 +39,13 @@ from nixd.proxy.metrics import Metrics
 from nixd.proxy.verify import parse_nar_key
 
 log = logging.getLogger(__name__)
+
+SMALL = 64 << 10
+"""NARs up to this size are served from memory (and fetched whole, see the server)."""
+MEMORY_BYTES = 32 << 20
+"""Bound on the bytes of small NARs kept in memory."""
+FLUSH_INTERVAL = 5.0
+"""Seconds access times may stay in memory before they are written to the index."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nars (
@@ -69,6 +83,13 @@ class LocalStore:
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"proxy store {self.root}: cannot open: {exc}") from exc
         self.total_bytes = 0
+        self._sizes: dict[str, int] = {}
+        """key -> size of every NAR in the index (mirror of the ``nars`` table)."""
+        self._touched: dict[str, float] = {}
+        """Access times not yet written to the index."""
+        self._flushed_at = time.monotonic()
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._memory_bytes = 0
         self._recover()
 
     def _recover(self) -> None:
@@ -89,6 +110,7 @@ class LocalStore:
                         os.unlink(found.path)
                 continue
             known.add(key)
+            self._sizes[key] = int(size)
             self.total_bytes += size
         for name, entry in on_disk.items():
             if name not in known:
@@ -99,7 +121,28 @@ class LocalStore:
         self.evict()
 
     def close(self) -> None:
+        self.flush()
         self.db.close()
+
+    def flush(self) -> None:
+        """Write the access times collected in memory to the index, in one transaction."""
+        self._flushed_at = time.monotonic()
+        if not self._touched:
+            return
+        touched, self._touched = self._touched, {}
+        rows = [(atime, key) for key, atime in touched.items() if key in self._sizes]
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("UPDATE nars SET atime = ? WHERE key = ?", rows)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _touch(self, key: str) -> None:
+        self._touched[key] = time.time()
+        if time.monotonic() - self._flushed_at >= FLUSH_INTERVAL:
+            self.flush()
 
     def new_temp(self) -> Path:
         return self.tmp_dir / f"{uuid.uuid4().hex}.part"
@@ -113,12 +156,67 @@ class LocalStore:
 
     def nar(self, key: str, *, touch: bool = True) -> tuple[Path, int] | None:
         """Path and size of a stored NAR; ``touch`` marks it recently used."""
-        row = self.db.execute("SELECT size FROM nars WHERE key = ?", (key,)).fetchone()
-        if row is None:
+        size = self._sizes.get(key)
+        if size is None:
             return None
         if touch:
-            self.db.execute("UPDATE nars SET atime = ? WHERE key = ?", (time.time(), key))
-        return self.nar_dir / key, int(row[0])
+            self._touch(key)
+        return self.nar_dir / key, size
+
+    def small_nar(self, key: str) -> bytes | None:
+        """The bytes of a stored NAR of at most ``SMALL`` bytes (marked recently used).
+
+        None if the NAR is not here, is larger, or its file went away.
+        """
+        size = self._sizes.get(key)
+        if size is None or size > SMALL:
+            return None
+        data = self._memory.get(key)
+        if data is None:
+            try:
+                with open(self.nar_dir / key, "rb") as f:
+                    data = f.read(SMALL + 1)
+            except FileNotFoundError:
+                return None
+            if len(data) != size:
+                return None
+            self._remember(key, data)
+        else:
+            self._memory.move_to_end(key)
+        self._touch(key)
+        return data
+
+    def _remember(self, key: str, data: bytes) -> None:
+        if len(data) > SMALL or key in self._memory:
+            return
+        self._memory[key] = data
+        self._memory_bytes += len(data)
+        while self._memory_bytes > MEMORY_BYTES:
+            _, old = self._memory.popitem(last=False)
+            self._memory_bytes -= len(old)
+
+    def _forget(self, key: str) -> None:
+        data = self._memory.pop(key, None)
+        if data is not None:
+            self._memory_bytes -= len(data)
+
+    def admit_bytes(self, key: str, data: bytes, hash_part: str, narinfo_text: bytes) -> bool:
+        """:meth:`admit` for a verified NAR held in memory (a small one)."""
+        temp = self.new_temp()
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        try:
+            kept = self.admit(key, temp, hash_part, narinfo_text)
+        finally:
+            temp.unlink(missing_ok=True)
+        if kept and key in self._sizes:
+            self._remember(key, data)
+        return kept
 
     def admit(self, key: str, temp: Path, hash_part: str, narinfo_text: bytes) -> bool:
         """Move a verified download into the store; False if it cannot fit at all."""
@@ -132,23 +230,34 @@ class LocalStore:
         existing = self.nar(key, touch=False)
         if existing is None:
             os.replace(temp, target)
-            self.db.execute(
-                "INSERT OR REPLACE INTO nars(key, size, atime) VALUES (?, ?, ?)",
-                (key, size, time.time()),
-            )
-            self.total_bytes += size
         else:
             os.unlink(temp)
-        self.db.execute(
-            "INSERT OR REPLACE INTO narinfos(hash_part, key, text) VALUES (?, ?, ?)",
-            (hash_part, key, narinfo_text),
-        )
+        self.db.execute("BEGIN")
+        try:
+            if existing is None:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO nars(key, size, atime) VALUES (?, ?, ?)",
+                    (key, size, time.time()),
+                )
+            self.db.execute(
+                "INSERT OR REPLACE INTO narinfos(hash_part, key, text) VALUES (?, ?, ?)",
+                (hash_part, key, narinfo_text),
+            )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        if existing is None:
+            self._sizes[key] = size
+            self.total_bytes += size
         self.evict(keep=key)
         self._update_gauge()
         return True
 
     def evict(self, keep: str | None = None) -> None:
         """Drop least recently used NARs until the total fits under the cap."""
+        if self.total_bytes > self.max_bytes:
+            self.flush()
         while self.total_bytes > self.max_bytes:
             row = self.db.execute(
                 "SELECT key, size FROM nars WHERE key != ? ORDER BY atime LIMIT 1",
@@ -159,6 +268,9 @@ class LocalStore:
             key, size = row
             self.db.execute("DELETE FROM narinfos WHERE key = ?", (key,))
             self.db.execute("DELETE FROM nars WHERE key = ?", (key,))
+            self._sizes.pop(key, None)
+            self._touched.pop(key, None)
+            self._forget(key)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.nar_dir / key)
             self.total_bytes -= size
@@ -167,6 +279,8 @@ class LocalStore:
         self._update_gauge()
 
     def nar_keys(self) -> list[str]:
+        """Stored NAR names, least recently used first."""
+        self.flush()
         return [r[0] for r in self.db.execute("SELECT key FROM nars ORDER BY atime")]
 
     def _update_gauge(self) -> None:

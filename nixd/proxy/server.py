@@ -21,6 +21,10 @@ Model (DESIGN.md, "Security model"):
   :class:`~nixd.proxy.singleflight.Download` that all requests for the name tail.
   After a download verified its FileHash, a worker thread decompresses it and checks the
   signed NarHash/NarSize; only then does it enter the :class:`LocalStore`.
+  NARs whose FileSize is at most :data:`~nixd.proxy.localstore.SMALL` take a short path:
+  fetched whole over a kept-alive connection (one fetch shared by concurrent requests),
+  checked inline (FileHash, then the signed NarHash) before any byte goes to Nix, kept, and
+  answered with one write; warm hits on them come from memory.
 - Errors reach Nix only through :func:`nixd.proxy.errors.status_for`.
 """
 
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from nixd.errors import ConfigError, FormatError, NixdError
+from nixd.errors import ConfigError, FormatError, IntegrityError, NixdError, UpstreamError
 from nixd.nix.cacheinfo import CacheInfo
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
@@ -45,12 +49,19 @@ from nixd.proxy import pagecache
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
 from nixd.proxy.errors import NotFound, RangeNotSatisfiable, status_for
 from nixd.proxy.front import Connection, ConnectionTracker, Request, Responder, serve_connection
-from nixd.proxy.localstore import LocalStore
+from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.negcache import NegativeCache, TTLCache
 from nixd.proxy.singleflight import Download, State
 from nixd.proxy.upstream import Upstream
-from nixd.proxy.verify import nar_key, nar_matches, parse_nar_key
+from nixd.proxy.verify import (
+    can_verify,
+    check_small_nar,
+    expected_raw,
+    nar_key,
+    nar_matches,
+    parse_nar_key,
+)
 
 if TYPE_CHECKING:
     from nixd.auth.model import TokenSource
@@ -62,6 +73,18 @@ NAR_HEADERS = ((b"content-type", b"application/x-nix-nar"), (b"accept-ranges", b
 _PENDING = object()
 _NARINFO_OK = Metrics.key("nixd_proxy_requests_total", kind="narinfo", status="200")
 _LOCAL_NARINFO_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="narinfo")
+_LOCAL_NAR_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="nar")
+
+
+class _SmallFetch:
+    """A small NAR being fetched whole; later requests for it wait for the first one."""
+
+    __slots__ = ("data", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
 
 
 class Resolved:
@@ -212,6 +235,7 @@ class Proxy:
         self.resolved: TTLCache[Resolved] = TTLCache(config.positive_ttl)
         self.negative = NegativeCache(config.negative_ttl)
         self.downloads: dict[str, Download] = {}
+        self.small_fetches: dict[str, _SmallFetch] = {}
         self.downloads_idle = trio.Event()
         self.downloads_idle.set()
         self.upstreams: list[Upstream] = []
@@ -349,6 +373,12 @@ class Proxy:
 
     async def _lookup_upstreams(self, hash_part: str) -> Resolved:
         upstreams = list(self.upstreams)
+        if len(upstreams) == 1:  # nothing to race: no tasks, no channel
+            try:
+                found = await upstreams[0].fetch_narinfo(hash_part)
+            except FormatError:
+                found = None
+            return self._resolved_or_miss(hash_part, upstreams[0] if found else None, found)
         results: list[object] = [_PENDING] * len(upstreams)
         send, receive = trio.open_memory_channel[tuple[int, object]](len(upstreams))
 
@@ -374,15 +404,21 @@ class Proxy:
                     break
             nursery.cancel_scope.cancel()
         if winner is not None:
-            upstream = upstreams[winner]
             info = results[winner]
             assert isinstance(info, NarInfo)
-            key = nar_key(info)
-            text = dataclasses.replace(info, url=f"nar/{key}").render().encode()
-            return Resolved(text, key, info, upstream)
+            return self._resolved_or_miss(hash_part, upstreams[winner], info)
         errors = [r for r in results if isinstance(r, Exception) and not isinstance(r, FormatError)]
         if errors:
             raise errors[0]
+        return self._resolved_or_miss(hash_part, None, None)
+
+    def _resolved_or_miss(
+        self, hash_part: str, upstream: Upstream | None, info: NarInfo | None
+    ) -> Resolved:
+        if upstream is not None and info is not None:
+            key = nar_key(info)
+            text = dataclasses.replace(info, url=f"nar/{key}").render().encode()
+            return Resolved(text, key, info, upstream)
         self.metrics.inc("nixd_proxy_misses_total")
         self.negative.add(hash_part)
         raise NotFound(f"{hash_part}: no upstream has a trusted narinfo")
@@ -404,6 +440,17 @@ class Proxy:
                 raise NotFound(f"{key}: not the file the trusted narinfo names")
             if await self._serve_local_nar(key, request, resp, head):
                 return
+            expected = expected_raw(resolved.info)
+            if (
+                not head
+                and expected is not None
+                and expected[1] <= SMALL
+                and can_verify(resolved.info.compression)
+            ):
+                data = await self._fetch_small(key, resolved)
+                self.metrics.inc("nixd_proxy_sent_bytes_total", len(data), source="upstream")
+                await self._send_bytes(data, request, resp)
+                return
             if head:
                 size = resolved.info.file_size
                 headers = [*NAR_HEADERS]
@@ -417,9 +464,76 @@ class Proxy:
             self.metrics.inc("nixd_proxy_singleflight_joins_total")
         await self._serve_download(download, request, resp, head)
 
+    async def _fetch_small(self, key: str, resolved: Resolved) -> bytes:
+        """A small NAR fetched whole, verified and kept; one fetch per key at a time."""
+        running = self.small_fetches.get(key)
+        if running is not None:
+            self.metrics.inc("nixd_proxy_singleflight_joins_total")
+            await running.done.wait()
+            if running.data is None:
+                raise running.error or UpstreamError(f"{key}: fetch failed")
+            return running.data
+        upstream = resolved.upstream
+        assert upstream is not None
+        fetch = _SmallFetch()
+        self.small_fetches[key] = fetch
+        try:
+            data = await upstream.fetch_small_nar(resolved.info, SMALL)
+            try:
+                check_small_nar(data, resolved.info, key)
+            except IntegrityError as exc:
+                self.metrics.inc("nixd_proxy_verification_failures_total", stage="file")
+                log.warning("upstream %s: %s; not served, not kept", upstream.name, exc)
+                raise
+            try:
+                self.store.admit_bytes(key, data, resolved.info.store_path.hash_part, resolved.text)
+            except OSError as exc:
+                log.warning("could not keep %s in the proxy store: %s", key, exc)
+            fetch.data = data
+            return data
+        except Exception as exc:
+            fetch.error = exc
+            raise
+        finally:
+            del self.small_fetches[key]
+            fetch.done.set()
+
+    async def _send_bytes(self, data: bytes, request: Request, resp: Responder) -> None:
+        """A whole NAR held in memory, with Range; headers and body in one write."""
+        size = len(data)
+        rng = _parse_range(request.headers.get(b"range"), size)
+        if rng:
+            start, end = rng[0], rng[1] if rng[1] is not None else size - 1
+            head = (
+                b"HTTP/1.1 206 Partial Content\r\ncontent-type: application/x-nix-nar\r\n"
+                b"accept-ranges: bytes\r\ncontent-length: %d\r\n"
+                b"content-range: bytes %d-%d/%d\r\n\r\n" % (end - start + 1, start, end, size)
+            )
+            body = data[start : end + 1]
+            status = 206
+        else:
+            head = (
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/x-nix-nar\r\n"
+                b"accept-ranges: bytes\r\ncontent-length: %d\r\n\r\n" % size
+            )
+            body = data
+            status = 200
+        if not resp.keep_alive:
+            head = head[:-2] + b"connection: close\r\n\r\n"
+        if request.method == b"HEAD":
+            body = b""
+        await resp.send_prepared(status, head + body)
+
     async def _serve_local_nar(
         self, key: str, request: Request, resp: Responder, head: bool
     ) -> bool:
+        data = self.store.small_nar(key)
+        if data is not None:
+            self.metrics.add(_LOCAL_NAR_HIT)
+            await self._send_bytes(data, request, resp)
+            if not head:
+                self.metrics.inc("nixd_proxy_sent_bytes_total", len(data), source="local")
+            return True
         found = self.store.nar(key)
         if found is None:
             return False

@@ -11,6 +11,12 @@ Each upstream has its own ``httpx.AsyncClient`` (keep-alive pool, timeouts) and 
   file (re-read when it changes), as curl would.
 - ``none``: no credentials (public caches).
 
+Small bodies (narinfos, NARs of a few KiB) from ``http://`` upstreams are fetched by
+:meth:`Upstream.get_small` over a pool of kept-alive raw HTTP/1.1 connections: a closure of
+hundreds of paths makes two such requests per path, and httpx's per-request machinery
+would cost more than everything else the proxy does for them. Anything unusual (redirect,
+no ``Content-Length``, too large, https) falls back to httpx.
+
 httpx errors are translated here, at the boundary, into :mod:`nixd.errors` classes; the
 HTTP status an upstream gives is turned into ``None`` (absent) or an error by
 :meth:`Upstream.check_status`. What Nix then sees is decided in :mod:`nixd.proxy.errors`.
@@ -25,7 +31,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import trio
@@ -49,6 +55,8 @@ BATCH = 1 << 20
 """Most bytes handed on per chunk of a raw NAR body."""
 CHUNK_MIN = 256 << 10
 """A raw chunk is handed on once it has at least this much (fewer wake-ups downstream)."""
+MAX_IDLE = 32
+"""Idle kept-alive raw connections per upstream host."""
 
 
 class TokenAuth(httpx.Auth):
@@ -204,6 +212,10 @@ class _RawBody:
         await self.stream.aclose()
 
 
+class _Stale(Exception):
+    """A kept-alive connection the upstream closed before answering: try another."""
+
+
 class Upstream:
     """A configured cache with its client; ``users`` counts downloads still using it."""
 
@@ -242,6 +254,8 @@ class Upstream:
         self.last_ok: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self._idle: dict[tuple[str, int], list[trio.SocketStream]] = {}
+        """Kept-alive raw connections by (host, port), most recently used last."""
 
     def url_for(self, relative: str) -> str:
         if "://" in relative:
@@ -275,13 +289,17 @@ class Upstream:
         url = self.url_for(f"{hash_part}.narinfo")
         start = time.monotonic()
         try:
-            with translate_errors(self.name):
-                response = await self.client.get(url)
+            got = await self.get_small(url, MAX_NARINFO)
+            if got is None:
+                with translate_errors(self.name):
+                    response = await self.client.get(url)
+                got = response.status_code, response.content
+            status, content = got
             self.metrics.observe_latency(self.name, time.monotonic() - start)
-            self.check_status(response.status_code, url)
-            if len(response.content) > MAX_NARINFO:
+            self.check_status(status, url)
+            if len(content) > MAX_NARINFO:
                 raise UpstreamError(f"{url}: narinfo larger than {MAX_NARINFO} bytes")
-            info = NarInfo.parse(response.content)
+            info = NarInfo.parse(content)
             check_narinfo(info, hash_part, self.keys)
         except NotFound as exc:
             self._outcome("miss", exc)
@@ -296,6 +314,147 @@ class Upstream:
             raise
         self._outcome("hit")
         return info
+
+    async def fetch_small_nar(self, info: NarInfo, limit: int) -> bytes:
+        """The whole NAR file ``info.url`` (at most ``limit`` bytes), unverified."""
+        url = self.url_for(info.url)
+        start = time.monotonic()
+        try:
+            got = await self.get_small(url, limit)
+            if got is None:
+                with translate_errors(self.name):
+                    response = await self.client.get(url)
+                got = response.status_code, response.content
+            status, content = got
+            self.metrics.observe_latency(self.name, time.monotonic() - start)
+            self.check_status(status, url)
+            if status != 200:
+                raise UpstreamError(f"{url}: unexpected {status}")
+        except Exception as exc:
+            self._outcome("error", exc)
+            raise
+        self._outcome("nar")
+        self.metrics.inc("nixd_proxy_upstream_bytes_total", len(content))
+        return content
+
+    async def _authorization(self, url: str) -> tuple[str | None, AccessToken | None]:
+        auth = self._auth_for_raw()
+        if isinstance(auth, TokenAuth):
+            token = await auth.tokens.get()
+            return f"Bearer {token.value}", token
+        if isinstance(auth, NetrcAuth):
+            return auth.header_for(urlsplit(url).hostname or ""), None
+        return None, None
+
+    async def get_small(self, url: str, limit: int) -> tuple[int, bytes] | None:
+        """``(status, body)`` of a GET over a kept-alive raw connection.
+
+        None when the raw path does not apply (not ``http://``, a redirect, no
+        ``Content-Length``, a body over ``limit``): the caller then asks httpx. A 401 with
+        nixd auth renews the token once, as :class:`TokenAuth` does.
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            return None
+        header, token = await self._authorization(url)
+        got = await self._raw_small(parts, header, limit)
+        if got is not None and got[0] == 401 and token is not None:
+            auth = self._auth_for_raw()
+            assert isinstance(auth, TokenAuth)
+            fresh = await auth._renew(token)
+            got = await self._raw_small(parts, f"Bearer {fresh.value}", limit)
+        return got
+
+    async def _raw_small(
+        self, parts: SplitResult, authorization: str | None, limit: int
+    ) -> tuple[int, bytes] | None:
+        host = parts.hostname or ""
+        port = parts.port or 80
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        request = (
+            f"GET {target} HTTP/1.1\r\nHost: {parts.netloc.rsplit('@', 1)[-1]}\r\n"
+            "User-Agent: nixd-proxy\r\nAccept-Encoding: identity\r\n"
+            + (f"Authorization: {authorization}\r\n" if authorization else "")
+            + "\r\n"
+        ).encode("latin-1")
+        idle = self._idle.setdefault((host, port), [])
+        try:
+            with trio.fail_after(self.config.timeout):
+                while idle:  # a kept-alive connection the upstream may have closed since
+                    stream = idle.pop()
+                    try:
+                        return await self._exchange(stream, request, limit, idle)
+                    except _Stale:
+                        continue
+                stream = await trio.open_tcp_stream(host, port)
+                try:
+                    return await self._exchange(stream, request, limit, idle)
+                except _Stale as exc:
+                    raise UpstreamError(f"{self.name}: connection closed before headers") from exc
+        except trio.TooSlowError as exc:
+            raise UpstreamTimeout(f"{self.name}: timed out") from exc
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise UpstreamError(f"{self.name}: {exc}") from exc
+
+    async def _exchange(
+        self,
+        stream: trio.SocketStream,
+        request: bytes,
+        limit: int,
+        idle: list[trio.SocketStream],
+    ) -> tuple[int, bytes] | None:
+        """One request on ``stream``; the stream goes back to ``idle`` or is closed."""
+        keep = False
+        try:
+            try:
+                await stream.send_all(request)
+                head = b""
+                while (end := head.find(b"\r\n\r\n")) < 0:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        if not head:
+                            raise _Stale
+                        raise UpstreamError(f"{self.name}: connection closed in the headers")
+                    head += data
+                    if len(head) > 65536:
+                        raise UpstreamError(f"{self.name}: response headers too large")
+            except trio.BrokenResourceError as exc:
+                raise _Stale from exc
+            status_line, *header_lines = head[:end].decode("latin-1").split("\r\n")
+            try:
+                version, status_text = status_line.split(" ", 2)[:2]
+                status = int(status_text)
+            except ValueError:
+                raise UpstreamError(f"{self.name}: malformed status line") from None
+            headers: dict[str, str] = {}
+            for line in header_lines:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length_text = headers.get("content-length", "")
+            if (
+                not length_text.isdigit()
+                or int(length_text) > limit
+                or "transfer-encoding" in headers
+                or headers.get("content-encoding", "identity").lower() != "identity"
+                or 300 <= status < 400
+            ):
+                return None
+            length = int(length_text)
+            body = head[end + 4 :]
+            while len(body) < length:
+                data = await stream.receive_some(max(65536, length - len(body)))
+                if not data:
+                    raise UpstreamError(f"{self.name}: connection closed in a body")
+                body += data
+            if len(body) > length:
+                raise UpstreamError(f"{self.name}: bytes after the response body")
+            keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+            return status, body
+        finally:
+            if keep and len(idle) < MAX_IDLE:
+                idle.append(stream)
+            else:
+                await stream.aclose()
 
     def _auth_for_raw(self) -> httpx.Auth | None:
         auth = self.client.auth if self.client.auth is not None else None
@@ -438,6 +597,9 @@ class Upstream:
             self.unused.set()
 
     async def aclose(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                await idle.pop().aclose()
         await self.client.aclose()
 
     def status(self) -> dict[str, object]:
