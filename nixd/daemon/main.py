@@ -324,6 +324,7 @@ class Daemon:
             "token_expires_at": token.expires_at if token else None,
             "token_valid": bool(token and not token.expired()),
             "last_refresh": self.refresher.last_refresh,
+            "renewals": self.refresher.renewals,
             "next_refresh": self.refresher.next_refresh,
             "last_error": self.refresher.last_error or self.last_error,
             "pinned_keys": list(state.pinned_keys) if state else [],

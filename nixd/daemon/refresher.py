@@ -89,6 +89,8 @@ class Refresher:
         self.last_refresh: float | None = None
         self.last_error: str | None = None
         self.next_refresh: float | None = None
+        #: renewals of the current login that succeeded (shown by ``nixd status``)
+        self.renewals = 0
 
     # -- state changes from login/logout ---------------------------------------------------
 
@@ -97,6 +99,7 @@ class Refresher:
         self._renew = renew
         self._token = token
         self._failures = 0
+        self.renewals = 0
         self._last_failed = False
         self.last_error = None
         if token is not None:
@@ -179,6 +182,7 @@ class Refresher:
         self._token = token
         self.last_refresh = self._clock()
         self.last_error = None
+        self.renewals += 1
         log.info("access token renewed for %s", token.identity)
         if self._on_token is not None:
             try:
