@@ -3,19 +3,18 @@
 Each command group lives in its own module under :mod:`nixd.commands` with a
 ``register(subparsers)`` function that adds its parser and sets ``func``. A ``func`` takes
 the parsed arguments and returns the exit code. Errors that nixd raises on purpose are
-printed as one line on stderr, never as a traceback.
+printed as one line on stderr, never as a traceback (:mod:`nixd.cliutil`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
 from nixd import __version__
-from nixd.errors import NixdError
+from nixd.cliutil import run_command
 
 COMMAND_MODULES = ("nar", "key", "daemon", "login", "status")
 
@@ -38,23 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="nixd: %(levelname)s: %(message)s",
-    )
-    try:
-        code: int = args.func(args)
-    except NixdError as exc:
-        print(f"nixd: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"nixd: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code
+    return run_command(build_parser(), argv, log_format="nixd: %(levelname)s: %(message)s")
 
 
 if __name__ == "__main__":

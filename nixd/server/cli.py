@@ -11,7 +11,6 @@ import argparse
 import getpass
 import ipaddress
 import json
-import logging
 import re
 import socket
 import sys
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from nixd import __version__
-from nixd.errors import ConfigError, NixdError
+from nixd.cliutil import run_command
+from nixd.errors import ConfigError
 from nixd.server.accounts import register_cli as register_user_cli
 from nixd.server.audit import AuditLog, verify
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
@@ -596,23 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="nixd-server: %(levelname)s: %(name)s: %(message)s",
+    return run_command(
+        build_parser(), argv, log_format="nixd-server: %(levelname)s: %(name)s: %(message)s"
     )
-    try:
-        code: int = args.func(args)
-    except NixdError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code
 
 
 if __name__ == "__main__":
