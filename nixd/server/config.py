@@ -358,4 +358,28 @@ file = "{d.audit.file}"
 # answered at once and their lines follow within milliseconds; a crash may lose those
 # last lines. Denials, uploads and admin changes are always durable before the answer.
 durable_reads = {str(d.audit.durable_reads).lower()}
+
+[device]
+# interactive login (`nixd login`): the device authorization grant and its web pages;
+# accounts are added with `nixd-server user add ORG NAME`
+code_ttl = {d.device.code_ttl}
+interval = {d.device.interval}
+refresh_ttl = {d.device.refresh_ttl}
+# how browsers reach this server (default: the Host header); https:// makes cookies Secure
+public_url = "{d.device.public_url}"
+
+# Trust CI and cloud identities; one entry per org (uncomment and edit):
+#
+# [[github]]                           # GitHub Actions ID tokens; [[gitlab]] has the same keys
+# org = "acme"
+# audience = "https://cache.example"   # the `aud` jobs request (`nixd login github-action`)
+# owner_ids = ["1001"]                 # repository_owner_id (GitLab: namespace_id); "*" = any
+# issuer = "https://token.actions.githubusercontent.com"   # GitLab: https://gitlab.com
+#
+# [[aws]]                              # AWS principals proved through STS (`nixd login aws`)
+# org = "acme"
+# audience = "https://cache.example"   # the signed X-Nixd-Server-Audience header's value
+# accounts = ["123456789012"]          # "*" = any
+# sts_endpoint = "https://sts.amazonaws.com"
+# region = "us-east-1"
 """
