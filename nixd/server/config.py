@@ -33,6 +33,7 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     code_ttl = 600                  # seconds a user code may wait for approval
     interval = 5                    # seconds between the client's polls
     refresh_ttl = 2592000           # an unused refresh credential expires after (30 days)
+    refresh_reuse_grace = 30        # seconds a just-rotated credential may be retried once
     public_url = ""                 # how browsers reach the server (default: the Host
                                     # header); https:// makes the session cookie Secure
 
@@ -110,6 +111,7 @@ class DeviceSection:
     code_ttl: int = 600
     interval: int = 5
     refresh_ttl: int = 30 * 86400
+    refresh_reuse_grace: int = 30
     public_url: str = ""
 
 
@@ -313,6 +315,8 @@ def _check(config: ServerConfig, source: str) -> None:
     for key in ("code_ttl", "interval", "refresh_ttl"):
         if getattr(config.device, key) <= 0:
             raise ConfigError(f"{source}:device.{key}: must be positive")
+    if config.device.refresh_reuse_grace < 0:
+        raise ConfigError(f"{source}:device.refresh_reuse_grace: must not be negative")
     if config.device.public_url and not config.device.public_url.startswith(
         ("http://", "https://")
     ):
@@ -365,6 +369,9 @@ durable_reads = {str(d.audit.durable_reads).lower()}
 code_ttl = {d.device.code_ttl}
 interval = {d.device.interval}
 refresh_ttl = {d.device.refresh_ttl}
+# seconds after a refresh during which the credential just used may be presented once more
+# (the answer was lost in transit); its unused successor is then retired. 0 = no retry
+refresh_reuse_grace = {d.device.refresh_reuse_grace}
 # how browsers reach this server (default: the Host header); https:// makes cookies Secure
 public_url = "{d.device.public_url}"
 

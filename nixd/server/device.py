@@ -28,6 +28,14 @@ once (reuse detection) and both must log in again. Families are revocable by an 
 (:meth:`DeviceService.revoke_user`), and a disabled account's credentials stop working.
 A credential unused for ``refresh_ttl`` expires.
 
+**Reuse grace.** An answer lost in transit (the server rotated, the client never heard)
+makes the client retry with the credential it still holds. So for ``refresh_reuse_grace``
+seconds after its use, a credential may be presented *once* more, provided the successor
+it was rotated to is still unused and live: a fresh successor is issued and the earlier
+one is retired (marked used, so whoever presents it later triggers reuse detection). A
+retry after the grace, a second retry, or one after the successor was used is reuse as
+above. No secret is kept to answer the retry: the successor's plaintext is never stored.
+
 The identity is the account's (``user:<name>``, attributes ``org`` and ``user``). Every
 step — authorize, each poll outcome but ``authorization_pending``, approve, deny, every
 refresh, good or bad — is written to the audit log with the reason.
@@ -109,6 +117,11 @@ MIGRATIONS: list[Migration] = [
     CREATE INDEX refresh_credentials_family ON refresh_credentials(family);
     CREATE INDEX refresh_credentials_account ON refresh_credentials(account_id);
     """,
+    # 2: reuse grace: the credential a rotation issued, and when the retry was spent.
+    """
+    ALTER TABLE refresh_credentials ADD COLUMN successor TEXT;
+    ALTER TABLE refresh_credentials ADD COLUMN grace_used_at REAL;
+    """,
 ]
 
 
@@ -145,6 +158,8 @@ class Refreshed:
     identity: Identity
     refresh_token: str
     refresh_expires: float
+    grace: bool = False
+    """True when this was a retry within the reuse grace (audited on its own)."""
 
 
 def normalize_user_code(text: str) -> str:
@@ -355,7 +370,7 @@ class DeviceService:
         if redeemed != 1 or account is None or account.disabled_at is not None:
             return await refuse("invalid_grant", "this device code cannot be used")
         identity = account.identity()
-        refresh, _ = self._new_refresh(account, family=secrets.token_hex(8), now=now)
+        _, refresh, _ = self._new_refresh(account, family=secrets.token_hex(8), now=now)
         access, claims = self.issuer.issue(identity)
         await self._audit(
             request_id,
@@ -423,7 +438,8 @@ class DeviceService:
 
     # -- refresh credentials ---------------------------------------------------------------
 
-    def _new_refresh(self, account: Account, *, family: str, now: float) -> tuple[str, float]:
+    def _new_refresh(self, account: Account, *, family: str, now: float) -> tuple[str, str, float]:
+        """A new credential of ``family``: its id, the token the client gets, its expiry."""
         credential_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         expires = now + self.settings.refresh_ttl
@@ -432,13 +448,14 @@ class DeviceService:
             " expires) VALUES (?, ?, ?, ?, ?, ?)",
             (credential_id, family, account.id, _refresh_hash(credential_id, secret), now, expires),
         )
-        return f"{REFRESH_PREFIX}{credential_id}_{secret}", expires
+        return credential_id, f"{REFRESH_PREFIX}{credential_id}_{secret}", expires
 
     def redeem(self, token: str) -> Refreshed:
         """Redeem a refresh credential: the identity and the family's next credential.
 
         Raises :class:`RefreshRejected` (``reason`` for the audit line the exchange writes);
-        a replayed credential revokes its whole family before the refusal.
+        a replayed credential revokes its whole family before the refusal, unless it is a
+        first retry within the reuse grace (see the module docstring).
         """
         match = _REFRESH_RE.fullmatch(token.strip())
         if match is None:
@@ -447,8 +464,8 @@ class DeviceService:
         now = self.clock()
         with transaction(self._conn, durable=True):
             row = self._conn.execute(
-                "SELECT family, account_id, secret_hash, expires, used_at, revoked_at"
-                " FROM refresh_credentials WHERE id = ?",
+                "SELECT family, account_id, secret_hash, expires, used_at, revoked_at,"
+                " successor, grace_used_at FROM refresh_credentials WHERE id = ?",
                 (credential_id,),
             ).fetchone()
             if row is None or not hmac.compare_digest(
@@ -457,12 +474,18 @@ class DeviceService:
                 raise RefreshRejected(
                     "refresh credential not known; log in again", reason="unknown"
                 )
-            family, account_id, _, expires, used_at, revoked_at = row
+            family, account_id, _, expires, used_at, revoked_at, successor, grace_used_at = row
             if revoked_at is not None:
                 raise RefreshRejected(
                     "this login was revoked; run `nixd login` again", reason="revoked"
                 )
-            if used_at is not None:
+            retry = (
+                used_at is not None
+                and grace_used_at is None
+                and now - used_at < self.settings.refresh_reuse_grace
+                and self._successor_unused(successor, now)
+            )
+            if used_at is not None and not retry:
                 # Reuse: two parties hold this credential. Revoke the family, commit that,
                 # and only then refuse (raising inside the block would roll it back).
                 self._conn.execute(
@@ -489,14 +512,43 @@ class DeviceService:
                     raise RefreshRejected(
                         "the account is disabled or gone", reason="account_disabled"
                     )
+                if retry:
+                    # The answer to the first use was lost: retire the successor nobody
+                    # presented (a later presentation of it is reuse) and spend the retry.
+                    self._conn.execute(
+                        "UPDATE refresh_credentials SET used_at = ? WHERE id = ?", (now, successor)
+                    )
+                    log.info(
+                        "refresh credential %s retried within the reuse grace; %s retired",
+                        credential_id,
+                        successor,
+                    )
+                new_id, new, new_expires = self._new_refresh(account, family=family, now=now)
                 self._conn.execute(
-                    "UPDATE refresh_credentials SET used_at = ? WHERE id = ?", (now, credential_id)
+                    "UPDATE refresh_credentials SET used_at = ?, successor = ?,"
+                    " grace_used_at = ? WHERE id = ?",
+                    (
+                        used_at if retry else now,
+                        new_id,
+                        now if retry else None,
+                        credential_id,
+                    ),
                 )
-                new, new_expires = self._new_refresh(account, family=family, now=now)
-                outcome = Refreshed(account.identity(), new, new_expires)
+                outcome = Refreshed(account.identity(), new, new_expires, grace=retry)
         if isinstance(outcome, RefreshRejected):
             raise outcome
         return outcome
+
+    def _successor_unused(self, successor: str | None, now: float) -> bool:
+        """Whether the credential a rotation issued is still unused, live and unexpired."""
+        if successor is None:
+            return False
+        row = self._conn.execute(
+            "SELECT 1 FROM refresh_credentials WHERE id = ? AND used_at IS NULL"
+            " AND revoked_at IS NULL AND expires > ?",
+            (successor, now),
+        ).fetchone()
+        return row is not None
 
     def revoke_user(self, account: Account) -> int:
         """Revoke every refresh credential of ``account``; how many were live."""
@@ -562,6 +614,17 @@ class RefreshExchanger:
             result = self.device.redeem(token)
         except RefreshRejected as exc:
             raise ExchangeRejected(str(exc), code=exc.code, reason=exc.reason) from exc
+        if result.grace:
+            # The exchange audits the success as usual; this line says it was a retry.
+            await self.device._audit(
+                "",
+                result.identity,
+                "device:refresh",
+                True,
+                "refresh_reuse_grace",
+                source_ip or "",
+                reason="retry_within_reuse_grace",
+            )
         _ROTATED.set(result)
         return result.identity
 

@@ -13,14 +13,16 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import httpx
 import pytest
 
+from nixd.errors import ConfigError
 from nixd.server.accounts import hash_password, verify_password
 from nixd.server.app import CacheApp, Services
-from nixd.server.config import ServerConfig
+from nixd.server.config import ServerConfig, render_default
 from nixd.server.device import GRANT_TYPE, USER_CODE_ALPHABET, DeviceService
 from nixd.server.serve import open_services
 from tests.server.conftest import ServerState
@@ -205,6 +207,7 @@ async def test_replayed_refresh_revokes_the_family(env: Env) -> None:
         tokens = await approved_tokens(env, c)
         other = await approved_tokens(env, c)  # another login of alice: its own family
         good = await exchange(c, tokens["refresh_token"])
+        env.clock.now += env.device.settings.refresh_reuse_grace  # the grace is over
         replay = await exchange(c, tokens["refresh_token"])
         newest = await exchange(c, good.json()["refresh_token"])
         unrelated = await exchange(c, other["refresh_token"])
@@ -217,6 +220,89 @@ async def test_replayed_refresh_revokes_the_family(env: Env) -> None:
     reasons = [e.get("reason") for e in env.audit_lines() if e["action"] == "token:exchange"]
     assert "replayed_family_revoked" in reasons and "revoked" in reasons
     assert all("nixdr_" not in json.dumps(e) for e in env.audit_lines())
+
+
+async def test_retry_within_the_reuse_grace_retires_the_first_successor(env: Env) -> None:
+    async with env.client() as c:
+        tokens = await approved_tokens(env, c)
+        lost = await exchange(c, tokens["refresh_token"])  # the client never sees this answer
+        env.clock.now += env.device.settings.refresh_reuse_grace - 1
+        retry = await exchange(c, tokens["refresh_token"])
+        onward = await exchange(c, retry.json()["refresh_token"])
+        # The successor of the lost answer is dead; presenting it is reuse.
+        stale = await exchange(c, lost.json()["refresh_token"])
+        after = await exchange(c, onward.json()["refresh_token"])
+    assert lost.status_code == 200 and retry.status_code == 200, retry.text
+    assert retry.json()["identity"] == "user:alice"
+    assert retry.json()["refresh_token"] != lost.json()["refresh_token"]
+    assert onward.status_code == 200, onward.text
+    assert stale.status_code == 401 and "already used" in stale.json()["message"]
+    assert after.status_code == 401 and "revoked" in after.json()["message"]
+    grace = [e for e in env.audit_lines() if e["action"] == "device:refresh"]
+    assert [(e["decision"], e["rule"], e["identity"]) for e in grace] == [
+        ("allow", "refresh_reuse_grace", "user:alice")
+    ]
+    assert all("nixdr_" not in json.dumps(e) for e in env.audit_lines())
+
+
+async def test_second_retry_within_the_grace_revokes_the_family(env: Env) -> None:
+    async with env.client() as c:
+        tokens = await approved_tokens(env, c)
+        await exchange(c, tokens["refresh_token"])
+        retry = await exchange(c, tokens["refresh_token"])
+        again = await exchange(c, tokens["refresh_token"])
+        newest = await exchange(c, retry.json()["refresh_token"])
+    assert retry.status_code == 200, retry.text
+    assert again.status_code == 401 and "already used" in again.json()["message"]
+    assert newest.status_code == 401 and "revoked" in newest.json()["message"]
+
+
+async def test_retry_after_the_grace_revokes_the_family(env: Env) -> None:
+    async with env.client() as c:
+        tokens = await approved_tokens(env, c)
+        first = await exchange(c, tokens["refresh_token"])
+        env.clock.now += env.device.settings.refresh_reuse_grace
+        late = await exchange(c, tokens["refresh_token"])
+        successor = await exchange(c, first.json()["refresh_token"])
+    assert first.status_code == 200
+    assert late.status_code == 401 and "already used" in late.json()["message"]
+    assert successor.status_code == 401 and "revoked" in successor.json()["message"]
+    reasons = [e.get("reason") for e in env.audit_lines() if e["action"] == "token:exchange"]
+    assert "replayed_family_revoked" in reasons
+    assert not any(e["action"] == "device:refresh" for e in env.audit_lines())
+
+
+async def test_retry_after_the_successor_was_used_revokes_the_family(env: Env) -> None:
+    async with env.client() as c:
+        tokens = await approved_tokens(env, c)
+        first = await exchange(c, tokens["refresh_token"])
+        second = await exchange(c, first.json()["refresh_token"])
+        env.clock.now += 1  # well within the grace
+        replay = await exchange(c, tokens["refresh_token"])
+        newest = await exchange(c, second.json()["refresh_token"])
+    assert second.status_code == 200
+    assert replay.status_code == 401 and "already used" in replay.json()["message"]
+    assert newest.status_code == 401 and "revoked" in newest.json()["message"]
+
+
+async def test_zero_grace_disables_the_retry(env: Env) -> None:
+    env.device.settings = replace(env.device.settings, refresh_reuse_grace=0)
+    async with env.client() as c:
+        tokens = await approved_tokens(env, c)
+        first = await exchange(c, tokens["refresh_token"])
+        replay = await exchange(c, tokens["refresh_token"])
+        successor = await exchange(c, first.json()["refresh_token"])
+    assert replay.status_code == 401 and "already used" in replay.json()["message"]
+    assert successor.status_code == 401 and "revoked" in successor.json()["message"]
+
+
+def test_reuse_grace_config(tmp_path: Path) -> None:
+    assert ServerConfig(state_dir=tmp_path).device.refresh_reuse_grace == 30
+    assert "\nrefresh_reuse_grace = 30\n" in render_default()
+    loaded = ServerConfig.from_toml("[device]\nrefresh_reuse_grace = 0\n", state_dir=tmp_path)
+    assert loaded.device.refresh_reuse_grace == 0
+    with pytest.raises(ConfigError, match=r"device\.refresh_reuse_grace: must not be negative"):
+        ServerConfig.from_toml("[device]\nrefresh_reuse_grace = -1\n", state_dir=tmp_path)
 
 
 async def test_refresh_revoked_expired_disabled_malformed(env: Env) -> None:
