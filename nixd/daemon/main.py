@@ -125,6 +125,16 @@ class Daemon:
 
         return renew
 
+    def _keep_fresh(self, server: str, method: LoginMethod, token: AccessToken | None) -> None:
+        """Hand the login to the refresher, with when (and why) its renewals must stop."""
+        until = method.renewable_until
+        self.refresher.set_login(
+            self._renewer(server, method),
+            token,
+            renewable_until=until,
+            expired_message=None if until is None else methods.expiry_warning(method, until),
+        )
+
     async def _display_identity(self, server: str, token: AccessToken) -> str:
         """``github:owner/repo@ref`` from the server's token status; the raw identity if not.
 
@@ -144,7 +154,7 @@ class Daemon:
         if state is None:
             return
         self.login_state = state
-        self.refresher.set_login(self._renewer(state.server_url, state.method), state.token)
+        self._keep_fresh(state.server_url, state.method, state.token)
         self._login_changed()
         log.info("restored the login of %s at %s", self._identity() or "?", state.server_url)
 
@@ -373,7 +383,7 @@ class Daemon:
             state = LoginState(server, method, keys, token, time.time(), shown)
             await trio.to_thread.run_sync(save_state, self.config.state_file, state)
             self.login_state = state
-            self.refresher.set_login(self._renewer(server, method), token)
+            self._keep_fresh(server, method, token)
             self._login_changed()
             self.last_error = None
             self.update_proxy()

@@ -8,6 +8,12 @@ exponential backoff. Upstream clients call :meth:`Refresher.get` for the token a
 stale token share one exchange, and a renewal that just failed is not repeated by every
 waiter. :meth:`get` never returns a token that is (about to be) expired: it renews first.
 
+A login may say until when it can be renewed (``renewable_until``: a GitLab job's ID
+token expires). Past that moment retrying cannot help, so the refresher exchanges no more:
+the loop stops and records why in :attr:`Refresher.last_error`, and :meth:`get` raises
+:class:`~nixd.errors.AuthError` with that message once the access token has run out. A
+new :meth:`Refresher.set_login` starts afresh.
+
 Time is wall-clock (tokens carry Unix expiry times); the background loop sleeps in bounded
 steps so a machine resuming from suspend notices a due renewal within a minute. Tests pass
 a ``clock`` tied to trio's (autojump) clock. Whatever the wall clock (or the server's) says,
@@ -78,6 +84,8 @@ class Refresher:
         self._on_token = on_token
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._renew: Renew | None = None
+        self._renewable_until: float | None = None
+        self._expired_message: str | None = None
         self._token: AccessToken | None = None
         self._lock = trio.Lock()
         self._wake = trio.Event()
@@ -94,9 +102,22 @@ class Refresher:
 
     # -- state changes from login/logout ---------------------------------------------------
 
-    def set_login(self, renew: Renew, token: AccessToken | None) -> None:
-        """Start keeping a new login fresh (``token`` may be None: renew right away)."""
+    def set_login(
+        self,
+        renew: Renew,
+        token: AccessToken | None,
+        *,
+        renewable_until: float | None = None,
+        expired_message: str | None = None,
+    ) -> None:
+        """Start keeping a new login fresh (``token`` may be None: renew right away).
+
+        ``renewable_until`` (wall-clock) is when the login's credential stops working; from
+        then on renewals are not attempted and ``expired_message`` says why.
+        """
         self._renew = renew
+        self._renewable_until = renewable_until
+        self._expired_message = expired_message
         self._token = token
         self._failures = 0
         self.renewals = 0
@@ -109,6 +130,7 @@ class Refresher:
     def clear(self) -> None:
         """Forget the login (logout)."""
         self._renew = None
+        self._renewable_until = None
         self._token = None
         self.next_refresh = None
         self.last_error = None
@@ -122,6 +144,16 @@ class Refresher:
     def token(self) -> AccessToken | None:
         """The current token, possibly expired; for status display only."""
         return self._token
+
+    def _renewal_over(self) -> str | None:
+        """Why the login can no longer be renewed (its credential expired), or None."""
+        until = self._renewable_until
+        if until is None or self._clock() < until:
+            return None
+        if self._expired_message:
+            return self._expired_message
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(until))
+        return f"the login's credential expired at {stamp}; log in again with a new one"
 
     def _poke(self) -> None:
         self._wake.set()
@@ -162,6 +194,9 @@ class Refresher:
         renew = self._renew
         if renew is None:
             raise AuthError("not logged in: run `nixd login`")
+        if (over := self._renewal_over()) is not None:
+            self.last_error = over  # no exchange: it cannot succeed any more
+            raise AuthError(f"the access token cannot be renewed: {over}")
         self._attempts += 1
         try:
             with trio.fail_after(EXCHANGE_TIMEOUT):
@@ -216,6 +251,12 @@ class Refresher:
                 self.next_refresh = None
                 await wake.wait()
                 continue
+            if (over := self._renewal_over()) is not None:
+                log.warning("stopped renewing the access token: %s", over)
+                self.last_error = over
+                self.next_refresh = None
+                await wake.wait()  # until a new login (or logout)
+                continue
             token = self._token
             if self._failures:
                 due = self._clock() + backoff_delay(self._failures, self._rng)
@@ -225,8 +266,10 @@ class Refresher:
                 due = self._due(token)
                 if self.last_refresh is not None:
                     due = max(due, self.last_refresh + MIN_RENEW_INTERVAL)
-            self.next_refresh = due
-            await self._sleep_until(due, wake)
+            until = self._renewable_until
+            self.next_refresh = due if until is None or due < until else None
+            # wake at the credential's expiry at the latest, to stop and say so
+            await self._sleep_until(due if until is None else min(due, until), wake)
             if wake.is_set():
                 continue  # login changed or someone renewed: recompute
             if self._loop_attempt is not None:
@@ -237,7 +280,7 @@ class Refresher:
                     if wake.is_set():
                         continue
             async with self._lock:
-                if self._renew is None or self._token is not token:
+                if self._renew is None or self._token is not token or self._renewal_over():
                     continue
                 self._loop_attempt = trio.current_time()
                 with contextlib.suppress(AuthError):  # recorded; backoff on the next round

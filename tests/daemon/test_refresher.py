@@ -271,3 +271,53 @@ def test_backoff_survives_a_day_of_failures() -> None:
     for attempt in (1025, 5000, 10**6):
         delay = backoff_delay(attempt, rng)
         assert refresher_mod.BACKOFF_CAP / 2 <= delay <= refresher_mod.BACKOFF_CAP
+
+
+async def test_no_renewals_once_the_credential_expired(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Past ``renewable_until`` the loop stops, says why, and ``get`` refuses; a login resumes."""
+    exchange = FakeExchange()
+    r = Refresher(clock=wall)
+    expired = "the GitLab ID token expired; run `nixd login gitlab-pipeline` again"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(r.run)
+        start = wall()
+        r.set_login(exchange, fresh(), renewable_until=start + 250, expired_message=expired)
+        await trio.sleep(100)
+        assert r.next_refresh == pytest.approx(start + 200)
+        await trio.sleep(149)  # renewed at 200 s; the next one (400 s) would be too late
+        assert r.last_error is None and r.next_refresh is None
+        await trio.sleep(2)  # the credential expired: the loop stops at once and says so
+        assert r.last_error == expired and r.next_refresh is None
+        assert (await r.get()).value == "tok-1"  # renewed at 200 s, valid until 500 s
+        await trio.sleep(LIFE * 10)
+        assert [round(t - start, 3) for t in exchange.calls] == [200.0]
+        with pytest.raises(AuthError, match="cannot be renewed: the GitLab ID token expired"):
+            await r.get()  # never the expired token, and no exchange either
+        with pytest.raises(AuthError, match="GitLab ID token expired"):
+            await r.refresh(r.token)
+        assert len(exchange.calls) == 1 and r.last_error == expired
+
+        r.set_login(exchange, None, renewable_until=wall() + 1000, expired_message=expired)
+        await trio.sleep(1)
+        assert len(exchange.calls) == 2 and r.last_error is None
+        assert (await r.get()).value == "tok-2"
+        nursery.cancel_scope.cancel()
+
+
+async def test_backoff_stops_when_the_credential_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Failing renewals are retried until ``renewable_until``, never after it."""
+    exchange = FakeExchange(failures=10**6)
+    r = Refresher(clock=wall, rng=random.Random(5))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(r.run)
+        until = wall() + 100
+        r.set_login(exchange, None, renewable_until=until)
+        await trio.sleep(3600)
+        nursery.cancel_scope.cancel()
+    assert exchange.calls and max(exchange.calls) < until
+    assert r.last_error is not None and r.last_error.startswith("the login's credential expired")
+    assert r.next_refresh is None
