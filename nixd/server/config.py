@@ -363,17 +363,18 @@ file = "{d.audit.file}"
 # last lines. Denials, uploads and admin changes are always durable before the answer.
 durable_reads = {str(d.audit.durable_reads).lower()}
 
-[device]
-# interactive login (`nixd login`): the device authorization grant and its web pages;
-# accounts are added with `nixd-server user add ORG NAME`
-code_ttl = {d.device.code_ttl}
-interval = {d.device.interval}
-refresh_ttl = {d.device.refresh_ttl}
+# The interactive login (`nixd login`): the device authorization grant and its web
+# pages; accounts are added with `nixd-server user add ORG NAME`. Defaults shown:
+#
+# [device]
+# code_ttl = {d.device.code_ttl}
+# interval = {d.device.interval}
+# refresh_ttl = {d.device.refresh_ttl}
 # seconds after a refresh during which the credential just used may be presented once more
 # (the answer was lost in transit); its unused successor is then retired. 0 = no retry
-refresh_reuse_grace = {d.device.refresh_reuse_grace}
+# refresh_reuse_grace = {d.device.refresh_reuse_grace}
 # how browsers reach this server (default: the Host header); https:// makes cookies Secure
-public_url = "{d.device.public_url}"
+# public_url = "{d.device.public_url}"
 
 # Trust CI and cloud identities; one entry per org (uncomment and edit):
 #

@@ -298,7 +298,11 @@ async def test_zero_grace_disables_the_retry(env: Env) -> None:
 
 def test_reuse_grace_config(tmp_path: Path) -> None:
     assert ServerConfig(state_dir=tmp_path).device.refresh_reuse_grace == 30
-    assert "\nrefresh_reuse_grace = 30\n" in render_default()
+    # the written config documents the default, commented out, so a [device] section
+    # of one's own can still be appended
+    assert "\n# refresh_reuse_grace = 30\n" in render_default()
+    appended = render_default() + "\n[device]\nrefresh_reuse_grace = 5\n"
+    assert ServerConfig.from_toml(appended, state_dir=tmp_path).device.refresh_reuse_grace == 5
     loaded = ServerConfig.from_toml("[device]\nrefresh_reuse_grace = 0\n", state_dir=tmp_path)
     assert loaded.device.refresh_reuse_grace == 0
     with pytest.raises(ConfigError, match=r"device\.refresh_reuse_grace: must not be negative"):
