@@ -38,6 +38,7 @@ import os
 import re
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -234,7 +235,7 @@ def jwk_thumbprint(public: Ed25519PublicKey) -> str:
 E = TypeVar("E", NarinfoKeyEntry, JwtKey)
 
 
-class Keyring(Generic[E]):
+class Keyring(ABC, Generic[E]):
     """A file of keys with one current key; the shared load/save/lock/refresh machinery."""
 
     what = "keys"
@@ -250,8 +251,9 @@ class Keyring(Generic[E]):
 
     # subclass hooks
     @classmethod
+    @abstractmethod
     def _entry_from_json(cls, raw: dict[str, Any]) -> E:
-        raise NotImplementedError
+        """Build one entry from its JSON form (each keyring knows its own)."""
 
     @staticmethod
     def _entry_to_json(entry: E) -> dict[str, Any]:
