@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from nixd.server.cli import main as cli_main
+from nixd.server.cli.main import main as cli_main
 
 CLI = [sys.executable, "-m", "nixd.server.cli"]
 START_TIMEOUT = 30.0

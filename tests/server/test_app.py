@@ -25,10 +25,10 @@ from nixd.nix.nar import dump
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
 from nixd.nix.storepath import StorePath
-from nixd.server.app import CacheApp, Services
-from nixd.server.audit import verify
+from nixd.server.access.audit import verify
 from nixd.server.config import ServerConfig
-from nixd.server.serve import open_services
+from nixd.server.http.app import CacheApp, Services
+from nixd.server.http.serve import open_services
 from tests.server.conftest import ServerState
 
 HASH_A = "0" * 31 + "1"

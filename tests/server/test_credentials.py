@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from nixd.errors import AuthError, ConfigError
-from nixd.server import db
-from nixd.server.credentials import (
+from nixd.server.access.credentials import (
     CredentialNotFound,
     CredentialStore,
     ExpiredCredential,
@@ -18,7 +17,8 @@ from nixd.server.credentials import (
     RevokedCredential,
     UnknownCredential,
 )
-from nixd.server.identity import Identity
+from nixd.server.access.identity import Identity
+from nixd.server.storage import db
 
 
 class Clock:

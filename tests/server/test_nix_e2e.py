@@ -24,9 +24,9 @@ import pytest
 from nixd.nix import base32
 from nixd.nix.nar import dump
 from nixd.nix.narinfo import NarInfo
-from nixd.server.identity import Identity
-from nixd.server.keys import ServerKeys
-from nixd.server.tokens import TokenIssuer
+from nixd.server.access.identity import Identity
+from nixd.server.access.keys import ServerKeys
+from nixd.server.access.tokens import TokenIssuer
 from tests.realnix import RealNix
 from tests.server.conftest import ServerState, start_server
 

@@ -14,9 +14,9 @@ import zstandard
 
 from nixd.nix import base32
 from nixd.nix.nar import NarParser, dump
-from nixd.server.db import create_org, create_project, open_db
 from nixd.server.errors import BadUpload, TooLarge, UnsupportedCompression
-from nixd.server.store import PathInfo, Store, compression_of
+from nixd.server.storage.db import create_org, create_project, open_db
+from nixd.server.storage.store import PathInfo, Store, compression_of
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 The model
     A request asks for an *action* on a *resource* (a slice, ``org/project``) on behalf of an
-    :class:`~nixd.server.identity.Identity`, from a source address. The policy is a list of
+    :class:`~nixd.server.access.identity.Identity`, from a source address. The policy is a list of
     rules; a rule *matches* when one of its subjects matches the identity, the action is one
     of its actions, the resource matches one of its resource globs and every condition holds.
     **Deny beats allow**: any matching ``deny`` rule refuses; otherwise any matching ``allow``
@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from nixd.errors import ConfigError
-from nixd.server.identity import KINDS, Identity
+from nixd.server.access.identity import KINDS, Identity
 
 log = logging.getLogger(__name__)
 

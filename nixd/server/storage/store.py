@@ -40,8 +40,8 @@ import zstandard
 from nixd.errors import FormatError, NixdError
 from nixd.nix import base32
 from nixd.nix.hashes import Hash
-from nixd.server.db import Migration, Project, ensure_schema, get_project, transaction
 from nixd.server.errors import BadUpload, TooLarge, UnsupportedCompression
+from nixd.server.storage.db import Migration, Project, ensure_schema, get_project, transaction
 
 STORE_MIGRATIONS: list[Migration] = [
     # 1: NARs, paths, which slices hold them, upload aliases, build logs.
@@ -315,7 +315,7 @@ class NarIngest:
 class Store:
     """Blobs and metadata of one server; open with :meth:`open`, close with :meth:`close`.
 
-    Orgs and projects are :mod:`nixd.server.db`'s; this class adds what slices hold.
+    Orgs and projects are :mod:`nixd.server.storage.db`'s; this class adds what slices hold.
     """
 
     def __init__(self, conn: sqlite3.Connection, blobs: Path, *, zstd_level: int = 3) -> None:
@@ -359,7 +359,7 @@ class Store:
 
     @classmethod
     def open(cls, conn: sqlite3.Connection, blobs: Path, *, zstd_level: int = 3) -> Store:
-        """Use ``conn`` (from :func:`nixd.server.db.open_db`); create the store's tables."""
+        """Use ``conn`` (from :func:`nixd.server.storage.db.open_db`); create the store's tables."""
         try:
             blobs.mkdir(parents=True, exist_ok=True)
             (blobs / "tmp").mkdir(exist_ok=True)

@@ -23,11 +23,14 @@ from typing import Any
 from nixd import __version__
 from nixd.cliutil import run_command
 from nixd.errors import ConfigError
-from nixd.server.accounts import register_cli as register_user_cli
-from nixd.server.audit import AuditLog, verify
+from nixd.server.access.audit import AuditLog, verify
+from nixd.server.access.credentials import CredentialStore
+from nixd.server.access.identity import KINDS, Identity
+from nixd.server.access.keys import ServerKeys
+from nixd.server.access.policy import load_policy
+from nixd.server.cli.users import register_cli as register_user_cli
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
-from nixd.server.credentials import CredentialStore
-from nixd.server.db import (
+from nixd.server.storage.db import (
     create_org,
     create_project,
     get_org,
@@ -36,10 +39,7 @@ from nixd.server.db import (
     open_db,
     set_project_public,
 )
-from nixd.server.identity import KINDS, Identity
-from nixd.server.keys import ServerKeys
-from nixd.server.policy import load_policy
-from nixd.server.store import Store
+from nixd.server.storage.store import Store
 
 PROG = "nixd-server"
 _DURATION = re.compile(r"(\d+)([smhdwy]?)")
@@ -183,7 +183,7 @@ def load_policy_text(text: str, source: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nixd.server.serve import run  # noqa: PLC0415 - only serve needs the HTTP front
+    from nixd.server.http.serve import run  # noqa: PLC0415 - only serve needs the HTTP front
 
     config = ServerConfig.load(args.state_dir)
     run(config, listen=args.listen or None, workers=args.workers or 0)

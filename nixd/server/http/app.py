@@ -34,7 +34,7 @@ until the database changes (``PRAGMA data_version``); policy decisions are memoi
 identity and policy object; signed narinfos per path and key set (the signing keys looked
 up at most once a second). Request ids come from a counter, not from the kernel's random
 source. What remains per request is the audit line, built by
-:func:`nixd.server.audit.event_body`: with ``audit.durable_reads`` (the default) the answer
+:func:`nixd.server.access.audit.event_body`: with ``audit.durable_reads`` (the default) the answer
 waits for its fsync, shared by every request in flight (group commit); without it, an
 allowed read's line is queued and the answer goes out at once.
 """
@@ -51,7 +51,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,10 +62,13 @@ from nixd.nix import base32
 from nixd.nix.hashes import Hash
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.storepath import StorePath
-from nixd.server.audit import AuditLog, event_body
-from nixd.server.credentials import CredentialRejected, CredentialStore
-from nixd.server.db import Project
-from nixd.server.device import DeviceService
+from nixd.server.access.audit import AuditLog, event_body
+from nixd.server.access.credentials import CredentialRejected, CredentialStore
+from nixd.server.access.identity import Identity, anonymous
+from nixd.server.access.keys import ServerKeys
+from nixd.server.access.policy import PolicyHolder
+from nixd.server.access.tokens import TokenIssuer
+from nixd.server.asgi import Receive, Scope, Send
 from nixd.server.errors import (
     WWW_AUTHENTICATE,
     BadUpload,
@@ -76,19 +79,13 @@ from nixd.server.errors import (
     Unauthenticated,
     into_client,
 )
-from nixd.server.exchange import Exchanger, ExchangeRejected
-from nixd.server.identity import Identity, anonymous
-from nixd.server.keys import ServerKeys
-from nixd.server.policy import PolicyHolder
-from nixd.server.store import PathInfo, Store, compression_of
-from nixd.server.tokens import TokenIssuer
+from nixd.server.login.device import DeviceService
+from nixd.server.login.exchange import Exchanger, ExchangeRejected
+from nixd.server.storage.db import Project
+from nixd.server.storage.store import PathInfo, Store, compression_of
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 CACHE_INFO = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
 NARINFO_TYPE = b"text/x-nix-narinfo"
@@ -105,7 +102,7 @@ _DECISION_CACHE_MAX = 10_000
 
 @dataclass
 class Services:
-    """What the app needs, built by :mod:`nixd.server.serve` (or a test)."""
+    """What the app needs, built by :mod:`nixd.server.http.serve` (or a test)."""
 
     store: Store
     credentials: CredentialStore
@@ -120,7 +117,7 @@ class Services:
     background: trio.Nursery | None = None
     """Where non-durable read-allow audit lines are written (``durable_reads=False``)."""
     exchangers: dict[str, Exchanger] = field(default_factory=dict)
-    """Exchange kinds other than ``token`` (:mod:`nixd.server.exchange`), by kind."""
+    """Exchange kinds other than ``token`` (:mod:`nixd.server.login.exchange`), by kind."""
     device: DeviceService | None = None
     """Interactive login: ``/api/v1/device/*`` and the ``/device`` pages."""
 
@@ -135,7 +132,7 @@ class _Ctx:
 
 
 class CacheApp:
-    """The ASGI application: ``CacheApp(services)``, served by :mod:`nixd.server.serve`."""
+    """The ASGI application: ``CacheApp(services)``, served by :mod:`nixd.server.http.serve`."""
 
     def __init__(self, services: Services) -> None:
         self.s = services
