@@ -136,7 +136,7 @@ def test_copy_to_slice_and_from_unified(
         )
         assert r.returncode != 0
         assert b"403" in r.stderr, r.stderr
-        assert b"token:viewer may not upload to acme/app" in r.stderr
+        assert b"token:acme/viewer may not upload to acme/app" in r.stderr
         # Anonymous uploads are refused too.
         r = copy_to(real_nix, f"{server.url}/cache/acme/app", None, top)
         assert r.returncode != 0

@@ -317,5 +317,18 @@ class CredentialStore:
                     )
             except sqlite3.OperationalError as exc:
                 log.warning("could not record last use of credential %s: %s", credential_id, exc)
-        attributes = {**record.attributes, "org": record.org, "credential": record.id}
-        return Identity(kind=record.kind, subject=record.name, attributes=attributes)
+        attributes = {
+            **record.attributes,
+            "org": record.org,
+            "name": record.name,
+            "credential": record.id,
+        }
+        # Scoped to the org: acme's token "ci" and another org's "ci" are different callers.
+        return Identity(
+            kind=record.kind, subject=f"{record.org}/{record.name}", attributes=attributes
+        )
+
+    def revoked_ids(self) -> set[str]:
+        """Ids of every revoked credential (tokens derived from them are refused at once)."""
+        rows = self._conn.execute("SELECT id FROM credentials WHERE revoked_at IS NOT NULL")
+        return {str(r[0]) for r in rows}

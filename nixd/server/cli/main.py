@@ -335,6 +335,23 @@ def cmd_project_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_public(config: ServerConfig, resource: str) -> bool:
+    """Whether ``resource`` names an existing project with the ``--public`` flag.
+
+    ``policy explain`` must decide exactly as the server does, and the server counts that
+    flag as an allow rule (:data:`~nixd.server.access.policy.PUBLIC_PROJECT_RULE`).
+    """
+    org, sep, name = resource.partition("/")
+    if not sep or not config.database_path.exists():
+        return False
+    conn = open_db(config.database_path)
+    try:
+        project = get_project(conn, org, name)
+    finally:
+        conn.close()
+    return project is not None and project.public
+
+
 def cmd_policy_explain(args: argparse.Namespace) -> int:
     config = ServerConfig.load(args.state_dir)
     kind, sep, subject = args.identity.partition(":")
@@ -351,7 +368,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     identity = Identity(kind, subject, parse_attrs(args.attr))
     policy = load_policy(config.policy_path)
     source_ip = args.source_ip or None
-    decision = policy.decide(identity, args.action, args.resource, source_ip)
+    public = _is_public(config, args.resource)
+    decision = policy.decide(identity, args.action, args.resource, source_ip, public=public)
     if args.json:
         print(
             json.dumps(
@@ -368,7 +386,9 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(policy.explain(identity, args.action, args.resource, source_ip), end="")
+        print(
+            policy.explain(identity, args.action, args.resource, source_ip, public=public), end=""
+        )
     return 0 if decision.allowed else 2
 
 

@@ -196,6 +196,11 @@ class AccountStore:
         log.info("created user %s in %s", name, org)
         return Account(cur.lastrowid, org, name, now, None)
 
+    def disabled_names(self) -> set[str]:
+        """Names of disabled accounts (their unexpired access tokens are refused at once)."""
+        rows = self._conn.execute("SELECT name FROM accounts WHERE disabled_at IS NOT NULL")
+        return {str(r[0]) for r in rows}
+
     def get(self, name: str) -> Account | None:
         row = self._conn.execute(f"{_SELECT} WHERE a.name = ?", (name,)).fetchone()
         return _account(row) if row else None
