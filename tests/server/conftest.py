@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +73,8 @@ class ServerState:
         return data["id"], data["token"]
 
 
-@pytest.fixture
-def server_state(tmp_path: Path) -> ServerState:
-    state = tmp_path / "server"
+def init_state(state: Path) -> ServerState:
+    """``nixd-server init STATE --org acme`` in this process."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli_main(["init", str(state), "--org", "acme", "--listen", "127.0.0.1:0"]) == 0
@@ -83,6 +82,17 @@ def server_state(tmp_path: Path) -> ServerState:
     key = re.search(r"narinfo public key:\s+(\S+)", out.getvalue())
     assert token and key, out.getvalue()
     return ServerState(state, token.group(1), key.group(1))
+
+
+@pytest.fixture
+def server_state(tmp_path: Path) -> ServerState:
+    return init_state(tmp_path / "server")
+
+
+@pytest.fixture
+def server_state_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], ServerState]:
+    """Fresh state directories on demand (for hypothesis examples, one each)."""
+    return lambda: init_state(tmp_path_factory.mktemp("state") / "server")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from nixd.server.access.identity import KINDS, Identity
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.policy import load_policy
 from nixd.server.cli.users import register_cli as register_user_cli
+from nixd.server.cli.views import register as register_view_cli
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
 from nixd.server.storage.db import (
     create_org,
@@ -53,10 +54,11 @@ def default_policy(org: str) -> str:
         f"""\
         # nixd-server access policy, reloaded on change; a broken file is refused and the
         # previous policy stays in force. Deny beats allow; no matching rule means deny.
-        # API tokens are identities of kind "token" with attributes org (the token's
-        # organization), credential (its id) and whatever `token create --attr K=V` set.
-        # Projects created with `project create --public` are readable by anyone; so are
-        # the slices listed here:
+        # API tokens are identities "token:ORG/NAME" with attributes org (the token's
+        # organization), name, credential (its id) and whatever `token create --attr K=V`
+        # set. Projects created with `project create --public` are readable by anyone
+        # (an allow rule "public-project" that any matching deny overrides); so are the
+        # slices listed here:
         #
         # [public]
         # resources = ["{org}/oss-*"]
@@ -331,7 +333,7 @@ def cmd_project_list(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     for p in projects:
-        print(f"{p.slice}\t{'public' if p.public else 'private'}")
+        print(f"{p.slice}\t{'public' if p.public else 'private'}\tpriority {p.priority}")
     return 0
 
 
@@ -552,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     _state(p)
     p.add_argument("--org", help="only this organization's")
     p.set_defaults(func=cmd_project_list)
+    register_view_cli(org, project, _state, _open, _audit)
 
     policy = sub.add_parser("policy", help="inspect the access policy").add_subparsers(
         dest="policy_command", metavar="ACTION", required=True
