@@ -24,6 +24,10 @@ from pathlib import Path
 import pytest
 
 from nixd.server.cli.main import main as cli_main
+from nixd.server.config import ServerConfig
+from nixd.server.http.app import CacheApp
+from nixd.server.http.serve import open_services
+from tests.server.appenv import Env
 
 CLI = [sys.executable, "-m", "nixd.server.cli"]
 START_TIMEOUT = 30.0
@@ -148,3 +152,19 @@ def server(server_state: ServerState) -> Iterator[ServerProcess]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def env(server_state: ServerState) -> Iterator[Env]:
+    """The app in-process on the real store, policy, credentials, tokens and audit log:
+    orgs ``acme`` (projects app, lib) and ``other`` (app), with API tokens for an acme
+    member, an acme reader (role=reader) and an ``other`` member."""
+    server_state.admin("org", "create", "other")
+    server_state.admin("project", "create", "acme/app")
+    server_state.admin("project", "create", "acme/lib")
+    server_state.admin("project", "create", "other/app")
+    _, member = server_state.token("acme", "ci", fast=True)
+    _, reader = server_state.token("acme", "viewer", "role=reader", fast=True)
+    _, other = server_state.token("other", "ci", fast=True)
+    with open_services(ServerConfig.load(server_state.path)) as services:
+        yield Env(server_state, services, CacheApp(services), member, reader, other)

@@ -7,127 +7,20 @@ are tested in test_nix_e2e.py.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import lzma
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 import zstandard
 
 from nixd.nix import base32
-from nixd.nix.hashes import Hash
-from nixd.nix.nar import dump
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
-from nixd.nix.storepath import StorePath
 from nixd.server.access.audit import verify
-from nixd.server.config import ServerConfig
-from nixd.server.http.app import CacheApp, Services
-from nixd.server.http.serve import open_services
-from tests.server.conftest import ServerState
-
-HASH_A = "0" * 31 + "1"
-HASH_B = "0" * 31 + "2"
-
-
-@dataclass
-class Env:
-    state: ServerState
-    services: Services
-    app: CacheApp
-    member: str  # API token of acme, plain member
-    reader: str  # acme, role=reader
-    other: str  # API token of org "other"
-
-    def client(
-        self, *, auth: str | None = None, basic: bool = False, ip: str = "127.0.0.1"
-    ) -> httpx.AsyncClient:
-        headers = {}
-        if auth is not None:
-            if basic:
-                headers["authorization"] = (
-                    "Basic " + base64.b64encode(f"nixd:{auth}".encode()).decode()
-                )
-            else:
-                headers["authorization"] = f"Bearer {auth}"
-        transport = httpx.ASGITransport(app=self.app, client=(ip, 40000))
-        return httpx.AsyncClient(transport=transport, base_url="http://cache", headers=headers)
-
-    async def access(self, api_token: str) -> str:
-        async with self.client() as c:
-            r = await c.post("/api/v1/token/exchange", json={"kind": "token", "token": api_token})
-        assert r.status_code == 200, r.text
-        return str(r.json()["access_token"])
-
-
-@pytest.fixture
-def env(server_state: ServerState) -> Iterator[Env]:
-    server_state.admin("org", "create", "other")
-    server_state.admin("project", "create", "acme/app")
-    server_state.admin("project", "create", "acme/lib")
-    server_state.admin("project", "create", "other/app")
-    _, member = server_state.token("acme", "ci", fast=True)
-    _, reader = server_state.token("acme", "viewer", "role=reader", fast=True)
-    _, other = server_state.token("other", "ci", fast=True)
-    with open_services(ServerConfig.load(server_state.path)) as services:
-        yield Env(server_state, services, CacheApp(services), member, reader, other)
-
-
-def make_nar(tmp: Path, content: bytes) -> bytes:
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "data").write_bytes(content)
-    return b"".join(dump(tmp / "data"))
-
-
-def client_narinfo(
-    hash_part: str,
-    nar: bytes,
-    compressed: bytes,
-    *,
-    refs: tuple[str, ...] = (),
-    nar_hash: bytes | None = None,
-) -> tuple[str, str]:
-    """(NAR URL, narinfo text) as `nix copy --to` would upload them (xz)."""
-    file_hash = base32.encode(hashlib.sha256(compressed).digest())
-    url = f"nar/{file_hash}.nar.xz"
-    info = NarInfo(
-        store_path=StorePath(hash_part, "hello"),
-        url=url,
-        compression="xz",
-        file_hash=Hash("sha256", hashlib.sha256(compressed).digest()),
-        file_size=len(compressed),
-        nar_hash=Hash("sha256", nar_hash or hashlib.sha256(nar).digest()),
-        nar_size=len(nar),
-        references=tuple(StorePath.from_basename(r) for r in refs),
-        deriver=None,
-        system="x86_64-linux",
-        sigs=("client-key:" + base64.b64encode(bytes(64)).decode(),),
-        ca=None,
-    )
-    return url, info.render()
-
-
-async def upload(
-    c: httpx.AsyncClient, slice_: str, hash_part: str, nar: bytes, **kw: object
-) -> httpx.Response:
-    compressed = lzma.compress(nar)
-    url, text = client_narinfo(hash_part, nar, compressed, **kw)  # type: ignore[arg-type]
-    r = await c.put(
-        f"/cache/{slice_}/{url}",
-        content=compressed,
-        headers={"content-type": "application/x-nix-nar"},
-    )
-    assert r.status_code == 200, r.text
-    return await c.put(
-        f"/cache/{slice_}/{hash_part}.narinfo",
-        content=text.encode(),
-        headers={"content-type": "text/x-nix-narinfo"},
-    )
+from tests.server.appenv import HASH_A, HASH_B, Env, client_narinfo, make_nar, upload
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from nixd.server.login.exchange import ExchangeRejected
 from nixd.server.login.oidc import GITHUB, OidcExchanger
 from tests.oidc_issuer import LocalIssuer, run_issuer
 from tests.server.conftest import ServerState
-from tests.server.test_app import HASH_A, make_nar, upload
+from tests.server.appenv import HASH_A, make_nar, upload
 
 AUD = "https://cache.test"
 

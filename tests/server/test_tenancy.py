@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 from pathlib import Path
 
 import httpx
@@ -20,11 +21,12 @@ from hypothesis import strategies as st
 
 from nixd.nix import base32
 from nixd.nix.narinfo import NarInfo
+from nixd.server.access.identity import anonymous
 from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp
 from nixd.server.http.serve import open_services
+from tests.server.appenv import HASH_A, HASH_B, Env, make_nar, upload
 from tests.server.conftest import ServerState
-from tests.server.test_app import HASH_A, HASH_B, Env, env, make_nar, upload  # noqa: F401 - a fixture
 
 EXTRA_POLICY = """
 [[rule]]
@@ -188,8 +190,6 @@ async def test_no_existence_oracles(env: Env, tmp_path: Path) -> None:
 
 
 def _xz(data: bytes) -> bytes:
-    import lzma
-
     return lzma.compress(data)
 
 
@@ -395,8 +395,6 @@ resources = ["other/*"]
                         assert accepted[served_by].get(hash_part) == got, (reader, url)
                         # ... and the reader may read that slice.
                         ident = services.credentials.authenticate(auth) if auth else None
-                        from nixd.server.access.identity import anonymous
-
                         org, name = served_by.split("/")
                         project = services.store.project(org, name)
                         assert project is not None
