@@ -29,8 +29,8 @@ from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp, Services
 from nixd.server.http.serve import open_services
 from nixd.server.login.aws import AUDIENCE_HEADER, AwsExchanger
-from tests.server.conftest import ServerState
 from tests.server.appenv import HASH_A, make_nar, upload
+from tests.server.conftest import ServerState
 
 AUD = "https://cache.test"
 ACCOUNT = "123456789012"  # moto's default account

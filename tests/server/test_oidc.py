@@ -32,8 +32,8 @@ from nixd.server.http.serve import open_services
 from nixd.server.login.exchange import ExchangeRejected
 from nixd.server.login.oidc import GITHUB, OidcExchanger
 from tests.oidc_issuer import LocalIssuer, run_issuer
-from tests.server.conftest import ServerState
 from tests.server.appenv import HASH_A, make_nar, upload
+from tests.server.conftest import ServerState
 
 AUD = "https://cache.test"
 
