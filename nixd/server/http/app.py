@@ -2,23 +2,33 @@
 
 URL space (NIX-PROTOCOL.md has what the real client does with each answer)::
 
-    /cache/nix-cache-info                    public, always 200
-    /cache/<hash32>.narinfo                  GET/HEAD: the unified read view over all slices
+    /cache/nix-cache-info                    public, always 200 (also under every prefix)
+    /cache/<hash32>.narinfo                  GET/HEAD: the caller's own organization's view
     /cache/nar/<filehash32>.nar.zst          GET/HEAD, Range
     /cache/log/<drv basename>                GET
-    /cache/<org>/<project>/...               the same names, scoped to one slice, plus PUT
+    /cache/<org>/...                         the same names in the view of <org>
+    /cache/<org>/<project>/...               the same names, one slice, plus PUT
                                              (the target of ``nix copy --to``)
     POST /api/v1/token/exchange              credential -> short-lived access token
     GET  /api/v1/token/status                who am I, until when
     GET  /api/v1/cache/keys                  narinfo public keys, for pinning
     GET  /.well-known/jwks.json              access-token verification keys
 
-**Visibility.** A path is visible to a caller if at least one slice holding it is public or
-the policy allows the caller ``cache:read`` on it; a NAR file is visible if a visible path
-uses it. Anything invisible is a 404 indistinguishable from absent, except that a caller
-with no credential at all gets 401 + ``WWW-Authenticate`` (so a client knows to log in).
-A credential that is presented but bad (expired, revoked, forged) is always a 401.
-Uploads need ``cache:write`` on the slice; refusals of a known caller are 403.
+**Views.** A view of organization O (see the tenancy model in :mod:`nixd.server`) asks
+the slices holding a path in its trust order — O's own by priority, the record that came
+first, name; then the slices O trusts; then slices an explicit rule grants this reader —
+and the first one the reader may read answers. Another organization's slice readable only
+because it is public is never asked unless O trusts it. ``/cache/`` is the view of the
+caller's own organization (the ``org`` attribute of its identity); an anonymous caller
+has none there and reads public slices through ``/cache/<org>/``.
+
+**Visibility.** Anything the caller may not read answers exactly as absent: 404 with the
+same body, or 401 + ``WWW-Authenticate`` to a caller with no credential at all (so a
+client knows to log in). A NAR file is visible if a record in the caller's view names its
+NarHash. A credential that is presented but bad (expired, revoked, forged) is a 401.
+Uploads need ``cache:write`` on ``org/project``, decided on the name before the slice is
+looked up, so a refusal (403, naming only the caller and the slice it asked for) says
+nothing about whether the slice exists; the rule goes to the audit log.
 
 **Uploads.** The NAR PUT is decompressed, parsed strictly and hashed as it streams into a
 temp file (recompressed as zstd); the narinfo PUT that follows is accepted only if its
