@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from nixd.nix import base32
 from nixd.nix.narinfo import NarInfo
-from nixd.server.access.identity import anonymous
+from nixd.server.access.identity import Identity, anonymous
 from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp
 from nixd.server.http.serve import open_services
@@ -410,3 +410,17 @@ resources = ["other/*"]
 
 def nar_hash_of_text(text: str) -> str:
     return str(NarInfo.parse(text).nar_hash)
+
+
+async def test_user_disable_refuses_unexpired_access_tokens_at_once(env: Env) -> None:
+    device = env.services.device
+    assert device is not None
+    device.accounts.create("acme", "alice", "correct horse battery")
+    access, _ = env.services.issuer.issue(
+        Identity("user", "alice", {"org": "acme", "user": "alice"})
+    )
+    async with env.client(auth=access) as c:
+        assert (await c.get("/api/v1/token/status")).status_code == 200
+        env.state.admin("user", "disable", "alice")
+        r = await c.get("/api/v1/token/status")
+        assert r.status_code == 401 and "disabled" in r.text
