@@ -99,9 +99,9 @@ from typing import Any
 
 import trio
 
-from nixd.errors import NixdError
 from nixd.server.access.identity import Identity
 from nixd.server.access.policy import Decision
+from nixd.server.errors import ServerError
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,14 @@ LAZY_WINDOW = 0.005
 _PLAIN_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 
 
-class AuditError(NixdError):
-    """The audit log cannot be written (or read back); the request must not proceed."""
+class AuditError(ServerError):
+    """The audit log cannot be written (or read back); the request must not proceed.
+
+    503: the server refuses to act without its record, and a client may retry later.
+    """
+
+    status = 503
+    code = "audit_unavailable"
 
 
 def _hash(line: bytes) -> str:

@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from nixd.errors import AuthError, FormatError
@@ -65,6 +65,7 @@ from nixd.server.access.identity import Identity, anonymous
 from nixd.server.access.tokens import TokenIssuer
 from nixd.server.asgi import Receive, Scope, Send
 from nixd.server.config import DeviceSection
+from nixd.server.errors import ServerError
 from nixd.server.login.accounts import Account, AccountStore
 from nixd.server.login.exchange import ExchangeRejected
 from nixd.server.login.web import WebPages
@@ -126,10 +127,11 @@ DeviceSettings = DeviceSection
 """``[device]`` in the server config."""
 
 
-class RefreshRejected(AuthError):
+class RefreshRejected(ServerError, AuthError):
     """A refresh credential was refused; ``code`` for the client, ``reason`` for the audit."""
 
-    code: ClassVar[str] = "invalid_grant"
+    status = 401
+    code = "invalid_grant"
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
