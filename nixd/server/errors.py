@@ -101,7 +101,6 @@ class Unauthenticated(ServerError, AuthError):
 
     status = 401
     code = "unauthenticated"
-    detail = None
 
 
 class Forbidden(ServerError):

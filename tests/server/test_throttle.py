@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from nixd.errors import ConfigError
 from nixd.server.config import DeviceSection, ServerConfig, render_default
@@ -355,3 +356,29 @@ def test_limits_are_configurable_and_documented_in_init(tmp_path: Path) -> None:
         ServerConfig.from_toml("[device]\ncodes_per_source = 0\n", state_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"device\.backoff_max"):
         ServerConfig.from_toml("[device]\nbackoff = 10.0\nbackoff_max = 5.0\n", state_dir=tmp_path)
+
+
+async def test_a_burst_of_concurrent_attempts_is_checked_one_at_a_time(env: Env) -> None:
+    """Password checks take a while in a thread: a burst must not all pass the check first."""
+    clients = [client(env, f"192.0.2.{n + 1}") for n in range(8)]
+    pages = [await c.get("/device") for c in clients]
+    statuses: list[int] = []
+
+    async def attempt(c: httpx.AsyncClient, page: httpx.Response) -> None:
+        r = await c.post(
+            "/device/signin",
+            data={"csrf": csrf_of(page.text), "username": "alice", "password": "wrong-wrong"},
+        )
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "1"
+
+    async with trio.open_nursery() as nursery:
+        for c, page in zip(clients, pages, strict=True):
+            nursery.start_soon(attempt, c, page)
+    for c in clients:
+        await c.aclose()
+    assert sorted(set(statuses)) == [401, 429]
+    # Every attempt that was checked was counted; the others never reached the check.
+    assert env.device.throttle.failures("signin-account:alice") == statuses.count(401)
+    assert len(refusals(env, "web:signin")) == statuses.count(429)

@@ -308,11 +308,14 @@ class DeviceService:
         ttl, interval = self.settings.code_ttl, self.settings.interval
         self._expire_old(now)
         source = source_key(source_ip)
-        await self._check_pending_bounds(source, now, request_id, source_ip)
+        over: tuple[str, int, float] | None = None
         for _ in range(10):
             user_code = "".join(secrets.choice(USER_CODE_ALPHABET) for _ in range(USER_CODE_LENGTH))
             try:
                 with transaction(self._conn):
+                    over = self._over_bounds(source, now)
+                    if over is not None:
+                        break
                     self._conn.execute(
                         "INSERT INTO device_codes (device_hash, user_code, client_id, created,"
                         " expires, interval, source, source_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -332,6 +335,23 @@ class DeviceService:
                 continue  # a live code already has these letters: draw again
         else:  # pragma: no cover - 20^8 codes; ten collisions in a row do not happen
             raise FormatError("could not allocate a user code; try again")
+        if over is not None:
+            rule, limit, wait = over
+            await self._audit(
+                request_id,
+                anonymous(),
+                "device:authorize",
+                False,
+                f"too_many_pending_codes_{rule}",
+                source_ip,
+                retry_after=str(max(1, math.ceil(wait))),
+            )
+            where = "from this address" if rule == "source" else "on this server"
+            raise Throttled(
+                f"too many logins are waiting for approval {where} ({limit}); "
+                "approve or let them expire, then try again",
+                retry_after=wait,
+            )
         shown = format_user_code(user_code)
         await self._audit(
             request_id,
@@ -609,13 +629,12 @@ class DeviceService:
 
     # -- bounds and guesses ----------------------------------------------------------------
 
-    async def _check_pending_bounds(
-        self, source: str, now: float, request_id: str, source_ip: str
-    ) -> None:
-        """Throttled (audited) if ``source``, or the server, has too many pending codes.
+    def _over_bounds(self, source: str, now: float) -> tuple[str, int, float] | None:
+        """``(rule, limit, wait)`` if ``source``, or the server, has too many pending codes.
 
         Anyone may start a login, so pending codes are anonymous state: bounded per source
-        address (IPv6: per /64) and in all. Retry-After is when the oldest of them expires.
+        address (IPv6: per /64) and in all. ``wait`` is until the oldest of them expires.
+        Called inside the transaction that inserts the code, so workers cannot overshoot.
         """
         per_source = self._conn.execute(
             "SELECT COUNT(*), MIN(expires) FROM device_codes"
@@ -632,22 +651,8 @@ class DeviceService:
             (in_all, self.settings.max_pending_codes, "server"),
         ):
             if int(count) >= limit:
-                wait = float(oldest) - now
-                await self._audit(
-                    request_id,
-                    anonymous(),
-                    "device:authorize",
-                    False,
-                    f"too_many_pending_codes_{rule}",
-                    source_ip,
-                    retry_after=str(math.ceil(wait)),
-                )
-                where = "from this address" if rule == "source" else "on this server"
-                raise Throttled(
-                    f"too many logins are waiting for approval {where} ({limit}); "
-                    "approve or let them expire, then try again",
-                    retry_after=wait,
-                )
+                return rule, limit, float(oldest) - now
+        return None
 
     async def wrong_guess(self, now: float, request_id: str, source_ip: str) -> None:
         """A wrong user code was entered: every waiting code counts it; too many kill it.

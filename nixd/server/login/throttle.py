@@ -11,6 +11,12 @@ The model
     429 with ``Retry-After``, which the caller audits. Refused attempts are not counted,
     so the wait is what the last real failure earned, never more.
 
+    Attempts on one key run one at a time (:meth:`Throttle.checking`): a password check
+    takes ~100 ms in a worker thread, and without this a burst of concurrent attempts
+    would all pass the check before the first failure is counted. A second attempt while
+    one is being checked is refused the same way (429, ``Retry-After: 1``). Across worker
+    processes the counts are shared, so the most a burst gains is one attempt per worker.
+
     A success does not wipe every key it touched: signing in resets the account's key (its
     owner got in) but never the address's, and a right user code resets nothing — an
     attacker holding one valid code (their own) could otherwise clear their slate between
@@ -31,12 +37,14 @@ Storage
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from nixd.server.errors import Throttled
 from nixd.server.storage.db import Migration, ensure_schema, transaction
 
 MIGRATIONS: list[Migration] = [
@@ -94,7 +102,26 @@ class Throttle:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        self._busy: set[str] = set()
         ensure_schema(conn, component="throttle", migrations=MIGRATIONS)
+
+    @contextlib.contextmanager
+    def checking(self, keys: Sequence[str], now: float, message: str) -> Iterator[None]:
+        """Run one attempt for ``keys``: Throttled if one is blocked or already being tried.
+
+        Inside the block the attempt is checked and its failure recorded (:meth:`failure`);
+        no other attempt on any of ``keys`` starts in this process meanwhile.
+        """
+        if any(key in self._busy for key in keys):
+            raise Throttled(f"{message} (another attempt is being checked)", retry_after=1.0)
+        wait = self.retry_after(keys, now)
+        if wait > 0:
+            raise Throttled(message, retry_after=wait)
+        self._busy.update(keys)
+        try:
+            yield
+        finally:
+            self._busy.difference_update(keys)
 
     def retry_after(self, keys: Iterable[str], now: float) -> float:
         """Seconds until every key in ``keys`` may try again (0 if none is blocked)."""

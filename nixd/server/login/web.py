@@ -41,6 +41,7 @@ form and decision is audited.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import html
@@ -316,15 +317,22 @@ class WebPages:
     ) -> None:
         name = form.get("username", "").strip()
         code = form.get("user_code", "")
-        now = self.device.clock()
         keys = (f"signin-account:{name}", f"signin-source:{source_key(source)}")
         throttle = self.device.throttle
-        wait = throttle.retry_after(keys, now)
-        if wait > 0:
-            refusal = Throttled(
-                "Too many failed sign-ins for this account or from this address.",
-                retry_after=wait,
-            )
+        rejected: SignInRejected | None = None
+        try:
+            message = "Too many failed sign-ins for this account or from this address."
+            with throttle.checking(keys, self.device.clock(), message):
+                try:
+                    account = await self.device.accounts.authenticate(
+                        name, form.get("password", "")
+                    )
+                except SignInRejected as exc:
+                    throttle.failure(keys, self.device.clock(), self.device.signin_backoff)
+                    rejected = exc
+                else:
+                    throttle.forget(keys[:1])  # the owner got in; the address keeps its count
+        except Throttled as refusal:
             await self.device._audit(
                 request_id,
                 anonymous(),
@@ -337,16 +345,18 @@ class WebPages:
             )
             await self._refuse(send, session, refusal, self._signin(session, code, error=""))
             return
-        try:
-            account = await self.device.accounts.authenticate(name, form.get("password", ""))
-        except SignInRejected as exc:
-            throttle.failure(keys, now, self.device.signin_backoff)
+        if rejected is not None:
             await self.device._audit(
-                request_id, anonymous(), "web:signin", False, exc.reason, source, user=name[:64]
+                request_id,
+                anonymous(),
+                "web:signin",
+                False,
+                rejected.reason,
+                source,
+                user=name[:64],
             )
-            await self._page(send, 401, session, self._signin(session, code, error=str(exc)))
+            await self._page(send, 401, session, self._signin(session, code, error=str(rejected)))
             return
-        throttle.forget(keys[:1])  # the account's owner got in; the address keeps its count
         await self.device._audit(
             request_id, account.identity(), "web:signin", True, "password", source
         )
@@ -354,19 +364,20 @@ class WebPages:
         target = f"/device?user_code={quote(code)}" if code else "/device"
         await _redirect(send, target, self._cookie(fresh))
 
-    def _guess_keys(self, session: Session) -> tuple[str, ...]:
+    def _guessing(self, session: Session) -> contextlib.AbstractContextManager[None]:
+        """One code attempt of this session and account (Throttled while they are blocked)."""
         assert session.account is not None
-        return (f"guess-session:{_hash(session.id).hex()}", f"guess-account:{session.account.id}")
+        keys = (f"guess-session:{_hash(session.id).hex()}", f"guess-account:{session.account.id}")
+        return self.device.throttle.checking(
+            keys, self.device.clock(), "Too many wrong codes were entered."
+        )
 
-    async def _may_guess(
-        self, send: Send, session: Session, request_id: str, source: str, *, page: str
-    ) -> bool:
-        """False (and a 429 page, audited) while this session or account is throttled."""
-        wait = self.device.throttle.retry_after(self._guess_keys(session), self.device.clock())
-        if wait <= 0:
-            return True
+    async def _throttled_guess(
+        self, send: Send, session: Session, refusal: Throttled, *, ids: tuple[str, str], page: str
+    ) -> None:
+        """The 429 page of a throttled code attempt, audited; ``ids`` = (request, source)."""
+        request_id, source = ids
         assert session.account is not None
-        refusal = Throttled("Too many wrong codes were entered.", retry_after=wait)
         await self.device._audit(
             request_id,
             session.account.identity(),
@@ -377,7 +388,6 @@ class WebPages:
             retry_after=str(refusal.retry_after_seconds),
         )
         await self._refuse(send, session, refusal, self._enter(session, "", error=""))
-        return False
 
     async def _wrong_code(self, session: Session, request_id: str, source: str) -> None:
         """Count a wrong code against this session, its account and every waiting code.
@@ -385,17 +395,26 @@ class WebPages:
         A right code resets nothing: whoever holds one valid code (their own) could
         otherwise wipe the count between guesses.
         """
+        assert session.account is not None
         now = self.device.clock()
-        self.device.throttle.failure(self._guess_keys(session), now, self.device.guess_backoff)
+        keys = (f"guess-session:{_hash(session.id).hex()}", f"guess-account:{session.account.id}")
+        self.device.throttle.failure(keys, now, self.device.guess_backoff)
         await self.device.wrong_guess(now, request_id, source)
 
     async def _show_code(
         self, send: Send, session: Session, code: str, request_id: str, source: str
     ) -> None:
         assert session.account is not None
-        if not await self._may_guess(send, session, request_id, source, page="web:code"):
+        try:
+            with self._guessing(session):
+                pending = self.device.lookup(code)
+                if pending is None:
+                    await self._wrong_code(session, request_id, source)
+        except Throttled as refusal:
+            await self._throttled_guess(
+                send, session, refusal, ids=(request_id, source), page="web:code"
+            )
             return
-        pending = self.device.lookup(code)
         if pending is None:
             await self.device._audit(
                 request_id,
@@ -406,7 +425,6 @@ class WebPages:
                 source,
                 user_code=code[:32],
             )
-            await self._wrong_code(session, request_id, source)
             error = "That code is unknown, already used or expired. Check your terminal."
             await self._page(send, 404, session, self._enter(session, code, error=error))
             return
@@ -438,14 +456,20 @@ It expires in {remaining // 60} min {remaining % 60} s.</p>
             return
         approve = decision == "approve"
         code = form.get("user_code", "")
-        if not await self._may_guess(send, session, request_id, source, page="web:decide"):
+        try:
+            with self._guessing(session):
+                done = await self.device.decide(
+                    code, session.account, approve=approve, source_ip=source, request_id=request_id
+                )
+                if not done:
+                    # Deciding is looking up too: a wrong code here is a guess like any other.
+                    await self._wrong_code(session, request_id, source)
+        except Throttled as refusal:
+            await self._throttled_guess(
+                send, session, refusal, ids=(request_id, source), page="web:decide"
+            )
             return
-        done = await self.device.decide(
-            code, session.account, approve=approve, source_ip=source, request_id=request_id
-        )
         if not done:
-            # Deciding is looking up too: a wrong code here is a guess like any other.
-            await self._wrong_code(session, request_id, source)
             error = "That code is no longer waiting (used, decided or expired)."
             await self._page(send, 409, session, self._enter(session, "", error=error))
             return
