@@ -36,9 +36,19 @@ one is retired (marked used, so whoever presents it later triggers reuse detecti
 retry after the grace, a second retry, or one after the successor was used is reuse as
 above. No secret is kept to answer the retry: the successor's plaintext is never stored.
 
+**Bounds.** Starting a login needs no credential, so a pending code is anonymous state:
+at most ``device.codes_per_source`` per source address (IPv6: per /64) and
+``device.max_pending_codes`` in all; past either, ``authorize`` answers 429 with
+``Retry-After`` (until the oldest such code expires). Each code counts the wrong codes
+entered on the sign-in page while it waits and dies after ``device.code_max_wrong_guesses``
+(:meth:`DeviceService.wrong_guess`), so no code can be guessed in more tries than that;
+the per-session and per-account guess limits are in :mod:`nixd.server.login.web`. A
+malformed body (too big, too deep, wrong types) is a 400 ``invalid_request``.
+
 The identity is the account's (``user:<name>``, attributes ``org`` and ``user``). Every
 step — authorize, each poll outcome but ``authorization_pending``, approve, deny, every
-refresh, good or bad — is written to the audit log with the reason.
+refresh, good or bad, every refusal and malformed request — is written to the audit log
+with the reason.
 
 All state is in SQLite (schema component ``"device"``), so several server processes share it.
 """
