@@ -36,6 +36,17 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     refresh_reuse_grace = 30        # seconds a just-rotated credential may be retried once
     public_url = ""                 # how browsers reach the server (default: the Host
                                     # header); https:// makes the session cookie Secure
+    signin_free_attempts = 5        # wrong passwords per account, and per address, before
+                                    # each further one backs off (login.throttle)
+    code_free_guesses = 5           # wrong user codes per session and account, likewise
+    backoff = 2.0                   # seconds of the first back-off; doubles each failure
+    backoff_max = 900.0             # the longest back-off (15 min)
+    failure_window = 3600.0         # failures are forgotten after this long without one
+    code_max_wrong_guesses = 1000   # wrong codes entered server-wide while a code waits
+                                    # before it dies (bounds any code's chance of a guess)
+    codes_per_source = 10           # pending device codes per address (IPv6: per /64)
+    max_pending_codes = 10000       # pending device codes in all
+    sessions_per_account = 10       # signed-in web sessions per account (oldest go first)
 
     [[github]]                      # trust GitHub Actions ID tokens (nixd.server.login.oidc);
     org = "acme"                    # one entry per org; [[gitlab]] has the same keys
@@ -106,13 +117,32 @@ class AuditSection:
 
 @dataclass(frozen=True, slots=True)
 class DeviceSection:
-    """Interactive login (:mod:`nixd.server.login.device`): code and refresh lifetimes, the URL."""
+    """Interactive login (:mod:`nixd.server.login.device`): lifetimes, the URL, throttling.
+
+    The throttling defaults (:mod:`nixd.server.login.throttle`) are chosen so a person
+    never meets them and a script gets nowhere: five wrong passwords are a typo streak,
+    after that waits of 2, 4, 8 … seconds up to 15 minutes leave an attacker about a
+    hundred guesses per account (and per address) a day, while a locked-out owner waits
+    15 minutes at worst. A user code is one of 20^8 (2.6e10); dying after 1,000 wrong codes
+    keeps the chance of guessing any one below 1 in 25 million, however many accounts
+    guess. Ten pending codes per address is more than one machine ever starts; 10,000 in
+    all (each lives ``code_ttl``) is a few rows of SQLite, so the bound costs nothing.
+    """
 
     code_ttl: int = 600
     interval: int = 5
     refresh_ttl: int = 30 * 86400
     refresh_reuse_grace: int = 30
     public_url: str = ""
+    signin_free_attempts: int = 5
+    code_free_guesses: int = 5
+    backoff: float = 2.0
+    backoff_max: float = 900.0
+    failure_window: float = 3600.0
+    code_max_wrong_guesses: int = 1000
+    codes_per_source: int = 10
+    max_pending_codes: int = 10000
+    sessions_per_account: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,9 +342,24 @@ def _check(config: ServerConfig, source: str) -> None:
         raise ConfigError(f"{source}:storage.max_upload_bytes: must be positive")
     if config.tokens.access_ttl <= 0:
         raise ConfigError(f"{source}:tokens.access_ttl: must be positive")
-    for key in ("code_ttl", "interval", "refresh_ttl"):
+    for key in (
+        "code_ttl",
+        "interval",
+        "refresh_ttl",
+        "signin_free_attempts",
+        "code_free_guesses",
+        "backoff",
+        "backoff_max",
+        "failure_window",
+        "code_max_wrong_guesses",
+        "codes_per_source",
+        "max_pending_codes",
+        "sessions_per_account",
+    ):
         if getattr(config.device, key) <= 0:
             raise ConfigError(f"{source}:device.{key}: must be positive")
+    if config.device.backoff_max < config.device.backoff:
+        raise ConfigError(f"{source}:device.backoff_max: must not be less than device.backoff")
     if config.device.refresh_reuse_grace < 0:
         raise ConfigError(f"{source}:device.refresh_reuse_grace: must not be negative")
     if config.device.public_url and not config.device.public_url.startswith(
@@ -375,6 +420,29 @@ durable_reads = {str(d.audit.durable_reads).lower()}
 # refresh_reuse_grace = {d.device.refresh_reuse_grace}
 # how browsers reach this server (default: the Host header); https:// makes cookies Secure
 # public_url = "{d.device.public_url}"
+#
+# Throttling. Wrong passwords (per account, and per source address) and wrong user codes
+# (per browser session, and per account) are free up to a point; after that each one
+# blocks the next try for `backoff` seconds, doubling up to `backoff_max`, and the
+# refusal is a 429 with Retry-After. Five mistakes are a typo streak, not an attack; the
+# doubling leaves a script about a hundred guesses a day, while a person locked out waits
+# 15 minutes at most. Failures are forgotten after `failure_window` seconds without one.
+# signin_free_attempts = {d.device.signin_free_attempts}
+# code_free_guesses = {d.device.code_free_guesses}
+# backoff = {d.device.backoff}
+# backoff_max = {d.device.backoff_max}
+# failure_window = {d.device.failure_window}
+# A pending code dies after this many wrong codes were entered anywhere while it waited:
+# a code is one of 20^8, so its chance of being guessed stays below 1 in 25 million no
+# matter how many accounts guess (the price: a flood of wrong codes ends pending logins,
+# which then start again).
+# code_max_wrong_guesses = {d.device.code_max_wrong_guesses}
+# Anonymous state: `nixd login` creates a pending code, so codes are bounded per source
+# address (IPv6: per /64) and in all; a browser gets a session row only once signed in
+# (before that its cookie is signed, not stored), at most this many per account.
+# codes_per_source = {d.device.codes_per_source}
+# max_pending_codes = {d.device.max_pending_codes}
+# sessions_per_account = {d.device.sessions_per_account}
 
 # Trust CI and cloud identities; one entry per org (uncomment and edit):
 #

@@ -1,8 +1,51 @@
 """The one place that decides what a client of the cache server sees when something fails.
 
-Handlers raise the errors below (or let a :mod:`nixd.errors` one through); :func:`into_client`
-turns any exception into a status, headers and a body that is safe to show. The real cause
-of an unexpected error is logged here, server-side only, under a request id the client sees.
+Every error a handler raises to answer a client is a :class:`ServerError` and carries its
+answer: ``status`` (HTTP) and ``code`` (a stable slug for JSON bodies and the audit log),
+as attic's ``ServerError`` does. :func:`into_client` reads them and turns any exception into
+a status, headers and a body that is safe to show; for a 5xx the real cause is logged here,
+server-side only, under a request id the client sees. The tree (``tests/server/
+test_errors.py`` walks every exception class of the server and checks it is named here,
+with the status it really gets)::
+
+    ServerError                         500 internal             a 5xx shows the request id only
+    ├── BadRequest                      400 invalid_request      a body or parameter is malformed
+    │   └── BadUpload                   400 bad_upload           an upload's bytes or narinfo lie
+    ├── Unauthenticated                 401 unauthenticated      no credential; WWW-Authenticate
+    ├── CredentialRejected              401 invalid_credential   an API token (access.credentials)
+    │   ├── MalformedCredential         401 malformed_credential
+    │   ├── UnknownCredential           401 unknown_credential
+    │   ├── RevokedCredential           401 revoked_credential
+    │   └── ExpiredCredential           401 expired_credential
+    ├── InvalidAccessToken              401 invalid_token        an access token (access.tokens)
+    ├── AccessTokenExpired              401 token_expired        past exp + leeway (access.tokens)
+    ├── ExchangeRejected                401 rejected             (login.exchange) per instance:
+    │                                                            401, 403 or 502, its own code
+    ├── RefreshRejected                 401 invalid_grant        a refresh credential (login.device)
+    ├── SignInRejected                  401 invalid_sign_in      name/password (login.accounts)
+    ├── Forbidden                       403 forbidden            known caller, not allowed
+    ├── NotFound                        404 not_found            absent or invisible: same answer
+    ├── CredentialNotFound              404 credential_not_found an admin named no such credential
+    ├── MethodNotAllowed                405 method_not_allowed
+    ├── Conflict                        409 conflict             the slice holds the path otherwise
+    ├── TooLarge                        413 too_large            an upload past the limit
+    ├── UnsupportedCompression          415 unsupported_compression
+    ├── Throttled                       429 too_many_requests    with Retry-After (sign-in, codes)
+    └── AuditError                      503 audit_unavailable    no line, no answer (access.audit)
+
+Errors that are not ServerErrors are answered by their :mod:`nixd.errors` base (the
+classes in the rooms the server's HTTP layer does not own, and dependencies' errors after
+translation)::
+
+    FormatError                         400 bad_request          bad Nix data from the client
+    TokenExpired                        401 token_expired
+    AuthError                           401 invalid_credential
+    ConfigError                         500 configuration_error  never the client's to fix
+    StoreError                          500 internal             (storage.store) opening the store
+    DatabaseError                       500 internal             (storage.db) the database failed
+    PathConflict                        500 internal             (storage.store) the app answers
+                                                                 it as Conflict before it gets here
+    anything else                       500 internal
 
 How the real Nix client reacts (NIX-PROTOCOL.md) shaped the choices: 401/403/404 on a read
 are "not present" (and remembered for an hour), other 4xx are hard errors, 5xx are retried.
@@ -12,6 +55,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 from nixd.errors import AuthError, ConfigError, FormatError, NixdError, TokenExpired
 
@@ -21,109 +65,154 @@ WWW_AUTHENTICATE = 'Basic realm="nixd", Bearer'
 
 
 class ServerError(NixdError):
-    """Base of errors a handler raises to answer a client; ``code`` is a stable slug."""
+    """Base of errors a handler raises to answer a client: its status and code go with it.
 
-    code = "error"
+    ``status`` and ``code`` are class attributes that a subclass (or, where one class has
+    several answers, an instance) sets. For a 4xx, ``str(exc)`` is shown to the client;
+    a subclass whose message could tell more than the caller may know sets ``detail``,
+    the fixed text shown instead. A 5xx never shows its message.
+    """
+
+    status: int = 500
+    code: str = "internal"
+    detail: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        """Headers the answer needs besides the body's (``Retry-After`` …)."""
+        return {}
 
 
-class NotFound(ServerError):
-    """Absent, or present but invisible to this caller (the two must look the same)."""
+class BadRequest(ServerError):
+    """A request body or parameter is malformed: deep or invalid JSON, too big, wrong types.
 
-    code = "not_found"
+    Token endpoints answer a malformed request 400 ``invalid_request`` (RFC 6749 §5.2), also
+    when the body is too big: nothing a client must send there is near the limit.
+    """
+
+    status = 400
+    code = "invalid_request"
 
 
-class Unauthenticated(AuthError):
+class BadUpload(BadRequest):
+    """An upload was refused: its bytes, or its narinfo, are not what they claim."""
+
+    code = "bad_upload"
+
+
+class Unauthenticated(ServerError, AuthError):
     """No usable credential on a request that needs one."""
 
+    status = 401
     code = "unauthenticated"
 
 
 class Forbidden(ServerError):
     """A known identity asked for something the policy does not allow (writes, admin)."""
 
+    status = 403
     code = "forbidden"
 
 
-class BadUpload(ServerError):
-    """An upload was refused: its bytes, or its narinfo, are not what they claim."""
+class NotFound(ServerError):
+    """Absent, or present but invisible to this caller (the two must look the same)."""
 
-    code = "bad_upload"
+    status = 404
+    code = "not_found"
+    detail = "not found"
+
+
+class MethodNotAllowed(ServerError):
+    """The URL exists but does not take this method."""
+
+    status = 405
+    code = "method_not_allowed"
 
 
 class Conflict(ServerError):
     """An upload would replace what a slice already holds, and the caller may not."""
 
+    status = 409
     code = "conflict"
-
-
-class UnsupportedCompression(ServerError):
-    """An upload's compression cannot be decoded here."""
-
-    code = "unsupported_compression"
 
 
 class TooLarge(ServerError):
     """An upload is bigger than ``storage.max_upload_bytes``."""
 
+    status = 413
     code = "too_large"
 
 
-class MethodNotAllowed(ServerError):
-    code = "method_not_allowed"
+class UnsupportedCompression(ServerError):
+    """An upload's compression cannot be decoded here."""
+
+    status = 415
+    code = "unsupported_compression"
+
+
+class Throttled(ServerError):
+    """Too many attempts (sign-in, user-code guesses) or too much anonymous state.
+
+    ``retry_after`` is how many seconds until the caller may try again; it is sent as
+    ``Retry-After`` (whole seconds, at least 1).
+    """
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str = "too many requests", *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def retry_after_seconds(self) -> int:
+        """``retry_after`` as the header says it: whole seconds, rounded up, at least 1."""
+        if not math.isfinite(self.retry_after):
+            return 86400
+        return max(1, math.ceil(self.retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_seconds)}
+
+
+_FOREIGN: tuple[tuple[type[BaseException], int, str], ...] = (
+    (FormatError, 400, "bad_request"),
+    (TokenExpired, 401, "token_expired"),
+    (AuthError, 401, "invalid_credential"),
+    (ConfigError, 500, "configuration_error"),
+)
+
+
+def answer_of(exc: BaseException) -> tuple[int, str]:
+    """``(status, code)`` of ``exc``: its own, or its :mod:`nixd.errors` base's (the tree)."""
+    if isinstance(exc, ServerError):
+        return exc.status, exc.code
+    for kind, status, code in _FOREIGN:
+        if isinstance(exc, kind):
+            return status, getattr(exc, "code", code) if status < 500 else code
+    return 500, "internal"
 
 
 def into_client(
     exc: BaseException, *, request_id: str, as_json: bool
 ) -> tuple[int, dict[str, str], bytes]:
-    """Map ``exc`` to ``(status, headers, body)``.
+    """Map ``exc`` to ``(status, headers, body)`` (the tree in the module docstring).
 
-    ======================== ====== ==============================================
-    error                    status why
-    ======================== ====== ==============================================
-    NotFound                 404    invisible == absent; the body says nothing more
-    Unauthenticated          401    with ``WWW-Authenticate``; Nix treats it as absent
-    TokenExpired / AuthError 401    the credential was presented but is not good
-    Forbidden                403    known caller, not allowed (uploads, admin)
-    BadUpload, FormatError   400    a hard error for Nix; the message says what is wrong
-    MethodNotAllowed         405
-    Conflict                 409    the slice holds that path with other contents
-    TooLarge                 413
-    UnsupportedCompression   415
-    anything else            500    cause logged here with the request id only
-    ======================== ====== ==============================================
-
-    ``ConfigError`` is a server fault too (500): it is never the client's to fix.
+    A 401 carries ``WWW-Authenticate``, so a client knows to log in; a 5xx says only what
+    kind of fault it was and the request id, and the cause is logged here.
     """
-    headers: dict[str, str] = {}
-    if isinstance(exc, NotFound):
-        status, code, message = 404, NotFound.code, "not found"
-    elif isinstance(exc, Unauthenticated):
-        status, code, message = 401, Unauthenticated.code, str(exc) or "authentication required"
+    status, code = answer_of(exc)
+    headers = exc.headers() if isinstance(exc, ServerError) else {}
+    if status == 401:
         headers["www-authenticate"] = WWW_AUTHENTICATE
-    elif isinstance(exc, TokenExpired):
-        status, code, message = 401, "token_expired", str(exc) or "the access token has expired"
-        headers["www-authenticate"] = WWW_AUTHENTICATE
-    elif isinstance(exc, AuthError):
-        status, code, message = 401, "invalid_credential", str(exc) or "credential not accepted"
-        headers["www-authenticate"] = WWW_AUTHENTICATE
-    elif isinstance(exc, Forbidden):
-        status, code, message = 403, Forbidden.code, str(exc)
-    elif isinstance(exc, BadUpload):
-        status, code, message = 400, BadUpload.code, str(exc)
-    elif isinstance(exc, FormatError):
-        status, code, message = 400, "bad_request", str(exc)
-    elif isinstance(exc, Conflict):
-        status, code, message = 409, Conflict.code, str(exc)
-    elif isinstance(exc, MethodNotAllowed):
-        status, code, message = 405, MethodNotAllowed.code, str(exc) or "method not allowed"
-    elif isinstance(exc, TooLarge):
-        status, code, message = 413, TooLarge.code, str(exc)
-    elif isinstance(exc, UnsupportedCompression):
-        status, code, message = 415, UnsupportedCompression.code, str(exc)
-    else:
+    if status >= 500:
         kind = "configuration error" if isinstance(exc, ConfigError) else "internal error"
+        if isinstance(exc, ServerError) and status != 500:
+            kind = code.replace("_", " ")
         log.error("request %s failed: %s", request_id, kind, exc_info=exc)
-        status, code, message = 500, "internal", f"{kind} (request {request_id})"
+        message = f"{kind} (request {request_id})"
+    else:
+        detail = exc.detail if isinstance(exc, ServerError) else None
+        message = detail or str(exc) or code.replace("_", " ")
     if as_json:
         headers["content-type"] = "application/json"
         body = json.dumps({"error": code, "message": message}).encode()

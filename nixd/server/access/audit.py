@@ -47,10 +47,23 @@ Writers
     admin changes): every batch is written under an exclusive ``flock`` and first re-reads
     the tail if another process appended. Within a process a lock serializes threads.
 
-Secrets
-    A line never holds a credential: :meth:`AuditLog.record` refuses events with a field
-    named like ``token``, ``password``, ``secret`` or ``authorization``, and values that look
-    like an access token (a JWT) or an API token. Identities appear as ``kind:subject``.
+Secrets and hostile values
+    A line never holds a credential. A field *named* like ``token``, ``password``,
+    ``secret`` or ``authorization`` is a bug of the caller (names come from code) and the
+    event is refused. Field *values* often come from a client (a URL, a user name, a claim
+    of a CI token), so a value is never a reason to skip a line: whatever a client sends,
+    the decision is recorded. A value is made safe instead, and the line says so in a
+    ``"redacted"`` member (field name -> why, e.g. ``{"object": "token-shaped value"}``):
+
+    - anything shaped like an access token (a JWT) or an API or refresh token is replaced by
+      ``[redacted]`` (the rest of the value is kept, so the line still says what was asked);
+    - control characters (C0, DEL, C1, and the bidirectional overrides that make text read
+      differently than it is) and lone surrogates (bytes that were not UTF-8) become
+      U+FFFD, so a line cannot rewrite a terminal or fake another line when decoded;
+    - a value longer than :data:`MAX_VALUE` characters is cut there, and the note gives its
+      length.
+
+    Identities appear as ``kind:subject``.
 
 API
     ``log = AuditLog(path)``; ``log.record(event)`` from threads / sync code;
@@ -86,9 +99,9 @@ from typing import Any
 
 import trio
 
-from nixd.errors import NixdError
 from nixd.server.access.identity import Identity
 from nixd.server.access.policy import Decision
+from nixd.server.errors import ServerError
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +111,32 @@ GENESIS = hashlib.sha256(b"nixd audit log v1").hexdigest()
 HEAD_SUFFIX = ".head"
 _HEAD_SIZE = 128
 _CORE_FIELDS = ("request_id", "identity", "action", "resource", "decision", "rule", "source")
-_RESERVED = frozenset({"seq", "time", "prev"})
+_RESERVED = frozenset({"seq", "time", "prev", "redacted"})
 _SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "authorization", "cookie"})
 _SECRET_VALUE = re.compile(
-    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.|nixd_[0-9a-f]{16}_[A-Za-z0-9_-]{20,}"
+    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"  # a JWT, signature included
+    r"|nixdr?_[0-9a-f]{16}_[A-Za-z0-9_-]{20,}"  # an API token, a refresh credential
 )
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_HOSTILE = re.compile(f"{_SECRET_VALUE.pattern}|{_CONTROL.pattern}|{_SURROGATE.pattern}")
+MAX_VALUE = 1024
+"""Characters of one audited value; longer ones are cut (a URL or a claim, not a file)."""
+REDACTED = "[redacted]"
 _TAIL_CHUNK = 64 * 1024
 LAZY_WINDOW = 0.005
 """Seconds a batch of lines nobody waits for gathers more before its write and fsync."""
 _PLAIN_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 
 
-class AuditError(NixdError):
-    """The audit log cannot be written (or read back); the request must not proceed."""
+class AuditError(ServerError):
+    """The audit log cannot be written (or read back); the request must not proceed.
+
+    503: the server refuses to act without its record, and a client may retry later.
+    """
+
+    status = 503
+    code = "audit_unavailable"
 
 
 def _hash(line: bytes) -> str:
@@ -136,41 +162,67 @@ def _secret_name(key: str) -> bool:
     return bool(set(re.split(r"[^a-z0-9]+", key.lower())) & _SECRET_WORDS)
 
 
-_SCALARS = frozenset({str, int, float, bool, type(None), Identity, Decision})
+def _clean(value: str) -> tuple[str, str | None]:
+    """``value`` made safe for a line, and why it was changed (None if it was not).
+
+    Tokens are redacted before a long value is cut, so a cut can never leave a token's
+    beginning behind in a form the pattern no longer recognizes.
+    """
+    if len(value) <= MAX_VALUE and not _HOSTILE.search(value):
+        return value, None
+    why = []
+    value, tokens = _SECRET_VALUE.subn(REDACTED, value)
+    if tokens:
+        why.append("token-shaped value")
+    if len(value) > MAX_VALUE:
+        why.append(f"cut from {len(value)} characters")
+        value = value[:MAX_VALUE]
+    value, controls = _CONTROL.subn("\ufffd", value)
+    if controls:
+        why.append("control characters")
+    value, surrogates = _SURROGATE.subn("\ufffd", value)
+    if surrogates:
+        why.append("not UTF-8")
+    return value, ", ".join(why)
 
 
-def _check_secrets(mapping: Mapping[Any, Any], where: str) -> None:
-    for key, inner in mapping.items():
+def _safe(value: Any, where: str, notes: dict[str, str]) -> Any:
+    """``value`` with every string in it cleaned (noted under ``where``); names checked."""
+    if type(value) is str:
+        clean, why = _clean(value)
+        if why is not None:
+            notes.setdefault(where, why)
+        return clean
+    if isinstance(value, Mapping):
+        out = {}
+        for key, inner in value.items():
+            if type(key) is not str:
+                raise ValueError(f"audit event field names must be strings, got {key!r}")
+            if _secret_name(key):
+                raise ValueError(
+                    f"audit event field {where}.{key!r} looks like a secret; audit lines "
+                    "never hold credentials (log the identity as kind:subject instead)"
+                )
+            out[key] = _safe(inner, f"{where}.{key}", notes)
+        return out
+    if isinstance(value, list | tuple):
+        return [_safe(inner, where, notes) for inner in value]
+    return value
+
+
+def _prepare(event: Mapping[str, Any], now: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """The members of one line in order (without ``seq``/``prev``), cleaned; and the notes."""
+    if not isinstance(event, Mapping):
+        raise TypeError(f"an audit event is a mapping, got {type(event).__name__}")
+    for key in event:
         if type(key) is not str:
             raise ValueError(f"audit event field names must be strings, got {key!r}")
         if _secret_name(key):
             raise ValueError(
-                f"audit event field {where}{key!r} looks like a secret; audit lines never "
+                f"audit event field {key!r} looks like a secret; audit lines never "
                 "hold credentials (log the identity as kind:subject instead)"
             )
-        if type(inner) not in _SCALARS:
-            _check_nested(inner, f"{where}{key}.")
-
-
-def _check_nested(value: Any, where: str) -> None:
-    if isinstance(value, Mapping):
-        _check_secrets(value, where)
-    elif isinstance(value, list | tuple):
-        for inner in value:
-            _check_nested(inner, where)
-
-
-def _body(event: Mapping[str, Any], now: float) -> str:
-    """The JSON members of one line except ``seq`` and ``prev``: ``"time":…,…`` (no braces).
-
-    Done by the caller, before queueing, so one bad event fails its own caller and never
-    the batch it would have shared.
-    """
-    if not isinstance(event, Mapping):
-        raise TypeError(f"an audit event is a mapping, got {type(event).__name__}")
-    _check_secrets(event, "")
-    for key in _RESERVED:
-        if key in event:
+        if key in _RESERVED:
             raise ValueError(f"audit event field {key!r} is set by the log, not the caller")
     identity = event.get("identity")
     if isinstance(identity, Identity):
@@ -189,20 +241,48 @@ def _body(event: Mapping[str, Any], now: float) -> str:
         out["rule"] = event.get("rule", decision.rule)
         out["reason"] = decision.reason
     out.update((k, v) for k, v in event.items() if k not in out)
+    notes: dict[str, str] = {}
+    for key, value in out.items():
+        if key != "time":
+            out[key] = _safe(value, key, notes)
+    return out, notes
+
+
+def _encode(members: Mapping[str, Any]) -> str:
     try:
-        text = _ENCODER.encode(out)
+        text = _ENCODER.encode(members)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"audit event is not JSON-serializable: {exc}") from exc
     if _SECRET_VALUE.search(text):
-        raise ValueError("audit event holds a value that looks like a token; refusing to log it")
-    return text[1:-1]
+        # Only a nested field *name* can still hold one (every value was cleaned); the
+        # pattern has no JSON syntax in it, so replacing it keeps the line valid JSON.
+        text = _SECRET_VALUE.sub(REDACTED, text)
+    return text
+
+
+def _body(event: Mapping[str, Any], now: float) -> str:
+    """The JSON members of one line except ``seq`` and ``prev``: ``"time":…,…`` (no braces).
+
+    Done by the caller, before queueing, so one bad event fails its own caller and never
+    the batch it would have shared. Values are cleaned (see "Secrets and hostile values"),
+    so only a caller's bug (a secret-named or reserved field, no identity, a value JSON
+    cannot hold) raises.
+    """
+    out, notes = _prepare(event, now)
+    if notes:
+        out["redacted"] = notes
+    return _encode(out)[1:-1]
 
 
 @functools.lru_cache(maxsize=4096)
-def _fixed_members(fields: tuple[str, str, str, str, str, str]) -> str:
-    """The members from ``identity`` to ``source``, checked by :func:`_body` once."""
-    text = _body({"request_id": "", **dict(zip(_CORE_FIELDS[1:], fields, strict=True))}, 0.0)
-    return text[text.index('"identity":') :]
+def _fixed_members(
+    fields: tuple[str, str, str, str, str, str],
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The members from ``identity`` to ``source``, cleaned by :func:`_prepare` once; notes."""
+    event = {"request_id": "", **dict(zip(_CORE_FIELDS[1:], fields, strict=True))}
+    out, notes = _prepare(event, 0.0)
+    text = _encode(out)[1:-1]
+    return text[text.index('"identity":') :], tuple(notes.items())
 
 
 @functools.lru_cache(maxsize=256)
@@ -229,9 +309,10 @@ def event_body(
     """The line body :func:`_body` makes of an event of string fields, but cheap.
 
     A server's lines repeat everything but the time, the request id and the object: the
-    repeating members are checked for secrets once per distinct value and remembered; only
-    the extra (client-controlled) values are checked each time. Byte-identical to
-    ``_body``, so a reader cannot tell which path wrote a line.
+    repeating members are cleaned once per distinct value and remembered; only the extra
+    (client-controlled) values are looked at each time, with one pattern search when they
+    are harmless. Byte-identical to ``_body``, so a reader cannot tell which path wrote a
+    line.
     """
     if not _PLAIN_ID.fullmatch(request_id):
         return _body(
@@ -247,18 +328,21 @@ def event_body(
             },
             now,
         )
-    parts = [
-        f'"time":"{_now_rfc3339(now)}","request_id":"{request_id}",',
-        _fixed_members((identity, action, resource, decision, rule, source)),
-    ]
-    for key, value in extra.items():
-        encoded = encode_basestring_ascii(value)
-        if _SECRET_VALUE.search(encoded):
-            raise ValueError(
-                "audit event holds a value that looks like a token; refusing to log it"
-            )
-        parts.append(_extra_name(key))
-        parts.append(encoded)
+    fixed, fixed_notes = _fixed_members((identity, action, resource, decision, rule, source))
+    parts = [f'"time":"{_now_rfc3339(now)}","request_id":"{request_id}",', fixed]
+    notes = list(fixed_notes)
+    for key, raw in extra.items():
+        name = _extra_name(key)
+        value = raw
+        if len(raw) > MAX_VALUE or _HOSTILE.search(raw):
+            value, why = _clean(raw)
+            if why is not None:
+                notes.append((key, why))
+        parts.append(name)
+        parts.append(encode_basestring_ascii(value))
+    if notes:
+        parts.append(',"redacted":')
+        parts.append(_ENCODER.encode(dict(notes)))
     return "".join(parts)
 
 

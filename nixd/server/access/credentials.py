@@ -33,10 +33,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import ClassVar
 
-from nixd.errors import AuthError, ConfigError, NixdError
+from nixd.errors import AuthError, ConfigError
 from nixd.server.access.identity import AttributeValue, Identity
+from nixd.server.errors import ServerError
 from nixd.server.storage.db import check_name, get_org, transaction
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,15 @@ _HASH_DOMAIN = b"nixd-credential-v1\0"
 _ATTRIBUTE_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
-class CredentialRejected(AuthError):
+class CredentialRejected(ServerError, AuthError):
     """An API credential was refused.
 
     ``code`` is a stable slug for the JSON error body and the audit log; ``str(exc)`` is
     safe to show the client; ``reason`` may say more and is for the server's log only.
     """
 
-    code: ClassVar[str] = "invalid_credential"
+    status = 401
+    code = "invalid_credential"
 
     def __init__(
         self, message: str, *, credential_id: str | None = None, reason: str | None = None
@@ -73,23 +74,26 @@ class CredentialRejected(AuthError):
 
 
 class MalformedCredential(CredentialRejected):
-    code: ClassVar[str] = "malformed_credential"
+    code = "malformed_credential"
 
 
 class UnknownCredential(CredentialRejected):
-    code: ClassVar[str] = "unknown_credential"
+    code = "unknown_credential"
 
 
 class RevokedCredential(CredentialRejected):
-    code: ClassVar[str] = "revoked_credential"
+    code = "revoked_credential"
 
 
 class ExpiredCredential(CredentialRejected):
-    code: ClassVar[str] = "expired_credential"
+    code = "expired_credential"
 
 
-class CredentialNotFound(NixdError, LookupError):
+class CredentialNotFound(ServerError, LookupError):
     """An admin operation named a credential that does not exist."""
+
+    status = 404
+    code = "credential_not_found"
 
 
 @dataclass(frozen=True, slots=True)

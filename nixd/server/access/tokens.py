@@ -27,13 +27,14 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import jwt
 
 from nixd.errors import AuthError, ConfigError, TokenExpired
 from nixd.server.access.identity import Identity
 from nixd.server.access.keys import JwtKeys
+from nixd.server.errors import ServerError
 
 ALGORITHMS = ("EdDSA",)
 """The only signature algorithm accepted; anything else (``none``, ``HS256``…) is refused
@@ -44,24 +45,26 @@ DEFAULT_LIFETIME = 3600.0
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "iat", "nbf", "exp", "jti", "kind", "attrs")
 
 
-class InvalidAccessToken(AuthError):
+class InvalidAccessToken(ServerError, AuthError):
     """An access token was refused; ``reason`` is a slug for the audit log.
 
     Reasons: ``malformed``, ``algorithm``, ``unknown_key``, ``signature``, ``issuer``,
     ``audience``, ``claims``, ``not_yet_valid``.
     """
 
-    code: ClassVar[str] = "invalid_token"
+    status = 401
+    code = "invalid_token"
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
-class AccessTokenExpired(TokenExpired):
+class AccessTokenExpired(ServerError, TokenExpired):
     """The access token's ``exp`` (plus leeway) has passed: exchange the credential again."""
 
-    code: ClassVar[str] = "token_expired"
+    status = 401
+    code = "token_expired"
     reason = "expired"
 
 

@@ -79,8 +79,10 @@ from nixd.server.access.keys import ServerKeys
 from nixd.server.access.policy import DEFAULT_DENY, PUBLIC_RULES, PolicyHolder
 from nixd.server.access.tokens import TokenIssuer
 from nixd.server.asgi import Receive, Scope, Send
+from nixd.server.bodies import read_json_object
 from nixd.server.errors import (
     WWW_AUTHENTICATE,
+    BadRequest,
     BadUpload,
     Conflict,
     Forbidden,
@@ -730,20 +732,25 @@ class CacheApp:
             raise NotFound()
 
     async def _exchange(self, ctx: _Ctx, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive, MAX_SMALL_BODY)
         try:
-            request = json.loads(body)
-        except ValueError as exc:
-            raise FormatError("the request body is not JSON") from exc
-        if not isinstance(request, dict):
-            raise FormatError('the request body must be a JSON object {"kind": ..., ...}')
-        kind = request.get("kind")
+            # Bounded in size and depth (nixd.server.bodies); any malformed body is a 400
+            # with its audit line, like every other refusal of the exchange.
+            request = await read_json_object(receive, what="the exchange request")
+            kind = request.get("kind")
+            if not isinstance(kind, str):
+                raise BadRequest('"kind" must be a string naming the credential kind')
+            token = request.get("token")
+            if kind == "token" and (not isinstance(token, str) or not token):
+                raise BadRequest('"token" must be a non-empty string')
+        except BadRequest as exc:
+            await self._audit(
+                ctx, "token:exchange", "*", False, "malformed_request", reason=str(exc)
+            )
+            raise
         if kind != "token":
-            await self._exchange_identity(ctx, str(kind), request, send)
+            await self._exchange_identity(ctx, kind, request, send)
             return
-        token = request.get("token")
-        if not isinstance(token, str) or not token:
-            raise FormatError('"token" must be a non-empty string')
+        assert isinstance(token, str)
         try:
             ident = self.s.credentials.authenticate(token)
         except CredentialRejected as exc:

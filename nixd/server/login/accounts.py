@@ -38,6 +38,7 @@ import trio
 
 from nixd.errors import AuthError, ConfigError
 from nixd.server.access.identity import Identity
+from nixd.server.errors import ServerError
 from nixd.server.storage.db import Migration, check_name, ensure_schema, get_org, transaction
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,15 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
-class SignInRejected(AuthError):
+class SignInRejected(ServerError, AuthError):
     """A user name and password did not sign in; the message never says which was wrong.
 
     ``reason`` (for the audit log only) does: ``unknown_user``, ``wrong_password``,
     ``disabled``.
     """
+
+    status = 401
+    code = "invalid_sign_in"
 
     def __init__(self, reason: str) -> None:
         super().__init__("wrong user name or password")

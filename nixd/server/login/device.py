@@ -36,9 +36,19 @@ one is retired (marked used, so whoever presents it later triggers reuse detecti
 retry after the grace, a second retry, or one after the successor was used is reuse as
 above. No secret is kept to answer the retry: the successor's plaintext is never stored.
 
+**Bounds.** Starting a login needs no credential, so a pending code is anonymous state:
+at most ``device.codes_per_source`` per source address (IPv6: per /64) and
+``device.max_pending_codes`` in all; past either, ``authorize`` answers 429 with
+``Retry-After`` (until the oldest such code expires). Each code counts the wrong codes
+entered on the sign-in page while it waits and dies after ``device.code_max_wrong_guesses``
+(:meth:`DeviceService.wrong_guess`), so no code can be guessed in more tries than that;
+the per-session and per-account guess limits are in :mod:`nixd.server.login.web`. A
+malformed body (too big, too deep, wrong types) is a 400 ``invalid_request``.
+
 The identity is the account's (``user:<name>``, attributes ``org`` and ``user``). Every
 step — authorize, each poll outcome but ``authorization_pending``, approve, deny, every
-refresh, good or bad — is written to the audit log with the reason.
+refresh, good or bad, every refusal and malformed request — is written to the audit log
+with the reason.
 
 All state is in SQLite (schema component ``"device"``), so several server processes share it.
 """
@@ -49,6 +59,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import sqlite3
@@ -56,17 +67,20 @@ import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ClassVar
-from urllib.parse import parse_qsl, quote
+from typing import Any
+from urllib.parse import quote
 
 from nixd.errors import AuthError, FormatError
 from nixd.server.access.audit import AuditLog
 from nixd.server.access.identity import Identity, anonymous
 from nixd.server.access.tokens import TokenIssuer
 from nixd.server.asgi import Receive, Scope, Send
+from nixd.server.bodies import form_fields, json_object, read_body, string_fields
 from nixd.server.config import DeviceSection
+from nixd.server.errors import BadRequest, ServerError, Throttled
 from nixd.server.login.accounts import Account, AccountStore
 from nixd.server.login.exchange import ExchangeRejected
+from nixd.server.login.throttle import Backoff, Throttle, source_key
 from nixd.server.login.web import WebPages
 from nixd.server.storage.db import Migration, ensure_schema, transaction
 
@@ -82,6 +96,7 @@ REFRESH_PREFIX = "nixdr_"
 MAX_FORM = 16 * 1024
 _REFRESH_RE = re.compile(r"nixdr_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _HASH_DOMAIN = b"nixd-refresh-v1\0"
+_ACTIONS = {"/api/v1/device/authorize": "device:authorize", "/api/v1/device/token": "device:token"}
 
 MIGRATIONS: list[Migration] = [
     # 1: pending device authorizations and refresh credential families.
@@ -119,6 +134,12 @@ MIGRATIONS: list[Migration] = [
     ALTER TABLE refresh_credentials ADD COLUMN successor TEXT;
     ALTER TABLE refresh_credentials ADD COLUMN grace_used_at REAL;
     """,
+    # 3: throttling: wrong codes entered while a code waited; codes counted per source.
+    """
+    ALTER TABLE device_codes ADD COLUMN guesses INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE device_codes ADD COLUMN source_key TEXT NOT NULL DEFAULT '';
+    CREATE INDEX device_codes_source ON device_codes(source_key, expires);
+    """,
 ]
 
 
@@ -126,10 +147,11 @@ DeviceSettings = DeviceSection
 """``[device]`` in the server config."""
 
 
-class RefreshRejected(AuthError):
+class RefreshRejected(ServerError, AuthError):
     """A refresh credential was refused; ``code`` for the client, ``reason`` for the audit."""
 
-    code: ClassVar[str] = "invalid_grant"
+    status = 401
+    code = "invalid_grant"
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
@@ -200,7 +222,20 @@ class DeviceService:
         self.clock = clock
         self.accounts = AccountStore(conn, clock=clock)
         ensure_schema(conn, component="device", migrations=MIGRATIONS)
+        self.throttle = Throttle(conn)
         self.pages = WebPages(self)
+
+    @property
+    def signin_backoff(self) -> Backoff:
+        """How wrong passwords are slowed down (per account, per source address)."""
+        s = self.settings
+        return Backoff(s.signin_free_attempts, s.backoff, s.backoff_max, s.failure_window)
+
+    @property
+    def guess_backoff(self) -> Backoff:
+        """How wrong user codes are slowed down (per session, per account)."""
+        s = self.settings
+        return Backoff(s.code_free_guesses, s.backoff, s.backoff_max, s.failure_window)
 
     # -- HTTP: /api/v1/device/* ------------------------------------------------------------
 
@@ -218,15 +253,37 @@ class DeviceService:
         if scope["method"] != "POST":
             await _oauth(send, 405, {"error": "invalid_request", "error_description": "use POST"})
             return
-        form = await read_form(scope, receive)
-        if path == "/api/v1/device/authorize":
-            status, body = await self.authorize(
-                form, source_ip=source_ip, base_url=self.base_url(scope), request_id=request_id
+        action = _ACTIONS.get(path)
+        if action is None:
+            await _oauth(send, 404, {"error": "not_found", "error_description": path})
+            return
+        try:
+            form = await read_form(scope, receive)
+            if path == "/api/v1/device/authorize":
+                status, body = await self.authorize(
+                    form, source_ip=source_ip, base_url=self.base_url(scope), request_id=request_id
+                )
+            else:
+                status, body = await self.token(form, source_ip=source_ip, request_id=request_id)
+        except (BadRequest, Throttled) as exc:
+            # Both audited: a malformed body here, a throttled one where it was refused.
+            if isinstance(exc, BadRequest):
+                await self._audit(
+                    request_id,
+                    anonymous(),
+                    action,
+                    False,
+                    "malformed_request",
+                    source_ip,
+                    reason=str(exc),
+                )
+            await _oauth(
+                send,
+                exc.status,
+                {"error": exc.code, "error_description": str(exc)},
+                headers=exc.headers(),
             )
-        elif path == "/api/v1/device/token":
-            status, body = await self.token(form, source_ip=source_ip, request_id=request_id)
-        else:
-            status, body = 404, {"error": "not_found", "error_description": path}
+            return
         await _oauth(send, status, body)
 
     def base_url(self, scope: Scope) -> str:
@@ -260,13 +317,18 @@ class DeviceService:
         device_code = secrets.token_urlsafe(32)
         ttl, interval = self.settings.code_ttl, self.settings.interval
         self._expire_old(now)
+        source = source_key(source_ip)
+        over: tuple[str, int, float] | None = None
         for _ in range(10):
             user_code = "".join(secrets.choice(USER_CODE_ALPHABET) for _ in range(USER_CODE_LENGTH))
             try:
                 with transaction(self._conn):
+                    over = self._over_bounds(source, now)
+                    if over is not None:
+                        break
                     self._conn.execute(
                         "INSERT INTO device_codes (device_hash, user_code, client_id, created,"
-                        " expires, interval, source) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        " expires, interval, source, source_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             _sha256(device_code),
                             user_code,
@@ -275,6 +337,7 @@ class DeviceService:
                             now + ttl,
                             interval,
                             source_ip,
+                            source,
                         ),
                     )
                 break
@@ -282,6 +345,23 @@ class DeviceService:
                 continue  # a live code already has these letters: draw again
         else:  # pragma: no cover - 20^8 codes; ten collisions in a row do not happen
             raise FormatError("could not allocate a user code; try again")
+        if over is not None:
+            rule, limit, wait = over
+            await self._audit(
+                request_id,
+                anonymous(),
+                "device:authorize",
+                False,
+                f"too_many_pending_codes_{rule}",
+                source_ip,
+                retry_after=str(max(1, math.ceil(wait))),
+            )
+            where = "from this address" if rule == "source" else "on this server"
+            raise Throttled(
+                f"too many logins are waiting for approval {where} ({limit}); "
+                "approve or let them expire, then try again",
+                retry_after=wait,
+            )
         shown = format_user_code(user_code)
         await self._audit(
             request_id,
@@ -316,8 +396,8 @@ class DeviceService:
         now = self.clock()
         with transaction(self._conn):
             row = self._conn.execute(
-                "SELECT user_code, client_id, expires, interval, last_poll, state, account_id"
-                " FROM device_codes WHERE device_hash = ?",
+                "SELECT user_code, client_id, expires, interval, last_poll, state, account_id,"
+                " guesses FROM device_codes WHERE device_hash = ?",
                 (_sha256(device_code),),
             ).fetchone()
             if row is not None:
@@ -330,7 +410,7 @@ class DeviceService:
                 request_id, anonymous(), "device:token", False, "unknown_device_code", source_ip
             )
             return 400, {"error": "invalid_grant", "error_description": "unknown device code"}
-        user_code, _, expires, interval, last_poll, state, account_id = row
+        user_code, _, expires, interval, last_poll, state, account_id, guesses = row
         shown = format_user_code(user_code)
 
         async def refuse(error: str, description: str) -> tuple[int, dict[str, Any]]:
@@ -344,6 +424,12 @@ class DeviceService:
         if state == "denied":
             return await refuse("access_denied", "the request was denied")
         if now >= expires:
+            if state == "pending" and guesses >= self.settings.code_max_wrong_guesses:
+                return await refuse(
+                    "expired_token",
+                    "too many wrong codes were entered on the sign-in page while this one "
+                    "waited, so it was withdrawn; run `nixd login` again",
+                )
             return await refuse("expired_token", "the code expired before it was approved")
         if last_poll is not None and now - last_poll < interval:
             with transaction(self._conn):
@@ -551,6 +637,75 @@ class DeviceService:
         """Revoke every refresh credential of ``account``; how many were live."""
         return revoke_refresh(self._conn, account, now=self.clock())
 
+    # -- bounds and guesses ----------------------------------------------------------------
+
+    def _over_bounds(self, source: str, now: float) -> tuple[str, int, float] | None:
+        """``(rule, limit, wait)`` if ``source``, or the server, has too many pending codes.
+
+        Anyone may start a login, so pending codes are anonymous state: bounded per source
+        address (IPv6: per /64) and in all. ``wait`` is until the oldest of them expires.
+        Called inside the transaction that inserts the code, so workers cannot overshoot.
+        """
+        per_source = self._conn.execute(
+            "SELECT COUNT(*), MIN(expires) FROM device_codes"
+            " WHERE state = 'pending' AND expires > ? AND source_key = ?",
+            (now, source),
+        ).fetchone()
+        in_all = self._conn.execute(
+            "SELECT COUNT(*), MIN(expires) FROM device_codes"
+            " WHERE state = 'pending' AND expires > ?",
+            (now,),
+        ).fetchone()
+        for (count, oldest), limit, rule in (
+            (per_source, self.settings.codes_per_source, "source"),
+            (in_all, self.settings.max_pending_codes, "server"),
+        ):
+            if int(count) >= limit:
+                return rule, limit, float(oldest) - now
+        return None
+
+    async def wrong_guess(self, now: float, request_id: str, source_ip: str) -> None:
+        """A wrong user code was entered: every waiting code counts it; too many kill it.
+
+        A code dies (its expiry is set to now) once ``code_max_wrong_guesses`` wrong codes
+        were entered while it waited, so no code can be guessed with more than that many
+        tries however many sessions or accounts take part. Each death is audited.
+        """
+        limit = self.settings.code_max_wrong_guesses
+        with transaction(self._conn):
+            self._conn.execute(
+                "UPDATE device_codes SET guesses = guesses + 1"
+                " WHERE state = 'pending' AND expires > ?",
+                (now,),
+            )
+            dead = [
+                str(row[0])
+                for row in self._conn.execute(
+                    "SELECT user_code FROM device_codes WHERE state = 'pending' AND expires > ?"
+                    " AND guesses >= ?",
+                    (now, limit),
+                )
+            ]
+            if dead:
+                self._conn.execute(
+                    "UPDATE device_codes SET expires = ? WHERE state = 'pending'"
+                    " AND expires > ? AND guesses >= ?",
+                    (now, now, limit),
+                )
+        for code in dead:
+            log.warning(
+                "user code %s withdrawn after %d wrong codes", format_user_code(code), limit
+            )
+            await self._audit(
+                request_id,
+                anonymous(),
+                "device:withdraw",
+                False,
+                "too_many_wrong_guesses",
+                source_ip,
+                user_code=format_user_code(code),
+            )
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _expire_old(self, now: float) -> None:
@@ -650,37 +805,25 @@ def revoke_refresh(conn: sqlite3.Connection, account: Account, *, now: float | N
 
 
 async def read_form(scope: Scope, receive: Receive) -> dict[str, str]:
-    """A small request body as a flat dict: form-encoded (RFC 6749) or a JSON object."""
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise FormatError("the client went away during the request")
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > MAX_FORM:
-            raise FormatError(f"the request body is larger than {MAX_FORM} bytes")
-        parts.append(chunk)
-        if not msg.get("more_body", False):
-            break
-    body = b"".join(parts)
+    """A small request body as a flat dict of strings: form-encoded (RFC 6749) or JSON.
+
+    Bounded by :mod:`nixd.server.bodies`; anything else (too big, too deep, not an object,
+    a value that is not a string) is a BadRequest, which :meth:`DeviceService.handle_api`
+    audits and answers 400 ``invalid_request``.
+    """
+    body = await read_body(receive, limit=MAX_FORM)
     content_type = b""
     for name, value in scope["headers"]:
         if name == b"content-type":
             content_type = value.split(b";")[0].strip().lower()
-    try:
-        if content_type == b"application/json":
-            data = json.loads(body) if body else {}
-            if not isinstance(data, dict):
-                raise FormatError("the request body must be a JSON object")
-            return {str(k): v for k, v in data.items() if isinstance(v, str)}
-        return dict(parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=32))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"the request body is not a valid form: {exc}") from exc
+    if content_type == b"application/json":
+        return string_fields(json_object(body, max_bytes=MAX_FORM)) if body.strip() else {}
+    return form_fields(body, what="the request body")
 
 
-async def _oauth(send: Send, status: int, payload: Mapping[str, Any]) -> None:
+async def _oauth(
+    send: Send, status: int, payload: Mapping[str, Any], *, headers: Mapping[str, str] | None = None
+) -> None:
     body = json.dumps(payload).encode()
     await send(
         {
@@ -691,6 +834,7 @@ async def _oauth(send: Send, status: int, payload: Mapping[str, Any]) -> None:
                 (b"cache-control", b"no-store"),
                 (b"pragma", b"no-cache"),
                 (b"content-length", str(len(body)).encode()),
+                *((k.encode(), v.encode()) for k, v in (headers or {}).items()),
             ],
         }
     )

@@ -19,9 +19,10 @@ from typing import Any, Protocol
 
 from nixd.errors import AuthError
 from nixd.server.access.identity import Identity
+from nixd.server.errors import ServerError
 
 
-class ExchangeRejected(AuthError):
+class ExchangeRejected(ServerError, AuthError):
     """A credential was refused.
 
     ``code`` is a stable slug for the JSON error body and the audit log (e.g.
@@ -30,6 +31,9 @@ class ExchangeRejected(AuthError):
     for a valid proof of an identity this server does not accept, 502 when the issuer or
     STS could not be reached).
     """
+
+    status = 401
+    code = "rejected"
 
     def __init__(
         self, message: str, *, code: str, reason: str | None = None, status: int = 401

@@ -8,12 +8,23 @@ Plain server-rendered HTML forms, no JavaScript::
     POST /device/decide          approve | deny the code
     POST /device/signout
 
-**Sessions.** Every visitor gets a session cookie (32 random bytes; the database keeps only
-its SHA-256, table ``web_sessions``, schema component ``"web"``). Signing in replaces the
-session with a new one (a session id planted before sign-in is worthless after it). The
-cookie is ``HttpOnly``, ``SameSite=Strict``, ``Path=/device`` and, when the server is
-reached over https (``device.public_url``), ``Secure`` with the ``__Host-`` prefix.
-Anonymous sessions live 30 minutes, signed-in ones an hour.
+**Sessions.** Every visitor gets a session cookie, but only a signed-in one costs a row.
+An anonymous visitor's cookie is *signed, not stored*: ``a.<nonce>.<expiry>.<mac>``, an
+HMAC-SHA256 under a random key kept in the database (table ``web_keys``, shared by every
+worker), and its CSRF token is derived from the nonce under the same key — so no
+number of anonymous ``GET /device`` can fill the database. Signing in replaces the
+session with a stored one (32 random bytes; the database keeps only its SHA-256, table
+``web_sessions``, schema component ``"web"``), so a session id planted before sign-in is
+worthless after it; each account keeps at most ``device.sessions_per_account`` of them
+(the oldest go). The cookie is ``HttpOnly``, ``SameSite=Strict``, ``Path=/device`` and,
+when the server is reached over https (``device.public_url``), ``Secure`` with the
+``__Host-`` prefix. Anonymous sessions live 30 minutes, signed-in ones an hour.
+
+**Throttling** (:mod:`nixd.server.login.throttle`). Wrong passwords are counted per
+account name and per source address; wrong user codes — looked up or decided — per
+session and per account, and every waiting code counts them too
+(:meth:`~nixd.server.login.device.DeviceService.wrong_guess`). A refusal is a 429 page
+with ``Retry-After``, audited, and it costs no password hash and no lookup.
 
 **CSRF.** Each session has its own random CSRF token, rendered into every form and checked
 (constant time) on every POST, before anything else; a missing or wrong one is a 403. With
@@ -23,11 +34,14 @@ clickjacked, and are never cached.
 
 **What the person sees.** The decision page shows the code (to compare with the terminal),
 the client, where the request came from and when it expires; the approve page names the
-account that will be logged in. Every sign-in attempt and decision is audited.
+account that will be logged in. Every sign-in attempt, wrong code, refusal, malformed
+form and decision is audited.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import hmac
 import html
@@ -38,9 +52,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote
 
+from nixd.bounds import parse_uint
 from nixd.errors import FormatError
 from nixd.server.access.identity import anonymous
+from nixd.server.bodies import form_fields, read_body
+from nixd.server.errors import BadRequest, Throttled
 from nixd.server.login.accounts import Account, SignInRejected
+from nixd.server.login.throttle import source_key
 from nixd.server.storage.db import Migration, ensure_schema, transaction
 
 if TYPE_CHECKING:
@@ -51,6 +69,7 @@ from nixd.server.asgi import Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 COOKIE = "nixd_session"
+MAX_FORM = 16 * 1024
 SECURE_COOKIE = "__Host-nixd_session"
 ANONYMOUS_TTL = 30 * 60
 SIGNED_IN_TTL = 60 * 60
@@ -66,6 +85,13 @@ MIGRATIONS: list[Migration] = [
         expires    REAL NOT NULL
     );
     CREATE INDEX web_sessions_expires ON web_sessions(expires);
+    """,
+    # 2: the key anonymous session cookies are signed with (one row).
+    """
+    CREATE TABLE web_keys (
+        id  INTEGER PRIMARY KEY CHECK (id = 1),
+        key BLOB NOT NULL
+    );
     """,
 ]
 
@@ -95,6 +121,11 @@ def _hash(session_id: str) -> bytes:
     return hashlib.sha256(b"nixd-web-session-v1\0" + session_id.encode()).digest()
 
 
+def _mac(key: bytes, *parts: str) -> str:
+    digest = hmac.new(key, "\0".join(parts).encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
 class WebPages:
     """The ``/device`` pages of a :class:`~nixd.server.login.device.DeviceService`."""
 
@@ -102,6 +133,13 @@ class WebPages:
         self.device = device
         self._conn = device._conn
         ensure_schema(self._conn, component="web", migrations=MIGRATIONS)
+        with transaction(self._conn):
+            # Whoever comes first (several workers start at once) sets the key for all.
+            self._conn.execute(
+                "INSERT OR IGNORE INTO web_keys (id, key) VALUES (1, ?)",
+                (secrets.token_bytes(32),),
+            )
+        self._key = bytes(self._conn.execute("SELECT key FROM web_keys").fetchone()[0])
 
     @property
     def secure(self) -> bool:
@@ -122,6 +160,11 @@ class WebPages:
                 key, _, sid = part.strip().partition("=")
                 if key != wanted or not sid:
                     continue
+                if sid.startswith("a."):
+                    anonymous_session = self._anonymous(sid)
+                    if anonymous_session is not None:
+                        return anonymous_session
+                    continue
                 row = self._conn.execute(
                     "SELECT csrf, account_id FROM web_sessions WHERE id_hash = ? AND expires > ?",
                     (_hash(sid), self.device.clock()),
@@ -135,11 +178,31 @@ class WebPages:
                     return Session(sid, str(row[0]), account)
         return None
 
+    def _anonymous(self, sid: str) -> Session | None:
+        """The anonymous session a signed cookie value stands for, if its MAC and time hold."""
+        parts = sid.split(".")
+        if len(parts) != 4:
+            return None
+        _, nonce, expires, mac = parts
+        if not hmac.compare_digest(mac.encode(), _mac(self._key, "anon", nonce, expires).encode()):
+            return None
+        try:
+            if parse_uint(expires, limit=2**40, what="the session expiry") <= self.device.clock():
+                return None
+        except FormatError:
+            return None
+        return Session(sid, _mac(self._key, "csrf", nonce), None)
+
     def _create(self, account: Account | None, *, replacing: Session | None = None) -> Session:
         now = self.device.clock()
+        if account is None:
+            # Signed, not stored: an anonymous visitor costs the database nothing.
+            nonce = secrets.token_urlsafe(16)
+            expires = str(int(now + ANONYMOUS_TTL))
+            sid = f"a.{nonce}.{expires}.{_mac(self._key, 'anon', nonce, expires)}"
+            return Session(sid, _mac(self._key, "csrf", nonce), None, new=True)
         sid = secrets.token_urlsafe(32)
         csrf = secrets.token_urlsafe(32)
-        ttl = SIGNED_IN_TTL if account is not None else ANONYMOUS_TTL
         with transaction(self._conn):
             self._conn.execute("DELETE FROM web_sessions WHERE expires <= ?", (now,))
             if replacing is not None:
@@ -149,7 +212,14 @@ class WebPages:
             self._conn.execute(
                 "INSERT INTO web_sessions (id_hash, csrf, account_id, created, expires)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (_hash(sid), csrf, account.id if account else None, now, now + ttl),
+                (_hash(sid), csrf, account.id, now, now + SIGNED_IN_TTL),
+            )
+            # Each sign-in is a row: keep the newest few per account.
+            self._conn.execute(
+                "DELETE FROM web_sessions WHERE account_id = ? AND id_hash NOT IN"
+                " (SELECT id_hash FROM web_sessions WHERE account_id = ?"
+                " ORDER BY created DESC, rowid DESC LIMIT ?)",
+                (account.id, account.id, self.device.settings.sessions_per_account),
             )
         return Session(sid, csrf, account, new=True)
 
@@ -184,7 +254,7 @@ class WebPages:
             if session.account is None:
                 await self._page(send, 200, session, self._signin(session, code))
             elif code:
-                await self._show_code(send, session, code)
+                await self._show_code(send, session, code, request_id, source_ip)
             else:
                 await self._page(send, 200, session, self._enter(session, ""))
             return
@@ -198,7 +268,19 @@ class WebPages:
             return
         try:
             form = await _read_form(receive)
-        except FormatError as exc:
+        except BadRequest as exc:
+            await self.device._audit(
+                request_id,
+                anonymous()
+                if session is None or session.account is None
+                else session.account.identity(),
+                "web:form",
+                False,
+                "malformed_request",
+                source_ip,
+                page=path,
+                reason=str(exc),
+            )
             await self._page(send, 400, session, _box("Bad request", f"<p>{_e(str(exc))}</p>"))
             return
         if session is None or not hmac.compare_digest(
@@ -226,7 +308,7 @@ class WebPages:
         elif session.account is None:
             await _redirect(send, "/device")
         elif path == "/device/code":
-            await self._show_code(send, session, form.get("user_code", ""))
+            await self._show_code(send, session, form.get("user_code", ""), request_id, source_ip)
         else:
             await self._decide(send, session, form, request_id, source_ip)
 
@@ -235,13 +317,45 @@ class WebPages:
     ) -> None:
         name = form.get("username", "").strip()
         code = form.get("user_code", "")
+        keys = (f"signin-account:{name}", f"signin-source:{source_key(source)}")
+        throttle = self.device.throttle
+        rejected: SignInRejected | None = None
         try:
-            account = await self.device.accounts.authenticate(name, form.get("password", ""))
-        except SignInRejected as exc:
+            message = "Too many failed sign-ins for this account or from this address."
+            with throttle.checking(keys, self.device.clock(), message):
+                try:
+                    account = await self.device.accounts.authenticate(
+                        name, form.get("password", "")
+                    )
+                except SignInRejected as exc:
+                    throttle.failure(keys, self.device.clock(), self.device.signin_backoff)
+                    rejected = exc
+                else:
+                    throttle.forget(keys[:1])  # the owner got in; the address keeps its count
+        except Throttled as refusal:
             await self.device._audit(
-                request_id, anonymous(), "web:signin", False, exc.reason, source, user=name[:64]
+                request_id,
+                anonymous(),
+                "web:signin",
+                False,
+                "throttled",
+                source,
+                user=name[:64],
+                retry_after=str(refusal.retry_after_seconds),
             )
-            await self._page(send, 401, session, self._signin(session, code, error=str(exc)))
+            await self._refuse(send, session, refusal, self._signin(session, code, error=""))
+            return
+        if rejected is not None:
+            await self.device._audit(
+                request_id,
+                anonymous(),
+                "web:signin",
+                False,
+                rejected.reason,
+                source,
+                user=name[:64],
+            )
+            await self._page(send, 401, session, self._signin(session, code, error=str(rejected)))
             return
         await self.device._audit(
             request_id, account.identity(), "web:signin", True, "password", source
@@ -250,13 +364,70 @@ class WebPages:
         target = f"/device?user_code={quote(code)}" if code else "/device"
         await _redirect(send, target, self._cookie(fresh))
 
-    async def _show_code(self, send: Send, session: Session, code: str) -> None:
-        pending = self.device.lookup(code)
+    def _guessing(self, session: Session) -> contextlib.AbstractContextManager[None]:
+        """One code attempt of this session and account (Throttled while they are blocked)."""
+        assert session.account is not None
+        keys = (f"guess-session:{_hash(session.id).hex()}", f"guess-account:{session.account.id}")
+        return self.device.throttle.checking(
+            keys, self.device.clock(), "Too many wrong codes were entered."
+        )
+
+    async def _throttled_guess(
+        self, send: Send, session: Session, refusal: Throttled, *, ids: tuple[str, str], page: str
+    ) -> None:
+        """The 429 page of a throttled code attempt, audited; ``ids`` = (request, source)."""
+        request_id, source = ids
+        assert session.account is not None
+        await self.device._audit(
+            request_id,
+            session.account.identity(),
+            page,
+            False,
+            "throttled",
+            source,
+            retry_after=str(refusal.retry_after_seconds),
+        )
+        await self._refuse(send, session, refusal, self._enter(session, "", error=""))
+
+    async def _wrong_code(self, session: Session, request_id: str, source: str) -> None:
+        """Count a wrong code against this session, its account and every waiting code.
+
+        A right code resets nothing: whoever holds one valid code (their own) could
+        otherwise wipe the count between guesses.
+        """
+        assert session.account is not None
+        now = self.device.clock()
+        keys = (f"guess-session:{_hash(session.id).hex()}", f"guess-account:{session.account.id}")
+        self.device.throttle.failure(keys, now, self.device.guess_backoff)
+        await self.device.wrong_guess(now, request_id, source)
+
+    async def _show_code(
+        self, send: Send, session: Session, code: str, request_id: str, source: str
+    ) -> None:
+        assert session.account is not None
+        try:
+            with self._guessing(session):
+                pending = self.device.lookup(code)
+                if pending is None:
+                    await self._wrong_code(session, request_id, source)
+        except Throttled as refusal:
+            await self._throttled_guess(
+                send, session, refusal, ids=(request_id, source), page="web:code"
+            )
+            return
         if pending is None:
+            await self.device._audit(
+                request_id,
+                session.account.identity(),
+                "web:code",
+                False,
+                "code_not_pending",
+                source,
+                user_code=code[:32],
+            )
             error = "That code is unknown, already used or expired. Check your terminal."
             await self._page(send, 404, session, self._enter(session, code, error=error))
             return
-        assert session.account is not None
         remaining = max(0, int(pending.expires - self.device.clock()))
         body = f"""
 <h1>Log in a device?</h1>
@@ -285,9 +456,19 @@ It expires in {remaining // 60} min {remaining % 60} s.</p>
             return
         approve = decision == "approve"
         code = form.get("user_code", "")
-        done = await self.device.decide(
-            code, session.account, approve=approve, source_ip=source, request_id=request_id
-        )
+        try:
+            with self._guessing(session):
+                done = await self.device.decide(
+                    code, session.account, approve=approve, source_ip=source, request_id=request_id
+                )
+                if not done:
+                    # Deciding is looking up too: a wrong code here is a guess like any other.
+                    await self._wrong_code(session, request_id, source)
+        except Throttled as refusal:
+            await self._throttled_guess(
+                send, session, refusal, ids=(request_id, source), page="web:decide"
+            )
+            return
         if not done:
             error = "That code is no longer waiting (used, decided or expired)."
             await self._page(send, 409, session, self._enter(session, "", error=error))
@@ -340,8 +521,26 @@ It expires in {remaining // 60} min {remaining % 60} s.</p>
   <button type="submit" class="link">Sign out</button>
 </form>"""
 
-    async def _page(self, send: Send, status: int, session: Session | None, html_body: str) -> None:
+    async def _refuse(
+        self, send: Send, session: Session, refusal: Throttled, form_page: str
+    ) -> None:
+        """A throttled attempt: 429 with Retry-After, the form again, and when to retry."""
+        wait = refusal.retry_after_seconds
+        note = _error(f"{refusal} Try again in {wait} s.")
+        body = form_page.replace("</h1>", f"</h1>\n{note}", 1)
+        await self._page(send, refusal.status, session, body, extra=refusal.headers())
+
+    async def _page(
+        self,
+        send: Send,
+        status: int,
+        session: Session | None,
+        html_body: str,
+        *,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
         headers = list(_SECURITY_HEADERS)
+        headers.extend((k.encode(), v.encode()) for k, v in (extra or {}).items())
         if session is not None and session.new:
             headers.append(self._cookie(session))
         body = html_body.encode()
@@ -406,20 +605,6 @@ async def _redirect(send: Send, location: str, *cookies: tuple[bytes, bytes]) ->
 
 
 async def _read_form(receive: Receive) -> dict[str, str]:
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise FormatError("the browser went away")
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > 16 * 1024:
-            raise FormatError("the form is too large")
-        parts.append(chunk)
-        if not msg.get("more_body", False):
-            break
-    try:
-        return dict(parse_qsl(b"".join(parts).decode(), keep_blank_values=True, max_num_fields=16))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError("the form could not be read") from exc
+    """A page's form (bounded by :mod:`nixd.server.bodies`); BadRequest if it is not one."""
+    body = await read_body(receive, limit=MAX_FORM, what="the form")
+    return form_fields(body, what="the form", max_fields=16)
