@@ -466,7 +466,7 @@ async def test_session_is_replaced_at_sign_in(env: Env) -> None:
         await sign_in(c)
         after = c.cookies.get("nixd_session")
     assert before and after and before != after
-    stored = env.device.pages._conn.execute("SELECT id_hash FROM web_sessions").fetchall()
+    stored = env.device._conn.execute("SELECT id_hash FROM web_sessions").fetchall()
     assert all(bytes(row[0]) != after.encode() for row in stored)
 
 

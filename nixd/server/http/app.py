@@ -94,6 +94,7 @@ from nixd.server.errors import (
 )
 from nixd.server.login.device import DeviceService
 from nixd.server.login.exchange import Exchanger, ExchangeRejected
+from nixd.server.login.web import WebPages
 from nixd.server.storage.db import Project
 from nixd.server.storage.store import PathConflict, PathInfo, Store, compression_of
 
@@ -152,6 +153,8 @@ class CacheApp:
 
     def __init__(self, services: Services) -> None:
         self.s = services
+        # The pages sit on top of the device service (web imports device, never back).
+        self._pages = WebPages(services.device) if services.device is not None else None
         self._tokens: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self._narinfos: OrderedDict[tuple[PathInfo, tuple[str, ...]], bytes] = OrderedDict()
         self._keys_checked = 0.0
@@ -188,7 +191,8 @@ class CacheApp:
             elif path.startswith("/api/v1/") or path == "/.well-known/jwks.json":
                 await self._api(ctx, scope, receive, send, path)
             elif (path == "/device" or path.startswith("/device/")) and self.s.device:
-                await self.s.device.pages.handle(
+                assert self._pages is not None
+                await self._pages.handle(
                     scope,
                     receive,
                     send,

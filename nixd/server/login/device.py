@@ -81,7 +81,6 @@ from nixd.server.errors import BadRequest, ServerError, Throttled
 from nixd.server.login.accounts import Account, AccountStore
 from nixd.server.login.exchange import ExchangeRejected
 from nixd.server.login.throttle import Backoff, Throttle, source_key
-from nixd.server.login.web import WebPages
 from nixd.server.storage.db import Migration, ensure_schema, transaction
 
 log = logging.getLogger(__name__)
@@ -223,7 +222,6 @@ class DeviceService:
         self.accounts = AccountStore(conn, clock=clock)
         ensure_schema(conn, component="device", migrations=MIGRATIONS)
         self.throttle = Throttle(conn)
-        self.pages = WebPages(self)
 
     @property
     def signin_backoff(self) -> Backoff:

@@ -49,22 +49,18 @@ import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote
 
 from nixd.bounds import parse_uint
 from nixd.errors import FormatError
 from nixd.server.access.identity import anonymous
+from nixd.server.asgi import Receive, Scope, Send
 from nixd.server.bodies import form_fields, read_body
 from nixd.server.errors import BadRequest, Throttled
 from nixd.server.login.accounts import Account, SignInRejected
+from nixd.server.login.device import DeviceService
 from nixd.server.login.throttle import source_key
 from nixd.server.storage.db import Migration, ensure_schema, transaction
-
-if TYPE_CHECKING:
-    from nixd.server.login.device import DeviceService
-
-from nixd.server.asgi import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
