@@ -40,12 +40,15 @@ a body that contradicts its narinfo an :class:`~nixd.errors.IntegrityError` (502
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import logging
+import lzma
 import time
-from collections.abc import AsyncIterator, Iterator
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
@@ -249,25 +252,92 @@ class NarBody(Protocol):
     def __aiter__(self) -> AsyncIterator[bytes | memoryview]: ...
 
 
+def _raw_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """``response.aiter_raw()`` as what it is, an async generator (so it can be closed)."""
+    return cast("AsyncGenerator[bytes, None]", response.aiter_raw())
+
+
+async def _discard(response: httpx.Response, chunks: AsyncGenerator[bytes, None]) -> None:
+    """Stop reading ``response`` mid-body, leaving nothing to the garbage collector.
+
+    httpx reads bodies through a chain of async generators; closing only the outer one
+    abandons the inner ones mid-iteration (encode/httpx#3686), which trio reports when
+    they are collected. So the connection is closed under them first, and the chain is
+    run into that: it ends at once with an error raised from the innermost one.
+    """
+    await response.aclose()
+    with contextlib.suppress(Exception):
+        async for _ in chunks:
+            pass
+
+
 class _HttpxBody:
-    """A NAR body through httpx, cut with IntegrityError once it passes ``limit``."""
+    """A NAR body through httpx, cut with IntegrityError once it passes ``limit``.
+
+    An iterator object rather than an async generator, closed by :meth:`aclose`: a reader
+    that stops early (a verification failure) leaves nothing for the garbage collector.
+    """
 
     def __init__(self, response: httpx.Response, name: str, limit: int) -> None:
         self._response = response
         self._name = name
         self._limit = limit
+        self._received = 0
         self.length = content_length(response.headers, name)
         if self.length is not None and self.length > limit:
             raise IntegrityError(f"{name}: upstream announces {self.length} bytes, at most {limit}")
+        self._chunks = _raw_chunks(response)
 
-    async def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
-        received = 0
+    def __aiter__(self) -> _HttpxBody:
+        return self
+
+    async def __anext__(self) -> bytes:
         with translate_errors(self._name):
-            async for chunk in self._response.aiter_raw():
-                received += len(chunk)
-                if received > self._limit:
-                    raise IntegrityError(f"{self._name}: upstream sent more than {self._limit}")
-                yield chunk
+            chunk = await self._chunks.__anext__()
+        self._received += len(chunk)
+        if self._received > self._limit:
+            raise IntegrityError(f"{self._name}: upstream sent more than {self._limit} bytes")
+        return chunk
+
+    async def aclose(self) -> None:
+        await _discard(self._response, self._chunks)
+
+
+class _BoundedDecoder:
+    """Undoes a content coding without ever producing more than it is asked for.
+
+    Some stores send a coding whatever the request says (an S3 object uploaded with
+    ``Content-Encoding``); the decoders of the standard library take a ``max_length``,
+    so a compressed bomb cannot expand past the limit. Other codings are refused.
+    """
+
+    def __init__(self, coding: str, what: str) -> None:
+        coding = coding.strip().lower()
+        self._stream: zlib._Decompress | lzma.LZMADecompressor | bz2.BZ2Decompressor | None
+        if coding in ("", "identity"):
+            self._stream = None
+        elif coding in ("gzip", "x-gzip"):
+            self._stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._stream = zlib.decompressobj()
+        elif coding == "xz":
+            self._stream = lzma.LZMADecompressor()
+        elif coding in ("bzip2", "x-bzip2"):
+            self._stream = bz2.BZ2Decompressor()
+        else:
+            raise UpstreamError(f"{what}: unsupported Content-Encoding {coding[:40]!r}")
+        self._what = what
+
+    def decode(self, data: bytes, room: int) -> bytes:
+        """At most ``room`` bytes decoded from ``data`` (more input is not looked at)."""
+        if self._stream is None:
+            return data
+        try:
+            if isinstance(self._stream, zlib._Decompress):
+                return self._stream.decompress(data, room)
+            return self._stream.decompress(data, max_length=room)
+        except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
+            raise UpstreamError(f"{self._what}: body does not decode: {exc}") from None
 
 
 class _RawBody:
@@ -369,7 +439,8 @@ class Upstream:
             timeout=httpx.Timeout(config.timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             follow_redirects=False,  # followed by _stream, same origin only
-            headers={"User-Agent": "nixd-proxy"},
+            # NAR files are hashed as stored: no coding on top (and see _BoundedDecoder).
+            headers={"User-Agent": "nixd-proxy", "Accept-Encoding": "identity"},
         )
         self.users = 0
         self.retired = False
@@ -537,11 +608,14 @@ class Upstream:
             length = content_length(response.headers, url)
             if length is not None and length > limit:
                 raise BodyTooLarge(f"{url}: upstream announces {length} bytes, at most {limit}")
+            decoder = _BoundedDecoder(response.headers.get("content-encoding", ""), url)
             body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise BodyTooLarge(f"{url}: upstream sent more than {limit} bytes")
+            async with contextlib.aclosing(_raw_chunks(response)) as chunks:
+                async for chunk in chunks:
+                    body += decoder.decode(chunk, limit - len(body) + 1)
+                    if len(body) > limit:
+                        await _discard(response, chunks)
+                        raise BodyTooLarge(f"{url}: upstream sent more than {limit} bytes")
             return 200, bytes(body)
 
     async def get_small(self, url: str, limit: int) -> tuple[int, bytes] | None:
@@ -659,7 +733,11 @@ class Upstream:
                     await raw.aclose()
                 return
         async with self.open_nar(info) as response:
-            yield _HttpxBody(response, self.name, limit)
+            body = _HttpxBody(response, self.name, limit)
+            try:
+                yield body
+            finally:
+                await body.aclose()
 
     async def _open_raw(self, url: str, limit: int) -> _RawBody | None:
         header = await self.credential.header(url)
