@@ -103,7 +103,7 @@ class Daemon:
             {
                 ("GET", "/status"): Route(self.status, privileged=False),
                 ("GET", "/version"): Route(self.version, privileged=False),
-                ("POST", "/login"): Route(self.login, privileged=True),
+                ("POST", "/login"): Route(self.login, privileged=True, takes_body=True),
                 ("POST", "/logout"): Route(self.logout, privileged=True),
             },
             group=config.daemon.control_group,
