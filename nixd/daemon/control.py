@@ -48,6 +48,7 @@ import h11
 import trio
 
 from nixd.bounds import load_json, parse_uint
+from nixd.daemon.files import make_dirs
 from nixd.errors import (
     AuthError,
     ConfigError,
@@ -331,7 +332,7 @@ async def open_control_listener(path: str) -> trio.SocketListener:
     """Bind the control socket at ``path`` (replacing a stale one), mode 0666."""
     directory = os.path.dirname(path)
     if directory:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        make_dirs(directory, 0o755)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with contextlib.suppress(FileNotFoundError):
