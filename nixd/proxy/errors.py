@@ -46,9 +46,9 @@ def status_for(exc: BaseException) -> tuple[int, str]:
     upstream unreachable, reset, 5xx    503     transient, retried
     malformed or oversized answer       503     transient: an upstream fault (a narinfo
     (UpstreamError): narinfo that does          that does not parse is not a signed
-    not parse, bad response head, a             statement that the path is absent);
-    redirect to another origin, a               other upstreams still answer first
-    narinfo URL refused by foreign_urls
+    not parse, bad response head, a             statement that the path is absent); a
+    redirect to another origin, a               verified answer from another upstream
+    narinfo URL refused by foreign_urls         still wins
     NAR bytes do not match the signed   502     transient (Nix retries); the bytes already
     narinfo, or a body larger than its          sent are cut off so the transfer fails
     narinfo promised (IntegrityError)

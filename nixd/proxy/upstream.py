@@ -333,9 +333,9 @@ class _BoundedDecoder:
         if self._stream is None:
             return data
         try:
-            if isinstance(self._stream, zlib._Decompress):
-                return self._stream.decompress(data, room)
-            return self._stream.decompress(data, max_length=room)
+            if isinstance(self._stream, lzma.LZMADecompressor | bz2.BZ2Decompressor):
+                return self._stream.decompress(data, max_length=room)
+            return self._stream.decompress(data, room)  # zlib: max_length is positional
         except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
             raise UpstreamError(f"{self._what}: body does not decode: {exc}") from None
 
