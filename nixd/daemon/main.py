@@ -510,24 +510,36 @@ class Daemon:
         def only_config(_change: watchfiles.Change, changed: str) -> bool:
             return Path(changed) == target
 
-        watching = False
-        async for changes in watchfiles.awatch(
-            target.parent,
-            watch_filter=only_config,
-            recursive=False,
-            debounce=200,
-            step=50,
-            rust_timeout=250,
-            yield_on_timeout=True,
-        ):
-            if not watching:
-                # the first (possibly empty) yield means the watch is set up; a change
-                # made between loading the config and now would be missed: look once
-                watching = True
+        started = False
+        while True:
+            try:
+                watching = False
+                async for changes in watchfiles.awatch(
+                    target.parent,
+                    watch_filter=only_config,
+                    recursive=False,
+                    debounce=200,
+                    step=50,
+                    rust_timeout=250,
+                    yield_on_timeout=True,
+                ):
+                    if not watching:
+                        # the first (possibly empty) yield means the watch is set up; a
+                        # change made between loading the config and now would be missed:
+                        # look once
+                        watching = True
+                        if not started:
+                            started = True
+                            task_status.started()
+                        await self.reload("config file changed")
+                    elif changes:
+                        await self.reload("config file changed")
+            except Exception as exc:  # containment: a failed watch must not end the daemon
+                log.warning("cannot watch %s (%s); retrying, SIGHUP reloads", target, exc)
+            if not started:
+                started = True
                 task_status.started()
-                await self.reload("config file changed")
-            elif changes:
-                await self.reload("config file changed")
+            await trio.sleep(5)
 
     async def watchdog(self, interval: float) -> None:
         while True:
