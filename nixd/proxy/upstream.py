@@ -44,6 +44,7 @@ import bz2
 import contextlib
 import logging
 import lzma
+import re
 import time
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -95,10 +96,8 @@ CHUNK_MIN = 256 << 10
 """A raw chunk is handed on once it has at least this much (fewer wake-ups downstream)."""
 MAX_IDLE = 32
 """Idle kept-alive raw connections per upstream host."""
-_TOKEN_CHARS = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
-"""RFC 9110 ``tchar``: what a header name is made of."""
+_HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\0]*?)[ \t]*")
+"""A header line: a name of RFC 9110 ``tchar``s, a colon, a value without CR, LF or NUL."""
 
 
 class BodyTooLarge(UpstreamError):
@@ -169,16 +168,11 @@ def parse_response_head(head: bytes, what: str) -> ResponseHead:
     headers: dict[bytes, bytes] = {}
     lengths: set[bytes] = set()
     for line in lines:
-        name, colon, value = line.partition(b":")
-        if (
-            not colon
-            or not name
-            or not all(c in _TOKEN_CHARS for c in name)
-            or any(c in value for c in b"\r\n\0")
-        ):
+        match = _HEADER_LINE.fullmatch(line)
+        if match is None:
             raise UpstreamError(f"{what}: malformed response header {line[:80]!r}")
-        name = name.lower()
-        value = value.strip(b" \t")
+        name = match[1].lower()
+        value = match[2]
         if name == b"content-length":
             lengths.update(v.strip(b" \t") for v in value.split(b","))
         headers[name] = headers[name] + b", " + value if name in headers else value
@@ -224,9 +218,14 @@ async def _receive_head(stream: trio.SocketStream, what: str) -> tuple[bytes, by
     return buf[:end], buf[end + 4 :]
 
 
+def _sendable(url: str) -> bool:
+    """Only visible ASCII: what a request line and a Host header can carry as they are."""
+    return url.isascii() and url.isprintable() and " " not in url
+
+
 def _request_target(parts: SplitResult, what: str) -> str:
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    if not all(0x21 <= ord(c) <= 0x7E for c in target):
+    if not _sendable(target):
         raise UpstreamError(f"{what}: URL has characters that cannot be sent")
     return target
 
@@ -474,7 +473,7 @@ class Upstream:
                     f"{self.name}: narinfo URL on another origin ({origin.scheme}://"
                     f'{origin.host}:{origin.port}) refused (foreign_urls = "refuse")'
                 )
-        if not all(0x21 <= ord(c) <= 0x7E for c in url):
+        if not _sendable(url):
             raise UpstreamError(f"{self.name}: narinfo URL has characters that cannot be sent")
         return url
 
@@ -593,7 +592,7 @@ class Upstream:
             raise UpstreamError(f"{url}: redirect to a malformed location") from None
         if not same:
             raise UpstreamError(f"{url}: redirect to another origin refused")
-        if not all(0x21 <= ord(c) <= 0x7E for c in target):
+        if not _sendable(target):
             raise UpstreamError(f"{url}: redirect location has characters that cannot be sent")
         return target
 
