@@ -96,6 +96,8 @@ CHUNK_MIN = 256 << 10
 """A raw chunk is handed on once it has at least this much (fewer wake-ups downstream)."""
 MAX_IDLE = 32
 """Idle kept-alive raw connections per upstream host."""
+MAX_NAR_OFFSET = 1 << 50
+"""Largest file offset a ``Content-Range`` may name (far past any NAR)."""
 _HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\0]*?)[ \t]*")
 """A header line: a name of RFC 9110 ``tchar``s, a colon, a value without CR, LF or NUL."""
 
@@ -244,8 +246,13 @@ def translate_errors(url: str) -> Iterator[None]:
 
 
 class NarBody(Protocol):
-    """A NAR file body being received: its announced length and its chunks."""
+    """A NAR file body being received: where it starts, its announced length, its chunks.
 
+    ``start`` is the file offset of the first chunk: the ``offset`` asked for when the
+    upstream answered 206 with that range, 0 when it ignored ``Range`` and sent the file.
+    """
+
+    start: int
     length: int | None
 
     def __aiter__(self) -> AsyncIterator[bytes | memoryview]: ...
@@ -277,8 +284,9 @@ class _HttpxBody:
     that stops early (a verification failure) leaves nothing for the garbage collector.
     """
 
-    def __init__(self, response: httpx.Response, name: str, limit: int) -> None:
+    def __init__(self, response: httpx.Response, name: str, limit: int, start: int = 0) -> None:
         self._response = response
+        self.start = start
         self._name = name
         self._limit = limit
         self._received = 0
@@ -351,10 +359,13 @@ class _RawBody:
         *,
         timeout: float,
         name: str,
+        start: int = 0,
     ) -> None:
         self.stream = stream
         self.status = status
+        self.start = start
         self.length = length
+        self.content_range: str | None = None
         self._first = first
         self._timeout = timeout
         self._name = name
@@ -566,11 +577,13 @@ class Upstream:
         return content
 
     @contextlib.asynccontextmanager
-    async def _stream(self, url: str) -> AsyncIterator[httpx.Response]:
+    async def _stream(
+        self, url: str, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[httpx.Response]:
         """A streaming GET of ``url`` through httpx, following same-origin redirects only."""
         for _ in range(MAX_REDIRECTS + 1):
             with translate_errors(self.name):
-                request = self.client.build_request("GET", url)
+                request = self.client.build_request("GET", url, headers=headers)
                 response = await self.client.send(request, stream=True)
             try:
                 if response.is_redirect:
@@ -712,55 +725,68 @@ class Upstream:
                 await stream.aclose()
 
     @contextlib.asynccontextmanager
-    async def nar_body(self, info: NarInfo) -> AsyncIterator[NarBody]:
+    async def nar_body(self, info: NarInfo, offset: int = 0) -> AsyncIterator[NarBody]:
         """The NAR file's body as :class:`NarBody` (length + chunks of up to 1 MiB).
 
         For ``http://`` upstreams the body is read straight from the socket into one
         reused buffer (httpx's per-chunk overhead would bound a cold NAR at ~150 MiB/s);
         otherwise, and when the upstream does not send a Content-Length (or redirects),
         through httpx. Either way no more than :func:`file_limit` bytes are accepted.
+        ``offset`` > 0 asks for the rest of the file from there (``Range``, see
+        :func:`resumed_start`), to resume a download the upstream cut.
         """
         url = self.url_for(info.url)
         limit = file_limit(info)
         parts = urlsplit(url)
         if parts.scheme == "http" and parts.hostname:
-            raw = await self._open_raw(url, limit)
+            raw = await self._open_raw(url, limit, offset)
             if raw is not None:
                 try:
                     yield raw
                 finally:
                     await raw.aclose()
                 return
-        async with self.open_nar(info) as response:
-            body = _HttpxBody(response, self.name, limit)
+        async with self.open_nar(info, offset) as response:
+            start = resumed_start(
+                response.status_code, response.headers.get("content-range"), offset, url
+            )
+            body = _HttpxBody(response, self.name, max(0, limit - start), start)
             try:
                 yield body
             finally:
                 await body.aclose()
 
-    async def _open_raw(self, url: str, limit: int) -> _RawBody | None:
+    async def _open_raw(self, url: str, limit: int, offset: int = 0) -> _RawBody | None:
         header = await self.credential.header(url)
-        body = await self._raw_get(url, header)
+        body = await self._raw_get(url, header, offset)
         if body.status == 401 and header is not None:
             await body.aclose()
             fresh = await self.credential.on_401(header)
             if fresh is not None:
-                body = await self._raw_get(url, fresh)
-        if 300 <= body.status < 400 or (body.status == 200 and body.length is None):
+                body = await self._raw_get(url, fresh, offset)
+        answered = body.status == 200 or (offset and body.status == 206)
+        if 300 <= body.status < 400 or (answered and body.length is None):
             await body.aclose()
             return None  # httpx follows same-origin redirects and reads unframed bodies
-        if body.status != 200:
+        if not answered:
             await body.aclose()
             self.check_status(body.status, url)
             raise UpstreamError(f"{url}: unexpected {body.status}")
-        assert body.length is not None
-        if body.length > limit:
+        try:
+            body.start = resumed_start(body.status, body.content_range, offset, url)
+        except UpstreamError:
             await body.aclose()
-            raise IntegrityError(f"{url}: upstream announces {body.length} bytes, at most {limit}")
+            raise
+        assert body.length is not None
+        if body.length > limit - body.start:
+            await body.aclose()
+            raise IntegrityError(
+                f"{url}: upstream announces {body.start + body.length} bytes, at most {limit}"
+            )
         self._outcome("nar")
         return body
 
-    async def _raw_get(self, url: str, authorization: str | None) -> _RawBody:
+    async def _raw_get(self, url: str, authorization: str | None, offset: int = 0) -> _RawBody:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or 80
@@ -773,6 +799,8 @@ class Upstream:
         ]
         if authorization:
             lines.append(f"Authorization: {authorization}")
+        if offset:
+            lines.append(f"Range: bytes={offset}-")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         start = time.monotonic()
         timeout = self.config.timeout
@@ -792,7 +820,7 @@ class Upstream:
         except trio.TooSlowError as exc:
             self._outcome("error", UpstreamTimeout(f"{self.name}: timed out"))
             raise UpstreamTimeout(f"{self.name}: timed out") from exc
-        except (OSError, trio.BrokenResourceError) as exc:
+        except (OSError, trio.BrokenResourceError) as exc:  # refused, reset
             self._outcome("error", exc)
             raise UpstreamError(f"{self.name}: {exc}") from exc
         except UpstreamError as exc:
@@ -800,17 +828,24 @@ class Upstream:
             raise
         self.metrics.observe_latency(self.name, time.monotonic() - start)
         length = head.content_length if not head.chunked and head.identity else None
-        return _RawBody(stream, head.status, length, got[1], timeout=timeout, name=self.name)
+        body = _RawBody(stream, head.status, length, got[1], timeout=timeout, name=self.name)
+        content_range = head.headers.get(b"content-range")
+        body.content_range = None if content_range is None else content_range.decode("latin-1")
+        return body
 
     @contextlib.asynccontextmanager
-    async def open_nar(self, info: NarInfo) -> AsyncIterator[httpx.Response]:
-        """A streaming GET of the NAR file ``info.url``; raises unless it answered 200."""
+    async def open_nar(self, info: NarInfo, offset: int = 0) -> AsyncIterator[httpx.Response]:
+        """A streaming GET of the NAR file ``info.url``; raises unless it answered 200.
+
+        With ``offset`` it asks for the rest from there, and a 206 is an answer too.
+        """
         url = self.url_for(info.url)
         start = time.monotonic()
+        headers = {"Range": f"bytes={offset}-"} if offset else None
         try:
-            async with self._stream(url) as response:
+            async with self._stream(url, headers) as response:
                 self.metrics.observe_latency(self.name, time.monotonic() - start)
-                if response.status_code != 200:
+                if response.status_code != 200 and not (offset and response.status_code == 206):
                     self.check_status(response.status_code, url)
                     raise UpstreamError(f"{url}: unexpected {response.status_code}")
                 self._outcome("nar")
@@ -847,3 +882,31 @@ class Upstream:
             "healthy": self.last_error_at is None
             or (self.last_ok is not None and self.last_ok > self.last_error_at),
         }
+
+
+# -- resuming a cut NAR download -------------------------------------------------------------
+
+
+def resumed_start(status: int, content_range: str | None, offset: int, url: str) -> int:
+    """The file offset a NAR answer starts at, for a request that asked from ``offset``.
+
+    200 is the whole file (an upstream may ignore ``Range``): 0. A 206 must be the one
+    range asked for, ``bytes <offset>-<last>/<size>``; anything else (another start, a
+    multipart answer, a 206 nobody asked for) is refused rather than guessed at, since the
+    bytes are appended to what was already received and hashed.
+    """
+    if status != 206:
+        return 0
+    if not offset or content_range is None:
+        raise UpstreamError(f"{url}: a 206 answer that was not asked for")
+    unit, _, spec = content_range.strip().partition(" ")
+    first, dash, rest = spec.strip().partition("-")
+    if unit.lower() != "bytes" or not dash or "/" not in rest:
+        raise UpstreamError(f"{url}: malformed Content-Range {content_range[:80]!r}")
+    try:
+        start = parse_uint(first, limit=MAX_NAR_OFFSET, what="Content-Range start")
+    except FormatError as exc:
+        raise UpstreamError(f"{url}: {exc}") from exc
+    if start != offset:
+        raise UpstreamError(f"{url}: asked for bytes from {offset}, got them from {start}")
+    return start
