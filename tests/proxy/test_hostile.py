@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from nixd.proxy.localstore import SMALL
 from nixd.proxy.server import serve_proxy
 from tests.proxy.conftest import ProxyEnv, proxy_config
 from tests.proxy.hostile import Hostile, MiB, Script, Signed, endless, ok, response, signed_path
+from tests.realnix import RealNix
 
 RSS_BOUND = 100 * MiB
 HUGE = 400 * MiB
@@ -324,3 +326,40 @@ async def test_credentials_in_the_url_are_sent_to_it_and_shown_nowhere(
         for shown in (metrics, status, caplog.text):
             assert password not in shown
         assert "***@127.0.0.1" in status
+
+
+@pytest.mark.parametrize("case", ["narsize-of-5000-digits", "narinfo-of-400-mib-unannounced"])
+async def test_real_nix_sees_a_transient_failure_then_substitutes(
+    real_nix: RealNix, tmp_path: Path, signed: Signed, case: str
+) -> None:
+    """Nix 2.8 fails the copy (a 503 is not cached as absent) and, once the upstream
+    answers properly, substitutes the path from the same proxy."""
+    store_path = signed.info.store_path.path()
+    with trio.fail_after(240):
+        async with servers(2) as (upstream, other):
+            upstream.routes[f"/{signed.hash_part}.narinfo"] = narinfo_cases(signed, other)[case]
+            upstream.routes[f"/nar/{signed.hash_part}.nar"] = ok(signed.nar)
+            async with proxy_before(tmp_path, signed, upstream) as (proxy, client):
+                args = [
+                    "nix", "copy", "--from", proxy.url,
+                    "--option", "trusted-public-keys", signed.key.public().render(),
+                    "--option", "netrc-file", str(proxy.netrc),
+                    "--option", "substituters", "",
+                    "--option", "download-attempts", "2",
+                    store_path,
+                ]  # fmt: skip
+                env = {"XDG_CACHE_HOME": str(tmp_path / "c")}
+
+                def copy() -> subprocess.CompletedProcess[bytes]:
+                    return real_nix.run(
+                        args, store=tmp_path / "s", check=False, env=env, timeout=120
+                    )
+
+                failed = await trio.to_thread.run_sync(copy)
+                assert failed.returncode != 0
+                assert b"503" in failed.stderr, failed.stderr.decode()
+                await assert_still_serving(client)
+                upstream.routes[f"/{signed.hash_part}.narinfo"] = ok(signed.narinfo())
+                healed = await trio.to_thread.run_sync(copy)
+                assert healed.returncode == 0, healed.stderr.decode()
+                assert real_nix.real_path(store_path, tmp_path / "s").read_bytes() == b"hello\n"
