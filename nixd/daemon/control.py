@@ -24,7 +24,8 @@ connection (DESIGN.md, "Containment"):
   route is read off the socket and never looked at;
 - at most :data:`MAX_PER_USER` connections per non-root uid and :data:`MAX_CONNECTIONS`
   for all non-root users together; root is never turned away, so idle connections of
-  other users cannot lock root out of ``login``/``status``;
+  other users cannot lock root out of ``login``/``status`` (where the kernel gives no
+  peer credentials, every peer counts as one unknown user);
 - whatever fails while serving a connection is logged and ends that connection only.
 """
 

@@ -12,10 +12,11 @@ import stat
 import zlib
 from pathlib import Path
 
+import h11
 import hypothesis.strategies as st
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import given, settings
 
 from nixd.auth.model import AccessToken
 from nixd.errors import ConfigError, UpstreamError
@@ -251,3 +252,77 @@ def test_an_old_loose_index_is_tightened(tmp_path: Path) -> None:
     (root / "index.sqlite").chmod(0o644)
     LocalStore(root, 1 << 20, Metrics()).close()
     assert stat.S_IMODE((root / "index.sqlite").stat().st_mode) == 0o600
+
+
+# -- h11 as the oracle ---------------------------------------------------------------------
+
+_PIECES = st.sampled_from(
+    [b"", b" ", b"\t", b":", b",", b"\r", b"\n", b"\0", b"\x7f", b"\xb2", b"\xff", b"a", b"5"]
+)
+_GOOD_NAMES = st.sampled_from(
+    [b"Content-Length", b"content-length", b"Transfer-Encoding", b"Connection",
+     b"Content-Encoding", b"X-A", b"ETag"]
+)  # fmt: skip
+_NAMES = st.one_of(_GOOD_NAMES, st.sampled_from([b"Bad Name", b"", b"X\x00", b"\xe9t\xe9"]))
+_GOOD_VALUES = st.sampled_from(
+    [b"5", b"05", b"5, 5", b"5,6", b"chunked", b"gzip", b"close", b"keep-alive, close",
+     b"a  b", b"\xe9", b"9" * 30, b""]
+)  # fmt: skip
+_VALUES = st.one_of(_GOOD_VALUES, st.lists(_PIECES, max_size=6).map(b"".join))
+_GOOD_STATUS = st.sampled_from(
+    [b"HTTP/1.1 200 OK", b"HTTP/1.0 404 Not Found", b"HTTP/1.1 204", b"HTTP/1.1 200 ",
+     b"HTTP/1.1 302 Found", b"HTTP/1.1 100 Continue", b"HTTP/1.1 200 \xe9t\xe9"]
+)  # fmt: skip
+_STATUS_LINES = st.one_of(
+    _GOOD_STATUS,
+    st.sampled_from([b"HTTP/1.1 099 x", b"HTTP/2.0 200 OK", b"HTTP/1.1  200 OK",
+                     b"http/1.1 200 OK", b"HTTP/1.1 2000", b"HTTP/1.1 \xb200 OK"]),
+    st.lists(_PIECES, max_size=4).map(lambda pieces: b"HTTP/1.1 200 " + b"".join(pieces)),
+)  # fmt: skip
+_HEADER_LINES = st.one_of(
+    st.builds(lambda n, v: n + b": " + v, _GOOD_NAMES, _GOOD_VALUES),
+    st.builds(
+        lambda name, sep, value: name + sep + value,
+        _NAMES,
+        st.sampled_from([b": ", b":", b" : ", b":\t"]),
+        _VALUES,
+    ),
+)
+
+
+def _h11_reads(head: bytes) -> h11.Response | h11.InformationalResponse | None:
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 20)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(head + b"\r\n\r\n")
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    assert isinstance(event, h11.Response | h11.InformationalResponse), event
+    return event
+
+
+@settings(max_examples=1000)
+@given(_STATUS_LINES, st.lists(_HEADER_LINES, max_size=5))
+def test_the_head_parser_accepts_only_what_h11_accepts_and_reads_it_alike(
+    status_line: bytes, lines: list[bytes]
+) -> None:
+    head = b"\r\n".join([status_line, *lines])
+    try:
+        ours = parse_response_head(head, "u")
+    except UpstreamError:
+        return
+    theirs = _h11_reads(head)
+    assert theirs is not None, head
+    assert ours.status == theirs.status_code
+    assert ours.version == b"HTTP/" + theirs.http_version
+    seen: dict[bytes, list[bytes]] = {}
+    for name, value in theirs.headers:
+        seen.setdefault(name, []).append(value)
+    for name, value in ours.headers.items():
+        if name == b"content-length":
+            assert ours.content_length == int(seen[name][0])  # h11 keeps one, checked alike
+        else:
+            assert value == b", ".join(seen[name])
+    assert ours.chunked == (b"transfer-encoding" in seen)
