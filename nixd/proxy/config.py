@@ -43,13 +43,15 @@ class UpstreamConfig:
     timeout: float = 30.0
     """Seconds to wait for a connection, a response or the next chunk of a body."""
     foreign_urls: ForeignUrls = "refuse"
-    """What to do with a narinfo whose ``URL`` is absolute and on another origin.
+    """What to do with a narinfo ``URL`` that is absolute and on another origin, and with a
+    redirect to another origin.
 
-    ``refuse`` (the default): that narinfo is an upstream error (503 to Nix). The URL
-    field is not signed, so anyone who can change the answer (the upstream, or a man in
-    the middle of ``http://``) could otherwise make the root daemon request any URL,
-    other loopback services included. ``anonymous``: fetch it, without credentials (for
-    caches that name a CDN), accepting that risk.
+    ``refuse`` (the default): that narinfo, or that redirect, is an upstream error (503
+    to Nix). The URL field is not signed and a redirect is not either, so anyone who can
+    change the answer (the upstream, or a man in the middle of ``http://``) could
+    otherwise make the root daemon request any URL, other loopback services included.
+    ``anonymous``: fetch it and follow them, without credentials (for caches that hand
+    NARs to a CDN or to presigned object-store URLs), accepting that risk.
     """
 
     def __post_init__(self) -> None:

@@ -24,8 +24,10 @@ What an upstream may make us do is bounded before it happens:
   port) as the URL that answered, at most :data:`MAX_REDIRECTS` times: a cache that moves
   a path on its own server keeps working, and a 3xx can neither carry the credential
   elsewhere nor make the daemon (root) request another service, a loopback one included.
-  A narinfo ``URL`` that is absolute and on another origin is refused, or with
-  ``foreign_urls = "anonymous"`` fetched without credentials
+  A narinfo ``URL`` that is absolute and on another origin is refused too. An upstream
+  configured with ``foreign_urls = "anonymous"`` (a cache that hands NARs to a CDN or to
+  presigned object-store URLs) has both fetched, without credentials: the credential is
+  bound to its origin whatever the URL
   (:attr:`~nixd.proxy.config.UpstreamConfig.foreign_urls`).
 - **What is shown.** Errors, logs, metrics and status name the upstream by
   :attr:`~nixd.proxy.config.UpstreamConfig.display_url`, and requested URLs never hold
@@ -87,7 +89,7 @@ MAX_HEADERS = 100
 MAX_ERROR_BODY = 64 << 10
 """Largest body of a non-200 answer read to keep its connection; larger ones close it."""
 MAX_REDIRECTS = 5
-"""Same-origin redirects followed for one request."""
+"""Redirects followed for one request."""
 MAX_LENGTH = 2**63 - 1
 """Largest ``Content-Length`` that parses at all (larger is malformed, not just too big)."""
 BATCH = 1 << 20
@@ -460,7 +462,7 @@ class Upstream:
             auth=CredentialAuth(self.credential),
             timeout=httpx.Timeout(config.timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            follow_redirects=False,  # followed by _stream, same origin only
+            follow_redirects=False,  # followed by _stream, each hop checked
             # NAR files are hashed as stored: no coding on top (and see _BoundedDecoder).
             headers={"User-Agent": "nixd-proxy", "Accept-Encoding": "identity"},
         )
@@ -592,7 +594,8 @@ class Upstream:
     async def _stream(
         self, url: str, headers: dict[str, str] | None = None
     ) -> AsyncIterator[httpx.Response]:
-        """A streaming GET of ``url`` through httpx, following same-origin redirects only."""
+        """A streaming GET of ``url`` through httpx, following redirects :meth:`_redirect_target`
+        allows (same origin; any http(s) origin with ``foreign_urls = "anonymous"``)."""
         for _ in range(MAX_REDIRECTS + 1):
             with translate_errors(self.name):
                 request = self.client.build_request("GET", url, headers=headers)
@@ -609,14 +612,16 @@ class Upstream:
         raise UpstreamError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
     def _redirect_target(self, url: str, location: str) -> str:
-        """Where a redirect from ``url`` leads, if it stays on ``url``'s origin."""
+        """Where a redirect from ``url`` leads, if it may be followed (see the module doc)."""
         try:
             target = strip_userinfo(urljoin(url, location))
             same = origin_of(target) == origin_of(url)
         except (FormatError, ValueError):
             raise UpstreamError(f"{url}: redirect to a malformed location") from None
-        if not same:
-            raise UpstreamError(f"{url}: redirect to another origin refused")
+        if not same and self.config.foreign_urls != "anonymous":
+            raise UpstreamError(
+                f'{url}: redirect to another origin refused (foreign_urls = "refuse")'
+            )
         if not _sendable(target):
             raise UpstreamError(f"{url}: redirect location has characters that cannot be sent")
         return target

@@ -32,6 +32,7 @@ from tests.proxy.hostile import Hostile, MiB, Script, Signed, endless, ok, respo
 from tests.realnix import RealNix
 
 RSS_BOUND = 100 * MiB
+BEARER = "Bearer the-access-token"
 HUGE = 400 * MiB
 
 
@@ -363,3 +364,33 @@ async def test_real_nix_sees_a_transient_failure_then_substitutes(
                 healed = await trio.to_thread.run_sync(copy)
                 assert healed.returncode == 0, healed.stderr.decode()
                 assert real_nix.real_path(store_path, tmp_path / "s").read_bytes() == b"hello\n"
+
+
+async def test_anonymous_upstreams_follow_redirects_elsewhere_without_the_token(
+    tmp_path: Path, signed: Signed
+) -> None:
+    """A cache handing NARs to presigned object-store URLs (another origin) works with
+    foreign_urls = "anonymous"; the token stays with the cache."""
+    tokens = Tokens()
+    nar_path = f"/nar/{signed.hash_part}.nar"
+    with trio.fail_after(60):
+        async with servers(2) as (upstream, store):
+            upstream.routes[f"/{signed.hash_part}.narinfo"] = ok(signed.narinfo())
+            upstream.routes[nar_path] = response(
+                302,
+                [
+                    ("Location", f"{store.url}/bucket/x?X-Signature=abc"),
+                    ("Content-Length", "0"),
+                    ("Connection", "close"),
+                ],
+            )
+            store.routes["/bucket/x"] = ok(signed.nar)
+            async with proxy_before(
+                tmp_path, signed, upstream, tokens=tokens, foreign_urls="anonymous"
+            ) as (_, client):
+                info = NarInfo.parse((await client.get(f"/{signed.hash_part}.narinfo")).content)
+                r = await client.get(f"/{info.url}")
+                assert r.status_code == 200 and r.content == signed.nar
+        assert all(h.get("authorization") == BEARER for _, h in upstream.requests)
+        assert store.paths() == ["/bucket/x"]
+        assert all("authorization" not in h for _, h in store.requests)
