@@ -678,7 +678,10 @@ class Upstream:
             + (f"Authorization: {authorization}\r\n" if authorization else "")
             + "\r\n"
         ).encode("latin-1")
-        idle = self._idle.setdefault((host, port), [])
+        own = (host, port) == (self.origin.host, self.origin.port)
+        # Connections are kept only to the upstream's own host: hosts named by narinfo URLs
+        # (foreign_urls = "anonymous") could otherwise hold any number of idle sockets.
+        idle = self._idle.setdefault((host, port), []) if own else []
         try:
             with trio.fail_after(self.config.timeout):
                 while idle:  # a kept-alive connection the upstream may have closed since
@@ -696,6 +699,10 @@ class Upstream:
             raise UpstreamTimeout(f"{self.name}: timed out") from exc
         except (OSError, trio.BrokenResourceError) as exc:
             raise UpstreamError(f"{self.name}: {exc}") from exc
+        finally:
+            if not own:
+                for stream in idle:
+                    stream.socket.close()  # never used again; no need to wait for it
 
     async def _exchange(
         self,
