@@ -58,6 +58,8 @@ def render(status: dict[str, Any]) -> str:
         lines.append("logged in as:   nobody (run `nixd login METHOD`)")
     lines.append(f"last refresh:   {_when(status.get('last_refresh'))}")
     lines.append(f"last error:     {status.get('last_error') or 'none'}")
+    if status.get("config_error"):
+        lines.append(f"CONFIG:         {status['config_error']} (running with the old config)")
     proxy = status.get("proxy") or {}
     lines.append(f"proxy:          {proxy.get('url') or proxy.get('error') or 'not running'}")
     store = status.get("store") or {}

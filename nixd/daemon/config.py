@@ -5,6 +5,7 @@ The file (``/etc/nixd/config.toml`` by default) has four sections, all optional:
     [daemon]   control_socket, state_dir, control_group, shutdown_grace, log_level
     [server]   url, trusted_keys            (the nixd cache server; its keys are pinned at login)
     [proxy]    listen, store_dir, store_max_bytes, negative_ttl, [[proxy.upstreams]]
+               (url, priority, trusted_keys, auth, netrc_file, foreign_urls)
     [nix]      nix_conf, fragment, netrc, additional_netrc_sources, restart_nix_daemon,
                nix_daemon_unit        (restarted over the system D-Bus when the fragment changes)
 
@@ -12,6 +13,13 @@ Every path is configurable, so tests and the demo run unprivileged inside a temp
 :func:`load_config` is the single parser: it refuses unknown keys and wrong types, and every
 error names ``file:key`` so a reload that fails can say exactly what to fix while the old
 config stays in force.
+
+A reload must never be able to stop the daemon, whatever an editor leaves in the file
+(containment, DESIGN.md): :func:`load_config` raises nothing but :class:`ConfigError` —
+not for bytes that are not UTF-8, a file over :data:`MAX_CONFIG_BYTES`, TOML nested past
+Python's recursion limit, an integer of thousands of digits, a URL ``urlsplit`` chokes on
+(``http://[::1``) or a port out of range. Everything later stages build from the config
+(the proxy's upstreams) is checked here too, so a config that loads can be applied.
 """
 
 from __future__ import annotations
@@ -25,12 +33,17 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
+from nixd.bounds import parse_uint
 from nixd.errors import ConfigError, FormatError
 from nixd.nix.signing import PublicKey
+from nixd.proxy.config import FOREIGN_URLS, ForeignUrls, UpstreamConfig
+from nixd.proxy.credential import origin_of
 
 DEFAULT_CONFIG_PATH = "/etc/nixd/config.toml"
 DEFAULT_CONTROL_SOCKET = "/run/nixd/nixd.sock"
 DEFAULT_PROXY_PORT = 37515
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read (a real one is a few KiB)."""
 
 AuthMode = Literal["nixd", "none", "netrc"]
 _AUTH_MODES: tuple[AuthMode, ...] = ("nixd", "none", "netrc")
@@ -64,6 +77,8 @@ class UpstreamSection:
     trusted_keys: tuple[str, ...] = ()
     auth: AuthMode = "none"
     netrc_file: str | None = None
+    #: a narinfo URL on another origin: "refuse", or "anonymous" (fetched without credentials)
+    foreign_urls: ForeignUrls = "refuse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +190,8 @@ def _nonempty(v: str) -> str | None:
 
 
 def _absolute(v: str) -> str | None:
+    if "\0" in v:
+        return "must not contain a NUL character"
     return None if v.startswith("/") else "must be an absolute path"
 
 
@@ -187,9 +204,12 @@ def _non_negative(v: float) -> str | None:
 
 
 def _http_url(v: str) -> str | None:
-    parts = urlsplit(v)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return "must be an http:// or https:// URL"
+    try:
+        origin_of(v)
+    except FormatError as exc:
+        return f"must be an http:// or https:// URL ({exc})"
+    if urlsplit(v).scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL (in lower case)"
     return None
 
 
@@ -205,10 +225,15 @@ def _unit_name(v: str) -> str | None:
 
 def _parse_listen(where: str, value: str) -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = parse_uint(port_text, limit=65535, what="port")
+    except FormatError:
+        port = -1
+    if not sep or not host or port < 0 or any(c in host for c in "[]/\0 "):
         raise ConfigError(f"{where}: expected HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PROXY_PORT})")
-    return host, int(port_text)
+    return host, port
 
 
 def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
@@ -223,7 +248,7 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
     if group is not None:
         try:
             grp.getgrnam(group)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL inside the name
             raise ConfigError(f"{d.where('control_group')}: no such group {group!r}") from None
     daemon = DaemonSection(
         control_socket=d.get("control_socket", str, DEFAULT_CONTROL_SOCKET, _absolute),
@@ -256,18 +281,29 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         netrc_file = u.opt_str("netrc_file")
         if netrc_file is not None and (problem := _absolute(netrc_file)):
             raise ConfigError(f"{u.where('netrc_file')}: {problem}")
+        foreign = u.get(
+            "foreign_urls",
+            str,
+            "refuse",
+            lambda v: None if v in FOREIGN_URLS else f"one of {FOREIGN_URLS}",
+        )
         upstream = UpstreamSection(
             url=u.get("url", str, "", lambda v: _nonempty(v) or _http_url(v)).rstrip("/"),
             priority=u.get("priority", int, 50, _non_negative),
             trusted_keys=u.keys("trusted_keys"),
             auth=cast(AuthMode, auth),
             netrc_file=netrc_file,
+            foreign_urls=cast(ForeignUrls, foreign),
         )
         if not upstream.url:
             raise ConfigError(f"{u.where('url')}: required")
         if auth == "netrc" and netrc_file is None:
             raise ConfigError(f'{u.where("netrc_file")}: required when auth = "netrc"')
         u.finish()
+        try:  # what the proxy will build from it must build
+            upstream_config(upstream)
+        except ConfigError as exc:
+            raise ConfigError(f"{u.where('url')}: {exc}") from None
         upstreams.append(upstream)
     proxy = ProxySection(
         listen_host=host,
@@ -302,16 +338,49 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
     )
 
 
+def upstream_config(u: UpstreamSection) -> UpstreamConfig:
+    """The proxy's view of a configured upstream (raises ConfigError, never shows secrets)."""
+    return UpstreamConfig(
+        url=u.url,
+        priority=u.priority,
+        trusted_keys=u.trusted_keys,
+        auth=u.auth,
+        netrc_file=u.netrc_file,
+        foreign_urls=u.foreign_urls,
+    )
+
+
 def load_config(path: str | Path) -> Config:
-    """Read and check the config file at ``path``; a missing file is an error."""
+    """Read and check the config file at ``path``; a missing file is an error.
+
+    Raises only :class:`ConfigError`, whatever the file holds (see the module docstring).
+    """
     file = os.path.abspath(path)
     try:
         with open(file, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{file}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
-    return parse_config(data, file)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{file}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{file}: line {line}: not UTF-8 (byte {raw[exc.start]:#04x})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{file}: invalid TOML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+    try:
+        return parse_config(data, file)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ConfigError(f"{file}: {type(exc).__name__}: {str(exc)[:200]}") from None

@@ -7,6 +7,10 @@ is fsynced, and then atomically renamed over the target; fsyncing the directory 
 the rename itself durable. A crash before the rename leaves only a stray
 ``.<name>.*.nixd-tmp`` file, which :func:`clean_stale_temp_files` sweeps.
 
+Modes never come from the umask: a file gets its mode with ``fchmod`` before it becomes
+visible, and a directory created here gets its mode with ``chmod`` (:func:`make_dirs`),
+so a daemon started with ``UMask=0000`` writes nothing anyone else may change.
+
 These are plain blocking functions; the daemon calls them via
 ``trio.to_thread.run_sync``.
 """
@@ -33,6 +37,31 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(
+    path: str | os.PathLike[str], mode: int = 0o700, *, parents_mode: int = 0o755
+) -> None:
+    """Create ``path`` and its missing parents with exactly these modes, whatever the umask.
+
+    Each directory is created private (0700) and then given its mode, so none is ever
+    looser than intended. Existing directories are left as they are: their modes are
+    the administrator's.
+    """
+    target = Path(path)
+    missing: list[Path] = []
+    current = target
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
+        os.chmod(directory, mode if directory == target else parents_mode)
 
 
 def atomic_write(

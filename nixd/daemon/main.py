@@ -11,7 +11,9 @@ otherwise they are bound from the config.
 - SIGHUP, or a change of the config file seen by watchfiles: the config is re-read. A valid
   one is applied in place (upstreams, keys, control group, Nix integration) without
   touching in-flight downloads; an invalid one is logged with file:key and the old config
-  stays. Settings that need a restart (socket paths, listen address, state dir) are
+  stays, and ``status`` says why (``config_error``) until a reload succeeds. Any exception
+  while loading or checking the new config is such a refusal: a reload never ends the
+  daemon. Settings that need a restart (socket paths, listen address, state dir) are
   reported as such.
 """
 
@@ -38,7 +40,7 @@ from nixd.auth.methods import LoginMethod
 from nixd.auth.model import AccessToken
 from nixd.auth.token import exchange_json, fetch_cache_keys, fetch_token_status
 from nixd.daemon import dbus, systemd
-from nixd.daemon.config import Config, load_config
+from nixd.daemon.config import Config, load_config, upstream_config
 from nixd.daemon.control import (
     ApiError,
     ControlServer,
@@ -58,6 +60,7 @@ from nixd.daemon.state import (
 )
 from nixd.errors import ConfigError, LoginFailed, NixdError
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
+from nixd.proxy.credential import redact_url, strip_userinfo
 from nixd.proxy.server import ProxyHandle, serve_proxy
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,8 @@ class Daemon:
         self.proxy_url: str | None = None
         self.proxy_error: str | None = None
         self.last_error: str | None = None
+        self.config_error: str | None = None
+        """Why the last reload was refused; None once one succeeded."""
         self.started_at = time.time()
         self._admin_lock = trio.Lock()
         self._nix_lock = trio.Lock()
@@ -103,7 +108,7 @@ class Daemon:
             {
                 ("GET", "/status"): Route(self.status, privileged=False),
                 ("GET", "/version"): Route(self.version, privileged=False),
-                ("POST", "/login"): Route(self.login, privileged=True),
+                ("POST", "/login"): Route(self.login, privileged=True, takes_body=True),
                 ("POST", "/logout"): Route(self.logout, privileged=True),
             },
             group=config.daemon.control_group,
@@ -145,7 +150,7 @@ class Daemon:
         try:
             shown = methods.render_identity(await fetch_token_status(self.http, server, token))
         except NixdError as exc:
-            log.warning("cannot ask %s who the token names: %s", server, exc)
+            log.warning("cannot ask %s who the token names: %s", redact_url(server), exc)
             shown = None
         return shown or token.identity
 
@@ -156,7 +161,9 @@ class Daemon:
         self.login_state = state
         self._keep_fresh(state.server_url, state.method, state.token)
         self._login_changed()
-        log.info("restored the login of %s at %s", self._identity() or "?", state.server_url)
+        log.info(
+            "restored the login of %s at %s", self._identity() or "?", redact_url(state.server_url)
+        )
 
     def _identity(self) -> str | None:
         if self.login_state is not None and self.login_state.display_identity:
@@ -191,30 +198,23 @@ class Daemon:
 
     # -- proxy and Nix integration ---------------------------------------------------------
 
-    def proxy_config(self) -> ProxyConfig:
-        c = self.config
+    def proxy_config(self, config: Config | None = None) -> ProxyConfig:
+        """What the proxy is given, from ``config`` (default: the one in force)."""
+        c = config or self.config
         upstreams = []
         if self.login_state is not None:
             keys = tuple(dict.fromkeys(self.login_state.pinned_keys + c.server.trusted_keys))
             upstreams.append(
                 UpstreamConfig(
-                    url=self.login_state.server_url + "/cache",
+                    # the access token is this upstream's credential, never the URL's
+                    url=strip_userinfo(self.login_state.server_url) + "/cache",
                     priority=30,
                     trusted_keys=keys,
                     auth="nixd",
                     netrc_file=None,
                 )
             )
-        for u in c.proxy.upstreams:
-            upstreams.append(
-                UpstreamConfig(
-                    url=u.url,
-                    priority=u.priority,
-                    trusted_keys=u.trusted_keys,
-                    auth=u.auth,
-                    netrc_file=u.netrc_file,
-                )
-            )
+        upstreams.extend(upstream_config(u) for u in c.proxy.upstreams)
         return ProxyConfig(
             listen_host=c.proxy.listen_host,
             listen_port=c.proxy.listen_port,
@@ -314,9 +314,10 @@ class Daemon:
             proxy.update(extra)
         upstreams = []
         for u in self.proxy_config().upstreams:
-            entry: dict[str, Any] = {"url": u.url, "priority": u.priority, "auth": u.auth}
-            if u.url in upstream_health:
-                entry.update({k: v for k, v in upstream_health[u.url].items() if k not in entry})
+            shown = u.display_url  # the status is world-readable: no credentials
+            entry: dict[str, Any] = {"url": shown, "priority": u.priority, "auth": u.auth}
+            if shown in upstream_health:
+                entry.update({k: v for k, v in upstream_health[shown].items() if k not in entry})
             upstreams.append(entry)
         return {
             "version": __version__,
@@ -324,7 +325,7 @@ class Daemon:
             "config": c.path,
             "started_at": self.started_at,
             "logged_in": state is not None,
-            "server": state.server_url if state else None,
+            "server": redact_url(state.server_url) if state else None,
             "identity": self._identity() if state else None,
             "token_identity": token.identity if token else None,
             "method": state.method.name if state else None,
@@ -337,6 +338,7 @@ class Daemon:
             "renewals": self.refresher.renewals,
             "next_refresh": self.refresher.next_refresh,
             "last_error": self.refresher.last_error or self.last_error,
+            "config_error": self.config_error,
             "pinned_keys": list(state.pinned_keys) if state else [],
             "proxy": proxy,
             "upstreams": upstreams,
@@ -391,7 +393,7 @@ class Daemon:
         log.info(
             "logged in as %s at %s with %s (by uid %s)",
             shown,
-            server,
+            redact_url(server),
             name,
             peer.uid if peer else "?",
         )
@@ -429,12 +431,20 @@ class Daemon:
             return False
         try:
             new = await trio.to_thread.run_sync(load_config, path)
-        except ConfigError as exc:
-            self.last_error = f"config not reloaded: {exc}"
+            self.proxy_config(new)  # everything applied below must build from it
+        except Exception as exc:  # containment: any failure is a refusal, never the end
+            if not isinstance(exc, ConfigError):
+                log.error("config reload (%s): unexpected error", reason, exc_info=exc)
+                exc = ConfigError(f"{path}: {type(exc).__name__}: {exc}")
+            self.config_error = f"config not reloaded: {exc}"
+            self.last_error = self.config_error
             log.error("config reload (%s) refused, keeping the old config: %s", reason, exc)
             systemd.notify("STATUS=config reload failed; running with the old config")
             return False
+        self.config_error = None
         if new == self.config:
+            if self.last_error is not None and self.last_error.startswith("config not reloaded"):
+                self.last_error = None
             return True
         old = self.config
         needs_restart = [
@@ -472,7 +482,11 @@ class Daemon:
         self.config = new
         self.control.group = new.daemon.control_group
         self.last_error = None
-        self.update_proxy()
+        try:
+            self.update_proxy()
+        except Exception as exc:  # checked above; should it still fail, the daemon stays
+            self.last_error = f"config reloaded, but the proxy kept its upstreams: {exc}"
+            log.error("%s", self.last_error, exc_info=exc)
         await self.apply_nix()
         log.info("config reloaded (%s)", reason)
         systemd.notify(f"STATUS={self.status_line()}")
@@ -496,24 +510,36 @@ class Daemon:
         def only_config(_change: watchfiles.Change, changed: str) -> bool:
             return Path(changed) == target
 
-        watching = False
-        async for changes in watchfiles.awatch(
-            target.parent,
-            watch_filter=only_config,
-            recursive=False,
-            debounce=200,
-            step=50,
-            rust_timeout=250,
-            yield_on_timeout=True,
-        ):
-            if not watching:
-                # the first (possibly empty) yield means the watch is set up; a change
-                # made between loading the config and now would be missed: look once
-                watching = True
+        started = False
+        while True:
+            try:
+                watching = False
+                async for changes in watchfiles.awatch(
+                    target.parent,
+                    watch_filter=only_config,
+                    recursive=False,
+                    debounce=200,
+                    step=50,
+                    rust_timeout=250,
+                    yield_on_timeout=True,
+                ):
+                    if not watching:
+                        # the first (possibly empty) yield means the watch is set up; a
+                        # change made between loading the config and now would be missed:
+                        # look once
+                        watching = True
+                        if not started:
+                            started = True
+                            task_status.started()
+                        await self.reload("config file changed")
+                    elif changes:
+                        await self.reload("config file changed")
+            except Exception as exc:  # containment: a failed watch must not end the daemon
+                log.warning("cannot watch %s (%s); retrying, SIGHUP reloads", target, exc)
+            if not started:
+                started = True
                 task_status.started()
-                await self.reload("config file changed")
-            elif changes:
-                await self.reload("config file changed")
+            await trio.sleep(5)
 
     async def watchdog(self, interval: float) -> None:
         while True:

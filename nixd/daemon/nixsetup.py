@@ -210,7 +210,7 @@ class NixSetup:
         meta = files.file_mode(path)
         if current == data and meta is not None and meta[0] == mode:
             return False
-        path.parent.mkdir(parents=True, exist_ok=True)
+        files.make_dirs(path.parent, 0o755)
         files.atomic_write(path, data, mode=mode)
         logger.info("wrote %s", path)
         return True

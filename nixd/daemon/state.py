@@ -25,7 +25,7 @@ from nixd.auth import methods
 from nixd.auth.methods import LoginMethod
 from nixd.auth.model import AccessToken
 from nixd.auth.token import TokenMethod
-from nixd.daemon.files import atomic_write
+from nixd.daemon.files import atomic_write, make_dirs
 from nixd.errors import ConfigError, LoginFailed
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ STATE_VERSION = 2
 
 def write_private(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0600, creating its directory."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(Path(path).parent, 0o700)
     atomic_write(path, data, mode=0o600)
 
 

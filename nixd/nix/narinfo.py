@@ -32,11 +32,11 @@ base16, and ``CA`` in its canonical form.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from nixd.bounds import parse_uint
 from nixd.errors import FormatError
 from nixd.nix.hashes import DIGEST_SIZES, Algo, Hash
 from nixd.nix.signing import PublicKey, SecretKey
@@ -48,7 +48,6 @@ COMPRESSIONS = ("none", "xz", "zstd", "bzip2", "br")
 UNKNOWN_DERIVER = "unknown-deriver"
 _T = TypeVar("_T")
 _MAX_U64 = 2**64 - 1
-_DECIMAL = re.compile(r"[0-9]+")
 _SINGLE_KEYS = frozenset(
     {
         "StorePath",
@@ -251,9 +250,10 @@ class NarInfo:
 
 
 def _size(value: str) -> int:
-    if not _DECIMAL.fullmatch(value) or int(value) > _MAX_U64:
-        raise FormatError(f"{value[:40]!r} is not a decimal 64-bit size")
-    return int(value)
+    try:
+        return parse_uint(value, limit=_MAX_U64, what="size")
+    except FormatError:
+        raise FormatError(f"{value[:40]!r} is not a decimal 64-bit size") from None
 
 
 def _any_hash(value: str) -> Hash:

@@ -4,6 +4,10 @@ which upstream caches to ask and which keys to trust for each.
 The daemon builds these values from its TOML config and the login state; tests build them
 directly. They are frozen and validated on construction, so a running proxy never sees a
 half-valid config: :meth:`ProxyHandle.update_upstreams` swaps the whole tuple at once.
+
+An upstream URL may carry ``user:password@``: those are the upstream's credential
+(:mod:`nixd.proxy.credential`), never part of what is requested or shown —
+:attr:`UpstreamConfig.display_url` is what status, metrics, logs and errors name.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from urllib.parse import urlsplit
 
 from nixd.errors import ConfigError, FormatError
 from nixd.nix.signing import PublicKey
+from nixd.proxy.credential import origin_of, redact_url, strip_userinfo, userinfo_of
 
 AuthMode = Literal["nixd", "none", "netrc"]
 AUTH_MODES: tuple[AuthMode, ...] = ("nixd", "none", "netrc")
+ForeignUrls = Literal["refuse", "anonymous"]
+FOREIGN_URLS: tuple[ForeignUrls, ...] = ("refuse", "anonymous")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,27 +42,55 @@ class UpstreamConfig:
     netrc_file: str | None = None
     timeout: float = 30.0
     """Seconds to wait for a connection, a response or the next chunk of a body."""
+    foreign_urls: ForeignUrls = "refuse"
+    """What to do with a narinfo ``URL`` that is absolute and on another origin, and with a
+    redirect to another origin.
+
+    ``refuse`` (the default): that narinfo, or that redirect, is an upstream error (503
+    to Nix). The URL field is not signed and a redirect is not either, so anyone who can
+    change the answer (the upstream, or a man in the middle of ``http://``) could
+    otherwise make the root daemon request any URL, other loopback services included.
+    ``anonymous``: fetch it and follow them, without credentials (for caches that hand
+    NARs to a CDN or to presigned object-store URLs), accepting that risk.
+    """
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"upstream url {self.url!r} is not an http(s) URL")
+        shown = redact_url(self.url)
+        try:
+            origin_of(self.url)
+        except FormatError as exc:
+            raise ConfigError(f"upstream url {shown!r}: {exc}") from None
+        if urlsplit(self.url).scheme not in ("http", "https"):  # upper case: Nix would not
+            raise ConfigError(f"upstream url {shown!r} is not an http(s) URL")
         if self.auth not in AUTH_MODES:
-            raise ConfigError(f"upstream {self.url}: auth must be one of {', '.join(AUTH_MODES)}")
+            raise ConfigError(f"upstream {shown}: auth must be one of {', '.join(AUTH_MODES)}")
         if self.auth == "netrc" and not self.netrc_file:
-            raise ConfigError(f"upstream {self.url}: auth 'netrc' needs netrc_file")
+            raise ConfigError(f"upstream {shown}: auth 'netrc' needs netrc_file")
+        if self.auth != "none" and userinfo_of(self.url) is not None:
+            raise ConfigError(
+                f"upstream {shown}: credentials in the URL and auth {self.auth!r}: pick one"
+            )
+        if self.foreign_urls not in FOREIGN_URLS:
+            raise ConfigError(
+                f"upstream {shown}: foreign_urls must be one of {', '.join(FOREIGN_URLS)}"
+            )
         for key in self.trusted_keys:
             try:
                 PublicKey.parse(key)
             except FormatError as exc:
-                raise ConfigError(f"upstream {self.url}: trusted key {key!r}: {exc}") from exc
-        if self.timeout <= 0:
-            raise ConfigError(f"upstream {self.url}: timeout must be positive")
+                raise ConfigError(f"upstream {shown}: trusted key {key!r}: {exc}") from exc
+        if not self.timeout > 0:
+            raise ConfigError(f"upstream {shown}: timeout must be positive")
 
     @property
     def base_url(self) -> str:
-        """The URL without a trailing slash, so file names can be appended with ``/``."""
-        return self.url.rstrip("/")
+        """The URL to request under: no credentials, no trailing slash (names follow ``/``)."""
+        return strip_userinfo(self.url).rstrip("/")
+
+    @property
+    def display_url(self) -> str:
+        """The URL as status, metrics, logs and errors show it (credentials ``***``)."""
+        return redact_url(self.url).rstrip("/")
 
     def public_keys(self) -> tuple[PublicKey, ...]:
         return tuple(PublicKey.parse(k) for k in self.trusted_keys)

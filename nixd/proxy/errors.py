@@ -44,9 +44,16 @@ def status_for(exc: BaseException) -> tuple[int, str]:
                                                 absent for an hour
     upstream timeout (UpstreamTimeout)  503     transient, retried
     upstream unreachable, reset, 5xx    503     transient, retried
+    malformed or oversized answer       503     transient: an upstream fault (a narinfo
+    (UpstreamError): narinfo that does          that does not parse is not a signed
+    not parse, bad response head, a             statement that the path is absent); a
+    redirect to another origin, a               verified answer from another upstream
+    narinfo URL refused by foreign_urls         still wins
     NAR bytes do not match the signed   502     transient (Nix retries); the bytes already
-    narinfo (IntegrityError)                    sent are cut off so the transfer fails
-    anything unexpected                 500     transient; logged with a traceback
+    narinfo, or a body larger than its          sent are cut off so the transfer fails
+    narinfo promised (IntegrityError)
+    anything unexpected                 500     transient; logged with a traceback; the
+                                                request ends, the proxy keeps serving
     ==================================  ======  ============================================
 
     The missing local secret is answered 401 by the front directly: that caller is a

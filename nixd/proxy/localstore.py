@@ -6,6 +6,11 @@ Layout under ``store_dir``::
     nar/<key>       NAR files exactly as the upstream sent them (compressed)
     tmp/            downloads in flight; emptied at start
 
+Nothing here takes its mode from the umask: directories are made 0700 (missing parents
+0755) and ``index.sqlite`` is created 0600 before SQLite opens it (SQLite gives its WAL and
+shared-memory files the database's mode), so a daemon run with ``UMask=0000`` keeps a
+store no other user can write into — a writable ``nar/`` would be served unverified.
+
 A NAR enters only through :meth:`LocalStore.admit`, after its decompressed NarHash/NarSize
 matched a signed narinfo, by an atomic rename from ``tmp/`` followed by the index row, so a
 crash leaves either no row (the file is swept at the next start) or a complete file. At
@@ -63,6 +68,34 @@ CREATE INDEX IF NOT EXISTS narinfos_key ON narinfos(key);
 """
 
 
+def _make_dir(path: Path) -> None:
+    """``path`` (0700) and missing parents (0755), created with those modes exactly."""
+    missing: list[Path] = []
+    current = path
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(directory, 0o700 if directory == path else 0o755)
+
+
+def _private_file(path: Path, *, create: bool) -> None:
+    """Make ``path`` mode 0600 (creating it empty if ``create``), whatever the umask."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class LocalStore:
     """Verified NARs on disk under a size cap; see the module docstring."""
 
@@ -73,9 +106,13 @@ class LocalStore:
         self.nar_dir = self.root / "nar"
         self.tmp_dir = self.root / "tmp"
         try:
-            self.nar_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.db = sqlite3.connect(self.root / "index.sqlite", isolation_level=None)
+            for directory in (self.root, self.nar_dir, self.tmp_dir):
+                _make_dir(directory)
+            index = self.root / "index.sqlite"
+            _private_file(index, create=True)
+            for suffix in ("-wal", "-shm"):  # left by an older version, maybe 0644
+                _private_file(index.with_name(index.name + suffix), create=False)
+            self.db = sqlite3.connect(index, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")

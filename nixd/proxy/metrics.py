@@ -1,7 +1,8 @@
 """Prometheus text-format metrics of the proxy, kept as plain counters in memory.
 
 One :class:`Metrics` per proxy; the hot path only does dict increments. ``/metrics``
-renders the exposition format (version 0.0.4) on demand.
+renders the exposition format (version 0.0.4) on demand. Upstreams are labelled by their
+``display_url``: credentials inside a configured URL never reach a label.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ _HELP = {
 }
 
 
+def _escape(value: str) -> str:
+    """A label value as the exposition format writes it: backslash, quote, newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
         return ""
-    inner = ",".join(
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in labels
-    )
-    return "{" + inner + "}"
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
 
 
 class Metrics:

@@ -48,7 +48,14 @@ from nixd.nix.signing import PublicKey
 from nixd.proxy import pagecache
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
 from nixd.proxy.errors import NotFound, RangeNotSatisfiable, status_for
-from nixd.proxy.front import Connection, ConnectionTracker, Request, Responder, serve_connection
+from nixd.proxy.front import (
+    Abort,
+    Connection,
+    ConnectionTracker,
+    Request,
+    Responder,
+    serve_connection,
+)
 from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.negcache import NegativeCache, TTLCache
@@ -325,10 +332,12 @@ class Proxy:
                 await self._serve_nar(path[5:].decode("ascii", "replace"), request, resp, head)
             else:
                 await resp.simple(404, b"not found\n", head=head)
-        except NixdError as exc:
+        except Exception as exc:  # containment: whatever fails here ends this request only
             if resp.started:
-                resp.abort(str(exc))
-            status, message = status_for(exc)
+                if not isinstance(exc, NixdError | Abort):
+                    log.error("unexpected error in the proxy mid-response", exc_info=exc)
+                resp.abort(str(exc))  # raises Abort: the front cuts the connection
+            status, message = status_for(exc)  # logs unexpected errors with their traceback
             await resp.simple(status, message.encode(), head=head)
         finally:
             self.metrics.inc("nixd_proxy_requests_total", kind=kind, status=str(resp.status))
@@ -487,7 +496,7 @@ class Proxy:
                 raise
             try:
                 self.store.admit_bytes(key, data, resolved.info.store_path.hash_part, resolved.text)
-            except OSError as exc:
+            except Exception as exc:  # containment: a store failure only loses this copy
                 log.warning("could not keep %s in the proxy store: %s", key, exc)
             fetch.data = data
             return data
@@ -601,7 +610,7 @@ class Proxy:
                 self.store.admit(
                     key, download.temp, download.info.store_path.hash_part, resolved.text
                 )
-            except OSError as exc:
+            except Exception as exc:  # containment: a store failure only loses this copy
                 log.warning("could not keep %s in the proxy store: %s", key, exc)
         finally:
             if self.downloads.get(key) is download:

@@ -1,130 +1,249 @@
 """The proxy's client side: one :class:`Upstream` per configured cache.
 
-Each upstream has its own ``httpx.AsyncClient`` (keep-alive pool, timeouts) and an
-``httpx.Auth`` chosen by ``auth``:
-
-- ``nixd``: :class:`TokenAuth` adds ``Authorization: Bearer <access token>`` from the
-  daemon's :class:`~nixd.auth.model.TokenSource`; on a 401 it asks the source for a fresh
-  token once (under a lock shared by all requests, so a burst of 401s makes one renewal)
-  and retries. A second 401 surfaces as :class:`~nixd.errors.AuthError`.
-- ``netrc``: :class:`NetrcAuth` sends Basic credentials for the upstream host from a netrc
-  file (re-read when it changes), as curl would.
-- ``none``: no credentials (public caches).
+Each upstream has its own ``httpx.AsyncClient`` (keep-alive pool, timeouts) and one
+:class:`~nixd.proxy.credential.Credential` (chosen by ``auth``, see that module), which
+both request paths below ask for the ``Authorization`` of each URL: it is sent only to
+the upstream's own origin, and a 401 from there renews it once and retries.
 
 Small bodies (narinfos, NARs of a few KiB) from ``http://`` upstreams are fetched by
 :meth:`Upstream.get_small` over a pool of kept-alive raw HTTP/1.1 connections: a closure of
 hundreds of paths makes two such requests per path, and httpx's per-request machinery
 would cost more than everything else the proxy does for them. Anything unusual (redirect,
-no ``Content-Length``, too large, https) falls back to httpx.
+no ``Content-Length``, a content coding, https) falls back to httpx. The raw path reads
+response heads with :func:`parse_response_head` only (strict, every number through
+:mod:`nixd.bounds`).
+
+What an upstream may make us do is bounded before it happens:
+
+- **Sizes.** Every body is read against a limit known before the first byte: a narinfo
+  against :data:`MAX_NARINFO`, a NAR file against the size its narinfo promised
+  (``FileSize``; without one, :func:`file_limit`). A ``Content-Length`` over the limit is
+  refused before anything is read, and a body that runs past it is cut at the limit, so
+  a 400 MiB "narinfo" or a 400 MiB answer for a 128-byte NAR never grows memory.
+- **Where requests go.** Redirects are followed only to the same origin (scheme, host,
+  port) as the URL that answered, at most :data:`MAX_REDIRECTS` times: a cache that moves
+  a path on its own server keeps working, and a 3xx can neither carry the credential
+  elsewhere nor make the daemon (root) request another service, a loopback one included.
+  A narinfo ``URL`` that is absolute and on another origin is refused too. An upstream
+  configured with ``foreign_urls = "anonymous"`` (a cache that hands NARs to a CDN or to
+  presigned object-store URLs) has both fetched, without credentials: the credential is
+  bound to its origin whatever the URL
+  (:attr:`~nixd.proxy.config.UpstreamConfig.foreign_urls`).
+- **What is shown.** Errors, logs, metrics and status name the upstream by
+  :attr:`~nixd.proxy.config.UpstreamConfig.display_url`, and requested URLs never hold
+  credentials.
 
 httpx errors are translated here, at the boundary, into :mod:`nixd.errors` classes; the
 HTTP status an upstream gives is turned into ``None`` (absent) or an error by
-:meth:`Upstream.check_status`. What Nix then sees is decided in :mod:`nixd.proxy.errors`.
+:meth:`Upstream.check_status`. What Nix then sees is decided in :mod:`nixd.proxy.errors`;
+a malformed or oversized answer is an :class:`~nixd.errors.UpstreamError` (503, transient),
+a body that contradicts its narinfo an :class:`~nixd.errors.IntegrityError` (502).
 """
 
 from __future__ import annotations
 
-import base64
+import bz2
 import contextlib
 import logging
-import os
+import lzma
+import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
-from typing import TYPE_CHECKING, Protocol
-from urllib.parse import SplitResult, urlsplit
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 import trio
 
-from nixd.errors import AuthError, FormatError, UpstreamError, UpstreamTimeout
+from nixd.bounds import parse_uint
+from nixd.errors import AuthError, FormatError, IntegrityError, UpstreamError, UpstreamTimeout
 from nixd.nix.narinfo import NarInfo
-from nixd.nix.netrc import NetrcEntry, lookup, parse_netrc
 from nixd.proxy.config import UpstreamConfig
+from nixd.proxy.credential import (
+    BasicCredential,
+    Credential,
+    CredentialAuth,
+    NetrcCredential,
+    TokenCredential,
+    origin_of,
+    strip_userinfo,
+    userinfo_of,
+)
 from nixd.proxy.errors import NotFound
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.verify import check_narinfo
 
 if TYPE_CHECKING:
-    from nixd.auth.model import AccessToken, TokenSource
+    from nixd.auth.model import TokenSource
 
 log = logging.getLogger(__name__)
 
 MAX_NARINFO = 1 << 20
-"""Largest narinfo accepted from an upstream."""
+"""Largest narinfo accepted from an upstream (real ones are well under 4 KiB)."""
+MAX_HEAD = 64 << 10
+"""Largest response head (status line and headers) accepted from an upstream."""
+MAX_HEADERS = 100
+"""Most header lines in one response head."""
+MAX_ERROR_BODY = 64 << 10
+"""Largest body of a non-200 answer read to keep its connection; larger ones close it."""
+MAX_REDIRECTS = 5
+"""Redirects followed for one request."""
+MAX_LENGTH = 2**63 - 1
+"""Largest ``Content-Length`` that parses at all (larger is malformed, not just too big)."""
 BATCH = 1 << 20
 """Most bytes handed on per chunk of a raw NAR body."""
 CHUNK_MIN = 256 << 10
 """A raw chunk is handed on once it has at least this much (fewer wake-ups downstream)."""
 MAX_IDLE = 32
 """Idle kept-alive raw connections per upstream host."""
+MAX_NAR_OFFSET = 1 << 50
+"""Largest file offset a ``Content-Range`` may name (far past any NAR)."""
+_VCHAR = rb"[\x21-\x7e\x80-\xff]"
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [\t \x21-\x7e\x80-\xff]*)?")
+"""RFC 9112 ``status-line``, HTTP/1.0 and 1.1 only (the reason may be empty or absent)."""
+_HEADER_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:"
+    + _VCHAR
+    + rb"+(?:[ \t]+"
+    + _VCHAR
+    + rb"+)*)?)[ \t]*"
+)
+"""RFC 9110 ``field-line``: a ``token`` name, a colon, a value of visible characters
+(obs-text allowed) with inner blanks; no CR, LF, NUL or other control character."""
 
 
-class TokenAuth(httpx.Auth):
-    """Bearer auth from a TokenSource; refresh once on 401 and retry (see module doc)."""
-
-    requires_request_body = False
-    requires_response_body = False
-
-    def __init__(self, tokens: TokenSource, lock: trio.Lock) -> None:
-        self.tokens = tokens
-        self.lock = lock
-
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        token = await self.tokens.get()
-        request.headers["Authorization"] = f"Bearer {token.value}"
-        response = yield request
-        if response.status_code != 401:
-            return
-        fresh = await self._renew(token)
-        request.headers["Authorization"] = f"Bearer {fresh.value}"
-        yield request
-
-    async def _renew(self, stale: AccessToken) -> AccessToken:
-        async with self.lock:
-            current = await self.tokens.get()
-            if current.value != stale.value:
-                return current  # someone else renewed while we waited for the lock
-            log.info("upstream rejected the access token; renewing it")
-            return await self.tokens.refresh(stale)
+class BodyTooLarge(UpstreamError):
+    """An answer announced or sent more bytes than the request allowed."""
 
 
-class NetrcAuth(httpx.Auth):
-    """Basic auth for the request's host from a netrc file, re-read when it changes."""
+def file_limit(info: NarInfo) -> int:
+    """Most bytes the NAR file of ``info`` may have.
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._mtime: float | None = None
-        self._entries: list[NetrcEntry] = []
+    ``FileSize`` when the narinfo gives one (the download must then match it exactly);
+    otherwise ``NarSize`` for an uncompressed NAR, and for a compressed one ``NarSize``
+    plus what a compressor adds at worst to incompressible input (zstd, xz and bzip2 all
+    stay well within 1/64 plus a few KiB).
+    """
+    if info.file_size:
+        return info.file_size
+    if info.compression == "none":
+        return info.nar_size
+    return info.nar_size + info.nar_size // 64 + (64 << 10)
 
-    def _load(self) -> None:
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """An upstream's response head as the raw path needs it."""
+
+    version: bytes
+    status: int
+    headers: dict[bytes, bytes]
+    """Lower-case names; a repeated header's values joined with ``, ``."""
+    content_length: int | None
+    chunked: bool
+
+    @property
+    def keep_alive(self) -> bool:
+        tokens = self.headers.get(b"connection", b"").lower().split(b",")
+        return self.version == b"HTTP/1.1" and all(t.strip() != b"close" for t in tokens)
+
+    @property
+    def identity(self) -> bool:
+        """No content coding: the body is the bytes as stored."""
+        return self.headers.get(b"content-encoding", b"identity").strip().lower() == b"identity"
+
+
+def parse_response_head(head: bytes, what: str) -> ResponseHead:
+    """Parse ``head`` (up to, not including, the blank line); :class:`UpstreamError` if bad.
+
+    Strict where leniency could make two readers disagree: only ``HTTP/1.0``/``1.1``, a
+    three-digit status, header names that are tokens, no obsolete line folding, no
+    control character (bare CR or LF, NUL) inside a line, a ``Content-Length`` of ASCII
+    digits (repeated only with the same value) and never together with
+    ``Transfer-Encoding``, which may only be ``chunked``. It accepts nothing h11 refuses,
+    and reads what it accepts as h11 does (a differential test holds it to that). The one
+    place the raw path reads a response head, so a shared parser can replace it whole.
+    """
+    if len(head) > MAX_HEAD:
+        raise UpstreamError(f"{what}: response head larger than {MAX_HEAD} bytes")
+    status_line, *lines = head.split(b"\r\n")
+    if len(lines) > MAX_HEADERS:
+        raise UpstreamError(f"{what}: more than {MAX_HEADERS} response headers")
+    matched = _STATUS_LINE.fullmatch(status_line)
+    if matched is None:
+        raise UpstreamError(f"{what}: malformed status line {status_line[:80]!r}")
+    version = status_line[:8]
+    status = parse_uint(matched[1], limit=999, what="status code")  # three ASCII digits
+    if status < 100:
+        raise UpstreamError(f"{what}: malformed status line {status_line[:80]!r}")
+    headers: dict[bytes, bytes] = {}
+    lengths: set[bytes] = set()
+    for line in lines:
+        match = _HEADER_LINE.fullmatch(line)
+        if match is None:
+            raise UpstreamError(f"{what}: malformed response header {line[:80]!r}")
+        name = match[1].lower()
+        value = match[2]
+        if name == b"content-length":
+            lengths.update(v.strip(b" \t") for v in value.split(b","))
+        headers[name] = headers[name] + b", " + value if name in headers else value
+    length: int | None = None
+    if lengths:
+        if len(lengths) > 1:
+            raise UpstreamError(f"{what}: conflicting Content-Length headers")
         try:
-            mtime = os.stat(self.path).st_mtime
-            if mtime == self._mtime:
-                return
-            with open(self.path, "rb") as f:
-                self._entries = parse_netrc(f.read(), source=self.path)
-        except OSError as exc:
-            raise AuthError(f"cannot read netrc file {self.path}: {exc.strerror}") from exc
+            length = parse_uint(lengths.pop(), limit=MAX_LENGTH, what="Content-Length")
         except FormatError as exc:
-            raise AuthError(f"netrc file {self.path} is malformed: {exc}") from exc
-        self._mtime = mtime
+            raise UpstreamError(f"{what}: {exc}") from None
+    coding = headers.get(b"transfer-encoding")
+    chunked = coding is not None
+    if chunked and length is not None:
+        raise UpstreamError(f"{what}: both Content-Length and Transfer-Encoding")
+    if coding is not None and coding.lower() != b"chunked":
+        raise UpstreamError(f"{what}: unsupported Transfer-Encoding {coding[:40]!r}")
+    return ResponseHead(version, status, headers, length, chunked)
 
-    def header_for(self, host: str) -> str | None:
-        self._load()
-        entry = lookup(self._entries, host)
-        if entry is None:
-            return None
-        return "Basic " + base64.b64encode(f"{entry.login}:{entry.password}".encode()).decode()
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        self._load()
-        entry = lookup(self._entries, request.url.host)
-        if entry is not None:
-            creds = base64.b64encode(f"{entry.login}:{entry.password}".encode()).decode()
-            request.headers["Authorization"] = f"Basic {creds}"
-        yield request
+def content_length(headers: httpx.Headers, what: str) -> int | None:
+    """The ``Content-Length`` of an httpx response, bounded like the raw path's."""
+    values = {v.strip() for raw in headers.get_list("content-length") for v in raw.split(",")}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise UpstreamError(f"{what}: conflicting Content-Length headers")
+    try:
+        return parse_uint(values.pop(), limit=MAX_LENGTH, what="Content-Length")
+    except FormatError as exc:
+        raise UpstreamError(f"{what}: {exc}") from None
+
+
+async def _receive_head(stream: trio.SocketStream, what: str) -> tuple[bytes, bytes] | None:
+    """``(head, bytes after it)`` read from ``stream``; None if it closed before a byte."""
+    buf = b""
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        if len(buf) > MAX_HEAD:
+            raise UpstreamError(f"{what}: response head larger than {MAX_HEAD} bytes")
+        data = await stream.receive_some(65536)
+        if not data:
+            if not buf:
+                return None
+            raise UpstreamError(f"{what}: connection closed in the response head")
+        buf += data
+    return buf[:end], buf[end + 4 :]
+
+
+def _sendable(url: str) -> bool:
+    """Only visible ASCII: what a request line and a Host header can carry as they are."""
+    return url.isascii() and url.isprintable() and " " not in url
+
+
+def _request_target(parts: SplitResult, what: str) -> str:
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if not _sendable(target):
+        raise UpstreamError(f"{what}: URL has characters that cannot be sent")
+    return target
 
 
 @contextlib.contextmanager
@@ -136,27 +255,110 @@ def translate_errors(url: str) -> Iterator[None]:
         raise UpstreamTimeout(f"{url}: timed out ({type(exc).__name__})") from exc
     except httpx.HTTPError as exc:
         raise UpstreamError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    except httpx.InvalidURL as exc:
+        raise UpstreamError(f"{url}: invalid URL: {exc}") from exc
 
 
 class NarBody(Protocol):
-    """A NAR file body being received: its announced length and its chunks."""
+    """A NAR file body being received: where it starts, its announced length, its chunks.
 
+    ``start`` is the file offset of the first chunk: the ``offset`` asked for when the
+    upstream answered 206 with that range, 0 when it ignored ``Range`` and sent the file.
+    """
+
+    start: int
     length: int | None
 
     def __aiter__(self) -> AsyncIterator[bytes | memoryview]: ...
 
 
-class _HttpxBody:
-    def __init__(self, response: httpx.Response, name: str) -> None:
-        self._response = response
-        self._name = name
-        text = response.headers.get("content-length")
-        self.length = int(text) if text and text.isdigit() else None
+def _raw_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """``response.aiter_raw()`` as what it is, an async generator (so it can be closed)."""
+    return cast("AsyncGenerator[bytes, None]", response.aiter_raw())
 
-    async def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
+
+async def _discard(response: httpx.Response, chunks: AsyncGenerator[bytes, None]) -> None:
+    """Stop reading ``response`` mid-body, leaving nothing to the garbage collector.
+
+    httpx reads bodies through a chain of async generators; closing only the outer one
+    abandons the inner ones mid-iteration (encode/httpx#3686), which trio reports when
+    they are collected. So the connection is closed under them first, and the chain is
+    run into that: it ends at once with an error raised from the innermost one.
+    """
+    await response.aclose()
+    with contextlib.suppress(Exception):
+        async for _ in chunks:
+            pass
+
+
+class _HttpxBody:
+    """A NAR body through httpx, cut with IntegrityError once it passes ``limit``.
+
+    An iterator object rather than an async generator, closed by :meth:`aclose`: a reader
+    that stops early (a verification failure) leaves nothing for the garbage collector.
+    """
+
+    def __init__(self, response: httpx.Response, name: str, limit: int, start: int = 0) -> None:
+        self._response = response
+        self.start = start
+        self._name = name
+        self._limit = limit
+        self._received = 0
+        self.length = content_length(response.headers, name)
+        if self.length is not None and self.length > limit:
+            raise IntegrityError(f"{name}: upstream announces {self.length} bytes, at most {limit}")
+        self._chunks = _raw_chunks(response)
+
+    def __aiter__(self) -> _HttpxBody:
+        return self
+
+    async def __anext__(self) -> bytes:
         with translate_errors(self._name):
-            async for chunk in self._response.aiter_raw():
-                yield chunk
+            chunk = await self._chunks.__anext__()
+        self._received += len(chunk)
+        if self._received > self._limit:
+            raise IntegrityError(f"{self._name}: upstream sent more than {self._limit} bytes")
+        return chunk
+
+    async def aclose(self) -> None:
+        await _discard(self._response, self._chunks)
+
+
+class _BoundedDecoder:
+    """Undoes a content coding without ever producing more than it is asked for.
+
+    Some stores send a coding whatever the request says (an S3 object uploaded with
+    ``Content-Encoding``); the decoders of the standard library take a ``max_length``,
+    so a compressed bomb cannot expand past the limit. Other codings are refused.
+    """
+
+    def __init__(self, coding: str, what: str) -> None:
+        coding = coding.strip().lower()
+        self._stream: zlib._Decompress | lzma.LZMADecompressor | bz2.BZ2Decompressor | None
+        if coding in ("", "identity"):
+            self._stream = None
+        elif coding in ("gzip", "x-gzip"):
+            self._stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._stream = zlib.decompressobj()
+        elif coding == "xz":
+            self._stream = lzma.LZMADecompressor()
+        elif coding in ("bzip2", "x-bzip2"):
+            self._stream = bz2.BZ2Decompressor()
+        else:
+            raise UpstreamError(f"{what}: unsupported Content-Encoding {coding[:40]!r}")
+        self._what = what
+
+    def decode(self, data: bytes, room: int) -> bytes:
+        """At most ``room`` bytes decoded from ``data`` (more input is not looked at)."""
+        if self._stream is None:
+            return data
+        try:
+            if isinstance(self._stream, lzma.LZMADecompressor | bz2.BZ2Decompressor):
+                return self._stream.decompress(data, max_length=room)
+            return self._stream.decompress(data, room)  # zlib: max_length is positional
+        except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
+            raise UpstreamError(f"{self._what}: body does not decode: {exc}") from None
 
 
 class _RawBody:
@@ -171,10 +373,13 @@ class _RawBody:
         *,
         timeout: float,
         name: str,
+        start: int = 0,
     ) -> None:
         self.stream = stream
         self.status = status
+        self.start = start
         self.length = length
+        self.content_range: str | None = None
         self._first = first
         self._timeout = timeout
         self._name = name
@@ -216,6 +421,23 @@ class _Stale(Exception):
     """A kept-alive connection the upstream closed before answering: try another."""
 
 
+def _credential(
+    config: UpstreamConfig, tokens: TokenSource | None, token_lock: trio.Lock
+) -> Credential:
+    origin = origin_of(config.url)
+    if config.auth == "nixd":
+        if tokens is None:
+            raise AuthError(f"upstream {config.display_url} uses nixd auth but no token source")
+        return TokenCredential(origin, tokens, token_lock)
+    if config.auth == "netrc":
+        assert config.netrc_file is not None
+        return NetrcCredential(origin, config.netrc_file)
+    userinfo = userinfo_of(config.url)
+    if userinfo is not None:
+        return BasicCredential(origin, *userinfo)
+    return Credential(origin)
+
+
 class Upstream:
     """A configured cache with its client; ``users`` counts downloads still using it."""
 
@@ -231,21 +453,18 @@ class Upstream:
         self.index = index
         self.keys = config.public_keys()
         self.metrics = metrics
-        self.name = config.base_url
-        auth: httpx.Auth | None = None
-        if config.auth == "nixd":
-            if tokens is None:
-                raise AuthError(f"upstream {config.url} uses nixd auth but no token source")
-            auth = TokenAuth(tokens, token_lock)
-        elif config.auth == "netrc":
-            assert config.netrc_file is not None
-            auth = NetrcAuth(config.netrc_file)
+        self.name = config.display_url
+        """How the upstream is named in logs, errors, metrics and status: no credentials."""
+        self.base_url = config.base_url
+        self.origin = origin_of(config.url)
+        self.credential = _credential(config, tokens, token_lock)
         self.client = httpx.AsyncClient(
-            auth=auth,
+            auth=CredentialAuth(self.credential),
             timeout=httpx.Timeout(config.timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            follow_redirects=True,
-            headers={"User-Agent": "nixd-proxy"},
+            follow_redirects=False,  # followed by _stream, each hop checked
+            # NAR files are hashed as stored: no coding on top (and see _BoundedDecoder).
+            headers={"User-Agent": "nixd-proxy", "Accept-Encoding": "identity"},
         )
         self.users = 0
         self.retired = False
@@ -258,9 +477,30 @@ class Upstream:
         """Kept-alive raw connections by (host, port), most recently used last."""
 
     def url_for(self, relative: str) -> str:
-        if "://" in relative:
-            return relative
-        return f"{self.config.base_url}/{relative.lstrip('/')}"
+        """The URL to request for a narinfo's ``URL`` field (or a file name).
+
+        Relative names are under the upstream's URL. An absolute one on another origin
+        is refused unless ``foreign_urls = "anonymous"`` (then the credential, bound to
+        its origin, is not sent). Credentials inside it are dropped; characters a request
+        line cannot carry are refused.
+        """
+        scheme, sep, _ = relative.partition("://")
+        if not sep or "/" in scheme:  # relative, as Nix reads it
+            url = f"{self.base_url}/{relative.lstrip('/')}"
+        else:
+            try:
+                origin = origin_of(relative)
+                url = strip_userinfo(relative)
+            except FormatError as exc:
+                raise UpstreamError(f"{self.name}: narinfo URL is unusable: {exc}") from None
+            if origin != self.origin and self.config.foreign_urls != "anonymous":
+                raise UpstreamError(
+                    f"{self.name}: narinfo URL on another origin ({origin.scheme}://"
+                    f'{origin.host}:{origin.port}) refused (foreign_urls = "refuse")'
+                )
+        if not _sendable(url):
+            raise UpstreamError(f"{self.name}: narinfo URL has characters that cannot be sent")
+        return url
 
     def check_status(self, status: int, url: str) -> None:
         """Raise for an upstream status that is not success (see nixd.proxy.errors)."""
@@ -270,6 +510,8 @@ class Upstream:
             raise NotFound(f"{url}: {status}")
         if status in (401, 403):
             raise AuthError(f"{url}: upstream refused our credentials ({status})")
+        if 300 <= status < 400:
+            raise UpstreamError(f"{url}: upstream redirected ({status}) where we do not follow")
         raise UpstreamError(f"{url}: upstream answered {status}")
 
     def _outcome(self, outcome: str, error: BaseException | None = None) -> None:
@@ -284,23 +526,31 @@ class Upstream:
         """The verified narinfo for ``hash_part``, or None if this upstream does not have it.
 
         Raises :class:`~nixd.proxy.verify.UntrustedNarInfo` for a narinfo without a
-        trusted signature, :class:`UpstreamError`/:class:`AuthError` for failures.
+        trusted signature, :class:`UpstreamError` for one that does not parse, is too large
+        or names a URL that is refused, :class:`UpstreamError`/:class:`AuthError` for
+        failures.
         """
         url = self.url_for(f"{hash_part}.narinfo")
         start = time.monotonic()
         try:
             got = await self.get_small(url, MAX_NARINFO)
             if got is None:
-                with translate_errors(self.name):
-                    response = await self.client.get(url)
-                got = response.status_code, response.content
+                got = await self._get_bounded(url, MAX_NARINFO)
             status, content = got
             self.metrics.observe_latency(self.name, time.monotonic() - start)
             self.check_status(status, url)
-            if len(content) > MAX_NARINFO:
-                raise UpstreamError(f"{url}: narinfo larger than {MAX_NARINFO} bytes")
-            info = NarInfo.parse(content)
+            try:
+                info = NarInfo.parse(content)
+            except FormatError as exc:
+                self.metrics.inc("nixd_proxy_verification_failures_total", stage="narinfo")
+                log.warning("upstream %s: malformed narinfo for %s: %s", self.name, hash_part, exc)
+                raise UpstreamError(f"{url}: malformed narinfo: {exc}") from exc
             check_narinfo(info, hash_part, self.keys)
+            try:
+                self.url_for(info.url)  # refuse now what could not be fetched later
+            except UpstreamError as exc:
+                log.warning("upstream %s: narinfo for %s: %s", self.name, hash_part, exc)
+                raise
         except NotFound as exc:
             self._outcome("miss", exc)
             return None
@@ -316,15 +566,18 @@ class Upstream:
         return info
 
     async def fetch_small_nar(self, info: NarInfo, limit: int) -> bytes:
-        """The whole NAR file ``info.url`` (at most ``limit`` bytes), unverified."""
+        """The whole NAR file ``info.url``, unverified, of at most the size its narinfo
+        promised and at most ``limit`` bytes (:class:`IntegrityError` past that)."""
         url = self.url_for(info.url)
+        bound = min(limit, file_limit(info))
         start = time.monotonic()
         try:
-            got = await self.get_small(url, limit)
-            if got is None:
-                with translate_errors(self.name):
-                    response = await self.client.get(url)
-                got = response.status_code, response.content
+            try:
+                got = await self.get_small(url, bound)
+                if got is None:
+                    got = await self._get_bounded(url, bound)
+            except BodyTooLarge as exc:
+                raise IntegrityError(f"{exc} (the narinfo promised {bound})") from exc
             status, content = got
             self.metrics.observe_latency(self.name, time.monotonic() - start)
             self.check_status(status, url)
@@ -337,32 +590,80 @@ class Upstream:
         self.metrics.inc("nixd_proxy_upstream_bytes_total", len(content))
         return content
 
-    async def _authorization(self, url: str) -> tuple[str | None, AccessToken | None]:
-        auth = self._auth_for_raw()
-        if isinstance(auth, TokenAuth):
-            token = await auth.tokens.get()
-            return f"Bearer {token.value}", token
-        if isinstance(auth, NetrcAuth):
-            return auth.header_for(urlsplit(url).hostname or ""), None
-        return None, None
+    @contextlib.asynccontextmanager
+    async def _stream(
+        self, url: str, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[httpx.Response]:
+        """A streaming GET of ``url`` through httpx, following redirects :meth:`_redirect_target`
+        allows (same origin; any http(s) origin with ``foreign_urls = "anonymous"``)."""
+        for _ in range(MAX_REDIRECTS + 1):
+            with translate_errors(self.name):
+                request = self.client.build_request("GET", url, headers=headers)
+                response = await self.client.send(request, stream=True)
+            try:
+                if response.is_redirect:
+                    url = self._redirect_target(url, response.headers.get("location", ""))
+                    continue
+                with translate_errors(self.name):
+                    yield response
+                return
+            finally:
+                await response.aclose()
+        raise UpstreamError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    def _redirect_target(self, url: str, location: str) -> str:
+        """Where a redirect from ``url`` leads, if it may be followed (see the module doc)."""
+        try:
+            target = strip_userinfo(urljoin(url, location))
+            same = origin_of(target) == origin_of(url)
+        except (FormatError, ValueError):
+            raise UpstreamError(f"{url}: redirect to a malformed location") from None
+        if not same and self.config.foreign_urls != "anonymous":
+            raise UpstreamError(
+                f'{url}: redirect to another origin refused (foreign_urls = "refuse")'
+            )
+        if not _sendable(target):
+            raise UpstreamError(f"{url}: redirect location has characters that cannot be sent")
+        return target
+
+    async def _get_bounded(self, url: str, limit: int) -> tuple[int, bytes]:
+        """``(status, body)`` through httpx, the body at most ``limit`` bytes.
+
+        Only a 200's body is read; others are answered by their status alone.
+        """
+        async with self._stream(url) as response:
+            if response.status_code != 200:
+                return response.status_code, b""
+            length = content_length(response.headers, url)
+            if length is not None and length > limit:
+                raise BodyTooLarge(f"{url}: upstream announces {length} bytes, at most {limit}")
+            decoder = _BoundedDecoder(response.headers.get("content-encoding", ""), url)
+            body = bytearray()
+            async with contextlib.aclosing(_raw_chunks(response)) as chunks:
+                async for chunk in chunks:
+                    body += decoder.decode(chunk, limit - len(body) + 1)
+                    if len(body) > limit:
+                        await _discard(response, chunks)
+                        raise BodyTooLarge(f"{url}: upstream sent more than {limit} bytes")
+            return 200, bytes(body)
 
     async def get_small(self, url: str, limit: int) -> tuple[int, bytes] | None:
         """``(status, body)`` of a GET over a kept-alive raw connection.
 
         None when the raw path does not apply (not ``http://``, a redirect, no
-        ``Content-Length``, a body over ``limit``): the caller then asks httpx. A 401 with
-        nixd auth renews the token once, as :class:`TokenAuth` does.
+        ``Content-Length``, a content coding): the caller then asks httpx.
+        :class:`BodyTooLarge` for a 200 announcing more than ``limit``. A 401 renews the
+        credential once (:meth:`Credential.on_401`).
         """
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             return None
-        header, token = await self._authorization(url)
+        header = await self.credential.header(url)
         got = await self._raw_small(parts, header, limit)
-        if got is not None and got[0] == 401 and token is not None:
-            auth = self._auth_for_raw()
-            assert isinstance(auth, TokenAuth)
-            fresh = await auth._renew(token)
-            got = await self._raw_small(parts, f"Bearer {fresh.value}", limit)
+        if got is not None and got[0] == 401 and header is not None:
+            fresh = await self.credential.on_401(header)
+            if fresh is not None:
+                got = await self._raw_small(parts, fresh, limit)
         return got
 
     async def _raw_small(
@@ -370,14 +671,17 @@ class Upstream:
     ) -> tuple[int, bytes] | None:
         host = parts.hostname or ""
         port = parts.port or 80
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        target = _request_target(parts, self.name)
         request = (
             f"GET {target} HTTP/1.1\r\nHost: {parts.netloc.rsplit('@', 1)[-1]}\r\n"
             "User-Agent: nixd-proxy\r\nAccept-Encoding: identity\r\n"
             + (f"Authorization: {authorization}\r\n" if authorization else "")
             + "\r\n"
         ).encode("latin-1")
-        idle = self._idle.setdefault((host, port), [])
+        own = (host, port) == (self.origin.host, self.origin.port)
+        # Connections are kept only to the upstream's own host: hosts named by narinfo URLs
+        # (foreign_urls = "anonymous") could otherwise hold any number of idle sockets.
+        idle = self._idle.setdefault((host, port), []) if own else []
         try:
             with trio.fail_after(self.config.timeout):
                 while idle:  # a kept-alive connection the upstream may have closed since
@@ -395,6 +699,10 @@ class Upstream:
             raise UpstreamTimeout(f"{self.name}: timed out") from exc
         except (OSError, trio.BrokenResourceError) as exc:
             raise UpstreamError(f"{self.name}: {exc}") from exc
+        finally:
+            if not own:
+                for stream in idle:
+                    stream.socket.close()  # never used again; no need to wait for it
 
     async def _exchange(
         self,
@@ -408,39 +716,23 @@ class Upstream:
         try:
             try:
                 await stream.send_all(request)
-                head = b""
-                while (end := head.find(b"\r\n\r\n")) < 0:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        if not head:
-                            raise _Stale
-                        raise UpstreamError(f"{self.name}: connection closed in the headers")
-                    head += data
-                    if len(head) > 65536:
-                        raise UpstreamError(f"{self.name}: response headers too large")
+                got = await _receive_head(stream, self.name)
             except trio.BrokenResourceError as exc:
                 raise _Stale from exc
-            status_line, *header_lines = head[:end].decode("latin-1").split("\r\n")
-            try:
-                version, status_text = status_line.split(" ", 2)[:2]
-                status = int(status_text)
-            except ValueError:
-                raise UpstreamError(f"{self.name}: malformed status line") from None
-            headers: dict[str, str] = {}
-            for line in header_lines:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            length_text = headers.get("content-length", "")
-            if (
-                not length_text.isdigit()
-                or int(length_text) > limit
-                or "transfer-encoding" in headers
-                or headers.get("content-encoding", "identity").lower() != "identity"
-                or 300 <= status < 400
-            ):
+            if got is None:
+                raise _Stale
+            raw_head, body = got
+            head = parse_response_head(raw_head, self.name)
+            length = head.content_length
+            if head.chunked or not head.identity or 300 <= head.status < 400 or length is None:
                 return None
-            length = int(length_text)
-            body = head[end + 4 :]
+            if head.status != 200:
+                if length > MAX_ERROR_BODY:
+                    return head.status, b""  # not worth reading to keep the connection
+            elif length > limit:
+                raise BodyTooLarge(
+                    f"{self.name}: upstream announces {length} bytes, at most {limit}"
+                )
             while len(body) < length:
                 data = await stream.receive_some(max(65536, length - len(body)))
                 if not data:
@@ -448,70 +740,82 @@ class Upstream:
                 body += data
             if len(body) > length:
                 raise UpstreamError(f"{self.name}: bytes after the response body")
-            keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-            return status, body
+            keep = head.keep_alive
+            return head.status, body if head.status == 200 else b""
         finally:
             if keep and len(idle) < MAX_IDLE:
                 idle.append(stream)
             else:
                 await stream.aclose()
 
-    def _auth_for_raw(self) -> httpx.Auth | None:
-        auth = self.client.auth if self.client.auth is not None else None
-        return auth if isinstance(auth, TokenAuth | NetrcAuth) else None
-
     @contextlib.asynccontextmanager
-    async def nar_body(self, info: NarInfo) -> AsyncIterator[NarBody]:
+    async def nar_body(self, info: NarInfo, offset: int = 0) -> AsyncIterator[NarBody]:
         """The NAR file's body as :class:`NarBody` (length + chunks of up to 1 MiB).
 
         For ``http://`` upstreams the body is read straight from the socket into one
         reused buffer (httpx's per-chunk overhead would bound a cold NAR at ~150 MiB/s);
-        otherwise, and when the upstream does not send a Content-Length, through httpx.
+        otherwise, and when the upstream does not send a Content-Length (or redirects),
+        through httpx. Either way no more than :func:`file_limit` bytes are accepted.
+        ``offset`` > 0 asks for the rest of the file from there (``Range``, see
+        :func:`resumed_start`), to resume a download the upstream cut.
         """
         url = self.url_for(info.url)
+        limit = file_limit(info)
         parts = urlsplit(url)
         if parts.scheme == "http" and parts.hostname:
-            raw = await self._open_raw(url)
+            raw = await self._open_raw(url, limit, offset)
             if raw is not None:
                 try:
                     yield raw
                 finally:
                     await raw.aclose()
                 return
-        async with self.open_nar(info) as response:
-            yield _HttpxBody(response, self.name)
+        async with self.open_nar(info, offset) as response:
+            start = resumed_start(
+                response.status_code, response.headers.get("content-range"), offset, url
+            )
+            body = _HttpxBody(response, self.name, max(0, limit - start), start)
+            try:
+                yield body
+            finally:
+                await body.aclose()
 
-    async def _open_raw(self, url: str) -> _RawBody | None:
-        auth = self._auth_for_raw()
-        token: AccessToken | None = None
-        header: str | None = None
-        if isinstance(auth, TokenAuth):
-            token = await auth.tokens.get()
-            header = f"Bearer {token.value}"
-        elif isinstance(auth, NetrcAuth):
-            header = auth.header_for(urlsplit(url).hostname or "")
-        body = await self._raw_get(url, header)
-        if body.status == 401 and isinstance(auth, TokenAuth) and token is not None:
+    async def _open_raw(self, url: str, limit: int, offset: int = 0) -> _RawBody | None:
+        header = await self.credential.header(url)
+        body = await self._raw_get(url, header, offset)
+        if body.status == 401 and header is not None:
             await body.aclose()
-            fresh = await auth._renew(token)
-            body = await self._raw_get(url, f"Bearer {fresh.value}")
-        if body.status != 200:
+            fresh = await self.credential.on_401(header)
+            if fresh is not None:
+                body = await self._raw_get(url, fresh, offset)
+        answered = body.status == 200 or (offset and body.status == 206)
+        if 300 <= body.status < 400 or (answered and body.length is None):
+            await body.aclose()
+            return None  # httpx follows same-origin redirects and reads unframed bodies
+        if not answered:
             await body.aclose()
             self.check_status(body.status, url)
             raise UpstreamError(f"{url}: unexpected {body.status}")
-        if body.length is None:
+        try:
+            body.start = resumed_start(body.status, body.content_range, offset, url)
+        except UpstreamError:
             await body.aclose()
-            return None
+            raise
+        assert body.length is not None
+        if body.length > limit - body.start:
+            await body.aclose()
+            raise IntegrityError(
+                f"{url}: upstream announces {body.start + body.length} bytes, at most {limit}"
+            )
         self._outcome("nar")
         return body
 
-    async def _raw_get(self, url: str, authorization: str | None) -> _RawBody:
+    async def _raw_get(self, url: str, authorization: str | None, offset: int = 0) -> _RawBody:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or 80
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
         lines = [
-            f"GET {target} HTTP/1.1",
+            f"GET {_request_target(parts, self.name)} HTTP/1.1",
             f"Host: {parts.netloc.rsplit('@', 1)[-1]}",
             "User-Agent: nixd-proxy",
             "Accept-Encoding: identity",
@@ -519,6 +823,8 @@ class Upstream:
         ]
         if authorization:
             lines.append(f"Authorization: {authorization}")
+        if offset:
+            lines.append(f"Range: bytes={offset}-")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         start = time.monotonic()
         timeout = self.config.timeout
@@ -528,57 +834,46 @@ class Upstream:
             try:
                 with trio.fail_after(timeout):
                     await stream.send_all(request)
-                    head = b""
-                    while b"\r\n\r\n" not in head:
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            raise UpstreamError(f"{self.name}: connection closed before headers")
-                        head += data
-                        if len(head) > 65536:
-                            raise UpstreamError(f"{self.name}: response headers too large")
+                    got = await _receive_head(stream, self.name)
+                if got is None:
+                    raise UpstreamError(f"{self.name}: connection closed before headers")
+                head = parse_response_head(got[0], self.name)
             except BaseException:
                 await stream.aclose()
                 raise
         except trio.TooSlowError as exc:
             self._outcome("error", UpstreamTimeout(f"{self.name}: timed out"))
             raise UpstreamTimeout(f"{self.name}: timed out") from exc
-        except OSError as exc:
+        except (OSError, trio.BrokenResourceError) as exc:  # refused, reset
             self._outcome("error", exc)
             raise UpstreamError(f"{self.name}: {exc}") from exc
+        except UpstreamError as exc:
+            self._outcome("error", exc)
+            raise
         self.metrics.observe_latency(self.name, time.monotonic() - start)
-        header_bytes, _, rest = head.partition(b"\r\n\r\n")
-        status_line, *header_lines = header_bytes.decode("latin-1").split("\r\n")
-        try:
-            status = int(status_line.split(" ", 2)[1])
-        except (IndexError, ValueError):
-            await stream.aclose()
-            raise UpstreamError(f"{self.name}: malformed status line") from None
-        headers: dict[str, str] = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length_text = headers.get("content-length")
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        encoded = headers.get("content-encoding", "identity").lower() != "identity"
-        length = int(length_text) if length_text and length_text.isdigit() else None
-        if chunked or encoded:
-            length = None
-        return _RawBody(stream, status, length, rest, timeout=timeout, name=self.name)
+        length = head.content_length if not head.chunked and head.identity else None
+        body = _RawBody(stream, head.status, length, got[1], timeout=timeout, name=self.name)
+        content_range = head.headers.get(b"content-range")
+        body.content_range = None if content_range is None else content_range.decode("latin-1")
+        return body
 
     @contextlib.asynccontextmanager
-    async def open_nar(self, info: NarInfo) -> AsyncIterator[httpx.Response]:
-        """A streaming GET of the NAR file ``info.url``; raises unless it answered 200."""
+    async def open_nar(self, info: NarInfo, offset: int = 0) -> AsyncIterator[httpx.Response]:
+        """A streaming GET of the NAR file ``info.url``; raises unless it answered 200.
+
+        With ``offset`` it asks for the rest from there, and a 206 is an answer too.
+        """
         url = self.url_for(info.url)
         start = time.monotonic()
+        headers = {"Range": f"bytes={offset}-"} if offset else None
         try:
-            with translate_errors(self.name):
-                async with self.client.stream("GET", url) as response:
-                    self.metrics.observe_latency(self.name, time.monotonic() - start)
-                    if response.status_code != 200:
-                        self.check_status(response.status_code, url)
-                        raise UpstreamError(f"{url}: unexpected {response.status_code}")
-                    self._outcome("nar")
-                    yield response
+            async with self._stream(url, headers) as response:
+                self.metrics.observe_latency(self.name, time.monotonic() - start)
+                if response.status_code != 200 and not (offset and response.status_code == 206):
+                    self.check_status(response.status_code, url)
+                    raise UpstreamError(f"{url}: unexpected {response.status_code}")
+                self._outcome("nar")
+                yield response
         except Exception as exc:
             self._outcome("error", exc)
             raise
@@ -604,10 +899,38 @@ class Upstream:
 
     def status(self) -> dict[str, object]:
         return {
-            "url": self.config.url,
+            "url": self.name,
             "priority": self.config.priority,
             "last_ok": self.last_ok,
             "last_error": self.last_error,
             "healthy": self.last_error_at is None
             or (self.last_ok is not None and self.last_ok > self.last_error_at),
         }
+
+
+# -- resuming a cut NAR download -------------------------------------------------------------
+
+
+def resumed_start(status: int, content_range: str | None, offset: int, url: str) -> int:
+    """The file offset a NAR answer starts at, for a request that asked from ``offset``.
+
+    200 is the whole file (an upstream may ignore ``Range``): 0. A 206 must be the one
+    range asked for, ``bytes <offset>-<last>/<size>``; anything else (another start, a
+    multipart answer, a 206 nobody asked for) is refused rather than guessed at, since the
+    bytes are appended to what was already received and hashed.
+    """
+    if status != 206:
+        return 0
+    if not offset or content_range is None:
+        raise UpstreamError(f"{url}: a 206 answer that was not asked for")
+    unit, _, spec = content_range.strip().partition(" ")
+    first, dash, rest = spec.strip().partition("-")
+    if unit.lower() != "bytes" or not dash or "/" not in rest:
+        raise UpstreamError(f"{url}: malformed Content-Range {content_range[:80]!r}")
+    try:
+        start = parse_uint(first, limit=MAX_NAR_OFFSET, what="Content-Range start")
+    except FormatError as exc:
+        raise UpstreamError(f"{url}: {exc}") from exc
+    if start != offset:
+        raise UpstreamError(f"{url}: asked for bytes from {offset}, got them from {start}")
+    return start

@@ -145,3 +145,52 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "absent.toml")
+
+
+BAD_FILES = {
+    "non-utf8-byte": ("[daemon]\nlog_level = 'info'\n# caf\xe9\n".encode("latin-1"), "not UTF-8"),
+    "ipv6-url-unclosed": (b'[[proxy.upstreams]]\nurl = "http://[::1"\n', "proxy.upstreams[0].url"),
+    "server-url-unclosed": (b'[server]\nurl = "http://[::1"\n', "server.url"),
+    "upstream-port-99999": (b'[[proxy.upstreams]]\nurl = "http://h:99999"\n', "Port out of range"),
+    "listen-port-99999": (b'[proxy]\nlisten = "127.0.0.1:99999"\n', "proxy.listen"),
+    "listen-port-arabic-digit": ('[proxy]\nlisten = "127.0.0.1:\u0663"\n'.encode(), "proxy.listen"),
+    "arrays-2000-deep": (b"x = " + b"[" * 2000 + b"]" * 2000 + b"\n", "nested too deeply"),
+    "tables-2000-deep": (b"x = " + b"{a = " * 2000 + b"1" + b"}" * 2000 + b"\n", "TOML"),
+    "integer-of-5000-digits": (b"[proxy]\nstore_max_bytes = " + b"9" * 5000 + b"\n", "TOML"),
+    "nul-in-a-path": (b'[nix]\nnetrc = "/etc/a\\u0000b"\n', "NUL"),
+    "nul-in-a-group": (b'[daemon]\ncontrol_group = "a\\u0000b"\n', "no such group"),
+    "url-credentials-with-netrc": (
+        b'[[proxy.upstreams]]\nurl = "http://u:pw@h"\nauth = "netrc"\nnetrc_file = "/n"\n',
+        "pick one",
+    ),
+    "foreign-urls-unknown": (
+        b'[[proxy.upstreams]]\nurl = "http://h"\nforeign_urls = "sometimes"\n',
+        "proxy.upstreams[0].foreign_urls",
+    ),
+    "too-large": (b"# " + b"x" * (2 << 20) + b"\n", "larger than"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_every_bad_file_is_a_config_error(tmp_path: Path, name: str) -> None:
+    data, what = BAD_FILES[name]
+    path = tmp_path / "config.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(str(path)), info.value
+    assert what in str(info.value)
+    assert "pw" not in str(info.value)
+
+
+def test_foreign_urls_and_url_credentials_are_read(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            '[[proxy.upstreams]]\nurl = "https://ci:s3cret@cache.example/"\n'
+            'foreign_urls = "anonymous"\n',
+        )
+    )
+    upstream = config.proxy.upstreams[0]
+    assert upstream.foreign_urls == "anonymous"
+    assert upstream.url == "https://ci:s3cret@cache.example"

@@ -34,6 +34,25 @@ def test_atomic_write_creates_replaces_and_sets_mode(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["netrc"]
 
 
+def test_modes_ignore_the_umask(tmp_path: Path) -> None:
+    """Under umask 000 (a unit without UMask=) nothing is created writable by others."""
+    old = os.umask(0)
+    try:
+        files.make_dirs(tmp_path / "var" / "lib" / "nixd", 0o700)
+        files.atomic_write(tmp_path / "var" / "lib" / "nixd" / "state.json", b"{}")
+        files.make_dirs(tmp_path / "var" / "lib" / "nixd", 0o700)  # exists: no change
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "var") == 0o755 and _mode(tmp_path / "var" / "lib") == 0o755
+    assert _mode(tmp_path / "var" / "lib" / "nixd") == 0o700
+    assert _mode(tmp_path / "var" / "lib" / "nixd" / "state.json") == 0o600
+    (tmp_path / "var").chmod(0o750)  # an administrator's choice is kept
+    files.make_dirs(tmp_path / "var" / "other", 0o700)
+    assert _mode(tmp_path / "var") == 0o750
+    with pytest.raises(ConfigError, match="cannot create"):
+        files.make_dirs(tmp_path / "var" / "lib" / "nixd" / "state.json" / "x", 0o700)
+
+
 def test_atomic_write_sets_owner(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("chown needs root")

@@ -141,6 +141,12 @@ def test_custom_store_dir() -> None:
         (MINIMAL.replace("NarSize: 160", "NarSize: -1"), "NarSize", "line 4"),
         (MINIMAL.replace("NarSize: 160", "NarSize: 1e3"), "NarSize", "line 4"),
         (MINIMAL.replace("NarSize: 160", f"NarSize: {2**64}"), "NarSize", "line 4"),
+        # Past 4,300 digits int() itself raises ValueError; non-ASCII digits pass isdigit().
+        (MINIMAL.replace("NarSize: 160", "NarSize: " + "9" * 5000), "NarSize", "line 4"),
+        (MINIMAL.replace("NarSize: 160", "NarSize: \u00b2"), "NarSize", "line 4"),
+        (MINIMAL.replace("NarSize: 160", "NarSize: \u0663"), "NarSize", "line 4"),
+        (MINIMAL.replace("NarSize: 160", "NarSize: 1_60"), "NarSize", "line 4"),
+        (MINIMAL + "FileSize: " + "1" * 5000 + "\n", "FileSize", "line 5"),
         (MINIMAL.replace("URL: nar/x.nar", "URL: "), "URL is empty", "line 2"),
         (MINIMAL.replace("URL: nar/x.nar", "URL:nar/x.nar"), "Key: value", "line 2"),
         (MINIMAL + "\n", "Key: value", "line 5"),
