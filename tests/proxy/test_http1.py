@@ -12,66 +12,11 @@ import re
 import tempfile
 from pathlib import Path
 
-import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nixd.proxy.http1 import MAX_HEAD, BadRequest, parse_head
 from tests.proxy.conftest import ProxyEnv, start_proxy
-
-GOOD = b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/7.8 Nix/2.8"
-
-
-def test_parses_a_nix_request() -> None:
-    head = parse_head(GOOD + b"\r\nAuthorization:  Basic  abc= \r\nX-Empty:")
-    assert head.method == b"GET"
-    assert head.target == b"/nix-cache-info"
-    assert head.headers[b"authorization"] == b"Basic  abc="
-    assert head.headers[b"x-empty"] == b""
-    assert head.headers[b"user-agent"] == b"curl/7.8 Nix/2.8"
-    assert head.keep_alive and head.content_length == 0
-
-
-def test_connection_close_and_http10_end_keep_alive() -> None:
-    assert not parse_head(GOOD + b"\r\nConnection: Keep-Alive, Close").keep_alive
-    http10 = parse_head(b"HEAD /x.narinfo HTTP/1.0")
-    assert http10.method == b"HEAD" and not http10.keep_alive
-
-
-@pytest.mark.parametrize(
-    ("head", "status"),
-    [
-        (b"", 400),
-        (b"GET /x HTTP/1.1", 400),  # no Host
-        (b"GET  /x HTTP/1.1\r\nHost: x", 400),
-        (b"GET /x y HTTP/1.1\r\nHost: x", 400),
-        (b"GET /x HTTP/1.1\r\nHost : x", 400),  # space before the colon
-        (b"GET /x HTTP/1.1\r\nHost: x\r\n folded", 400),  # obs-fold
-        (b"GET /x HTTP/1.1\r\nHost: x\r\nX: a\x00b", 400),
-        (b"GET /x HTTP/1.1\r\nHost: x\nX: y", 400),  # bare LF
-        (b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: -1", 400),
-        (b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2", 400),
-        (b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 999999", 413),
-        (b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked", 501),
-        (b"GET /x HTTP/2.0\r\nHost: x", 505),
-        (GOOD + b"\r\nX: " + b"a" * MAX_HEAD, 431),
-    ],
-)
-def test_malformed_heads(head: bytes, status: int) -> None:
-    with pytest.raises(BadRequest) as caught:
-        parse_head(head)
-    assert caught.value.status == status
-
-
-@given(st.binary(max_size=512))
-def test_random_heads_parse_or_raise_bad_request(data: bytes) -> None:
-    try:
-        head = parse_head(data)
-    except BadRequest as exc:
-        assert exc.status in (400, 413, 431, 501, 505)
-    else:
-        assert head.method and head.target
 
 
 def _auth(proxy: ProxyEnv) -> bytes:

@@ -80,14 +80,15 @@ async def test_keep_alive_pipelining_and_head(front: tuple[HttpFront, int]) -> N
 async def test_expect_continue_only_when_the_body_is_wanted(front: tuple[HttpFront, int]) -> None:
     _, port = front
     refused = await talk(
-        port, b"PUT /refuse HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        port,
+        b"PUT /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
     )
     assert refused.startswith(b"HTTP/1.1 403 Forbidden\r\n")
     assert b"100 Continue" not in refused  # closed rather than left out of step
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     with trio.fail_after(5):
         await stream.send_all(
-            b"PUT /take HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+            b"PUT /take HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
         )
         assert await stream.receive_some(1000) == b"HTTP/1.1 100 Continue\r\n\r\n"
         await stream.send_all(b"hello")
@@ -113,7 +114,9 @@ async def test_graceful_shutdown_finishes_in_flight(front: tuple[HttpFront, int]
     result: list[bytes] = []
 
     async def slow() -> None:
-        result.append(await talk(port, b"GET /slow HTTP/1.1\r\n\r\n", until=b"slow done"))
+        result.append(
+            await talk(port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n", until=b"slow done")
+        )
 
     async with trio.open_nursery() as n:
         n.start_soon(slow)
