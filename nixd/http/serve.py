@@ -228,6 +228,7 @@ class Responder:
         "_fd",
         "_head",
         "_remaining",
+        "_server",
         "_sock",
         "_stall",
         "_until_close",
@@ -245,8 +246,10 @@ class Responder:
         head: bool,
         keep_alive: bool,
         stall_timeout: float = 30.0,
+        server: HttpServer | None = None,
     ) -> None:
         self._sock = sock
+        self._server = server
         self._fd = sock.fileno()
         self._head = head
         self._stall = stall_timeout
@@ -271,6 +274,8 @@ class Responder:
             raise ResponseStateError("response already started")
         self.started = True
         self.status = status
+        if self._server is not None and self._server.draining:
+            self.keep_alive = False  # a drain began while the request was handled
 
     async def start(self, status: int, headers: Headers, first: bytes = b"") -> None:
         """Send the status line, ``headers`` and (in the same write) ``first`` body bytes.
@@ -705,6 +710,7 @@ class _Exchange:
             head=head.method == b"HEAD",
             keep_alive=keep_alive,
             stall_timeout=self.limits.body_idle_timeout,
+            server=self.server,
         )
         request._responder = responder
         try:

@@ -67,14 +67,14 @@ async def serve_front(
     handler: Handler,
     shutdown: trio.Event,
     *,
-    limits: Limits = LIMITS,
+    limits: Limits | None = None,
     task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the proxy's requests until ``shutdown`` is set and in-flight requests end."""
     await serve_http(
         listeners,
         handler,
-        limits=limits,
+        limits=limits or LIMITS,
         shutdown=shutdown,
         graceful_timeout=math.inf,
         task_status=task_status,

@@ -144,11 +144,15 @@ async def serve(
 
     Binds ``listen`` (default ``server.listen``) unless bound ``sockets`` are given.
     """
+    own = sockets is None
     if sockets is None:
         sockets = bind_sockets(list(listen or config.server.listen))
     listeners = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup())) for sock in sockets
     ]
+    if own:  # the duplicates are the listeners now; given sockets stay the caller's
+        for sock in sockets:
+            sock.close()
     with open_services(config) as services:
         limits = dataclasses.replace(
             LIMITS,
