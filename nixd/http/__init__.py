@@ -10,8 +10,10 @@ The room's model, in the jeepney shape (a sans-I/O core, one thin trio module):
   message ends (request smuggling, response splitting) and bound every number before
   converting it (:mod:`nixd.bounds`). What they accept, h11 accepts and reads the same
   way: h11 is the test oracle (``tests/http``), not the runtime parser, because it costs
-  several times the per-request budget (measured: ~121 µs per head against ~13.5 µs
-  here, where the whole warm narinfo answer of the proxy costs ~50 µs).
+  several times the per-request budget (measured: ~121 µs per request in a server loop
+  against ~13.5 µs for a hand-parsed one, DESIGN.md; parsing alone, ~24 µs a head
+  against ~5.6 µs, :mod:`nixd.http.request`), where the proxy's whole warm narinfo
+  answer costs ~25-50 µs of CPU.
 - **One value of bounds**: :class:`~nixd.http.limits.Limits` (head and body size, header
   count, total and per-peer connections, a deadline for the whole head, body idle and
   keep-alive timeouts, requests per connection). A front has no other numbers.

@@ -15,7 +15,9 @@ socket (no ``SocketStream`` layers: a warm narinfo answer is one ``recv`` and on
   byte, then ``head_timeout`` for the whole head, counted from that byte. The deadline
   is set once per head, not on every read, so dribbling bytes does not extend it;
 - a request body gets ``body_idle_timeout`` between reads; a response write that makes
-  no progress for as long cuts the connection too;
+  no progress for as long cuts the connection too. A small body the handler left
+  unread is dropped to keep the connection, within ``head_timeout`` in all (and the
+  connection is evictable meanwhile), so trickling an unwanted body holds nothing;
 - while the handler runs (waiting for an upstream, streaming a NAR) there is none.
 
 A refused head (:class:`~nixd.http.errors.BadRequest`) is answered with its status and
@@ -749,11 +751,17 @@ class _Exchange:
             # The handler answered without reading the body: drop a small one to keep
             # the connection in step; close for a large one, or one the client holds
             # back for a 100 Continue it never got.
+            # The drop has ``head_timeout`` in all and the connection is evictable
+            # meanwhile: a body nobody wants must not hold a connection by trickling.
             if remaining > DISCARD_MAX or (head.expect_continue and not request._continued):
                 return False
             request._continued = True
-            while await request.receive_body(DISCARD_MAX):
-                pass
+            self.conn.busy = False
+            with trio.move_on_after(self.limits.head_timeout):
+                while await request.receive_body(DISCARD_MAX):
+                    pass
+            if self.reader.body_remaining:
+                return False
         return True
 
     async def _refuse(self, exc: BadRequest) -> None:

@@ -223,6 +223,37 @@ async def test_body_idle_timeout(start_front: StartFront) -> None:
         await assert_serving(front)
 
 
+async def test_a_trickled_unwanted_body_does_not_hold_the_connection(
+    start_front: StartFront,
+) -> None:
+    """The handler answered without the body; dropping it has a deadline, not an idle timeout."""
+    limits = Limits(
+        max_head_bytes=LIMITS.max_head_bytes,
+        head_timeout=1.0,
+        keepalive_timeout=60.0,
+        body_idle_timeout=60.0,
+        linger=0.2,
+    )
+    with trio.fail_after(GUARD):
+        front = await start_front(limits)
+        stream = await front.connect()
+        async with stream, trio.open_nursery() as nursery:
+            await stream.send_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n")
+
+            async def trickle() -> None:
+                try:
+                    for _ in range(60000):
+                        await stream.send_all(b"a")
+                        await trio.sleep(0.05)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+
+            nursery.start_soon(trickle)
+            await _closed_by_front(stream)
+            nursery.cancel_scope.cancel()
+        await assert_serving(front)
+
+
 async def test_idle_peers_do_not_lock_out_another(start_front: StartFront) -> None:
     """Connections held open without a request are closed to make room for new ones."""
     with trio.fail_after(GUARD):
