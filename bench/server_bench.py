@@ -136,7 +136,7 @@ class Server:
         self.url = ""
 
     def cli(self, *args: str) -> str:
-        return run([PY, "-m", "nixd.server.cli", *args])
+        return run([PY, "-m", "nixd.server.cli.main", *args])
 
     def setup(self) -> None:
         if not (self.state / "config.toml").exists():
@@ -171,7 +171,7 @@ class Server:
         address.unlink(missing_ok=True)
         with (BENCH / "serve.log").open("ab") as out:
             self.proc = subprocess.Popen(
-                [PY, "-m", "nixd.server.cli", "serve", str(self.state), "--workers", WORKERS],
+                [PY, "-m", "nixd.server.cli.main", "serve", str(self.state), "--workers", WORKERS],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

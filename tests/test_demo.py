@@ -36,7 +36,7 @@ def test_demo_substitutes_through_the_proxy(tmp_path: Path) -> None:
     assert result["substituted_offline"] == result["closure"]
     assert result["greeting"] == "hello from a private cache"
     status = result["status"]
-    assert status["logged_in"] and status["identity"] == "token:laptop"
+    assert status["logged_in"] and status["identity"] == "token:acme/laptop"
     # no token, API or access, is printed or logged anywhere
     for secret in result["secrets"]:
         assert secret not in out

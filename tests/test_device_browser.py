@@ -42,7 +42,16 @@ def _serve(state: ServerState, *, code_ttl: int) -> ServerProcess:
     with (state.path / "config.toml").open("a") as f:
         f.write(f"\n[device]\ncode_ttl = {code_ttl}\ninterval = 1\n")
     subprocess.run(
-        [sys.executable, "-m", "nixd.server.cli", "user", "add", str(state.path), "acme", "alice"],
+        [
+            sys.executable,
+            "-m",
+            "nixd.server.cli",
+            "user",
+            "add",
+            str(state.path),
+            "acme",
+            "alice",
+        ],
         input=f"{PASSWORD}\n",
         text=True,
         capture_output=True,

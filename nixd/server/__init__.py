@@ -1,0 +1,60 @@
+"""nixd-server: a team's binary cache, shared by organizations that must not trust each other.
+
+The tenancy model
+    An **organization** owns **projects**; a project is a **slice** of the cache
+    (``org/project``), the unit that policy talks about and that ``nix copy --to
+    /cache/<org>/<project>`` uploads to. Names are compared ignoring case: ``acme`` and
+    ``ACME`` cannot both exist. An **identity** is ``kind:subject`` and is scoped to its
+    organization where names could collide: API tokens are ``token:<org>/<name>``; users,
+    CI and AWS identities carry an ``org`` attribute from the server config. An
+    identity's attributes come from its credential, never its permissions.
+
+    Each (slice, store path) has **its own record**: the NarHash, NarSize, References,
+    Deriver, System and CA that slice's writer uploaded, and who uploaded it. NAR bytes
+    are shared by hash (a record names a NarHash, and the bytes of one NarHash are one
+    thing); metadata never is. A second upload of a path a slice already holds must be
+    identical, or come from an identity with ``cache:admin`` there (409 otherwise).
+
+    The **unified view** of an organization O — ``/cache/<O>/``, and ``/cache/`` for a
+    caller whose own organization is O — answers a path from the slices the reader may
+    read, in a trust order an admin can see (``nixd-server org view``) and set: O's own
+    slices first (by ``project priority``, lower first; then the record that arrived
+    first; then by name), then other organizations' slices O opted in to (``org
+    trust``, in that order), then slices granted to this reader by an explicit policy
+    rule. Another organization's slice that is readable only because it is public is
+    never asked unless O opted in to it. The answer is deterministic, and its audit line
+    names the slice that served it and the rule that allowed it.
+
+    **Why one view per organization**, rather than one for the whole server: trust is an
+    organization's decision. A server-wide view would have to order organizations
+    against each other, and any order lets one of them shadow the others. ``/cache/``
+    stays the URL the daemon configures (it is the caller's own organization's view);
+    a caller without an organization (anonymous) reads public slices through
+    ``/cache/<org>/``.
+
+The invariant every change must keep
+    For any reader R and store path P, what R receives for P (narinfo fields, NAR bytes,
+    log) was uploaded by an identity allowed to write a slice that R may read; no other
+    identity can change it, and nothing R cannot see changes R's answers: a hidden path,
+    slice or organization answers exactly as an absent one (same status, same body),
+    and the reason goes to the audit log only.
+
+    Within one organization, the writers of every slice a reader may read are trusted
+    by that reader as far as this view goes: a writer of ``acme/app`` who uploads a path
+    before ``acme/ci`` does is answered first for readers of both unless the admin ranks
+    ``acme/ci`` higher (``project priority acme/ci 10``) or keeps those readers out of
+    ``acme/app`` by policy.
+
+Policy
+    Deny beats allow everywhere; a project's ``--public`` flag is an allow rule for
+    every caller, anonymous included, on ``cache:read`` of that slice, and nothing more
+    (a matching deny still wins). One decision function (:meth:`~nixd.server.access.
+    policy.Policy.decide`) serves requests and ``nixd-server policy explain``.
+
+Rooms
+    ``http/`` (routes as an ASGI app, the HTTP/1.1 front), ``access/`` (identity, policy,
+    audit, credentials, access tokens, keys), ``login/`` (exchanges: OIDC, AWS, device
+    code, accounts, web pages), ``storage/`` (SQLite metadata and blobs), ``cli/`` (one
+    module per command group). Imports run cli → http → access, login → storage; the
+    room root holds config, errors and the ASGI types that every room shares.
+"""

@@ -29,7 +29,7 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     durable_reads = true            # false: allowed reads are answered before their line
                                     # is fsynced (denials, uploads, admin: always durable)
 
-    [device]                        # interactive login (`nixd login`, nixd.server.device)
+    [device]                        # interactive login (`nixd login`, nixd.server.login.device)
     code_ttl = 600                  # seconds a user code may wait for approval
     interval = 5                    # seconds between the client's polls
     refresh_ttl = 2592000           # an unused refresh credential expires after (30 days)
@@ -37,13 +37,13 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     public_url = ""                 # how browsers reach the server (default: the Host
                                     # header); https:// makes the session cookie Secure
 
-    [[github]]                      # trust GitHub Actions ID tokens (nixd.server.oidc);
+    [[github]]                      # trust GitHub Actions ID tokens (nixd.server.login.oidc);
     org = "acme"                    # one entry per org; [[gitlab]] has the same keys
     audience = "https://cache.example"  # the `aud` jobs must request (required)
     owner_ids = ["1001"]            # repository_owner_id (GitLab: namespace_id); "*" = any
     issuer = "https://token.actions.githubusercontent.com"  # default; GHES/self-managed differ
 
-    [[aws]]                         # trust AWS principals proved through STS (nixd.server.aws)
+    [[aws]]                         # trust AWS principals proved through STS (login.aws)
     org = "acme"
     audience = "https://cache.example"  # value of the signed X-Nixd-Server-Audience header
     accounts = ["123456789012"]     # AWS account ids that belong to acme; "*" = any
@@ -106,7 +106,7 @@ class AuditSection:
 
 @dataclass(frozen=True, slots=True)
 class DeviceSection:
-    """Interactive login (:mod:`nixd.server.device`): code and refresh lifetimes, the URL."""
+    """Interactive login (:mod:`nixd.server.login.device`): code and refresh lifetimes, the URL."""
 
     code_ttl: int = 600
     interval: int = 5

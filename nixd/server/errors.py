@@ -50,6 +50,12 @@ class BadUpload(ServerError):
     code = "bad_upload"
 
 
+class Conflict(ServerError):
+    """An upload would replace what a slice already holds, and the caller may not."""
+
+    code = "conflict"
+
+
 class UnsupportedCompression(ServerError):
     """An upload's compression cannot be decoded here."""
 
@@ -80,6 +86,7 @@ def into_client(
     Forbidden                403    known caller, not allowed (uploads, admin)
     BadUpload, FormatError   400    a hard error for Nix; the message says what is wrong
     MethodNotAllowed         405
+    Conflict                 409    the slice holds that path with other contents
     TooLarge                 413
     UnsupportedCompression   415
     anything else            500    cause logged here with the request id only
@@ -105,6 +112,8 @@ def into_client(
         status, code, message = 400, BadUpload.code, str(exc)
     elif isinstance(exc, FormatError):
         status, code, message = 400, "bad_request", str(exc)
+    elif isinstance(exc, Conflict):
+        status, code, message = 409, Conflict.code, str(exc)
     elif isinstance(exc, MethodNotAllowed):
         status, code, message = 405, MethodNotAllowed.code, str(exc) or "method not allowed"
     elif isinstance(exc, TooLarge):

@@ -23,7 +23,11 @@ from tests.daemon.conftest import NIXD, REPO, DaemonProcess, start_daemon, write
 from tests.oidc_issuer import LocalIssuer, run_issuer
 from tests.server.test_aws import ACCOUNT, ROLE_ARN, Moto, moto  # noqa: F401 - a fixture
 
-SERVER = [sys.executable, "-c", "import sys; from nixd.server.cli import main; sys.exit(main())"]
+SERVER = [
+    sys.executable,
+    "-c",
+    "import sys; from nixd.server.cli import main; sys.exit(main())",
+]
 ACCESS_TTL = 20
 
 POLICY = f"""

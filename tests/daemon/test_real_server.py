@@ -14,7 +14,11 @@ import trio
 
 from tests.daemon.conftest import DaemonProcess, cli, start_daemon, write_config
 
-SERVER = [sys.executable, "-c", "import sys; from nixd.server.cli import main; sys.exit(main())"]
+SERVER = [
+    sys.executable,
+    "-c",
+    "import sys; from nixd.server.cli import main; sys.exit(main())",
+]
 
 
 async def test_login_against_the_real_server(

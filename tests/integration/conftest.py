@@ -36,7 +36,11 @@ from tests.daemon.conftest import (  # noqa: F401 - fixtures re-exported for the
 )
 from tests.realnix import RealNix, nix_available
 
-SERVER = [sys.executable, "-c", "import sys; from nixd.server.cli import main; sys.exit(main())"]
+SERVER = [
+    sys.executable,
+    "-c",
+    "import sys; from nixd.server.cli import main; sys.exit(main())",
+]
 SERVER_HOST = "127.0.0.2"
 #: paths in the session's cache: SMALL_PATHS distinct tiny ones, and one of BIG_BYTES
 SMALL_PATHS = 8

@@ -17,13 +17,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from nixd.server.cli import main as cli_main
+from nixd.server.cli.main import main as cli_main
+from nixd.server.config import ServerConfig
+from nixd.server.http.app import CacheApp
+from nixd.server.http.serve import open_services
+from tests.server.appenv import Env
 
 CLI = [sys.executable, "-m", "nixd.server.cli"]
 START_TIMEOUT = 30.0
@@ -73,9 +77,8 @@ class ServerState:
         return data["id"], data["token"]
 
 
-@pytest.fixture
-def server_state(tmp_path: Path) -> ServerState:
-    state = tmp_path / "server"
+def init_state(state: Path) -> ServerState:
+    """``nixd-server init STATE --org acme`` in this process."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli_main(["init", str(state), "--org", "acme", "--listen", "127.0.0.1:0"]) == 0
@@ -83,6 +86,17 @@ def server_state(tmp_path: Path) -> ServerState:
     key = re.search(r"narinfo public key:\s+(\S+)", out.getvalue())
     assert token and key, out.getvalue()
     return ServerState(state, token.group(1), key.group(1))
+
+
+@pytest.fixture
+def server_state(tmp_path: Path) -> ServerState:
+    return init_state(tmp_path / "server")
+
+
+@pytest.fixture
+def server_state_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], ServerState]:
+    """Fresh state directories on demand (for hypothesis examples, one each)."""
+    return lambda: init_state(tmp_path_factory.mktemp("state") / "server")
 
 
 @dataclass
@@ -138,3 +152,19 @@ def server(server_state: ServerState) -> Iterator[ServerProcess]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def env(server_state: ServerState) -> Iterator[Env]:
+    """The app in-process on the real store, policy, credentials, tokens and audit log:
+    orgs ``acme`` (projects app, lib) and ``other`` (app), with API tokens for an acme
+    member, an acme reader (role=reader) and an ``other`` member."""
+    server_state.admin("org", "create", "other")
+    server_state.admin("project", "create", "acme/app")
+    server_state.admin("project", "create", "acme/lib")
+    server_state.admin("project", "create", "other/app")
+    _, member = server_state.token("acme", "ci", fast=True)
+    _, reader = server_state.token("acme", "viewer", "role=reader", fast=True)
+    _, other = server_state.token("other", "ci", fast=True)
+    with open_services(ServerConfig.load(server_state.path)) as services:
+        yield Env(server_state, services, CacheApp(services), member, reader, other)

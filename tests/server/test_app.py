@@ -7,127 +7,20 @@ are tested in test_nix_e2e.py.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import lzma
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 import zstandard
 
 from nixd.nix import base32
-from nixd.nix.hashes import Hash
-from nixd.nix.nar import dump
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
-from nixd.nix.storepath import StorePath
-from nixd.server.app import CacheApp, Services
-from nixd.server.audit import verify
-from nixd.server.config import ServerConfig
-from nixd.server.serve import open_services
-from tests.server.conftest import ServerState
-
-HASH_A = "0" * 31 + "1"
-HASH_B = "0" * 31 + "2"
-
-
-@dataclass
-class Env:
-    state: ServerState
-    services: Services
-    app: CacheApp
-    member: str  # API token of acme, plain member
-    reader: str  # acme, role=reader
-    other: str  # API token of org "other"
-
-    def client(
-        self, *, auth: str | None = None, basic: bool = False, ip: str = "127.0.0.1"
-    ) -> httpx.AsyncClient:
-        headers = {}
-        if auth is not None:
-            if basic:
-                headers["authorization"] = (
-                    "Basic " + base64.b64encode(f"nixd:{auth}".encode()).decode()
-                )
-            else:
-                headers["authorization"] = f"Bearer {auth}"
-        transport = httpx.ASGITransport(app=self.app, client=(ip, 40000))
-        return httpx.AsyncClient(transport=transport, base_url="http://cache", headers=headers)
-
-    async def access(self, api_token: str) -> str:
-        async with self.client() as c:
-            r = await c.post("/api/v1/token/exchange", json={"kind": "token", "token": api_token})
-        assert r.status_code == 200, r.text
-        return str(r.json()["access_token"])
-
-
-@pytest.fixture
-def env(server_state: ServerState) -> Iterator[Env]:
-    server_state.admin("org", "create", "other")
-    server_state.admin("project", "create", "acme/app")
-    server_state.admin("project", "create", "acme/lib")
-    server_state.admin("project", "create", "other/app")
-    _, member = server_state.token("acme", "ci", fast=True)
-    _, reader = server_state.token("acme", "viewer", "role=reader", fast=True)
-    _, other = server_state.token("other", "ci", fast=True)
-    with open_services(ServerConfig.load(server_state.path)) as services:
-        yield Env(server_state, services, CacheApp(services), member, reader, other)
-
-
-def make_nar(tmp: Path, content: bytes) -> bytes:
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "data").write_bytes(content)
-    return b"".join(dump(tmp / "data"))
-
-
-def client_narinfo(
-    hash_part: str,
-    nar: bytes,
-    compressed: bytes,
-    *,
-    refs: tuple[str, ...] = (),
-    nar_hash: bytes | None = None,
-) -> tuple[str, str]:
-    """(NAR URL, narinfo text) as `nix copy --to` would upload them (xz)."""
-    file_hash = base32.encode(hashlib.sha256(compressed).digest())
-    url = f"nar/{file_hash}.nar.xz"
-    info = NarInfo(
-        store_path=StorePath(hash_part, "hello"),
-        url=url,
-        compression="xz",
-        file_hash=Hash("sha256", hashlib.sha256(compressed).digest()),
-        file_size=len(compressed),
-        nar_hash=Hash("sha256", nar_hash or hashlib.sha256(nar).digest()),
-        nar_size=len(nar),
-        references=tuple(StorePath.from_basename(r) for r in refs),
-        deriver=None,
-        system="x86_64-linux",
-        sigs=("client-key:" + base64.b64encode(bytes(64)).decode(),),
-        ca=None,
-    )
-    return url, info.render()
-
-
-async def upload(
-    c: httpx.AsyncClient, slice_: str, hash_part: str, nar: bytes, **kw: object
-) -> httpx.Response:
-    compressed = lzma.compress(nar)
-    url, text = client_narinfo(hash_part, nar, compressed, **kw)  # type: ignore[arg-type]
-    r = await c.put(
-        f"/cache/{slice_}/{url}",
-        content=compressed,
-        headers={"content-type": "application/x-nix-nar"},
-    )
-    assert r.status_code == 200, r.text
-    return await c.put(
-        f"/cache/{slice_}/{hash_part}.narinfo",
-        content=text.encode(),
-        headers={"content-type": "text/x-nix-narinfo"},
-    )
+from nixd.server.access.audit import verify
+from tests.server.appenv import HASH_A, HASH_B, Env, client_narinfo, make_nar, upload
 
 
 @pytest.fixture
@@ -220,8 +113,8 @@ async def test_reader_cannot_upload(env: Env, tmp_path: Path) -> None:
     async with env.client(auth=env.reader, basic=True) as c:
         r = await c.put(f"/cache/acme/app/nar/{'1' * 52}.nar", content=nar)
         assert r.status_code == 403
-        assert "token:viewer may not upload to acme/app" in r.text
-        assert "acme-readers-read-only" in r.text
+        assert "token:acme/viewer may not upload to acme/app" in r.text
+        assert "acme-readers-read-only" not in r.text  # the rule is for the audit log only
 
 
 async def test_anonymous_upload_is_401(env: Env) -> None:
@@ -277,10 +170,12 @@ async def test_public_project_is_readable_anonymously(env: Env, tmp_path: Path) 
     async with env.client(auth=env.member, basic=True) as c:
         assert (await upload(c, "acme/oss", HASH_B, nar)).status_code == 200
     async with env.client() as c:
-        r = await c.get(f"/cache/{HASH_B}.narinfo")
+        # Anonymous callers have no org of their own: they read an org's view.
+        r = await c.get(f"/cache/acme/{HASH_B}.narinfo")
         assert r.status_code == 200
-        assert (await c.get(f"/cache/{NarInfo.parse(r.text).url}")).status_code == 200
-        assert (await c.get(f"/cache/{HASH_A}.narinfo")).status_code == 401
+        assert (await c.get(f"/cache/acme/{NarInfo.parse(r.text).url}")).status_code == 200
+        assert (await c.get(f"/cache/acme/{HASH_A}.narinfo")).status_code == 401
+        assert (await c.get(f"/cache/{HASH_B}.narinfo")).status_code == 401
 
 
 async def test_tokens_exchange_status_jwks_revocation(env: Env) -> None:
@@ -289,7 +184,7 @@ async def test_tokens_exchange_status_jwks_revocation(env: Env) -> None:
         r = await c.post("/api/v1/token/exchange", json={"kind": "token", "token": api})
         assert r.status_code == 200
         body = r.json()
-        assert body["token_type"] == "Bearer" and body["identity"] == "token:laptop"
+        assert body["token_type"] == "Bearer" and body["identity"] == "token:acme/laptop"
         assert 0 < body["expires_in"] <= 3600
         jwks = (await c.get("/.well-known/jwks.json")).json()
         assert jwks["keys"][0]["kty"] == "OKP" and jwks["keys"][0]["crv"] == "Ed25519"
@@ -298,7 +193,7 @@ async def test_tokens_exchange_status_jwks_revocation(env: Env) -> None:
         )
         assert st.status_code == 200
         status = st.json()
-        assert status["identity"] == "token:laptop"
+        assert status["identity"] == "token:acme/laptop"
         assert status["attributes"]["team"] == "infra" and status["attributes"]["org"] == "acme"
         assert status["expires_at"] == body["expires_at"]
         assert (await c.get("/api/v1/token/status")).status_code == 401
@@ -341,7 +236,7 @@ async def test_audit_log_records_decisions_and_verifies(env: Env, uploaded: byte
         await c.get(f"/cache/{HASH_A}.narinfo")
     lines = env.state.path.joinpath("audit.log").read_text().splitlines()
     assert any('"cache:write"' in line and '"allow"' in line for line in lines)
-    assert any('"token:ci"' in line and '"deny"' in line for line in lines)
+    assert any('"token:other/ci"' in line and '"deny"' in line for line in lines)
     assert not any(env.member in line or env.other in line for line in lines)
     assert _verify_ok(env.state.path / "audit.log")
 

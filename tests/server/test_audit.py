@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from nixd.server.audit import (
+from nixd.server.access.audit import (
     GENESIS,
     HEAD_SUFFIX,
     AuditError,
@@ -26,8 +26,8 @@ from nixd.server.audit import (
     event_body,
     verify,
 )
-from nixd.server.identity import Identity
-from nixd.server.policy import Decision
+from nixd.server.access.identity import Identity
+from nixd.server.access.policy import Decision
 
 CI = Identity("token", "ci", {"org": "acme"})
 
@@ -416,7 +416,7 @@ async def test_submitted_lines_share_batches_and_close_writes_the_rest(tmp_path)
 
 WRITER = """
 import os, signal, sys, trio
-from nixd.server.audit import AuditLog
+from nixd.server.access.audit import AuditLog
 
 def tear_at(log, k):
     # Die by SIGKILL in the middle of the k-th write to the log: a torn last line.

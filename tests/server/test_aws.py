@@ -25,12 +25,12 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from nixd.server.app import CacheApp, Services
-from nixd.server.aws import AUDIENCE_HEADER, AwsExchanger
 from nixd.server.config import ServerConfig
-from nixd.server.serve import open_services
+from nixd.server.http.app import CacheApp, Services
+from nixd.server.http.serve import open_services
+from nixd.server.login.aws import AUDIENCE_HEADER, AwsExchanger
+from tests.server.appenv import HASH_A, make_nar, upload
 from tests.server.conftest import ServerState
-from tests.server.test_app import HASH_A, make_nar, upload
 
 AUD = "https://cache.test"
 ACCOUNT = "123456789012"  # moto's default account

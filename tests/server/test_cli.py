@@ -9,9 +9,9 @@ import json
 import pytest
 
 from nixd.nix.signing import PublicKey
-from nixd.server.audit import verify
-from nixd.server.cli import build_parser, main
-from nixd.server.keys import ServerKeys
+from nixd.server.access.audit import verify
+from nixd.server.access.keys import ServerKeys
+from nixd.server.cli.main import build_parser, main
 from tests.server.conftest import ServerState
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from nixd.errors import AuthError, ConfigError
-from nixd.server import db
-from nixd.server.credentials import (
+from nixd.server.access.credentials import (
     CredentialNotFound,
     CredentialStore,
     ExpiredCredential,
@@ -18,7 +17,8 @@ from nixd.server.credentials import (
     RevokedCredential,
     UnknownCredential,
 )
-from nixd.server.identity import Identity
+from nixd.server.access.identity import Identity
+from nixd.server.storage import db
 
 
 class Clock:
@@ -55,10 +55,10 @@ def test_create_and_authenticate(store: CredentialStore, clock: Clock) -> None:
     identity = store.authenticate(token)
     assert identity == Identity(
         kind="token",
-        subject="ci-bot",
-        attributes={"team": "infra", "org": "acme", "credential": record.id},
+        subject="acme/ci-bot",
+        attributes={"team": "infra", "org": "acme", "name": "ci-bot", "credential": record.id},
     )
-    assert identity.render() == "token:ci-bot"
+    assert identity.render() == "token:acme/ci-bot"
     assert store.authenticate(f"  {token}\n") == identity  # a token file's newline is fine
     listed = store.get(record.id)
     assert listed is not None and listed.last_used == clock.now
@@ -210,7 +210,7 @@ def test_busy_database_does_not_refuse_a_valid_token(
     writer = db.open_db(tmp_path / "server.db")
     try:
         writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-        assert store.authenticate(token).subject == "ci-bot"
+        assert store.authenticate(token).subject == "acme/ci-bot"
         writer.rollback()
     finally:
         writer.close()

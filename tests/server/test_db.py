@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nixd.errors import ConfigError
-from nixd.server import db
+from nixd.server.storage import db
 
 
 def test_open_sets_wal_foreign_keys_and_private_mode(tmp_path: Path) -> None:

@@ -20,11 +20,11 @@ import httpx
 import pytest
 
 from nixd.errors import ConfigError
-from nixd.server.accounts import hash_password, verify_password
-from nixd.server.app import CacheApp, Services
 from nixd.server.config import ServerConfig, render_default
-from nixd.server.device import GRANT_TYPE, USER_CODE_ALPHABET, DeviceService
-from nixd.server.serve import open_services
+from nixd.server.http.app import CacheApp, Services
+from nixd.server.http.serve import open_services
+from nixd.server.login.accounts import hash_password, verify_password
+from nixd.server.login.device import GRANT_TYPE, USER_CODE_ALPHABET, DeviceService
 from tests.server.conftest import ServerState
 
 PASSWORD = "correct horse battery"

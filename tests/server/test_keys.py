@@ -12,8 +12,8 @@ import pytest
 
 from nixd.errors import ConfigError
 from nixd.nix.signing import PublicKey, SecretKey
-from nixd.server import keys as keys_mod
-from nixd.server.keys import JwtKeys, NarinfoKeys, ServerKeys, jwk_thumbprint
+from nixd.server.access import keys as keys_mod
+from nixd.server.access.keys import JwtKeys, NarinfoKeys, ServerKeys, jwk_thumbprint
 from tests.realnix import RealNix
 
 

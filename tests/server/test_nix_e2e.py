@@ -24,9 +24,9 @@ import pytest
 from nixd.nix import base32
 from nixd.nix.nar import dump
 from nixd.nix.narinfo import NarInfo
-from nixd.server.identity import Identity
-from nixd.server.keys import ServerKeys
-from nixd.server.tokens import TokenIssuer
+from nixd.server.access.identity import Identity
+from nixd.server.access.keys import ServerKeys
+from nixd.server.access.tokens import TokenIssuer
 from tests.realnix import RealNix
 from tests.server.conftest import ServerState, start_server
 
@@ -136,7 +136,7 @@ def test_copy_to_slice_and_from_unified(
         )
         assert r.returncode != 0
         assert b"403" in r.stderr, r.stderr
-        assert b"token:viewer may not upload to acme/app" in r.stderr
+        assert b"token:acme/viewer may not upload to acme/app" in r.stderr
         # Anonymous uploads are refused too.
         r = copy_to(real_nix, f"{server.url}/cache/acme/app", None, top)
         assert r.returncode != 0

@@ -26,14 +26,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from nixd.errors import ConfigError
-from nixd.server.app import CacheApp, Services
 from nixd.server.config import OidcSection, ServerConfig
-from nixd.server.exchange import ExchangeRejected
-from nixd.server.oidc import GITHUB, OidcExchanger
-from nixd.server.serve import open_services
+from nixd.server.http.app import CacheApp, Services
+from nixd.server.http.serve import open_services
+from nixd.server.login.exchange import ExchangeRejected
+from nixd.server.login.oidc import GITHUB, OidcExchanger
 from tests.oidc_issuer import LocalIssuer, run_issuer
+from tests.server.appenv import HASH_A, make_nar, upload
 from tests.server.conftest import ServerState
-from tests.server.test_app import HASH_A, make_nar, upload
 
 AUD = "https://cache.test"
 

@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from nixd.errors import ConfigError
-from nixd.server.identity import Identity, anonymous
-from nixd.server.policy import (
+from nixd.server.access.identity import Identity, anonymous
+from nixd.server.access.policy import (
     DEFAULT_DENY,
     PolicyHolder,
     _compile_glob,
@@ -330,7 +330,7 @@ def test_reload_keeps_old_policy_on_broken_file_and_picks_up_a_valid_change(tmp_
     path.write_text(_allow_read("two", "acme/b").replace('"cache:read"', '"cache:raed"'))
     assert holder.current.decide(ACME_TOKEN, "cache:read", "acme/a", None).rule == "one"
     clock.now += 1.5  # the file is re-checked at most once a second
-    with caplog.at_level(logging.ERROR, logger="nixd.server.policy"):
+    with caplog.at_level(logging.ERROR, logger="nixd.server.access.policy"):
         policy = holder.current
     assert policy.decide(ACME_TOKEN, "cache:read", "acme/a", None).rule == "one"
     assert f"{path}:6: rule 'two': unknown action 'cache:raed'" in holder.last_error
@@ -339,7 +339,7 @@ def test_reload_keeps_old_policy_on_broken_file_and_picks_up_a_valid_change(tmp_
 
     caplog.clear()
     clock.now += 1.5
-    with caplog.at_level(logging.ERROR, logger="nixd.server.policy"):
+    with caplog.at_level(logging.ERROR, logger="nixd.server.access.policy"):
         holder.current  # noqa: B018
     assert caplog.text == ""  # the same broken content is reported once
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from nixd.server.serve import HttpFront, bind_sockets
+from nixd.server.http.serve import HttpFront, bind_sockets
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -14,9 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from nixd.errors import AuthError, TokenExpired
-from nixd.server.identity import Identity, anonymous
-from nixd.server.keys import JwtKeys
-from nixd.server.tokens import LEEWAY, AccessTokenExpired, InvalidAccessToken, TokenIssuer
+from nixd.server.access.identity import Identity, anonymous
+from nixd.server.access.keys import JwtKeys
+from nixd.server.access.tokens import LEEWAY, AccessTokenExpired, InvalidAccessToken, TokenIssuer
 
 ISSUER = "https://cache.example.org"
 AUDIENCE = "nixd"

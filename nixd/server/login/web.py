@@ -39,12 +39,14 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote
 
 from nixd.errors import FormatError
-from nixd.server.accounts import Account, SignInRejected
-from nixd.server.db import Migration, ensure_schema, transaction
-from nixd.server.identity import anonymous
+from nixd.server.access.identity import anonymous
+from nixd.server.login.accounts import Account, SignInRejected
+from nixd.server.storage.db import Migration, ensure_schema, transaction
 
 if TYPE_CHECKING:
-    from nixd.server.device import DeviceService, Receive, Scope, Send
+    from nixd.server.login.device import DeviceService
+
+from nixd.server.asgi import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def _hash(session_id: str) -> bytes:
 
 
 class WebPages:
-    """The ``/device`` pages of a :class:`~nixd.server.device.DeviceService`."""
+    """The ``/device`` pages of a :class:`~nixd.server.login.device.DeviceService`."""
 
     def __init__(self, device: DeviceService) -> None:
         self.device = device

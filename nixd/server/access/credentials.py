@@ -12,7 +12,7 @@ can be. A deliberately slow hash would only give anyone able to send requests a 
 to burn the server's CPU.
 
 A credential is never used on requests directly for long: ``POST /api/v1/token/exchange``
-turns it into a short-lived access token (:mod:`nixd.server.tokens`), so revoking a
+turns it into a short-lived access token (:mod:`nixd.server.access.tokens`), so revoking a
 credential stops its next exchange, and access tokens already issued die within their
 lifetime. :meth:`CredentialStore.authenticate` says precisely why a credential was refused
 (``code`` on the exception, for the JSON error and the audit log); a wrong secret for a
@@ -36,8 +36,8 @@ from types import MappingProxyType
 from typing import ClassVar
 
 from nixd.errors import AuthError, ConfigError, NixdError
-from nixd.server.db import check_name, get_org, transaction
-from nixd.server.identity import AttributeValue, Identity
+from nixd.server.access.identity import AttributeValue, Identity
+from nixd.server.storage.db import check_name, get_org, transaction
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class CredentialStore:
     """API credentials in the server database.
 
     Methods are synchronous and short; the async server calls them through
-    ``trio.to_thread.run_sync`` with the connection's lock held (see :mod:`nixd.server.db`).
+    ``trio.to_thread.run_sync`` with the connection's lock held (see :mod:`nixd.server.storage.db`).
     ``clock`` returns Unix seconds; tests pass a fake one.
     """
 
@@ -317,5 +317,18 @@ class CredentialStore:
                     )
             except sqlite3.OperationalError as exc:
                 log.warning("could not record last use of credential %s: %s", credential_id, exc)
-        attributes = {**record.attributes, "org": record.org, "credential": record.id}
-        return Identity(kind=record.kind, subject=record.name, attributes=attributes)
+        attributes = {
+            **record.attributes,
+            "org": record.org,
+            "name": record.name,
+            "credential": record.id,
+        }
+        # Scoped to the org: acme's token "ci" and another org's "ci" are different callers.
+        return Identity(
+            kind=record.kind, subject=f"{record.org}/{record.name}", attributes=attributes
+        )
+
+    def revoked_ids(self) -> set[str]:
+        """Ids of every revoked credential (tokens derived from them are refused at once)."""
+        rows = self._conn.execute("SELECT id FROM credentials WHERE revoked_at IS NOT NULL")
+        return {str(r[0]) for r in rows}

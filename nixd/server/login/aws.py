@@ -48,9 +48,9 @@ from xml.etree import ElementTree
 import httpx
 
 from nixd.errors import ConfigError
+from nixd.server.access.identity import Identity
 from nixd.server.config import AwsSection
-from nixd.server.exchange import ExchangeRejected
-from nixd.server.identity import Identity
+from nixd.server.login.exchange import ExchangeRejected
 
 log = logging.getLogger(__name__)
 

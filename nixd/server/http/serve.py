@@ -44,17 +44,18 @@ from nixd.http.errors import ResponseStateError
 from nixd.http.limits import Limits
 from nixd.http.serve import ClientDisconnected, HttpServer, Request, Responder, serve_http
 from nixd.nix.nar import NarParser
-from nixd.server.app import CacheApp, Message, Services
-from nixd.server.audit import AuditLog
+from nixd.server.access.audit import AuditLog
+from nixd.server.access.credentials import CredentialStore
+from nixd.server.access.keys import ServerKeys
+from nixd.server.access.policy import PolicyHolder
+from nixd.server.access.tokens import TokenIssuer
+from nixd.server.asgi import Message
 from nixd.server.config import ServerConfig
-from nixd.server.credentials import CredentialStore
-from nixd.server.db import open_db
-from nixd.server.device import DeviceService, RefreshExchanger
-from nixd.server.exchange import open_exchangers
-from nixd.server.keys import ServerKeys
-from nixd.server.policy import PolicyHolder
-from nixd.server.store import Store
-from nixd.server.tokens import TokenIssuer
+from nixd.server.http.app import CacheApp, Services
+from nixd.server.login.device import DeviceService, RefreshExchanger
+from nixd.server.login.exchangers import open_exchangers
+from nixd.server.storage.db import open_db
+from nixd.server.storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -2,14 +2,22 @@
 
 The model:
 
-- A **NAR** is stored once, whatever slice or client compression it came in: decompressed
+- A **NAR** is stored once, whatever slice or client compression it came in (its bytes are
+  checked against the NarHash a slice record names, so sharing them cannot change what any
+  reader receives): decompressed
   and hashed as it streams in, then recompressed as zstd into
   ``blobs/<ab>/<filehash32>.nar.zst`` (``filehash`` = sha256 of that file). The ``nars`` table
   maps its NarHash to that file; a second upload of the same NarHash keeps the first file.
-- A **path** is a store path's narinfo fields (StorePath, NarHash, NarSize, References,
-  Deriver, System, CA). Signatures are never stored: the server signs when it serves.
-- A **slice** is ``org/project``; ``slice_paths`` says which slices hold which path. A slice is
-  what policy talks about; a path is visible to whoever may read one slice holding it.
+- A **slice record** is one slice's copy of a store path's narinfo fields (StorePath,
+  NarHash, NarSize, References, Deriver, System, CA), exactly as that slice's writer
+  uploaded them, with the identity that uploaded them. Records are never shared between
+  slices: two slices may hold the same store path with different metadata, and what one
+  slice's writer uploads cannot change what another slice serves (``slice_records``,
+  keyed by (slice, store-path hash)). A second upload of a path the slice already holds
+  must be identical, or come from someone allowed to replace it (``cache:admin``).
+  Signatures are never stored: the server signs when it serves.
+- A **slice** is ``org/project``. A slice is what policy talks about; which slices answer
+  a reader, and in what order, is the unified view's business (:mod:`nixd.server.http.app`).
 - An **upload alias** remembers, per slice, the NAR URL a client used for a PUT
   (``nar/<its filehash>.nar.xz``) and the NarHash it turned out to have, so that the narinfo
   PUT that follows can be checked against the bytes actually received.
@@ -40,8 +48,16 @@ import zstandard
 from nixd.errors import FormatError, NixdError
 from nixd.nix import base32
 from nixd.nix.hashes import Hash
-from nixd.server.db import Migration, Project, ensure_schema, get_project, transaction
 from nixd.server.errors import BadUpload, TooLarge, UnsupportedCompression
+from nixd.server.storage.db import (
+    Migration,
+    Project,
+    ensure_schema,
+    get_project,
+    org_trust,
+    project_from_row,
+    transaction,
+)
 
 STORE_MIGRATIONS: list[Migration] = [
     # 1: NARs, paths, which slices hold them, upload aliases, build logs.
@@ -70,6 +86,26 @@ STORE_MIGRATIONS: list[Migration] = [
         PRIMARY KEY (project_id, drv));
     CREATE INDEX logs_by_drv ON logs(drv);
     """,
+    # 2: per-slice path records. Version 1 shared one metadata row per (path, NarHash)
+    # among all slices (the first uploader's); each slice keeps that copy, marked migrated.
+    """
+    CREATE TABLE slice_records (
+        project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+        hash_part TEXT NOT NULL, name TEXT NOT NULL,
+        nar_hash TEXT NOT NULL REFERENCES nars(nar_hash),
+        refs TEXT NOT NULL, deriver TEXT, system TEXT, ca TEXT,
+        uploader TEXT NOT NULL, created REAL NOT NULL,
+        PRIMARY KEY (project_id, hash_part));
+    INSERT INTO slice_records (project_id, hash_part, name, nar_hash, refs, deriver, system,
+            ca, uploader, created)
+        SELECT s.project_id, s.hash_part, p.name, s.nar_hash, p.refs, p.deriver, p.system,
+            p.ca, 'migrated:v1', s.created
+        FROM slice_paths s JOIN paths p ON p.hash_part = s.hash_part AND p.nar_hash = s.nar_hash;
+    DROP TABLE slice_paths;
+    DROP TABLE paths;
+    CREATE INDEX slice_records_by_hash ON slice_records(hash_part);
+    CREATE INDEX slice_records_by_nar ON slice_records(nar_hash);
+    """,
 ]
 COMPRESSIONS = ("none", "xz", "zstd", "bzip2", "br")
 SUFFIX_COMPRESSION = {
@@ -88,6 +124,10 @@ rewrites it (``iChange``, ``mxFrame``, salts), so while it is unchanged nobody c
 
 class StoreError(NixdError):
     """The store was asked for something it cannot do (bad name, unknown slice)."""
+
+
+class PathConflict(NixdError):
+    """A slice already holds this store path with other contents or metadata."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +155,27 @@ class PathInfo:
     deriver: str | None
     system: str | None
     ca: str | None
+    uploader: str = ""
+    """Who uploaded this record (``kind:subject``); not served, kept for provenance."""
+    created: float = 0.0
+    """When the slice got this record: among equals in a view, the oldest answers."""
 
     @property
     def basename(self) -> str:
         return f"{self.hash_part}-{self.name}"
+
+    def same_contents(self, other: PathInfo) -> bool:
+        """Whether two records would serve the same narinfo (uploader aside)."""
+        return (
+            self.hash_part == other.hash_part
+            and self.name == other.name
+            and self.nar.nar_hash == other.nar.nar_hash
+            and self.nar.nar_size == other.nar.nar_size
+            and tuple(sorted(self.references)) == tuple(sorted(other.references))
+            and self.deriver == other.deriver
+            and self.system == other.system
+            and self.ca == other.ca
+        )
 
 
 class NarChecker(Protocol):
@@ -166,6 +223,8 @@ class _Bounded:
             out(chunk)
             while not self._d.eof and not self._d.needs_input:
                 out(self._d.decompress(b"", _CHUNK))
+            if self._d.eof and self._d.unused_data:
+                raise BadUpload(f"{self._name} stream has trailing data after its end")
         except (lzma.LZMAError, OSError, EOFError, ValueError) as exc:
             raise BadUpload(f"the upload is not valid {self._name}: {exc}") from exc
 
@@ -315,7 +374,7 @@ class NarIngest:
 class Store:
     """Blobs and metadata of one server; open with :meth:`open`, close with :meth:`close`.
 
-    Orgs and projects are :mod:`nixd.server.db`'s; this class adds what slices hold.
+    Orgs and projects are :mod:`nixd.server.storage.db`'s; this class adds what slices hold.
     """
 
     def __init__(self, conn: sqlite3.Connection, blobs: Path, *, zstd_level: int = 3) -> None:
@@ -324,6 +383,7 @@ class Store:
         self.tmp = blobs / "tmp"
         self.zstd_level = zstd_level
         self._holders: dict[str, list[tuple[Project, PathInfo]]] = {}
+        self._trust: dict[str, dict[int, int]] = {}
         self._data_version = -1
         self._version = -1
         self._wal_seen = b""
@@ -352,14 +412,16 @@ class Store:
         if version != self._data_version:
             self._data_version = version
             self._holders.clear()
+            self._trust.clear()
 
     def _changed(self) -> None:
         """This connection wrote: cached reads may be stale."""
         self._holders.clear()
+        self._trust.clear()
 
     @classmethod
     def open(cls, conn: sqlite3.Connection, blobs: Path, *, zstd_level: int = 3) -> Store:
-        """Use ``conn`` (from :func:`nixd.server.db.open_db`); create the store's tables."""
+        """Use ``conn`` (from :func:`nixd.server.storage.db.open_db`); create the store's tables."""
         try:
             blobs.mkdir(parents=True, exist_ok=True)
             (blobs / "tmp").mkdir(exist_ok=True)
@@ -387,15 +449,15 @@ class Store:
         return get_project(self.conn, org, name)
 
     _PATH_COLS = (
-        "p.hash_part, p.name, p.refs, p.deriver, p.system, p.ca, "
-        "n.nar_hash, n.nar_size, n.file_hash, n.file_size"
+        "s.hash_part, s.name, s.refs, s.deriver, s.system, s.ca, "
+        "n.nar_hash, n.nar_size, n.file_hash, n.file_size, s.uploader, s.created"
     )
-    _PROJECT_COLS = "pr.id, o.name, pr.name, pr.public, pr.created"
+    _PROJECT_COLS = "pr.id, o.name, pr.name, pr.public, pr.created, pr.priority"
     _PROJECT_JOIN = "JOIN projects pr ON pr.id = s.project_id JOIN orgs o ON o.id = pr.org_id"
 
     @staticmethod
     def _path(row: Sequence[Any]) -> PathInfo:
-        hp, name, refs, deriver, system, ca, nh, ns, fh, fs = row
+        hp, name, refs, deriver, system, ca, nh, ns, fh, fs, uploader, created = row
         return PathInfo(
             hash_part=hp,
             name=name,
@@ -404,11 +466,13 @@ class Store:
             deriver=deriver,
             system=system,
             ca=ca,
+            uploader=uploader,
+            created=created,
         )
 
     @staticmethod
     def _project(row: Sequence[Any]) -> Project:
-        return Project(row[0], row[1], row[2], bool(row[3]), row[4])
+        return project_from_row(row)
 
     def holders(self, hash_part: str) -> list[tuple[Project, PathInfo]]:
         """Every slice holding a store path, with the path as that slice has it.
@@ -421,14 +485,13 @@ class Store:
         if cached is not None:
             return cached
         rows = self.conn.execute(
-            f"SELECT {self._PROJECT_COLS}, {self._PATH_COLS} FROM slice_paths s "  # noqa: S608
+            f"SELECT {self._PROJECT_COLS}, {self._PATH_COLS} FROM slice_records s "  # noqa: S608
             f"{self._PROJECT_JOIN} "
-            "JOIN paths p ON p.hash_part = s.hash_part AND p.nar_hash = s.nar_hash "
-            "JOIN nars n ON n.nar_hash = p.nar_hash WHERE s.hash_part = ? "
-            "ORDER BY pr.public DESC, o.name, pr.name",
+            "JOIN nars n ON n.nar_hash = s.nar_hash WHERE s.hash_part = ? "
+            "ORDER BY o.name, pr.name",
             (hash_part,),
         ).fetchall()
-        found = [(self._project(r[:5]), self._path(r[5:])) for r in rows]
+        found = [(self._project(r[:6]), self._path(r[6:])) for r in rows]
         if len(self._holders) >= _HOLDERS_CACHE_MAX:
             self._holders.clear()
         self._holders[hash_part] = found
@@ -436,9 +499,8 @@ class Store:
 
     def in_slice(self, project: Project, hash_part: str) -> PathInfo | None:
         row = self.conn.execute(
-            f"SELECT {self._PATH_COLS} FROM slice_paths s "  # noqa: S608
-            "JOIN paths p ON p.hash_part = s.hash_part AND p.nar_hash = s.nar_hash "
-            "JOIN nars n ON n.nar_hash = p.nar_hash "
+            f"SELECT {self._PATH_COLS} FROM slice_records s "  # noqa: S608
+            "JOIN nars n ON n.nar_hash = s.nar_hash "
             "WHERE s.project_id = ? AND s.hash_part = ?",
             (project.id, hash_part),
         ).fetchone()
@@ -453,8 +515,8 @@ class Store:
         if row is None:
             return None, []
         rows = self.conn.execute(
-            f"SELECT DISTINCT {self._PROJECT_COLS} FROM slice_paths s {self._PROJECT_JOIN} "  # noqa: S608
-            "WHERE s.nar_hash = ? ORDER BY pr.public DESC",
+            f"SELECT DISTINCT {self._PROJECT_COLS} FROM slice_records s {self._PROJECT_JOIN} "  # noqa: S608
+            "WHERE s.nar_hash = ? ORDER BY o.name, pr.name",
             (row[0],),
         ).fetchall()
         return Nar(*row), [self._project(r) for r in rows]
@@ -478,19 +540,31 @@ class Store:
         ).fetchone()
         return Nar(*row) if row else None
 
-    def log_holders(self, drv: str) -> list[tuple[Project, bytes]]:
+    def log_holders(self, drv: str) -> list[tuple[Project, float, bytes]]:
+        """Every slice's build log of ``drv``, with when the slice got it."""
         rows = self.conn.execute(
-            f"SELECT {self._PROJECT_COLS}, s.data FROM logs s {self._PROJECT_JOIN} "  # noqa: S608
-            "WHERE s.drv = ? ORDER BY pr.public DESC",
+            f"SELECT {self._PROJECT_COLS}, s.created, s.data FROM logs s "  # noqa: S608
+            f"{self._PROJECT_JOIN} WHERE s.drv = ? ORDER BY o.name, pr.name",
             (drv,),
         ).fetchall()
-        return [(self._project(r[:5]), zstandard.decompress(r[5])) for r in rows]
+        return [(self._project(r[:6]), float(r[6]), zstandard.decompress(r[7])) for r in rows]
+
+    def trust(self, org: str) -> dict[int, int]:
+        """Project id -> position for the other orgs' slices ``org`` opted in to (cached)."""
+        self._fresh()
+        cached = self._trust.get(org)
+        if cached is None:
+            cached = {p.id: i for i, p in enumerate(org_trust(self.conn, org))}
+            if len(self._trust) >= _HOLDERS_CACHE_MAX:
+                self._trust.clear()
+            self._trust[org] = cached
+        return cached
 
     def stats(self) -> dict[str, int]:
         q = self.conn.execute
         return {
             "nars": q("SELECT count(*) FROM nars").fetchone()[0],
-            "paths": q("SELECT count(*) FROM paths").fetchone()[0],
+            "paths": q("SELECT count(*) FROM slice_records").fetchone()[0],
             "bytes": q("SELECT coalesce(sum(file_size), 0) FROM nars").fetchone()[0],
         }
 
@@ -543,33 +617,44 @@ class Store:
             )
         return self.nar_by_hash(key) or Nar(key, nar_size, file_hash, file_size)
 
-    def add_path(self, project: Project, info: PathInfo) -> None:
-        """Put a (verified) path into a slice; its NAR must be stored already.
+    def add_path(self, project: Project, info: PathInfo, *, replace: bool = False) -> bool:
+        """Put a (verified) path record into a slice; its NAR must be stored already.
 
+        The record is the slice's own. If the slice already holds the store path, an
+        identical upload changes nothing (False); a different one raises
+        :class:`PathConflict` unless ``replace`` (the caller may ``cache:admin`` there).
         Durable: the client is told the upload succeeded only after this commit.
         """
         self._changed()
         now = time.time()
         with transaction(self.conn, durable=True):
+            existing = self.in_slice(project, info.hash_part)
+            if existing is not None and existing.same_contents(info):
+                return False
+            if existing is not None and not replace:
+                raise PathConflict(
+                    f"{project.slice} already holds /nix/store/{existing.basename} with NarHash "
+                    f"{existing.nar.nar_hash}; the upload (NarHash {info.nar.nar_hash}) would "
+                    "replace it, which needs cache:admin on the slice"
+                )
             self.conn.execute(
-                "INSERT OR IGNORE INTO paths(hash_part, nar_hash, name, refs, deriver, system, "
-                "ca, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO slice_records (project_id, hash_part, name, nar_hash, "
+                "refs, deriver, system, ca, uploader, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
+                    project.id,
                     info.hash_part,
-                    info.nar.nar_hash,
                     info.name,
+                    info.nar.nar_hash,
                     " ".join(sorted(info.references)),
                     info.deriver,
                     info.system,
                     info.ca,
+                    info.uploader or "unknown",
                     now,
                 ),
             )
-            self.conn.execute(
-                "INSERT OR REPLACE INTO slice_paths(project_id, hash_part, nar_hash, created) "
-                "VALUES (?, ?, ?, ?)",
-                (project.id, info.hash_part, info.nar.nar_hash, now),
-            )
+        return True
 
     def drop_alias(self, project: Project, url: str) -> None:
         """Forget a refused upload; its blob goes too unless something else uses it."""
@@ -586,7 +671,7 @@ class Store:
             if row is None:
                 return
             used = self.conn.execute(
-                "SELECT 1 FROM paths WHERE nar_hash = ? UNION ALL "
+                "SELECT 1 FROM slice_records WHERE nar_hash = ? UNION ALL "
                 "SELECT 1 FROM upload_aliases WHERE nar_hash = ? LIMIT 1",
                 (row[0], row[0]),
             ).fetchone()
@@ -601,7 +686,9 @@ class Store:
         self._changed()
         with transaction(self.conn):
             self.conn.execute(
-                "INSERT OR REPLACE INTO logs(project_id, drv, data, created) VALUES (?, ?, ?, ?)",
+                # A slice's writer may correct its own log; the log keeps its place in views.
+                "INSERT INTO logs(project_id, drv, data, created) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (project_id, drv) DO UPDATE SET data = excluded.data",
                 (project.id, drv, zstandard.compress(data), time.time()),
             )
 

@@ -23,11 +23,15 @@ from typing import Any
 from nixd import __version__
 from nixd.cliutil import run_command
 from nixd.errors import ConfigError
-from nixd.server.accounts import register_cli as register_user_cli
-from nixd.server.audit import AuditLog, verify
+from nixd.server.access.audit import AuditLog, verify
+from nixd.server.access.credentials import CredentialStore
+from nixd.server.access.identity import KINDS, Identity
+from nixd.server.access.keys import ServerKeys
+from nixd.server.access.policy import load_policy
+from nixd.server.cli.users import register_cli as register_user_cli
+from nixd.server.cli.views import register as register_view_cli
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
-from nixd.server.credentials import CredentialStore
-from nixd.server.db import (
+from nixd.server.storage.db import (
     create_org,
     create_project,
     get_org,
@@ -36,10 +40,7 @@ from nixd.server.db import (
     open_db,
     set_project_public,
 )
-from nixd.server.identity import KINDS, Identity
-from nixd.server.keys import ServerKeys
-from nixd.server.policy import load_policy
-from nixd.server.store import Store
+from nixd.server.storage.store import Store
 
 PROG = "nixd-server"
 _DURATION = re.compile(r"(\d+)([smhdwy]?)")
@@ -53,10 +54,11 @@ def default_policy(org: str) -> str:
         f"""\
         # nixd-server access policy, reloaded on change; a broken file is refused and the
         # previous policy stays in force. Deny beats allow; no matching rule means deny.
-        # API tokens are identities of kind "token" with attributes org (the token's
-        # organization), credential (its id) and whatever `token create --attr K=V` set.
-        # Projects created with `project create --public` are readable by anyone; so are
-        # the slices listed here:
+        # API tokens are identities "token:ORG/NAME" with attributes org (the token's
+        # organization), name, credential (its id) and whatever `token create --attr K=V`
+        # set. Projects created with `project create --public` are readable by anyone
+        # (an allow rule "public-project" that any matching deny overrides); so are the
+        # slices listed here:
         #
         # [public]
         # resources = ["{org}/oss-*"]
@@ -183,7 +185,7 @@ def load_policy_text(text: str, source: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nixd.server.serve import run  # noqa: PLC0415 - only serve needs the HTTP front
+    from nixd.server.http.serve import run  # noqa: PLC0415 - only serve needs the HTTP front
 
     config = ServerConfig.load(args.state_dir)
     run(config, listen=args.listen or None, workers=args.workers or 0)
@@ -331,8 +333,25 @@ def cmd_project_list(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     for p in projects:
-        print(f"{p.slice}\t{'public' if p.public else 'private'}")
+        print(f"{p.slice}\t{'public' if p.public else 'private'}\tpriority {p.priority}")
     return 0
+
+
+def _is_public(config: ServerConfig, resource: str) -> bool:
+    """Whether ``resource`` names an existing project with the ``--public`` flag.
+
+    ``policy explain`` must decide exactly as the server does, and the server counts that
+    flag as an allow rule (:data:`~nixd.server.access.policy.PUBLIC_PROJECT_RULE`).
+    """
+    org, sep, name = resource.partition("/")
+    if not sep or not config.database_path.exists():
+        return False
+    conn = open_db(config.database_path)
+    try:
+        project = get_project(conn, org, name)
+    finally:
+        conn.close()
+    return project is not None and project.public
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
@@ -351,7 +370,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     identity = Identity(kind, subject, parse_attrs(args.attr))
     policy = load_policy(config.policy_path)
     source_ip = args.source_ip or None
-    decision = policy.decide(identity, args.action, args.resource, source_ip)
+    public = _is_public(config, args.resource)
+    decision = policy.decide(identity, args.action, args.resource, source_ip, public=public)
     if args.json:
         print(
             json.dumps(
@@ -368,7 +388,9 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(policy.explain(identity, args.action, args.resource, source_ip), end="")
+        print(
+            policy.explain(identity, args.action, args.resource, source_ip, public=public), end=""
+        )
     return 0 if decision.allowed else 2
 
 
@@ -532,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     _state(p)
     p.add_argument("--org", help="only this organization's")
     p.set_defaults(func=cmd_project_list)
+    register_view_cli(org, project, _state, _open, _audit)
 
     policy = sub.add_parser("policy", help="inspect the access policy").add_subparsers(
         dest="policy_command", metavar="ACTION", required=True

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nixd.errors import ConfigError, NixdError
 
@@ -60,6 +61,38 @@ Migration = str | Callable[[sqlite3.Connection], None]
 
 BUSY_TIMEOUT_MS = 5_000
 _savepoints = itertools.count()
+
+
+def _migrate_tenancy(conn: sqlite3.Connection) -> None:
+    """Core migration 2: case-insensitive uniqueness, priorities, org trust lists.
+
+    A database that already holds two orgs (or two projects of one org) whose names differ
+    only by case cannot get the unique index: the migration stops and names them, so the
+    operator can rename one (``sqlite3 server.db "UPDATE orgs SET name = ..."``) and start
+    the server again; nothing is changed until then.
+    """
+    for table, group in (("orgs", "lower(name)"), ("projects", "org_id, lower(name)")):
+        clash = conn.execute(
+            f"SELECT group_concat(name, ', ') FROM {table} "  # noqa: S608 - fixed names
+            f"GROUP BY {group} HAVING count(*) > 1"
+        ).fetchone()
+        if clash:
+            raise DatabaseError(
+                f"{table} {clash[0]} differ only by case; rename all but one, then start again"
+            )
+    conn.execute("CREATE UNIQUE INDEX orgs_name_nocase ON orgs(lower(name))")
+    conn.execute("CREATE UNIQUE INDEX projects_name_nocase ON projects(org_id, lower(name))")
+    conn.execute(
+        f"ALTER TABLE projects ADD COLUMN priority INTEGER NOT NULL DEFAULT {DEFAULT_PRIORITY}"
+    )
+    conn.execute(
+        """CREATE TABLE org_trust (
+            org_id   INTEGER NOT NULL REFERENCES orgs(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+            PRIMARY KEY (org_id, project_id))"""
+    )
+
 
 MIGRATIONS: list[Migration] = [
     # 1: organizations, their projects (slices), API credentials.
@@ -94,6 +127,8 @@ MIGRATIONS: list[Migration] = [
         ON credentials(org_id, name) WHERE revoked_at IS NULL;
     CREATE INDEX credentials_org ON credentials(org_id);
     """,
+    # 2: names unique regardless of case; slice priorities; what each org trusts.
+    _migrate_tenancy,
 ]
 
 _SCHEMA_VERSIONS = """
@@ -102,6 +137,12 @@ CREATE TABLE IF NOT EXISTS schema_versions (
     version   INTEGER NOT NULL
 )
 """
+
+DEFAULT_PRIORITY = 100
+"""A slice's place in its organization's unified view: lower is asked first."""
+
+RESERVED_PROJECT_NAMES = frozenset({"nar", "log", "realisations", "nix-cache-info"})
+"""Names that would collide with the files of an organization's view ``/cache/<org>/``."""
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 """Org and project names: they appear in URLs (``/cache/<org>/<project>/``) and in
@@ -266,6 +307,7 @@ class Project:
     name: str
     public: bool
     created: float
+    priority: int = DEFAULT_PRIORITY
 
     @property
     def slice(self) -> str:
@@ -291,7 +333,13 @@ def create_org(conn: sqlite3.Connection, name: str, *, now: float | None = None)
         with transaction(conn, durable=True):
             cur = conn.execute("INSERT INTO orgs (name, created) VALUES (?, ?)", (name, created))
     except sqlite3.IntegrityError as exc:
-        raise ConfigError(f"organization {name!r} already exists") from exc
+        row = conn.execute("SELECT name FROM orgs WHERE lower(name) = lower(?)", (name,)).fetchone()
+        taken = row[0] if row else name
+        raise ConfigError(
+            f"organization {name!r} already exists"
+            if taken == name
+            else f"organization {name!r} would differ from {taken!r} only by case"
+        ) from exc
     assert cur.lastrowid is not None
     return Org(cur.lastrowid, name, created)
 
@@ -316,6 +364,8 @@ def create_project(
 ) -> Project:
     """Create project ``name`` in ``org``; ConfigError if the org is missing or name taken."""
     check_name("project", name)
+    if name.lower() in RESERVED_PROJECT_NAMES:
+        raise ConfigError(f"{name!r} is reserved (it names files of the view /cache/{org}/)")
     created = time.time() if now is None else now
     try:
         with transaction(conn, durable=True):
@@ -327,20 +377,28 @@ def create_project(
                 (found.id, name, int(public), created),
             )
     except sqlite3.IntegrityError as exc:
-        raise ConfigError(f"project {org}/{name} already exists") from exc
+        raise ConfigError(
+            f"project {org}/{name} already exists (project names are compared ignoring case)"
+        ) from exc
     assert cur.lastrowid is not None
     return Project(cur.lastrowid, org, name, public, created)
 
 
 _PROJECT_SELECT = (
-    "SELECT p.id, o.name, p.name, p.public, p.created FROM projects p "
+    "SELECT p.id, o.name, p.name, p.public, p.created, p.priority FROM projects p "
     "JOIN orgs o ON o.id = p.org_id"
 )
 
 
+def project_from_row(row: Sequence[Any]) -> Project:
+    """A :class:`Project` from ``id, org, name, public, created, priority`` columns."""
+    pid, org, name, public, created, priority = row
+    return Project(int(pid), str(org), str(name), bool(public), float(created), int(priority))
+
+
 def get_project(conn: sqlite3.Connection, org: str, name: str) -> Project | None:
     row = conn.execute(f"{_PROJECT_SELECT} WHERE o.name = ? AND p.name = ?", (org, name)).fetchone()
-    return Project(row[0], row[1], row[2], bool(row[3]), row[4]) if row else None
+    return project_from_row(row) if row else None
 
 
 def list_projects(conn: sqlite3.Connection, org: str | None = None) -> list[Project]:
@@ -350,7 +408,7 @@ def list_projects(conn: sqlite3.Connection, org: str | None = None) -> list[Proj
         rows = conn.execute(
             f"{_PROJECT_SELECT} WHERE o.name = ? ORDER BY p.name", (org,)
         ).fetchall()
-    return [Project(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+    return [project_from_row(r) for r in rows]
 
 
 def set_project_public(conn: sqlite3.Connection, org: str, name: str, public: bool) -> Project:
@@ -365,3 +423,54 @@ def set_project_public(conn: sqlite3.Connection, org: str, name: str, public: bo
     if project is None:
         raise ConfigError(f"project {org}/{name} does not exist")
     return project
+
+
+def set_project_priority(conn: sqlite3.Connection, org: str, name: str, priority: int) -> Project:
+    """Set a slice's place in its org's unified view (lower first); ConfigError if absent."""
+    if not 0 <= priority <= 1_000_000:
+        raise ConfigError(f"priority {priority} is outside 0..1000000")
+    with transaction(conn, durable=True):
+        conn.execute(
+            "UPDATE projects SET priority = ? WHERE name = ? "
+            "AND org_id = (SELECT id FROM orgs WHERE name = ?)",
+            (priority, name, org),
+        )
+        project = get_project(conn, org, name)
+    if project is None:
+        raise ConfigError(f"project {org}/{name} does not exist")
+    return project
+
+
+def org_trust(conn: sqlite3.Connection, org: str) -> list[Project]:
+    """The other organizations' slices ``org`` opted in to, in the order they are asked."""
+    rows = conn.execute(
+        f"{_PROJECT_SELECT} JOIN org_trust t ON t.project_id = p.id "  # noqa: S608
+        "WHERE t.org_id = (SELECT id FROM orgs WHERE name = ?) ORDER BY t.position",
+        (org,),
+    ).fetchall()
+    return [project_from_row(r) for r in rows]
+
+
+def set_org_trust(conn: sqlite3.Connection, org: str, slices: Sequence[str]) -> list[Project]:
+    """Replace ``org``'s trust list with ``slices`` (``other/project``, asked in this order).
+
+    Only slices of other organizations belong here (an org's own slices are always asked
+    first, by priority); each must exist. ConfigError otherwise.
+    """
+    with transaction(conn, durable=True):
+        found = get_org(conn, org)
+        if found is None:
+            raise ConfigError(f"organization {org!r} does not exist")
+        conn.execute("DELETE FROM org_trust WHERE org_id = ?", (found.id,))
+        for position, slice_name in enumerate(slices):
+            other, _, project_name = slice_name.partition("/")
+            project = get_project(conn, other, project_name)
+            if project is None:
+                raise ConfigError(f"project {slice_name} does not exist")
+            if project.org == found.name:
+                raise ConfigError(f"{slice_name} is {org}'s own: own slices are always trusted")
+            conn.execute(
+                "INSERT OR IGNORE INTO org_trust (org_id, position, project_id) VALUES (?, ?, ?)",
+                (found.id, position, project.id),
+            )
+    return org_trust(conn, org)

@@ -7,7 +7,7 @@ as ``org``). Every request is decided by the policy as it is *now*, so a policy 
 takes effect at once, without waiting for tokens to expire.
 
 Tokens are signed with Ed25519 (JWS ``alg: EdDSA``) by the current key of
-:class:`nixd.server.keys.JwtKeys`; the header names it by ``kid`` and the public keys are
+:class:`nixd.server.access.keys.JwtKeys`; the header names it by ``kid`` and the public keys are
 published as a JWKS (``/.well-known/jwks.json``). Verification is strict and
 allow-listed: only ``EdDSA``, only a ``kid`` we hold (current, or retired and still within
 its retention), our issuer and audience, every claim present and well-typed, and
@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 import jwt
 
 from nixd.errors import AuthError, ConfigError, TokenExpired
-from nixd.server.identity import Identity
-from nixd.server.keys import JwtKeys
+from nixd.server.access.identity import Identity
+from nixd.server.access.keys import JwtKeys
 
 ALGORITHMS = ("EdDSA",)
 """The only signature algorithm accepted; anything else (``none``, ``HS256``…) is refused

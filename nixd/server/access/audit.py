@@ -57,10 +57,11 @@ API
     ``await log.arecord(event)`` from trio; ``log.close()``. The hot path of a server builds
     its line with :func:`event_body` (the fields that repeat are checked once and remembered)
     and hands it to ``await log.arecord_body(body)`` or ``log.submit(body)``. ``event`` must hold
-    ``identity`` (an :class:`~nixd.server.identity.Identity` or ``"kind:subject"``) and
-    ``action``; ``request_id``, ``resource``, ``decision`` (``"allow"``/``"deny"`` or a
-    :class:`~nixd.server.policy.Decision`, which also fills ``rule`` and ``reason``), ``rule``
-    and ``source`` are written as null when absent; any other JSON fields follow.
+    ``identity`` (an :class:`~nixd.server.access.identity.Identity` or ``"kind:subject"``) and
+    ``action``; ``request_id``, ``resource``, ``decision`` (``"allow"``/``"deny"``
+    or a :class:`~nixd.server.access.policy.Decision`, which also fills ``rule`` and
+    ``reason``), ``rule`` and ``source`` are written as null when absent; any other JSON
+    fields follow.
     ``verify(path) -> VerifyResult`` (``.ok``, ``.first_bad``, ``.problem``, ``.describe()``).
 """
 
@@ -86,8 +87,8 @@ from typing import Any
 import trio
 
 from nixd.errors import NixdError
-from nixd.server.identity import Identity
-from nixd.server.policy import Decision
+from nixd.server.access.identity import Identity
+from nixd.server.access.policy import Decision
 
 log = logging.getLogger(__name__)
 

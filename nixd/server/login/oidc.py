@@ -35,7 +35,7 @@ cached keys stay in use. Issuers must be ``https://`` unless on loopback (tests)
 
 **Identity.** Kind ``github`` or ``gitlab``, subject = ``sub`` (e.g.
 ``repo:acme/app:ref:refs/heads/main``), attributes = the claims (strings; see
-:func:`~nixd.server.exchange.claim_attributes`) plus ``org``. Policies should match the
+:func:`~nixd.server.login.exchange.claim_attributes`) plus ``org``. Policies should match the
 immutable ids (``repository_id``, ``repository_owner_id``, ``project_id``,
 ``namespace_id``), not names that can be renamed and re-registered.
 """
@@ -55,9 +55,9 @@ import jwt
 import trio
 
 from nixd.errors import ConfigError
+from nixd.server.access.identity import Identity
 from nixd.server.config import DEFAULT_ISSUERS, OidcSection
-from nixd.server.exchange import ExchangeRejected, claim_attributes
-from nixd.server.identity import Identity
+from nixd.server.login.exchange import ExchangeRejected, claim_attributes
 
 log = logging.getLogger(__name__)
 

@@ -2,23 +2,33 @@
 
 URL space (NIX-PROTOCOL.md has what the real client does with each answer)::
 
-    /cache/nix-cache-info                    public, always 200
-    /cache/<hash32>.narinfo                  GET/HEAD: the unified read view over all slices
+    /cache/nix-cache-info                    public, always 200 (also under every prefix)
+    /cache/<hash32>.narinfo                  GET/HEAD: the caller's own organization's view
     /cache/nar/<filehash32>.nar.zst          GET/HEAD, Range
     /cache/log/<drv basename>                GET
-    /cache/<org>/<project>/...               the same names, scoped to one slice, plus PUT
+    /cache/<org>/...                         the same names in the view of <org>
+    /cache/<org>/<project>/...               the same names, one slice, plus PUT
                                              (the target of ``nix copy --to``)
     POST /api/v1/token/exchange              credential -> short-lived access token
     GET  /api/v1/token/status                who am I, until when
     GET  /api/v1/cache/keys                  narinfo public keys, for pinning
     GET  /.well-known/jwks.json              access-token verification keys
 
-**Visibility.** A path is visible to a caller if at least one slice holding it is public or
-the policy allows the caller ``cache:read`` on it; a NAR file is visible if a visible path
-uses it. Anything invisible is a 404 indistinguishable from absent, except that a caller
-with no credential at all gets 401 + ``WWW-Authenticate`` (so a client knows to log in).
-A credential that is presented but bad (expired, revoked, forged) is always a 401.
-Uploads need ``cache:write`` on the slice; refusals of a known caller are 403.
+**Views.** A view of organization O (see the tenancy model in :mod:`nixd.server`) asks
+the slices holding a path in its trust order — O's own by priority, the record that came
+first, name; then the slices O trusts; then slices an explicit rule grants this reader —
+and the first one the reader may read answers. Another organization's slice readable only
+because it is public is never asked unless O trusts it. ``/cache/`` is the view of the
+caller's own organization (the ``org`` attribute of its identity); an anonymous caller
+has none there and reads public slices through ``/cache/<org>/``.
+
+**Visibility.** Anything the caller may not read answers exactly as absent: 404 with the
+same body, or 401 + ``WWW-Authenticate`` to a caller with no credential at all (so a
+client knows to log in). A NAR file is visible if a record in the caller's view names its
+NarHash. A credential that is presented but bad (expired, revoked, forged) is a 401.
+Uploads need ``cache:write`` on ``org/project``, decided on the name before the slice is
+looked up, so a refusal (403, naming only the caller and the slice it asked for) says
+nothing about whether the slice exists; the rule goes to the audit log.
 
 **Uploads.** The NAR PUT is decompressed, parsed strictly and hashed as it streams into a
 temp file (recompressed as zstd); the narinfo PUT that follows is accepted only if its
@@ -34,7 +44,7 @@ until the database changes (``PRAGMA data_version``); policy decisions are memoi
 identity and policy object; signed narinfos per path and key set (the signing keys looked
 up at most once a second). Request ids come from a counter, not from the kernel's random
 source. What remains per request is the audit line, built by
-:func:`nixd.server.audit.event_body`: with ``audit.durable_reads`` (the default) the answer
+:func:`nixd.server.access.audit.event_body`: with ``audit.durable_reads`` (the default) the answer
 waits for its fsync, shared by every request in flight (group commit); without it, an
 allowed read's line is queued and the answer goes out at once.
 """
@@ -51,7 +61,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,13 +72,17 @@ from nixd.nix import base32
 from nixd.nix.hashes import Hash
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.storepath import StorePath
-from nixd.server.audit import AuditLog, event_body
-from nixd.server.credentials import CredentialRejected, CredentialStore
-from nixd.server.db import Project
-from nixd.server.device import DeviceService
+from nixd.server.access.audit import AuditLog, event_body
+from nixd.server.access.credentials import CredentialRejected, CredentialStore
+from nixd.server.access.identity import Identity, anonymous
+from nixd.server.access.keys import ServerKeys
+from nixd.server.access.policy import DEFAULT_DENY, PUBLIC_RULES, PolicyHolder
+from nixd.server.access.tokens import TokenIssuer
+from nixd.server.asgi import Receive, Scope, Send
 from nixd.server.errors import (
     WWW_AUTHENTICATE,
     BadUpload,
+    Conflict,
     Forbidden,
     MethodNotAllowed,
     NotFound,
@@ -76,19 +90,13 @@ from nixd.server.errors import (
     Unauthenticated,
     into_client,
 )
-from nixd.server.exchange import Exchanger, ExchangeRejected
-from nixd.server.identity import Identity, anonymous
-from nixd.server.keys import ServerKeys
-from nixd.server.policy import PolicyHolder
-from nixd.server.store import PathInfo, Store, compression_of
-from nixd.server.tokens import TokenIssuer
+from nixd.server.login.device import DeviceService
+from nixd.server.login.exchange import Exchanger, ExchangeRejected
+from nixd.server.storage.db import Project
+from nixd.server.storage.store import PathConflict, PathInfo, Store, compression_of
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 CACHE_INFO = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
 NARINFO_TYPE = b"text/x-nix-narinfo"
@@ -98,14 +106,17 @@ FEED_BATCH = 1 << 20  # bytes handed to the ingest thread at a time
 READ_CHUNK = 1 << 20  # NAR download chunk
 _TOKEN_CACHE_MAX = 10_000
 _NARINFO_CACHE_MAX = 50_000
-PUBLIC_RULE = "public-project"
+UNTRUSTED = "untrusted-public"
+"""Audit rule of a read that only another organization's public slice could answer."""
+VIEW_FILES = frozenset({"nar", "log", "realisations", "nix-cache-info"})
+"""First path segments of a view's own files (project names are never these)."""
 _HASH_PART = re.compile(r"[0-9a-df-np-sv-z]{32}")  # Nix base32: no e, o, t, u
 _DECISION_CACHE_MAX = 10_000
 
 
 @dataclass
 class Services:
-    """What the app needs, built by :mod:`nixd.server.serve` (or a test)."""
+    """What the app needs, built by :mod:`nixd.server.http.serve` (or a test)."""
 
     store: Store
     credentials: CredentialStore
@@ -120,7 +131,7 @@ class Services:
     background: trio.Nursery | None = None
     """Where non-durable read-allow audit lines are written (``durable_reads=False``)."""
     exchangers: dict[str, Exchanger] = field(default_factory=dict)
-    """Exchange kinds other than ``token`` (:mod:`nixd.server.exchange`), by kind."""
+    """Exchange kinds other than ``token`` (:mod:`nixd.server.login.exchange`), by kind."""
     device: DeviceService | None = None
     """Interactive login: ``/api/v1/device/*`` and the ``/device`` pages."""
 
@@ -135,12 +146,12 @@ class _Ctx:
 
 
 class CacheApp:
-    """The ASGI application: ``CacheApp(services)``, served by :mod:`nixd.server.serve`."""
+    """The ASGI application: ``CacheApp(services)``, served by :mod:`nixd.server.http.serve`."""
 
     def __init__(self, services: Services) -> None:
         self.s = services
         self._tokens: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
-        self._narinfos: OrderedDict[tuple[str, str, tuple[str, ...]], bytes] = OrderedDict()
+        self._narinfos: OrderedDict[tuple[PathInfo, tuple[str, ...]], bytes] = OrderedDict()
         self._keys_checked = 0.0
         self._signers: list[Any] = []
         self._signer_names: tuple[str, ...] = ()
@@ -149,7 +160,10 @@ class CacheApp:
         self._request_numbers = itertools.count(1)
         self._api_tokens: dict[str, tuple[Identity, float]] = {}
         self._api_version = -1
-        self._decisions: dict[tuple[int, int, str, str, str], tuple[Any, Any, bool, str]] = {}
+        self._decisions: dict[tuple[int, int, str, str, bool, str], tuple[Any, Any, bool, str]] = {}
+        self._live_version = -1
+        self._revoked: set[str] = set()
+        self._disabled: set[str] = set()
 
     # -- ASGI entry ---------------------------------------------------------------------
 
@@ -200,6 +214,7 @@ class CacheApp:
                 break
         if header is None:
             return None
+        self._check_keys()
         scheme, _, rest = header.decode("latin-1").strip().partition(" ")
         scheme = scheme.lower()
         if scheme == "bearer":
@@ -215,8 +230,40 @@ class CacheApp:
         if not secret:
             raise AuthError("empty credential in the authorization header")
         ident = self._verify_secret(secret)
+        self._check_live(ident)
         ctx.identity = ident
         return ident
+
+    def _check_keys(self) -> None:
+        """Notice a replaced keyring (``key rotate``) on this very request, in every worker.
+
+        Two ``stat`` calls: cheap enough for every request that presents a credential,
+        and what makes ``key rotate --tokens --grace 0`` refuse old tokens at once.
+        """
+        if self.s.keys.refresh():
+            self._narinfos.clear()
+            self._forget_tokens()
+            self._keys_checked = 0.0  # which keys sign is looked up again
+
+    def _check_live(self, ident: Identity) -> None:
+        """Refuse a still-unexpired access token whose credential or user was cut off.
+
+        ``token revoke`` and ``user disable`` are commits by another process; the sets
+        of revoked credentials and disabled users are re-read whenever the database
+        changed (``PRAGMA data_version``), so they apply on the next request.
+        """
+        version = self.s.store.data_version()
+        if version != self._live_version:
+            self._live_version = version
+            self._revoked = self.s.credentials.revoked_ids()
+            self._disabled = (
+                self.s.device.accounts.disabled_names() if self.s.device is not None else set()
+            )
+        credential = ident.attributes.get("credential")
+        if isinstance(credential, str) and credential in self._revoked:
+            raise AuthError("the credential behind this access token was revoked")
+        if ident.kind == "user" and ident.subject in self._disabled:
+            raise AuthError(f"user {ident.subject} is disabled")
 
     def _verify_secret(self, secret: str) -> Identity:
         now = self.s.clock()
@@ -262,18 +309,25 @@ class CacheApp:
     # -- policy + audit -----------------------------------------------------------------
 
     def _may(self, ctx: _Ctx, action: str, project: Project) -> tuple[bool, str]:
-        """Whether the caller may ``action`` on ``project``, and the rule that said so."""
-        if action == "cache:read" and project.public:
-            return True, PUBLIC_RULE
+        """Whether the caller may ``action`` on ``project``, and the rule that said so.
+
+        The policy's one decision function decides, the ``--public`` flag included (an
+        allow that a deny rule overrides), exactly as ``nixd-server policy explain`` does.
+        """
+        return self._may_on(ctx, action, project.slice, public=project.public)
+
+    def _may_on(
+        self, ctx: _Ctx, action: str, resource: str, *, public: bool = False
+    ) -> tuple[bool, str]:
         identity = ctx.identity or anonymous()
         policy = self.s.policy.current
         # Identities come from the token cache, so the same caller is the same object:
         # decisions are memoized per (identity, policy) object, checked by identity (`is`).
-        key = (id(identity), id(policy), action, project.slice, ctx.source_ip)
+        key = (id(identity), id(policy), action, resource, public, ctx.source_ip)
         hit = self._decisions.get(key)
         if hit is not None and hit[0] is identity and hit[1] is policy:
             return hit[2], hit[3]
-        decision = policy.decide(identity, action, project.slice, ctx.source_ip or None)
+        decision = policy.decide(identity, action, resource, ctx.source_ip or None, public=public)
         if len(self._decisions) >= _DECISION_CACHE_MAX:
             self._decisions.clear()
         self._decisions[key] = (identity, policy, decision.allowed, decision.rule)
@@ -301,27 +355,76 @@ class CacheApp:
             return
         await audit.arecord_body(body)
 
-    async def _read_decision(self, ctx: _Ctx, candidates: list[Project], what: str) -> Project:
-        """The first candidate slice the caller may read; else 401/404 (audit-logged)."""
-        rule = "no-slice"
-        for project in candidates:
+    def _view(
+        self, ctx: _Ctx, org: str | None, candidates: list[tuple[Project, float]]
+    ) -> tuple[list[tuple[Project, str]], str]:
+        """The candidate slices that answer this reader, best first, and why others did not.
+
+        The trust order of a view of organization ``org`` (see the module docstring):
+        ``org``'s own slices, then the other organizations' slices ``org`` opted in to
+        (``nixd-server org trust``), then slices granted to this reader by an explicit
+        (not public) rule; within each, lower priority first, then the record that came
+        first, then by name. Another organization's slice that is readable only because
+        it is public is left out unless ``org`` opted in to it. The second value is the
+        rule to audit when nothing answers: the first deny rule that matched, else why.
+        """
+        trust = self.s.store.trust(org) if org else {}
+        ranked: list[tuple[tuple[Any, ...], Project, str]] = []
+        refused = DEFAULT_DENY if candidates else "no-slice"
+        for project, created in candidates:
             allowed, rule = self._may(ctx, "cache:read", project)
-            if allowed:
-                await self._audit(ctx, "cache:read", project.slice, True, rule, object=what)
-                return project
-        await self._audit(ctx, "cache:read", "*", False, rule, object=what)
+            if not allowed:
+                if refused in (DEFAULT_DENY, UNTRUSTED) and rule != DEFAULT_DENY:
+                    refused = rule
+                continue
+            order = (project.priority, created, project.org, project.name)
+            if project.org == org:
+                ranked.append(((0, *order), project, rule))
+            elif project.id in trust:
+                ranked.append(((1, trust[project.id], *order), project, rule))
+            elif rule not in PUBLIC_RULES:
+                ranked.append(((2, *order), project, rule))
+            elif refused == DEFAULT_DENY:
+                refused = UNTRUSTED
+        ranked.sort(key=lambda r: r[0])
+        return [(p, rule) for _, p, rule in ranked], refused
+
+    async def _read_decision(
+        self, ctx: _Ctx, org: str | None, candidates: list[tuple[Project, float]], what: str
+    ) -> Project:
+        """The slice that answers ``what`` in ``org``'s view; else 401/404 (audited either way).
+
+        Hidden and absent are one answer: 401 + ``WWW-Authenticate`` to a caller without a
+        credential, else 404 with an empty body; the reason goes to the audit log only.
+        """
+        view, refused = self._view(ctx, org, candidates)
+        if view:
+            project, rule = view[0]
+            await self._audit(ctx, "cache:read", project.slice, True, rule, object=what)
+            return project
+        await self._audit(ctx, "cache:read", f"{org or '*'}/*", False, refused, object=what)
         if ctx.identity is None:
             raise Unauthenticated("authentication required")
         raise NotFound()
 
-    async def _write_decision(self, ctx: _Ctx, project: Project, what: str) -> None:
-        allowed, rule = self._may(ctx, "cache:write", project)
-        await self._audit(ctx, "cache:write", project.slice, allowed, rule, object=what)
+    def _reader_org(self, ctx: _Ctx) -> str | None:
+        """The organization whose view ``/cache/`` shows this caller: its own, or none."""
+        org = ctx.identity.attributes.get("org") if ctx.identity is not None else None
+        return org if isinstance(org, str) else None
+
+    async def _write_decision(self, ctx: _Ctx, resource: str, what: str) -> None:
+        """Refuse an upload to ``resource`` (``org/project``) the caller may not write.
+
+        Decided on the name, before looking the slice up, so the refusal is the same
+        whether the slice exists or not; the rule is in the audit line, not the answer.
+        """
+        allowed, rule = self._may_on(ctx, "cache:write", resource)
+        await self._audit(ctx, "cache:write", resource, allowed, rule, object=what)
         if allowed:
             return
         if ctx.identity is None:
             raise Unauthenticated("authentication required to upload")
-        raise Forbidden(f"{ctx.identity.render()} may not upload to {project.slice} (rule: {rule})")
+        raise Forbidden(f"{ctx.identity.render()} may not upload to {resource}")
 
     # -- /cache/ ------------------------------------------------------------------------
 
@@ -341,73 +444,83 @@ class CacheApp:
             await self._audit(ctx, "authenticate", "*", False, "credential", error=str(exc))
             raise
         parts = rest.split("/")
-        if parts[0] in ("nar", "log", "realisations") or len(parts) == 1:
-            if method not in ("GET", "HEAD"):
-                raise MethodNotAllowed(
-                    "the unified cache URL is read-only; upload to /cache/<org>/<project>"
-                )
-            await self._unified(ctx, scope, send, rest, head)
+        if parts[0] in VIEW_FILES or len(parts) == 1:
+            await self._view_read(ctx, scope, send, self._reader_org(ctx), rest)
             return
-        if len(parts) < 3:
-            raise NotFound()
-        project = self.s.store.project(parts[0], parts[1])
-        if project is None:
-            if ctx.identity is None:
-                raise Unauthenticated("authentication required")
-            raise NotFound()
-        name = "/".join(parts[2:])
-        if method in ("GET", "HEAD"):
-            await self._slice_read(ctx, scope, send, project=project, name=name, head=head)
-        elif method == "PUT":
+        if len(parts) == 2 or parts[1] in VIEW_FILES:
+            await self._view_read(ctx, scope, send, parts[0], "/".join(parts[1:]))
+            return
+        org, project_name, name = parts[0], parts[1], "/".join(parts[2:])
+        if method == "PUT":
+            await self._write_decision(ctx, f"{org}/{project_name}", name)
+            project = self.s.store.project(org, project_name)
+            if project is None:
+                raise NotFound()  # only a caller allowed to write that name learns this
             await self._slice_put(ctx, scope, receive, send, project=project, name=name)
+        elif method in ("GET", "HEAD"):
+            project = self.s.store.project(org, project_name)
+            if project is None:
+                await self._read_decision(ctx, org, [], name)  # 401/404 like a hidden slice
+                return
+            await self._slice_read(ctx, scope, send, project=project, name=name, head=head)
         else:
             raise MethodNotAllowed(f"{method} is not supported here")
 
-    async def _unified(self, ctx: _Ctx, scope: Scope, send: Send, name: str, head: bool) -> None:
-        if name.endswith(".narinfo") and "/" not in name:
-            hash_part = _hash_part(name)
-            holders = self.s.store.holders(hash_part)
-            project = await self._read_decision(ctx, [p for p, _ in holders], name)
+    async def _view_read(
+        self, ctx: _Ctx, scope: Scope, send: Send, org: str | None, name: str
+    ) -> None:
+        """A read from the view of ``org``: ``/cache/<org>/...``, or ``/cache/...`` (own org)."""
+        method = scope["method"]
+        head = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("this view is read-only; upload to /cache/<org>/<project>/")
+        if name == "nix-cache-info":
+            await _respond(send, 200, CACHE_INFO, {"content-type": "text/plain"}, head=head)
+        elif name.endswith(".narinfo") and "/" not in name:
+            holders = self.s.store.holders(_hash_part(name))
+            candidates = [(p, i.created) for p, i in holders]
+            project = await self._read_decision(ctx, org, candidates, name)
             info = next(i for p, i in holders if p.id == project.id)
             await self._send_narinfo(send, info, head)
         elif name.startswith("nar/"):
-            await self._send_nar(ctx, scope, send, file_name=name[4:], project=None, head=head)
+            await self._send_nar(ctx, scope, send, org, file_name=name[4:], project=None, head=head)
         elif name.startswith("log/"):
             logs = self.s.store.log_holders(name[4:])
-            project = await self._read_decision(ctx, [p for p, _ in logs], name)
-            data = next(d for p, d in logs if p.id == project.id)
+            project = await self._read_decision(ctx, org, [(p, c) for p, c, _ in logs], name)
+            data = next(d for p, _, d in logs if p.id == project.id)
             await _respond(send, 200, data, {"content-type": "text/plain"}, head=head)
         else:
-            await self._read_decision(ctx, [], name)
+            await self._read_decision(ctx, org, [], name)
 
     async def _slice_read(
         self, ctx: _Ctx, scope: Scope, send: Send, *, project: Project, name: str, head: bool
     ) -> None:
+        here = [(project, 0.0)]
         if name == "nix-cache-info":
             await _respond(send, 200, CACHE_INFO, {"content-type": "text/plain"}, head=head)
         elif name.endswith(".narinfo") and "/" not in name:
-            await self._read_decision(ctx, [project], name)
             info = self.s.store.in_slice(project, _hash_part(name))
-            if info is None:
-                raise NotFound()
+            await self._read_decision(ctx, project.org, here if info else [], name)
+            assert info is not None
             await self._send_narinfo(send, info, head)
         elif name.startswith("nar/"):
             alias = self.s.store.alias(project, name)
-            if alias is not None and head:
-                # `nix copy --to` asks whether its own upload is here before sending it.
-                await self._write_decision(ctx, project, name)
+            if alias is not None and head and self._may(ctx, "cache:write", project)[0]:
+                # `nix copy --to` asks whether its own upload is here before sending it;
+                # anyone else gets the answer of an ordinary read.
+                await self._audit(ctx, "cache:write", project.slice, True, "upload-check")
                 await _respond(send, 200, b"", {"content-length": str(alias.nar_size)}, head=True)
                 return
-            await self._send_nar(ctx, scope, send, file_name=name[4:], project=project, head=head)
+            await self._send_nar(
+                ctx, scope, send, project.org, file_name=name[4:], project=project, head=head
+            )
         elif name.startswith("log/"):
-            await self._read_decision(ctx, [project], name)
-            logs = [d for p, d in self.s.store.log_holders(name[4:]) if p.id == project.id]
-            if not logs:
-                raise NotFound()
-            await _respond(send, 200, logs[0], {"content-type": "text/plain"}, head=head)
+            logs = [(p, c) for p, c, _ in self.s.store.log_holders(name[4:]) if p.id == project.id]
+            await self._read_decision(ctx, project.org, logs, name)
+            data = next(d for p, _, d in self.s.store.log_holders(name[4:]) if p.id == project.id)
+            await _respond(send, 200, data, {"content-type": "text/plain"}, head=head)
         else:
-            await self._read_decision(ctx, [project], name)
-            raise NotFound()
+            await self._read_decision(ctx, project.org, [], name)
 
     def _signed_narinfo(self, info: PathInfo) -> bytes:
         now = self.s.clock()
@@ -420,7 +533,9 @@ class CacheApp:
             self._signers = self.s.keys.narinfo.signing_keys()
             self._signer_names = tuple(k.name for k in self._signers)
         signers = self._signers
-        key = (info.hash_part, info.nar.nar_hash, self._signer_names)
+        # Keyed by the whole record: two slices may hold one store path with different
+        # metadata, and each must get its own narinfo.
+        key = (info, self._signer_names)
         cached = self._narinfos.get(key)
         if cached is not None:
             return cached
@@ -455,18 +570,25 @@ class CacheApp:
         ctx: _Ctx,
         scope: Scope,
         send: Send,
+        org: str | None,
         *,
         file_name: str,
         project: Project | None,
         head: bool,
     ) -> None:
+        """A NAR file, if a slice record in the reader's view names its NarHash.
+
+        NAR bytes are shared between slices by hash: whichever slice's record made it
+        visible, the bytes are the ones that NarHash names, so sharing changes no answer.
+        """
         if not file_name.endswith(".nar.zst"):
-            await self._read_decision(ctx, [], file_name)
+            await self._read_decision(ctx, org, [], file_name)
         file_hash = file_name[: -len(".nar.zst")]
         nar, holders = self.s.store.nar_holders(file_hash)
         if project is not None:
             holders = [p for p in holders if p.id == project.id]
-        await self._read_decision(ctx, holders if nar else [], f"nar/{file_name}")
+        candidates = [(p, 0.0) for p in holders] if nar else []
+        await self._read_decision(ctx, org, candidates, f"nar/{file_name}")
         assert nar is not None
         await _send_file(scope, send, self.s.store.blob_path(nar.file_hash), head)
 
@@ -482,7 +604,6 @@ class CacheApp:
         project: Project,
         name: str,
     ) -> None:
-        await self._write_decision(ctx, project, name)
         if name.startswith("nar/"):
             nar = await self._receive_nar(receive, project, name)
             log.info(
@@ -494,7 +615,7 @@ class CacheApp:
             )
         elif name.endswith(".narinfo") and "/" not in name:
             body = await _read_body(receive, MAX_SMALL_BODY)
-            self._accept_narinfo(project, name, body)
+            await self._accept_narinfo(ctx, project, name, body)
         elif name.startswith("log/"):
             body = await _read_body(receive, 64 << 20)
             self.s.store.put_log(project, name[4:], body)
@@ -535,7 +656,7 @@ class CacheApp:
             raise
         return self.s.store.commit_nar(ingest, finished, project, name)
 
-    def _accept_narinfo(self, project: Project, name: str, body: bytes) -> None:
+    async def _accept_narinfo(self, ctx: _Ctx, project: Project, name: str, body: bytes) -> None:
         try:
             ni = NarInfo.parse(body)
         except FormatError as exc:
@@ -557,19 +678,29 @@ class CacheApp:
                 f"{ni.nar_hash}, NarSize {ni.nar_size}, but the NAR uploaded as {ni.url} has "
                 f"NarHash {nar.nar_hash}, NarSize {nar.nar_size}; nothing was stored"
             )
-        self.s.store.add_path(
-            project,
-            PathInfo(
-                hash_part=ni.store_path.hash_part,
-                name=ni.store_path.name,
-                nar=nar,
-                references=tuple(sorted(r.basename for r in ni.references)),
-                deriver=ni.deriver.basename if ni.deriver else None,
-                system=ni.system,
-                ca=ni.ca,
-            ),
+        record = PathInfo(
+            hash_part=ni.store_path.hash_part,
+            name=ni.store_path.name,
+            nar=nar,
+            references=tuple(sorted(r.basename for r in ni.references)),
+            deriver=ni.deriver.basename if ni.deriver else None,
+            system=ni.system,
+            ca=ni.ca,
+            uploader=(ctx.identity or anonymous()).render(),
         )
-        log.info("stored %s in %s", ni.store_path.path(), project.slice)
+        existing = self.s.store.in_slice(project, record.hash_part)
+        replace = False
+        if existing is not None and not existing.same_contents(record):
+            replace, rule = self._may(ctx, "cache:admin", project)
+            await self._audit(
+                ctx, "cache:replace", project.slice, replace, rule, object=record.basename
+            )
+        try:
+            changed = self.s.store.add_path(project, record, replace=replace)
+        except PathConflict as exc:
+            raise Conflict(str(exc)) from exc
+        if changed:
+            log.info("stored %s in %s", ni.store_path.path(), project.slice)
 
     # -- /api/ --------------------------------------------------------------------------
 

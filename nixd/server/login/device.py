@@ -5,7 +5,7 @@ The flow::
     nixd login ── POST /api/v1/device/authorize ──► device_code (secret), user_code BCDF-GHJK
        │  prints the URL and the user code              │
        │                                                ▼
-       │              a person signs in on /device (nixd.server.web), enters the code,
+       │              a person signs in on /device (nixd.server.login.web), enters the code,
        │              sees what asks for access, approves or denies
        ▼
     POST /api/v1/device/token every `interval` s ──► authorization_pending | slow_down
@@ -53,28 +53,25 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, quote
 
 from nixd.errors import AuthError, FormatError
-from nixd.server.accounts import Account, AccountStore
-from nixd.server.audit import AuditLog
+from nixd.server.access.audit import AuditLog
+from nixd.server.access.identity import Identity, anonymous
+from nixd.server.access.tokens import TokenIssuer
+from nixd.server.asgi import Receive, Scope, Send
 from nixd.server.config import DeviceSection
-from nixd.server.db import Migration, ensure_schema, transaction
-from nixd.server.exchange import ExchangeRejected
-from nixd.server.identity import Identity, anonymous
-from nixd.server.tokens import TokenIssuer
-from nixd.server.web import WebPages
+from nixd.server.login.accounts import Account, AccountStore
+from nixd.server.login.exchange import ExchangeRejected
+from nixd.server.login.web import WebPages
+from nixd.server.storage.db import Migration, ensure_schema, transaction
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 CLIENT_ID = "nixd-cli"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"

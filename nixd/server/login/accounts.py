@@ -4,7 +4,7 @@ An account belongs to one organization and has a name unique on the server; it p
 the identity ``user:<name>`` with attributes ``org`` and ``user`` (the name again, so a
 policy can match ``{ kind = "user", org = "acme" }`` or a single person).
 
-Passwords are chosen by people, so unlike API tokens (:mod:`nixd.server.credentials`) they
+Passwords are chosen by people, so unlike API tokens (:mod:`nixd.server.access.credentials`) they
 are low-entropy and must be hashed with a memory-hard KDF: scrypt from :mod:`hashlib`
 (OpenSSL), a 16-byte random salt per account, parameters stored with the hash so they can
 be raised later without invalidating old hashes::
@@ -21,7 +21,6 @@ never argv) and live in the ``accounts`` table (schema component ``"accounts"``)
 
 from __future__ import annotations
 
-import argparse
 import base64
 import getpass
 import hashlib
@@ -33,13 +32,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 import trio
 
 from nixd.errors import AuthError, ConfigError
-from nixd.server.db import Migration, check_name, ensure_schema, get_org, transaction
-from nixd.server.identity import Identity
+from nixd.server.access.identity import Identity
+from nixd.server.storage.db import Migration, check_name, ensure_schema, get_org, transaction
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +196,11 @@ class AccountStore:
         log.info("created user %s in %s", name, org)
         return Account(cur.lastrowid, org, name, now, None)
 
+    def disabled_names(self) -> set[str]:
+        """Names of disabled accounts (their unexpired access tokens are refused at once)."""
+        rows = self._conn.execute("SELECT name FROM accounts WHERE disabled_at IS NOT NULL")
+        return {str(r[0]) for r in rows}
+
     def get(self, name: str) -> Account | None:
         row = self._conn.execute(f"{_SELECT} WHERE a.name = ?", (name,)).fetchone()
         return _account(row) if row else None
@@ -246,65 +250,3 @@ def read_new_password(stdin: IO[str] | None = None) -> str:
         return check_password(first)
     line = stream.readline()
     return check_password(line.rstrip("\r\n"))
-
-
-def register_cli(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    add_state: Callable[[argparse.ArgumentParser], None],
-    open_state: Callable[[argparse.Namespace], tuple[Any, sqlite3.Connection]],
-    audit: Callable[..., None],
-) -> None:
-    """``nixd-server user add|disable|logout``; the password never comes from argv."""
-    user = sub.add_parser("user", help="local user accounts (interactive login)").add_subparsers(
-        dest="user_command", metavar="ACTION", required=True
-    )
-
-    def add(args: argparse.Namespace) -> int:
-        password = read_new_password()
-        config, conn = open_state(args)
-        try:
-            account = AccountStore(conn).create(args.org, args.name, password)
-        finally:
-            conn.close()
-        audit(config, "admin:user.add", f"{account.org}/*", user=account.name)
-        print(f"created user {account.name} in {account.org}")
-        return 0
-
-    def disable(args: argparse.Namespace) -> int:
-        config, conn = open_state(args)
-        try:
-            account = AccountStore(conn).disable(args.name)
-        finally:
-            conn.close()
-        audit(config, "admin:user.disable", f"{account.org}/*", user=account.name)
-        print(f"disabled user {account.name}: no sign-in, no renewal of existing logins")
-        return 0
-
-    def logout(args: argparse.Namespace) -> int:
-        from nixd.server.device import revoke_refresh  # noqa: PLC0415 - device imports us
-
-        config, conn = open_state(args)
-        try:
-            account = AccountStore(conn).get(args.name)
-            if account is None:
-                raise ConfigError(f"no user named {args.name!r}")
-            count = revoke_refresh(conn, account)
-        finally:
-            conn.close()
-        audit(config, "admin:user.logout", f"{account.org}/*", user=account.name, count=count)
-        print(f"revoked {count} refresh credential(s) of {account.name}")
-        return 0
-
-    p = user.add_parser("add", help="create a user; the password is read from a prompt or stdin")
-    add_state(p)
-    p.add_argument("org", metavar="ORG")
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=add)
-    p = user.add_parser("disable", help="stop a user from signing in and renewing")
-    add_state(p)
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=disable)
-    p = user.add_parser("logout", help="revoke every interactive login (refresh credential)")
-    add_state(p)
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=logout)

@@ -2,7 +2,7 @@
 
 The model
     A request asks for an *action* on a *resource* (a slice, ``org/project``) on behalf of an
-    :class:`~nixd.server.identity.Identity`, from a source address. The policy is a list of
+    :class:`~nixd.server.access.identity.Identity`, from a source address. The policy is a list of
     rules; a rule *matches* when one of its subjects matches the identity, the action is one
     of its actions, the resource matches one of its resource globs and every condition holds.
     **Deny beats allow**: any matching ``deny`` rule refuses; otherwise any matching ``allow``
@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from nixd.errors import ConfigError
-from nixd.server.identity import KINDS, Identity
+from nixd.server.access.identity import KINDS, Identity
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,12 @@ READ_ACTIONS = frozenset({"cache:read", "flake:read", "deploy:read"})
 
 DEFAULT_DENY = "default-deny"
 PUBLIC_RULE = "public"
-_RESERVED_IDS = frozenset({DEFAULT_DENY, PUBLIC_RULE})
+PUBLIC_PROJECT_RULE = "public-project"
+"""The rule a project's ``--public`` flag stands for: allow ``cache:read`` to anyone,
+anonymous callers included, on that slice. It is an allow like any other, so a matching
+deny rule still wins."""
+PUBLIC_RULES = frozenset({PUBLIC_RULE, PUBLIC_PROJECT_RULE})
+_RESERVED_IDS = frozenset({DEFAULT_DENY, PUBLIC_RULE, PUBLIC_PROJECT_RULE})
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9._*?\[\]!-]+")
 _RULE_KEYS = frozenset(
@@ -330,14 +335,34 @@ class Policy:
     digest: str = ""
 
     def decide(
-        self, identity: Identity, action: str, resource: str, source_ip: str | None
+        self,
+        identity: Identity,
+        action: str,
+        resource: str,
+        source_ip: str | None,
+        *,
+        public: bool = False,
     ) -> Decision:
-        """Decide one request. ``action`` must be one of :data:`ACTIONS` (ValueError else)."""
+        """Decide one request. ``action`` must be one of :data:`ACTIONS` (ValueError else).
+
+        This is the one decision function: the server's requests and ``nixd-server policy
+        explain`` both come here. ``public`` says the slice has the ``--public`` flag, which
+        counts as one more allow rule (:data:`PUBLIC_PROJECT_RULE`, ``cache:read`` only):
+        any matching deny still wins. When several allow rules match, the decision names
+        an explicit rule before a public one, so callers can tell "readable because public"
+        from "granted to this identity".
+        """
         _known_action(action)
-        return self._decide(identity, action, resource, _parse_ip(source_ip))
+        return self._decide(identity, action, resource, _parse_ip(source_ip), public=public)
 
     def _decide(
-        self, identity: Identity, action: str, resource: str, source: IPAddress | None
+        self,
+        identity: Identity,
+        action: str,
+        resource: str,
+        source: IPAddress | None,
+        *,
+        public: bool = False,
     ) -> Decision:
         allowed_by: Rule | None = None
         for rule in self.rules:
@@ -349,8 +374,16 @@ class Policy:
                     rule.id,
                     f"{identity.render()} {action} {resource}: denied by rule {rule.id!r}",
                 )
-            if allowed_by is None:
+            if allowed_by is None or (
+                allowed_by.id in PUBLIC_RULES and rule.id not in PUBLIC_RULES
+            ):
                 allowed_by = rule
+        if allowed_by is None and public and action == "cache:read":
+            return Decision(
+                True,
+                PUBLIC_PROJECT_RULE,
+                f"{identity.render()} {action} {resource}: the project is public",
+            )
         if allowed_by is not None:
             return Decision(
                 True,
@@ -402,9 +435,17 @@ class Policy:
             return Decision(False, DEFAULT_DENY, f"{identity.render()} {action}: no resource")
         return denied
 
-    def explain(self, identity: Identity, action: str, resource: str, source_ip: str | None) -> str:
+    def explain(
+        self,
+        identity: Identity,
+        action: str,
+        resource: str,
+        source_ip: str | None,
+        *,
+        public: bool = False,
+    ) -> str:
         """A human account of one decision: the answer, the rule, and every rule's verdict."""
-        decision = self.decide(identity, action, resource, source_ip)
+        decision = self.decide(identity, action, resource, source_ip, public=public)
         source = _parse_ip(source_ip)
         attrs = ", ".join(f"{k}={v!r}" for k, v in sorted(identity.attributes.items()))
         lines = [
@@ -426,6 +467,12 @@ class Policy:
             verdict = f"MATCHES ({rule.effect})" if why is None else f"no match: {why}"
             mark = "*" if rule.id == decision.rule else " "
             lines.append(f" {mark}{rule.id} [{rule.effect}, {where}]: {verdict}")
+        if public:
+            verdict = "MATCHES (allow)" if action == "cache:read" else "no match: cache:read only"
+            mark = "*" if decision.rule == PUBLIC_PROJECT_RULE else " "
+            lines.append(
+                f" {mark}{PUBLIC_PROJECT_RULE} [allow, the project is --public]: {verdict}"
+            )
         if decision.rule == DEFAULT_DENY:
             lines.append(f" *{DEFAULT_DENY}: no allow rule matched")
         return "\n".join(lines) + "\n"

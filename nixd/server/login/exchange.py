@@ -3,8 +3,8 @@
 ``POST /api/v1/token/exchange`` names a ``kind``; the app looks it up in
 ``Services.exchangers`` (``"token"``, API tokens, is handled by the app itself). An
 :class:`Exchanger` turns the request body into an
-:class:`~nixd.server.identity.Identity` — verifying a CI provider's OIDC token
-(:mod:`nixd.server.oidc`) or an AWS STS request (:mod:`nixd.server.aws`) — or raises
+:class:`~nixd.server.access.identity.Identity` — verifying a CI provider's OIDC token
+(:mod:`nixd.server.login.oidc`) or an AWS STS request (:mod:`nixd.server.login.aws`) — or raises
 :class:`ExchangeRejected` saying why. The app then issues the server's own access token
 for the identity, with the configured lifetime, and audits the exchange either way.
 
@@ -18,8 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from nixd.errors import AuthError
-from nixd.server.config import ServerConfig
-from nixd.server.identity import Identity
+from nixd.server.access.identity import Identity
 
 
 class ExchangeRejected(AuthError):
@@ -70,19 +69,3 @@ def claim_attributes(claims: Mapping[str, Any]) -> dict[str, str | list[str]]:
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             attrs[name] = list(value)
     return attrs
-
-
-def open_exchangers(config: ServerConfig) -> dict[str, Exchanger]:
-    """The exchangers the config enables (``[[github]]``, ``[[gitlab]]``, ``[[aws]]``)."""
-    # Imported here: the exchangers import this module for ExchangeRejected.
-    from nixd.server.aws import AwsExchanger  # noqa: PLC0415
-    from nixd.server.oidc import GITHUB, GITLAB, OidcExchanger  # noqa: PLC0415
-
-    exchangers: dict[str, Exchanger] = {}
-    if config.github:
-        exchangers[GITHUB.exchange_kind] = OidcExchanger(GITHUB, config.github)
-    if config.gitlab:
-        exchangers[GITLAB.exchange_kind] = OidcExchanger(GITLAB, config.gitlab)
-    if config.aws:
-        exchangers[AwsExchanger.kind] = AwsExchanger(config.aws)
-    return exchangers
