@@ -1,7 +1,7 @@
 """Both HTTP/1.1 fronts, started for real on loopback, behind one interface.
 
 ``start_front(limits)`` starts the proxy (``serve_proxy``, no upstreams) or the cache
-server (``nixd.server.serve.serve`` over an initialized state directory) in the test's
+server (``nixd.server.http.serve.serve`` over an initialized state directory) in the test's
 nursery with the given :class:`~nixd.http.Limits` in place of the front's own, and hands
 back a :class:`Front`: where it listens and a request it answers 200 without a secret.
 """
@@ -19,9 +19,9 @@ import trio
 
 from nixd.http import Limits
 from nixd.proxy import front as proxy_front
-from nixd.server import serve as server_serve
 from nixd.server.cli import main as server_cli
 from nixd.server.config import ServerConfig
+from nixd.server.http import serve as server_serve
 from tests.proxy.conftest import ProxyEnv, start_proxy
 
 
