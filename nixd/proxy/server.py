@@ -48,14 +48,7 @@ from nixd.nix.signing import PublicKey
 from nixd.proxy import pagecache
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
 from nixd.proxy.errors import NotFound, RangeNotSatisfiable, status_for
-from nixd.proxy.front import (
-    Abort,
-    Connection,
-    ConnectionTracker,
-    Request,
-    Responder,
-    serve_connection,
-)
+from nixd.proxy.front import Abort, Connection, HttpServer, Request, Responder, serve_front
 from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.negcache import NegativeCache, TTLCache
@@ -234,7 +227,6 @@ class Proxy:
         self.metrics = metrics
         self.nursery = nursery
         self.secret = _Secret(config.secret_file)
-        self.tracker = ConnectionTracker()
         self.token_lock = trio.Lock()
         self.cache_info = (
             CacheInfo(want_mass_query=True, priority=config.priority).render().encode()
@@ -702,11 +694,12 @@ def _decide(results: list[object]) -> tuple[bool, int | None]:
 class ProxyHandle:
     """What :func:`serve_proxy` hands back once listening (for the daemon and tests)."""
 
-    def __init__(self, proxy: Proxy, url: str, accept_scope: trio.CancelScope) -> None:
+    def __init__(self, proxy: Proxy, url: str, front: HttpServer, shutdown: trio.Event) -> None:
         self._proxy = proxy
         self.url = url
         self.metrics = proxy.metrics
-        self._accept_scope = accept_scope
+        self._front = front
+        self._shutdown = shutdown
 
     @property
     def store(self) -> LocalStore:
@@ -725,8 +718,8 @@ class ProxyHandle:
 
     async def drain(self) -> None:
         """Stop accepting, close idle connections, wait for requests in flight."""
-        self._accept_scope.cancel()
-        await self._proxy.tracker.drain()
+        self._shutdown.set()
+        await self._front.closed.wait()
 
 
 async def serve_proxy(
@@ -752,23 +745,11 @@ async def serve_proxy(
                 listeners = await trio.open_tcp_listeners(
                     config.listen_port, host=config.listen_host
                 )
-            sockname = listeners[0].socket.getsockname()
-            host = str(sockname[0])
-            url = f"http://{'[' + host + ']' if ':' in host else host}:{sockname[1]}"
-            accept_scope = trio.CancelScope()
-
-            async def handler(stream: trio.SocketStream) -> None:
-                await serve_connection(stream, proxy.handle, proxy.tracker)
-
-            async def accept() -> None:
-                with accept_scope:
-                    await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
-                for listener in listeners:
-                    await listener.aclose()
-
-            nursery.start_soon(accept)
+            shutdown = trio.Event()
+            front = await nursery.start(serve_front, listeners, proxy.handle, shutdown)
+            url = front.urls[0]
             log.info("proxy listening on %s with %d upstream(s)", url, len(proxy.upstreams))
-            task_status.started(ProxyHandle(proxy, url, accept_scope))
+            task_status.started(ProxyHandle(proxy, url, front, shutdown))
             await trio.sleep_forever()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):

@@ -23,6 +23,22 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if not msg.get("more_body"):
                 break
         status, body = 200, b"took %d" % len(got)
+    elif scope["path"] == "/fail-mid-stream":
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"10")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"12345", "more_body": True})
+        raise RuntimeError("the store went away mid-stream")
+    elif scope["path"] == "/no-length":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"one ", b"two"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
     elif scope["path"] == "/slow":
         await trio.sleep(0.5)
         status, body = 200, b"slow done"
@@ -80,14 +96,15 @@ async def test_keep_alive_pipelining_and_head(front: tuple[HttpFront, int]) -> N
 async def test_expect_continue_only_when_the_body_is_wanted(front: tuple[HttpFront, int]) -> None:
     _, port = front
     refused = await talk(
-        port, b"PUT /refuse HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        port,
+        b"PUT /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
     )
     assert refused.startswith(b"HTTP/1.1 403 Forbidden\r\n")
     assert b"100 Continue" not in refused  # closed rather than left out of step
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     with trio.fail_after(5):
         await stream.send_all(
-            b"PUT /take HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+            b"PUT /take HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
         )
         assert await stream.receive_some(1000) == b"HTTP/1.1 100 Continue\r\n\r\n"
         await stream.send_all(b"hello")
@@ -113,7 +130,9 @@ async def test_graceful_shutdown_finishes_in_flight(front: tuple[HttpFront, int]
     result: list[bytes] = []
 
     async def slow() -> None:
-        result.append(await talk(port, b"GET /slow HTTP/1.1\r\n\r\n", until=b"slow done"))
+        result.append(
+            await talk(port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n", until=b"slow done")
+        )
 
     async with trio.open_nursery() as n:
         n.start_soon(slow)
@@ -124,3 +143,32 @@ async def test_graceful_shutdown_finishes_in_flight(front: tuple[HttpFront, int]
         await f.finished.wait()
     with pytest.raises(OSError):
         await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_an_app_failing_mid_stream_cuts_the_connection(front: tuple[HttpFront, int]) -> None:
+    """No second head (a 500) inside the first body: the short body fails the transfer."""
+    _, port = front
+    out = await talk(
+        port,
+        b"GET /fail-mid-stream HTTP/1.1\r\nHost: x\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    assert out.count(b"HTTP/1.1 ") == 1
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\n12345")
+    assert (await talk(port, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).endswith(
+        b"/a"
+    )
+
+
+async def test_a_body_without_length_is_chunked_on_keep_alive(
+    front: tuple[HttpFront, int],
+) -> None:
+    _, port = front
+    out = await talk(
+        port,
+        b"GET /no-length HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    first, _, second = out.partition(b"0\r\n\r\n")
+    assert b"transfer-encoding: chunked" in first
+    assert first.endswith(b"\r\n\r\n4\r\none \r\n3\r\ntwo\r\n")
+    assert second.startswith(b"HTTP/1.1 200 OK") and second.endswith(b"/a")

@@ -10,31 +10,39 @@ stop the accepting, idle connections close, in-flight requests (NAR streams) get
 **Why not Hypercorn.** Measured on the 2-core benchmark machine: Hypercorn's trio worker
 answered a fixed 3-line ``nix-cache-info`` at ~1,300 req/s, the app alone (called directly)
 handles ~5,000 narinfo req/s with auth, policy and audit, and a bare trio socket loop does
-~21,000 req/s. The framework was the bottleneck, so (as DESIGN.md allows) this module has
-a lean HTTP/1.1 front: exactly what Nix, curl and httpx speak to a binary cache —
-keep-alive, ``Content-Length`` bodies, ``Expect: 100-continue`` (the interim answer is
-sent when the app first reads the body, so a refused upload is never sent), pipelining
-by sequence, no chunked request bodies (411/501), no HTTP/2. It drives the same ASGI app
-the in-process tests use, so the app does not know which front it runs behind.
+~21,000 req/s. The framework was the bottleneck, so (as DESIGN.md allows) the front is
+:func:`nixd.http.serve.serve_http` with :class:`HttpFront` as a small ASGI adapter over it:
+exactly what Nix, curl and httpx speak to a binary cache — keep-alive, ``Content-Length``
+bodies, ``Expect: 100-continue`` (the interim answer is sent when the app first reads the
+body, so a refused upload is never sent), pipelining by sequence, chunked responses when
+the app gives no length, no chunked request bodies (501), no HTTP/2. Parsing, limits and
+deadlines (a deadline for the whole head, a body idle timeout, connection caps) are
+nixd.http's, and so is containment: an app exception ends its connection only (a 500
+before the response started, a cut connection after). It drives the same ASGI app the
+in-process tests use, so the app does not know which front it runs behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket as stdsocket
 from collections.abc import Iterator, Sequence
 from functools import partial
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import trio
 
-from nixd.errors import ConfigError
+from nixd.bounds import parse_uint
+from nixd.errors import ConfigError, FormatError
+from nixd.http.errors import ResponseStateError
+from nixd.http.limits import Limits
+from nixd.http.serve import ClientDisconnected, HttpServer, Request, Responder, serve_http
 from nixd.nix.nar import NarParser
 from nixd.server.access.audit import AuditLog
 from nixd.server.access.credentials import CredentialStore
@@ -51,11 +59,12 @@ from nixd.server.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD = 64 * 1024
-RECV = 256 * 1024
 BODY_CHUNK = 1 << 20
-IDLE_TIMEOUT = 75.0
-HEAD_TIMEOUT = 30.0
+LIMITS = Limits(max_body_bytes=64 * 1024**3 + (64 << 20))
+"""The server's bounds: nixd.http's defaults (see :class:`~nixd.http.limits.Limits`), with
+bodies up to the largest upload the store takes (``storage.max_upload_bytes``' default,
+plus slack for a compressed NAR larger than its content); the app bounds each route's
+body itself, so this is only the framing's ceiling."""
 
 
 @contextlib.contextmanager
@@ -136,13 +145,23 @@ async def serve(
 
     Binds ``listen`` (default ``server.listen``) unless bound ``sockets`` are given.
     """
+    own = sockets is None
     if sockets is None:
         sockets = bind_sockets(list(listen or config.server.listen))
     listeners = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup())) for sock in sockets
     ]
+    if own:  # the duplicates are the listeners now; given sockets stay the caller's
+        for sock in sockets:
+            sock.close()
     with open_services(config) as services:
-        front = HttpFront(CacheApp(services), graceful_timeout=config.server.graceful_timeout)
+        limits = dataclasses.replace(
+            LIMITS,
+            max_body_bytes=max(LIMITS.max_body_bytes, config.storage.max_upload_bytes + (64 << 20)),
+        )
+        front = HttpFront(
+            CacheApp(services), graceful_timeout=config.server.graceful_timeout, limits=limits
+        )
         async with trio.open_nursery() as nursery:
             services.durable_reads = config.audit.durable_reads
             services.background = nursery
@@ -168,13 +187,17 @@ def _bind(bind: str) -> stdsocket.socket:
             return stdsocket.socket(fileno=int(bind[5:]))
         except (ValueError, OSError) as exc:
             raise ConfigError(f"listen {bind!r}: not a usable socket: {exc}") from exc
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit():
+    host, sep, port_text = bind.rpartition(":")
+    try:
+        port = parse_uint(port_text, limit=65535, what="port")
+    except FormatError:
+        port = -1
+    if not sep or port < 0:
         raise ConfigError(f"listen {bind!r}: expected host:port, [v6]:port or fd://N")
     host = host.strip("[]")
     try:
         infos = stdsocket.getaddrinfo(
-            host or None, int(port), type=stdsocket.SOCK_STREAM, flags=stdsocket.AI_PASSIVE
+            host or None, port, type=stdsocket.SOCK_STREAM, flags=stdsocket.AI_PASSIVE
         )
         family, kind, proto, _, address = infos[0]
         sock = stdsocket.socket(family, kind, proto)
@@ -192,29 +215,18 @@ def _bind(bind: str) -> stdsocket.socket:
     return sock
 
 
-def _url(listener: trio.SocketListener) -> str:
-    host, port = listener.socket.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-class _Conn:
-    """One client connection: its cancel scope and whether a request is in flight."""
-
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
-        self.busy = False
-
-
 class HttpFront:
-    """HTTP/1.1 connections in, ASGI ``http`` scopes out (see the module docstring)."""
+    """HTTP/1.1 connections in (:mod:`nixd.http`), ASGI ``http`` scopes out."""
 
-    def __init__(self, app: Any, *, graceful_timeout: float = 10.0) -> None:
+    def __init__(
+        self, app: Any, *, graceful_timeout: float = 10.0, limits: Limits | None = None
+    ) -> None:
         self.app = app
         self.graceful_timeout = graceful_timeout
+        self.limits = limits or LIMITS
         self.stopping = False
         self.finished = trio.Event()
-        self._accept_scope = trio.CancelScope()
-        self._conns: set[_Conn] = set()
+        self._shutdown = trio.Event()
 
     async def serve(
         self,
@@ -223,244 +235,91 @@ class HttpFront:
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         try:
-            async with trio.open_nursery() as conns:
-                with self._accept_scope:
-                    async with trio.open_nursery() as accept:
-                        await accept.start(
-                            partial(
-                                trio.serve_listeners,
-                                self._connection,
-                                listeners,
-                                handler_nursery=conns,
-                            )
-                        )
-                        task_status.started([_url(x) for x in listeners])
-                # Accepting has stopped: drain for graceful_timeout, then cancel the rest.
-                conns.cancel_scope.deadline = trio.current_time() + self.graceful_timeout
+            async with trio.open_nursery() as nursery:
+                server: HttpServer = await nursery.start(
+                    partial(
+                        serve_http,
+                        listeners,
+                        self.handle,
+                        limits=self.limits,
+                        shutdown=self._shutdown,
+                        graceful_timeout=self.graceful_timeout,
+                    )
+                )
+                task_status.started(server.urls)
         finally:
             self.finished.set()
 
     def shutdown(self) -> None:
         """Stop accepting; idle connections close now, busy ones after their response."""
         self.stopping = True
-        self._accept_scope.cancel()
-        for conn in list(self._conns):
-            if not conn.busy:
-                conn.scope.cancel()
+        self._shutdown.set()
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        conn = _Conn()
-        self._conns.add(conn)
-        try:
-            with conn.scope:
-                await _Exchange(self, stream, conn).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self._conns.discard(conn)
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                await stream.aclose()
-
-
-class _Exchange:
-    """The request/response loop of one connection."""
-
-    def __init__(self, front: HttpFront, stream: trio.SocketStream, conn: _Conn) -> None:
-        self.front = front
-        self.stream = stream
-        self.conn = conn
-        self.buf = bytearray()
-        try:
-            peer = stream.socket.getpeername()
-            local = stream.socket.getsockname()
-        except OSError:
-            peer, local = ("", 0), ("", 0)
-        self.client = (str(peer[0]), int(peer[1]))
-        self.server = (str(local[0]), int(local[1]))
-
-    async def _fill(self) -> bool:
-        data = await self.stream.receive_some(RECV)
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    async def _head(self) -> bytes | None:
-        """The next request head (without the blank line); None on a clean close."""
-        first = True
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head = bytes(self.buf[:end])
-                del self.buf[: end + 4]
-                return head
-            if len(self.buf) > MAX_HEAD:
-                await self._simple(431, b"request head too large\n")
-                return None
-            timeout = IDLE_TIMEOUT if first and not self.buf else HEAD_TIMEOUT
-            first = False
-            with trio.move_on_after(timeout):
-                if not await self._fill():
-                    return None
-                continue
-            return None
-
-    async def _simple(self, status: int, body: bytes) -> None:
-        await self.stream.send_all(
-            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (status, _reason(status), len(body), body)
-        )
-
-    async def run(self) -> None:
-        while not self.front.stopping:
-            head = await self._head()
-            if head is None:
-                return
-            self.conn.busy = True
-            try:
-                keep = await self._request(head)
-            finally:
-                self.conn.busy = False
-            if not keep:
-                return
-
-    async def _request(self, head: bytes) -> bool:
-        lines = head.split(b"\r\n")
-        try:
-            method, target, version = lines[0].split(b" ")
-        except ValueError:
-            await self._simple(400, b"malformed request line\n")
-            return False
-        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-            await self._simple(505, b"HTTP/1.1 only\n")
-            return False
-        headers: list[tuple[bytes, bytes]] = []
-        length = 0
-        expect_continue = False
-        keep_alive = version == b"HTTP/1.1"
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip():
-                await self._simple(400, b"malformed header\n")
-                return False
-            name = name.lower()
-            value = value.strip()
-            headers.append((name, value))
-            if name == b"content-length":
-                if not value.isdigit():
-                    await self._simple(400, b"bad content-length\n")
-                    return False
-                length = int(value)
-            elif name == b"transfer-encoding":
-                await self._simple(501, b"chunked request bodies are not supported\n")
-                return False
-            elif name == b"expect" and value.lower() == b"100-continue":
-                expect_continue = True
-            elif name == b"connection":
-                tokens = value.lower()
-                if b"close" in tokens:
-                    keep_alive = False
-                elif b"keep-alive" in tokens:
-                    keep_alive = True
-        raw_path, _, query = target.partition(b"?")
+    async def handle(self, request: Request, resp: Responder) -> None:
+        """One request through the ASGI app; exceptions are the front's (it cuts or 500s)."""
+        conn = request.connection
+        raw_path = request.path
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": version[5:].decode(),
-            "method": method.decode("ascii", "replace"),
+            "http_version": request.head.version.decode(),
+            "method": request.method.decode("ascii"),
             "scheme": "http",
             "path": unquote_to_bytes(raw_path).decode("utf-8", "replace"),
             "raw_path": raw_path,
-            "query_string": query,
+            "query_string": request.query,
             "root_path": "",
-            "headers": headers,
-            "client": self.client,
-            "server": self.server,
+            "headers": request.head.fields,
+            "client": conn.peer,
+            "server": conn.local,
         }
-        state = _Response()
-        remaining = length
+        response = _AsgiResponse(resp)
 
         async def receive() -> Message:
-            nonlocal remaining, expect_continue
-            if remaining == 0:
-                return {"type": "http.request", "body": b"", "more_body": False}
-            if expect_continue:
-                expect_continue = False
-                await self.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            if not self.buf and not await self._fill():
+            try:
+                chunk = await request.receive_body(BODY_CHUNK)
+            except ClientDisconnected:
                 return {"type": "http.disconnect"}
-            take = min(remaining, len(self.buf), BODY_CHUNK)
-            chunk = bytes(self.buf[:take])
-            del self.buf[:take]
-            remaining -= take
-            return {"type": "http.request", "body": chunk, "more_body": remaining > 0}
+            return {"type": "http.request", "body": chunk, "more_body": request.body_remaining > 0}
 
-        async def send(message: Message) -> None:
-            await state.send(self.stream, message, method == b"HEAD")
-
-        try:
-            await self.front.app(scope, receive, send)
-        except Exception:
-            log.exception("request %s %s failed", scope["method"], scope["path"])
-            if not state.started:
-                await self._simple(500, b"internal error\n")
-            return False
-        if not state.complete:
-            return False
-        if remaining:
-            # The app answered without reading the body (a refusal): the connection is
-            # out of step unless we could skip it, so close it instead.
-            return False
-        return keep_alive and state.keep_alive and not self.front.stopping
+        await self.app(scope, receive, response.send)
+        response.finish()
 
 
-class _Response:
-    """Turns ASGI send events into bytes; one head, then the body."""
+class _AsgiResponse:
+    """ASGI send events onto a Responder: one head (sent with the first body), then body."""
 
-    def __init__(self) -> None:
-        self.started = False
-        self.complete = False
-        self.keep_alive = True
-        self._head = b""
-        self._length: int | None = None
-        self._sent = 0
+    __slots__ = ("_headers", "_resp", "_status")
 
-    async def send(self, stream: trio.SocketStream, message: Message, head_only: bool) -> None:
+    def __init__(self, resp: Responder) -> None:
+        self._resp = resp
+        self._status: int | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+
+    async def send(self, message: Message) -> None:
         kind = message["type"]
+        resp = self._resp
         if kind == "http.response.start":
-            status = int(message["status"])
-            parts = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
-            for name, value in message.get("headers", ()):
-                lname = name.lower()
-                if lname == b"content-length":
-                    self._length = int(value)
-                parts.append(b"%s: %s\r\n" % (name, value))
-            if self._length is None:
-                self.keep_alive = False  # the end of the body is the end of the connection
-                parts.append(b"connection: close\r\n")
-            parts.append(b"\r\n")
-            self._head = b"".join(parts)
-            self.started = True
+            if self._status is not None or resp.started:
+                raise ResponseStateError("http.response.start sent twice")
+            self._status = int(message["status"])
+            self._headers = [(bytes(n), bytes(v)) for n, v in message.get("headers", ())]
         elif kind == "http.response.body":
-            body = b"" if head_only else bytes(message.get("body", b""))
+            body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
-            out = self._head + body if self._head else body
-            self._head = b""
-            if out:
-                await stream.send_all(out)
-            self._sent += len(body)
+            if not resp.started:
+                if self._status is None:
+                    raise ResponseStateError("http.response.body before http.response.start")
+                await resp.start(self._status, self._headers, body)
+            elif body:
+                await resp.send(body)
             if not more:
-                self.complete = True
-                if not head_only and self._length is not None and self._sent != self._length:
-                    self.keep_alive = False
+                await resp.end()
 
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
+    def finish(self) -> None:
+        """After the app returned: a started head without its end leaves the body short."""
+        if self._status is not None and not self._resp.started:
+            raise ResponseStateError("the app sent http.response.start but no body")
 
 
 async def _watch_signals(front: HttpFront) -> None:
