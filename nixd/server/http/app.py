@@ -68,6 +68,7 @@ from typing import Any
 import trio
 
 from nixd.errors import AuthError, FormatError, NixdError
+from nixd.http import parse_range
 from nixd.nix import base32
 from nixd.nix.hashes import Hash
 from nixd.nix.narinfo import NarInfo
@@ -893,27 +894,6 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
-def _parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """One ``bytes=`` range as [start, end); None if unsatisfiable. Multi-range: whole file."""
-    unit, _, spec = value.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return (0, size)
-    first, _, last = spec.strip().partition("-")
-    try:
-        if not first:
-            n = int(last)
-            if n <= 0:
-                return None
-            return (max(0, size - n), size)
-        start = int(first)
-        end = int(last) + 1 if last else size
-    except ValueError:
-        return (0, size)
-    if start >= size or end <= start:
-        return None
-    return (start, min(end, size))
-
-
 async def _send_file(scope: Scope, send: Send, path: os.PathLike[str], head: bool) -> None:
     """A NAR file with Content-Length, Accept-Ranges and single-range support.
 
@@ -935,24 +915,12 @@ async def _send_file(scope: Scope, send: Send, path: os.PathLike[str], head: boo
         ]
         for name, value in scope["headers"]:
             if name == b"range":
-                rng = _parse_range(value.decode("latin-1"), size)
-                if rng is None:
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": 416,
-                            "headers": [
-                                (b"content-range", f"bytes */{size}".encode()),
-                                (b"content-length", b"0"),
-                            ],
-                        }
-                    )
-                    await send({"type": "http.response.body", "body": b""})
-                    return
-                start, end = rng
-                if (start, end) != (0, size):
-                    status = 206
-                    headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
+                # One parser for every front (nixd.http): anything it does not serve is the
+                # whole file, never a 416 a plain GET would not have got.
+                rng = parse_range(value, size)
+                if rng is not None and (rng.start, rng.stop) != (0, size):
+                    start, end, status = rng.start, rng.stop, 206
+                    headers.append((b"content-range", rng.content_range))
         headers.append((b"content-length", str(end - start).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if head:
