@@ -568,7 +568,13 @@ class Proxy:
     def _start_download(self, key: str, resolved: Resolved) -> Download:
         assert resolved.upstream is not None
         download = Download(
-            key, resolved.info, resolved.upstream, self.store.new_temp(), self.metrics
+            key,
+            resolved.info,
+            resolved.upstream,
+            self.store.new_temp(),
+            self.metrics,
+            resumes=self.config.resumes,
+            resume_delay=self.config.resume_delay,
         )
         self.downloads[key] = download
         if self.downloads_idle.is_set():

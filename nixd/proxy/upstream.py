@@ -36,6 +36,7 @@ from urllib.parse import SplitResult, urlsplit
 import httpx
 import trio
 
+from nixd.bounds import parse_uint
 from nixd.errors import AuthError, FormatError, UpstreamError, UpstreamTimeout
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.netrc import NetrcEntry, lookup, parse_netrc
@@ -57,6 +58,8 @@ CHUNK_MIN = 256 << 10
 """A raw chunk is handed on once it has at least this much (fewer wake-ups downstream)."""
 MAX_IDLE = 32
 """Idle kept-alive raw connections per upstream host."""
+MAX_NAR_OFFSET = 1 << 50
+"""Largest file offset a ``Content-Range`` may name (far past any NAR)."""
 
 
 class TokenAuth(httpx.Auth):
@@ -139,17 +142,23 @@ def translate_errors(url: str) -> Iterator[None]:
 
 
 class NarBody(Protocol):
-    """A NAR file body being received: its announced length and its chunks."""
+    """A NAR file body being received: where it starts, its announced length, its chunks.
 
+    ``start`` is the file offset of the first chunk: the ``offset`` asked for when the
+    upstream answered 206 with that range, 0 when it ignored ``Range`` and sent the file.
+    """
+
+    start: int
     length: int | None
 
     def __aiter__(self) -> AsyncIterator[bytes | memoryview]: ...
 
 
 class _HttpxBody:
-    def __init__(self, response: httpx.Response, name: str) -> None:
+    def __init__(self, response: httpx.Response, name: str, start: int = 0) -> None:
         self._response = response
         self._name = name
+        self.start = start
         text = response.headers.get("content-length")
         self.length = int(text) if text and text.isdigit() else None
 
@@ -171,10 +180,13 @@ class _RawBody:
         *,
         timeout: float,
         name: str,
+        start: int = 0,
     ) -> None:
         self.stream = stream
         self.status = status
+        self.start = start
         self.length = length
+        self.content_range: str | None = None
         self._first = first
         self._timeout = timeout
         self._name = name
@@ -461,27 +473,32 @@ class Upstream:
         return auth if isinstance(auth, TokenAuth | NetrcAuth) else None
 
     @contextlib.asynccontextmanager
-    async def nar_body(self, info: NarInfo) -> AsyncIterator[NarBody]:
+    async def nar_body(self, info: NarInfo, offset: int = 0) -> AsyncIterator[NarBody]:
         """The NAR file's body as :class:`NarBody` (length + chunks of up to 1 MiB).
 
         For ``http://`` upstreams the body is read straight from the socket into one
         reused buffer (httpx's per-chunk overhead would bound a cold NAR at ~150 MiB/s);
         otherwise, and when the upstream does not send a Content-Length, through httpx.
+        ``offset`` > 0 asks for the rest of the file from there (``Range``, see
+        :func:`resumed_start`), to resume a download the upstream cut.
         """
         url = self.url_for(info.url)
         parts = urlsplit(url)
         if parts.scheme == "http" and parts.hostname:
-            raw = await self._open_raw(url)
+            raw = await self._open_raw(url, offset)
             if raw is not None:
                 try:
                     yield raw
                 finally:
                     await raw.aclose()
                 return
-        async with self.open_nar(info) as response:
-            yield _HttpxBody(response, self.name)
+        async with self.open_nar(info, offset) as response:
+            start = resumed_start(
+                response.status_code, response.headers.get("content-range"), offset, url
+            )
+            yield _HttpxBody(response, self.name, start)
 
-    async def _open_raw(self, url: str) -> _RawBody | None:
+    async def _open_raw(self, url: str, offset: int = 0) -> _RawBody | None:
         auth = self._auth_for_raw()
         token: AccessToken | None = None
         header: str | None = None
@@ -490,22 +507,27 @@ class Upstream:
             header = f"Bearer {token.value}"
         elif isinstance(auth, NetrcAuth):
             header = auth.header_for(urlsplit(url).hostname or "")
-        body = await self._raw_get(url, header)
+        body = await self._raw_get(url, header, offset)
         if body.status == 401 and isinstance(auth, TokenAuth) and token is not None:
             await body.aclose()
             fresh = await auth._renew(token)
-            body = await self._raw_get(url, f"Bearer {fresh.value}")
-        if body.status != 200:
+            body = await self._raw_get(url, f"Bearer {fresh.value}", offset)
+        if body.status != 200 and not (offset and body.status == 206):
             await body.aclose()
             self.check_status(body.status, url)
             raise UpstreamError(f"{url}: unexpected {body.status}")
+        try:
+            body.start = resumed_start(body.status, body.content_range, offset, url)
+        except UpstreamError:
+            await body.aclose()
+            raise
         if body.length is None:
             await body.aclose()
             return None
         self._outcome("nar")
         return body
 
-    async def _raw_get(self, url: str, authorization: str | None) -> _RawBody:
+    async def _raw_get(self, url: str, authorization: str | None, offset: int = 0) -> _RawBody:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or 80
@@ -519,6 +541,8 @@ class Upstream:
         ]
         if authorization:
             lines.append(f"Authorization: {authorization}")
+        if offset:
+            lines.append(f"Range: bytes={offset}-")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         start = time.monotonic()
         timeout = self.config.timeout
@@ -542,7 +566,7 @@ class Upstream:
         except trio.TooSlowError as exc:
             self._outcome("error", UpstreamTimeout(f"{self.name}: timed out"))
             raise UpstreamTimeout(f"{self.name}: timed out") from exc
-        except OSError as exc:
+        except (OSError, trio.BrokenResourceError) as exc:  # refused, reset
             self._outcome("error", exc)
             raise UpstreamError(f"{self.name}: {exc}") from exc
         self.metrics.observe_latency(self.name, time.monotonic() - start)
@@ -563,18 +587,24 @@ class Upstream:
         length = int(length_text) if length_text and length_text.isdigit() else None
         if chunked or encoded:
             length = None
-        return _RawBody(stream, status, length, rest, timeout=timeout, name=self.name)
+        body = _RawBody(stream, status, length, rest, timeout=timeout, name=self.name)
+        body.content_range = headers.get("content-range")
+        return body
 
     @contextlib.asynccontextmanager
-    async def open_nar(self, info: NarInfo) -> AsyncIterator[httpx.Response]:
-        """A streaming GET of the NAR file ``info.url``; raises unless it answered 200."""
+    async def open_nar(self, info: NarInfo, offset: int = 0) -> AsyncIterator[httpx.Response]:
+        """A streaming GET of the NAR file ``info.url``; raises unless it answered 200.
+
+        With ``offset`` it asks for the rest from there, and a 206 is an answer too.
+        """
         url = self.url_for(info.url)
         start = time.monotonic()
+        headers = {"Range": f"bytes={offset}-"} if offset else None
         try:
             with translate_errors(self.name):
-                async with self.client.stream("GET", url) as response:
+                async with self.client.stream("GET", url, headers=headers) as response:
                     self.metrics.observe_latency(self.name, time.monotonic() - start)
-                    if response.status_code != 200:
+                    if response.status_code != 200 and not (offset and response.status_code == 206):
                         self.check_status(response.status_code, url)
                         raise UpstreamError(f"{url}: unexpected {response.status_code}")
                     self._outcome("nar")
@@ -611,3 +641,31 @@ class Upstream:
             "healthy": self.last_error_at is None
             or (self.last_ok is not None and self.last_ok > self.last_error_at),
         }
+
+
+# -- resuming a cut NAR download -------------------------------------------------------------
+
+
+def resumed_start(status: int, content_range: str | None, offset: int, url: str) -> int:
+    """The file offset a NAR answer starts at, for a request that asked from ``offset``.
+
+    200 is the whole file (an upstream may ignore ``Range``): 0. A 206 must be the one
+    range asked for, ``bytes <offset>-<last>/<size>``; anything else (another start, a
+    multipart answer, a 206 nobody asked for) is refused rather than guessed at, since the
+    bytes are appended to what was already received and hashed.
+    """
+    if status != 206:
+        return 0
+    if not offset or content_range is None:
+        raise UpstreamError(f"{url}: a 206 answer that was not asked for")
+    unit, _, spec = content_range.strip().partition(" ")
+    first, dash, rest = spec.strip().partition("-")
+    if unit.lower() != "bytes" or not dash or "/" not in rest:
+        raise UpstreamError(f"{url}: malformed Content-Range {content_range[:80]!r}")
+    try:
+        start = parse_uint(first, limit=MAX_NAR_OFFSET, what="Content-Range start")
+    except FormatError as exc:
+        raise UpstreamError(f"{url}: {exc}") from exc
+    if start != offset:
+        raise UpstreamError(f"{url}: asked for bytes from {offset}, got them from {start}")
+    return start

@@ -9,6 +9,9 @@ Faults apply to the next ``times`` matching requests (``times=-1``: forever):
 - ``reset``: read the request and reset the connection (SO_LINGER 0);
 - ``status``: answer ``status`` (e.g. 503) with a short body.
 
+``Range: bytes=N-`` is answered with a 206 (unless ``ranges`` is False), as the real
+server does; every ``Range`` asked for is recorded in ``ranges_asked``.
+
 With ``tokens`` set, requests need ``Authorization: Bearer <one of tokens>`` (else 401).
 ``requests`` counts GETs/HEADs per path, so tests can see what reached the upstream.
 """
@@ -42,6 +45,9 @@ class FakeCache:
     requests: Counter[str] = field(default_factory=Counter)
     port: int = 0
     stopped: bool = False
+    ranges: bool = True
+    """Answer ``Range: bytes=N-`` with a 206 (False: ignore it and send the whole file)."""
+    ranges_asked: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -98,6 +104,9 @@ class FakeCache:
     ) -> bool:
         path = request.target.decode().split("?")[0]
         self.requests[path] += 1
+        asked = dict(request.headers).get(b"range")
+        if asked is not None:
+            self.ranges_asked.append(asked.decode())
 
         async def simple(
             status: int, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
@@ -130,9 +139,14 @@ class FakeCache:
         if fault is not None and fault.kind == "corrupt":
             mid = len(body) // 2
             body = body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1 :]
-        await stream.send_all(
-            conn.send(h11.Response(status_code=200, headers=[("content-length", str(len(body)))]))
-        )
+        status, headers = 200, [("accept-ranges", "bytes")] if self.ranges else []
+        if asked is not None:
+            start = int(asked.decode().removeprefix("bytes=").rstrip("-"))
+            if self.ranges and start < len(body):
+                headers.append(("content-range", f"bytes {start}-{len(body) - 1}/{len(body)}"))
+                status, body = 206, body[start:]
+        headers.append(("content-length", str(len(body))))
+        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
         if request.method == b"HEAD":
             await stream.send_all(conn.send(h11.EndOfMessage()))
             return True
