@@ -24,7 +24,8 @@ import trio
 
 from nixd.auth import device as client_device
 from nixd.errors import LoginFailed
-from tests.server.conftest import ServerProcess, ServerState, server_state, start_server
+from tests.server.conftest import ServerState, server_state
+from tests.serverproc import ServerProcess, start_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -49,7 +50,7 @@ def _serve(state: ServerState, *, code_ttl: int) -> ServerProcess:
         timeout=60,
         check=True,
     )
-    return start_server(state)
+    return start_server(state.path)
 
 
 @pytest.fixture
@@ -121,7 +122,7 @@ def _sign_in_and_decide(driver: Any, url: str, decision: str, shot: Path | None)
 
 async def test_browser_approves_a_waiting_login(server: ServerProcess, browser: Any) -> None:
     out = io.StringIO()
-    shot = Path(os.environ.get("NIXD_SCREENSHOT_DIR", server.state.path)) / "approve.png"
+    shot = Path(os.environ.get("NIXD_SCREENSHOT_DIR", server.state_dir)) / "approve.png"
     async with httpx.AsyncClient(timeout=10) as client:
         auth = await client_device.request_code(client, server.url)
         client_device.show(auth, out)
