@@ -2,37 +2,24 @@
 
 Two ways, as the daemon runs: in place (``nixd daemon --restart``, SIGUSR2: an ``exec``
 with the sockets inherited), and under a socket holder that restarts it the way systemd
-does (:func:`start_held`: the real ``systemd-socket-activate`` binds the sockets; a shell
-loop keeps them and starts the daemon again each time it exits). Meanwhile a client keeps
-asking the proxy; every request must be answered.
+does (``start_held`` in the daemon tests' conftest: the real ``systemd-socket-activate``
+binds the sockets; a shell loop keeps them and starts the daemon again each time it
+exits). Meanwhile a client keeps asking the proxy; every request must be answered.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.daemon.conftest import NIXD, DaemonProcess, cli, start_daemon, write_config
+from tests.daemon.conftest import NIXD, DaemonProcess, cli, start_daemon, start_held, write_config
 from tests.daemon.tokenserver import TokenServer
-
-#: the socket holder: restarts the daemon whenever it exits, passing the sockets it was
-#: given as systemd does (LISTEN_PID is set by the shell that then execs the daemon)
-HOLDER = r"""
-trap 'kill -TERM $child 2>/dev/null; wait $child; exit 0' TERM INT
-while :; do
-  sh -c 'export LISTEN_PID=$$; exec "$@"' daemon "$@" &
-  child=$!
-  wait $child
-done
-"""
 
 
 async def status(socket_path: str) -> dict[str, object]:
@@ -136,33 +123,6 @@ async def test_restart_in_place_refused_when_the_config_is_broken(
     assert data["generation"] == 0
     config.write_text(good)
     assert await daemon.stop() == 0
-
-
-async def start_held(
-    root: Path, config: Path, factory: list[DaemonProcess]
-) -> tuple[DaemonProcess, int]:
-    """The daemon under a socket holder (see :data:`HOLDER`); returns it and the proxy port."""
-    activate = shutil.which("systemd-socket-activate")
-    assert activate, "systemd-socket-activate is required (apt-get install systemd)"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    (root / "run").mkdir(exist_ok=True)
-    command = [
-        activate,
-        "-l", str(root / "run" / "nixd.sock"),
-        "-l", f"127.0.0.1:{port}",
-        "--fdname=control:proxy",
-        "-E", "NOTIFY_SOCKET", "-E", "PYTHONUNBUFFERED",
-        "/bin/sh", "-c", HOLDER, "holder",
-        *NIXD, "-v", "daemon", "--config", str(config),
-    ]  # fmt: skip
-    daemon = await start_daemon(root, config, command=command)
-    factory.append(daemon)
-    with trio.fail_after(20):
-        while not (root / "run" / "nixd.sock").exists():  # noqa: ASYNC110 - another process
-            await trio.sleep(0.05)
-    return daemon, port
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])

@@ -28,6 +28,7 @@ from tests.daemon.conftest import (  # noqa: F401 - fixtures re-exported for the
     cli,
     daemon_factory,
     start_daemon,
+    start_held,
     write_config,
 )
 from tests.realnix import RealNix, nix_available
@@ -197,9 +198,16 @@ async def start_loop(
     daemons: list[DaemonProcess],
     *,
     shutdown_grace: float = 2,
+    server_url: str | None = None,
+    held: bool = False,
 ) -> Loop:
-    """The daemon (temp config, proxy on 127.0.0.1:0) logged in to ``server``."""
-    config = write_config(root, server_url=server.url)
+    """The daemon (temp config, proxy on 127.0.0.1) logged in to ``server``.
+
+    ``server_url``: reach the server there instead (a relay in front of it). ``held``:
+    run the daemon under a socket holder that restarts it as systemd would
+    (:func:`tests.daemon.conftest.start_held`), the proxy on a port it keeps.
+    """
+    config = write_config(root, server_url=server_url or server.url)
     nix_conf_dir = root / "etc"
     (nix_conf_dir / "nix.conf").write_text(
         "build-users-group =\nsandbox = false\nexperimental-features = nix-command\n"
@@ -208,8 +216,12 @@ async def start_loop(
     config.write_text(
         config.read_text().replace("shutdown_grace = 2", f"shutdown_grace = {shutdown_grace}")
     )
-    daemon = await start_daemon(root, config)
-    daemons.append(daemon)
+    if held:
+        daemon, _ = await start_held(root, config, daemons)
+        await cli("status", "--socket", daemon.socket, check=True)  # starts it
+    else:
+        daemon = await start_daemon(root, config)
+        daemons.append(daemon)
     await daemon.wait_for("READY=1")
     login = await cli(
         "login", "token", "--socket", daemon.socket, stdin=server.cache.reader.encode()
