@@ -7,7 +7,8 @@ Faults apply to the next ``times`` matching requests (``times=-1``: forever):
 - ``corrupt``: flip one byte in the middle of the body (same length);
 - ``slow``: wait ``delay`` seconds before answering;
 - ``reset``: read the request and reset the connection (SO_LINGER 0);
-- ``status``: answer ``status`` (e.g. 503) with a short body.
+- ``status``: answer ``status`` (e.g. 503) with a short body;
+- ``wait``: answer only once ``release`` is set (an upstream that is down for a while).
 
 ``Range: bytes=N-`` is answered with a 206 (unless ``ranges`` is False), as the real
 server does; every ``Range`` asked for is recorded in ``ranges_asked``.
@@ -35,6 +36,8 @@ class Fault:
     times: int = 1
     status: int = 503
     delay: float = 5.0
+    release: trio.Event | None = None
+    """``wait``: answer only once this is set."""
 
 
 @dataclass
@@ -125,6 +128,9 @@ class FakeCache:
         fault = self._fault(path)
         if fault is not None and fault.kind == "slow":
             await trio.sleep(fault.delay)
+        if fault is not None and fault.kind == "wait":
+            assert fault.release is not None
+            await fault.release.wait()
         if fault is not None and fault.kind == "reset":
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False

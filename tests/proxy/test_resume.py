@@ -30,16 +30,20 @@ def blob_nar(caches: Caches) -> str:
     return NarInfo.parse(text).url
 
 
-async def read_then_drop(base: str, path: str, secret: str, at_least: int) -> bytes:
-    """GET ``path``, read ``at_least`` body bytes, drop the connection: the body so far."""
+async def get_raw(base: str, path: str, secret: str, *headers: str) -> trio.SocketStream:
+    """A GET sent over a fresh connection, for reading the answer bit by bit."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
     auth = base64.b64encode(f"nixd:{secret}".encode()).decode()
     stream = await trio.open_tcp_stream(host, int(port))
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {auth}\r\n\r\n".encode()
-        )
-        got = b""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", f"Authorization: Basic {auth}", *headers]
+    await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return stream
+
+
+async def read_then_drop(base: str, path: str, secret: str, at_least: int) -> bytes:
+    """GET ``path``, read ``at_least`` body bytes, drop the connection: the body so far."""
+    got = b""
+    async with await get_raw(base, path, secret) as stream:
         while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < at_least:
             data = await stream.receive_some(65536)
             assert data, got[:200]
@@ -218,3 +222,54 @@ def test_resumed_start(status: int, content_range: str | None, offset: int, star
 def test_resumed_start_refuses(content_range: str | None, offset: int) -> None:
     with pytest.raises(UpstreamError):
         resumed_start(206, content_range, offset, "u")
+
+
+async def test_a_range_retry_is_served_while_the_download_waits_to_resume(
+    caches: Caches, tmp_path: Path, fake_upstream: FakeCache
+) -> None:
+    """The upstream cut the download and is down: a Range retry from an offset the proxy
+    has gets those bytes at once (not a 503), and the rest once the upstream is back."""
+    name = blob_nar(caches)
+    back = trio.Event()
+    fake_upstream.faults += [
+        Fault("truncate", match=name),
+        Fault("wait", match=name, release=back),
+    ]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            proxy = await start_proxy(
+                nursery, tmp_path, (upstream_for(fake_upstream, caches),), resume_delay=0.01
+            )
+            async with httpx.AsyncClient(base_url=proxy.url, auth=("nixd", proxy.secret)) as c:
+                narinfo = NarInfo.parse((await c.get(f"/{hash_part(caches.blob)}.narinfo")).content)
+            whole = (caches.dirs["zstd"] / blob_nar(caches)).read_bytes()
+            first = await get_raw(proxy.url, f"/{narinfo.url}", proxy.secret)
+            while fake_upstream.count(name) < 2:  # noqa: ASYNC110 - cut, and asking again
+                await trio.sleep(0.01)
+            offset = 1000
+            sent = len(whole) // 2  # what the cut answer brought (the proxy has most of it)
+            retry = await get_raw(
+                proxy.url, f"/{narinfo.url}", proxy.secret, f"Range: bytes={offset}-"
+            )
+            got = b""
+            while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < sent // 2:
+                data = await retry.receive_some(1 << 20)
+                assert data, got[:300]
+                got += data
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 206 "), head
+            assert f"content-range: bytes {offset}-{len(whole) - 1}/{len(whole)}".encode() in head
+            assert body == whole[offset : offset + len(body)]  # all before the upstream is back
+            back.set()
+            while len(body) < len(whole) - offset:
+                data = await retry.receive_some(1 << 20)
+                assert data, len(body)
+                body += data
+            assert body == whole[offset:]
+            await retry.aclose()
+            await first.aclose()
+            await proxy.handle.downloads_settled()
+            assert proxy.handle.metrics.total("nixd_proxy_upstream_resumes_total") == 1
+            (asked,) = fake_upstream.ranges_asked
+            assert sent // 2 < int(asked.removeprefix("bytes=").rstrip("-")) <= sent
+            nursery.cancel_scope.cancel()
