@@ -566,11 +566,26 @@ def _activated_sockets() -> dict[str, list[Any]]:
 async def _prepare_handoff(
     config: Config, control: trio.SocketListener, proxy: list[trio.SocketListener]
 ) -> handoff.Handoff | None:
-    """The handoff for an in-place restart, or None (logged) when it would not come back."""
+    """The handoff for an in-place restart, or None (logged) when it would not come back.
+
+    A socket whose address the config file now changes (the settings a reload leaves
+    for a restart) is not handed on: the new image binds the new address itself.
+    """
     try:
+        new = config
         if config.path is not None:
-            await trio.to_thread.run_sync(load_config, config.path)
-        named = [("control", control.socket), *(("proxy", p.socket) for p in proxy)]
+            new = await trio.to_thread.run_sync(load_config, config.path)
+        named: list[tuple[str, trio.socket.SocketType]] = []
+        if new.daemon.control_socket == config.daemon.control_socket:
+            named.append(("control", control.socket))
+        else:
+            log.info("restart in place: the control socket moves to %s", new.daemon.control_socket)
+        old_listen = (config.proxy.listen_host, config.proxy.listen_port)
+        if (new.proxy.listen_host, new.proxy.listen_port) == old_listen:
+            named += [("proxy", p.socket) for p in proxy]
+        else:
+            host, port = new.proxy.listen_host, new.proxy.listen_port
+            log.info("restart in place: the proxy moves to %s:%d", host, port)
         return handoff.prepare(named, handoff.restart_command())
     except (ConfigError, OSError) as exc:
         log.error("restart in place refused, still running: %s", exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,4 +160,32 @@ async def test_restart_under_a_socket_holder_refuses_nothing(
         prober.stop.set()
     assert prober.failures == [], daemon.log()
     assert proxy_address(now) == ("127.0.0.1", port)
+    assert await daemon.stop() == 0
+
+
+async def test_restart_in_place_moves_a_socket_whose_address_changed(
+    world_dir: Path, token_server: TokenServer, daemon_factory: list[DaemonProcess]
+) -> None:
+    """A new proxy address waits for a restart (a reload cannot move it); in place, the
+    new image binds it instead of inheriting the old socket."""
+    config = write_config(world_dir, server_url=token_server.url)
+    daemon = await start_daemon(world_dir, config)
+    daemon_factory.append(daemon)
+    await daemon.wait_for("READY=1")
+    before = await status(daemon.socket)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    await daemon.wait_log("take effect on restart")
+    with trio.fail_after(150):
+        restart = await trio.run_process(
+            [*NIXD, "daemon", "--restart", "--socket", daemon.socket],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+    assert restart.returncode == 0, restart.stderr.decode() + daemon.log()
+    after = await status(daemon.socket)
+    assert proxy_address(after) == ("127.0.0.1", port) != proxy_address(before)
+    assert after["generation"] == 1
+    assert "the proxy moves to 127.0.0.1:" in daemon.log()
     assert await daemon.stop() == 0
