@@ -90,7 +90,8 @@ def restart(args: argparse.Namespace) -> int:
                 f"{now.get('generation')}; its sockets stayed open"
             )
             return 0
-        if now.get("last_error") != before.get("last_error") and now.get("last_error"):
-            break
+        if now.get("restart_refusals") != before.get("restart_refusals"):
+            print(f"nixd: {now.get('last_error')}; the daemon keeps running", file=sys.stderr)
+            return 1
     print(f"nixd: the daemon (pid {pid}) did not restart; see its log", file=sys.stderr)
     return 1

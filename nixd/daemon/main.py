@@ -97,6 +97,9 @@ class Daemon:
         self.proxy_url: str | None = None
         self.proxy_error: str | None = None
         self.last_error: str | None = None
+        self.restart_refusals = 0
+        """In-place restarts refused (SIGUSR2 with a config or command that would not
+        start); ``nixd daemon --restart`` watches it to stop waiting."""
         self.started_at = time.time()
         self._admin_lock = trio.Lock()
         self._nix_lock = trio.Lock()
@@ -326,6 +329,7 @@ class Daemon:
             "version": __version__,
             "pid": os.getpid(),
             "generation": handoff.generation(),
+            "restart_refusals": self.restart_refusals,
             "config": c.path,
             "started_at": self.started_at,
             "logged_in": state is not None,
@@ -564,13 +568,14 @@ def _activated_sockets() -> dict[str, list[Any]]:
 
 
 async def _prepare_handoff(
-    config: Config, control: trio.SocketListener, proxy: list[trio.SocketListener]
+    daemon: Daemon, control: trio.SocketListener, proxy: list[trio.SocketListener]
 ) -> handoff.Handoff | None:
     """The handoff for an in-place restart, or None (logged) when it would not come back.
 
     A socket whose address the config file now changes (the settings a reload leaves
     for a restart) is not handed on: the new image binds the new address itself.
     """
+    config = daemon.config
     try:
         new = config
         if config.path is not None:
@@ -588,6 +593,8 @@ async def _prepare_handoff(
             log.info("restart in place: the proxy moves to %s:%d", host, port)
         return handoff.prepare(named, handoff.restart_command())
     except (ConfigError, OSError) as exc:
+        daemon.restart_refusals += 1
+        daemon.last_error = f"restart in place refused: {exc}"
         log.error("restart in place refused, still running: %s", exc)
         return None
 
@@ -656,9 +663,7 @@ async def run_daemon(config: Config) -> handoff.Handoff | None:
                         await daemon.reload("SIGHUP")
                         continue
                     if signum == signal.SIGUSR2:
-                        restart = await _prepare_handoff(
-                            daemon.config, control_listener, proxy_listeners
-                        )
+                        restart = await _prepare_handoff(daemon, control_listener, proxy_listeners)
                         if restart is None:
                             continue
                         log.info("SIGUSR2: restarting in place; the sockets stay open")
