@@ -671,7 +671,11 @@ async def run_daemon(config: Config) -> handoff.Handoff | None:
                     log.info("%s: shutting down", signal.Signals(signum).name)
                     break
                 if restart is not None:
-                    systemd.notify("RELOADING=1", "STATUS=restarting in place")
+                    systemd.notify(
+                        "RELOADING=1",
+                        f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
+                        "STATUS=restarting in place",
+                    )
                 else:
                     systemd.notify("STOPPING=1", "STATUS=shutting down")
                 control_scope.cancel()

@@ -122,7 +122,12 @@ async def test_restart_in_place_keeps_the_sockets(
     assert after["pid"] == before["pid"] == daemon.process.pid
     assert after["generation"] == 1 and after["started_at"] != before["started_at"]
     assert proxy_address(after) == proxy_address(before)
-    assert sum("READY=1" in n.split("\n") for n in daemon.notifications) >= 1
+    # systemd is told of the restart as of a reload, and of readiness again after it
+    await daemon.wait_for("RELOADING=1")
+    await daemon.wait_for("STATUS=restarting in place")
+    with trio.fail_after(20):
+        while sum("READY=1" in n.split("\n") for n in daemon.notifications) < 2:
+            daemon.notifications.append((await daemon.notify.recv(4096)).decode())
     log = daemon.log()
     assert "SIGUSR2: restarting in place" in log and "ready (generation 1)" in log
     assert "socket activation: control, proxy" in log
