@@ -173,6 +173,8 @@ async def test_browser_denies(server: ServerProcess, browser: Any) -> None:
 
 async def test_expired_code(short_server: ServerProcess, browser: Any) -> None:
     from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.support import expected_conditions as ec  # noqa: PLC0415
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
     async with httpx.AsyncClient(timeout=10) as client:
         auth = await client_device.request_code(client, short_server.url)
@@ -185,7 +187,9 @@ async def test_expired_code(short_server: ServerProcess, browser: Any) -> None:
         browser.find_element(By.ID, "username").send_keys("alice")
         browser.find_element(By.ID, "password").send_keys(PASSWORD)
         browser.find_element(By.ID, "signin").click()
-        return str(browser.find_element(By.ID, "error").text)
+        # the answer page loads after the click: wait for it (a busy machine is slow)
+        error = WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.ID, "error")))
+        return str(error.text)
 
     with trio.fail_after(30):
         message = await trio.to_thread.run_sync(late_visit)
