@@ -24,7 +24,8 @@ import trio
 
 from nixd.auth import device as client_device
 from nixd.errors import LoginFailed
-from tests.server.conftest import ServerProcess, ServerState, server_state, start_server
+from tests.server.conftest import ServerState, server_state
+from tests.serverproc import ServerProcess, start_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -58,7 +59,7 @@ def _serve(state: ServerState, *, code_ttl: int) -> ServerProcess:
         timeout=60,
         check=True,
     )
-    return start_server(state)
+    return start_server(state.path)
 
 
 @pytest.fixture
@@ -130,7 +131,7 @@ def _sign_in_and_decide(driver: Any, url: str, decision: str, shot: Path | None)
 
 async def test_browser_approves_a_waiting_login(server: ServerProcess, browser: Any) -> None:
     out = io.StringIO()
-    shot = Path(os.environ.get("NIXD_SCREENSHOT_DIR", server.state.path)) / "approve.png"
+    shot = Path(os.environ.get("NIXD_SCREENSHOT_DIR", server.state_dir)) / "approve.png"
     async with httpx.AsyncClient(timeout=10) as client:
         auth = await client_device.request_code(client, server.url)
         client_device.show(auth, out)
@@ -181,6 +182,8 @@ async def test_browser_denies(server: ServerProcess, browser: Any) -> None:
 
 async def test_expired_code(short_server: ServerProcess, browser: Any) -> None:
     from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.support import expected_conditions as ec  # noqa: PLC0415
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
     async with httpx.AsyncClient(timeout=10) as client:
         auth = await client_device.request_code(client, short_server.url)
@@ -193,7 +196,9 @@ async def test_expired_code(short_server: ServerProcess, browser: Any) -> None:
         browser.find_element(By.ID, "username").send_keys("alice")
         browser.find_element(By.ID, "password").send_keys(PASSWORD)
         browser.find_element(By.ID, "signin").click()
-        return str(browser.find_element(By.ID, "error").text)
+        # the answer page loads after the click: wait for it (a busy machine is slow)
+        error = WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.ID, "error")))
+        return str(error.text)
 
     with trio.fail_after(30):
         message = await trio.to_thread.run_sync(late_visit)

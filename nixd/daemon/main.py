@@ -3,11 +3,15 @@
 Start-up order: signals are handled first (so SIGTERM during start-up is clean), then the
 refresher (with the saved login, if any), the proxy, the control socket; the Nix
 integration is (re)written, and only then is systemd told ``READY=1``. Listeners come
-from socket activation when systemd passes them (names ``control`` and ``proxy``),
-otherwise they are bound from the config.
+from socket activation when systemd (or launchd, for ``proxy``) passes them, named
+``control`` and ``proxy``, otherwise they are bound from the config.
 
 - SIGTERM/SIGINT: ``STOPPING=1``, the control socket closes, the proxy gets
   ``daemon.shutdown_grace`` seconds for in-flight downloads, then everything is cancelled.
+- SIGUSR2 (``nixd daemon --restart``): restart in place, the listening sockets kept open
+  across an ``exec`` of the same command line (:mod:`nixd.daemon.handoff`, which also
+  says how a restart is survived under systemd and launchd). The control socket closes
+  first, the proxy drains as for SIGTERM, then the new image starts on the same sockets.
 - SIGHUP, or a change of the config file seen by watchfiles: the config is re-read. A valid
   one is applied in place (upstreams, keys, control group, Nix integration) without
   touching in-flight downloads; an invalid one is logged with file:key and the old config
@@ -39,7 +43,7 @@ from nixd.auth import methods
 from nixd.auth.methods import LoginMethod
 from nixd.auth.model import AccessToken
 from nixd.auth.token import exchange_json, fetch_cache_keys, fetch_token_status
-from nixd.daemon import dbus, systemd
+from nixd.daemon import dbus, handoff, systemd
 from nixd.daemon.config import Config, load_config, upstream_config
 from nixd.daemon.control import (
     ApiError,
@@ -98,6 +102,9 @@ class Daemon:
         self.last_error: str | None = None
         self.config_error: str | None = None
         """Why the last reload was refused; None once one succeeded."""
+        self.restart_refusals = 0
+        """In-place restarts refused (SIGUSR2 with a config or command that would not
+        start); ``nixd daemon --restart`` watches it to stop waiting."""
         self.started_at = time.time()
         self._admin_lock = trio.Lock()
         self._nix_lock = trio.Lock()
@@ -322,6 +329,8 @@ class Daemon:
         return {
             "version": __version__,
             "pid": os.getpid(),
+            "generation": handoff.generation(),
+            "restart_refusals": self.restart_refusals,
             "config": c.path,
             "started_at": self.started_at,
             "logged_in": state is not None,
@@ -575,12 +584,59 @@ async def _proxy_listeners(sockets: list[Any]) -> list[trio.SocketListener]:
     return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
 
 
-async def run_daemon(config: Config) -> None:
-    """Run the daemon until SIGTERM/SIGINT; see the module docstring."""
+def _activated_sockets() -> dict[str, list[Any]]:
     activated = systemd.listen_fds()
+    if "proxy" not in activated and (launchd := handoff.launchd_sockets("proxy")):
+        activated["proxy"] = launchd
+    if activated:
+        log.info("socket activation: %s", ", ".join(sorted(activated)))
+    return activated
+
+
+async def _prepare_handoff(
+    daemon: Daemon, control: trio.SocketListener, proxy: list[trio.SocketListener]
+) -> handoff.Handoff | None:
+    """The handoff for an in-place restart, or None (logged) when it would not come back.
+
+    A socket whose address the config file now changes (the settings a reload leaves
+    for a restart) is not handed on: the new image binds the new address itself.
+    """
+    config = daemon.config
+    try:
+        new = config
+        if config.path is not None:
+            new = await trio.to_thread.run_sync(load_config, config.path)
+        named: list[tuple[str, trio.socket.SocketType]] = []
+        if new.daemon.control_socket == config.daemon.control_socket:
+            named.append(("control", control.socket))
+        else:
+            log.info("restart in place: the control socket moves to %s", new.daemon.control_socket)
+        old_listen = (config.proxy.listen_host, config.proxy.listen_port)
+        if (new.proxy.listen_host, new.proxy.listen_port) == old_listen:
+            named += [("proxy", p.socket) for p in proxy]
+        else:
+            host, port = new.proxy.listen_host, new.proxy.listen_port
+            log.info("restart in place: the proxy moves to %s:%d", host, port)
+        return handoff.prepare(named, handoff.restart_command())
+    except (ConfigError, OSError) as exc:
+        daemon.restart_refusals += 1
+        daemon.last_error = f"restart in place refused: {exc}"
+        log.error("restart in place refused, still running: %s", exc)
+        return None
+
+
+async def run_daemon(config: Config) -> handoff.Handoff | None:
+    """Run the daemon until SIGTERM/SIGINT (None) or SIGUSR2 (the handoff to ``exec``).
+
+    See the module docstring.
+    """
+    activated = _activated_sockets()
+    restart: handoff.Handoff | None = None
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False) as http:
         daemon = Daemon(config, http)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2
+        ) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.refresher.run)
                 nursery.start_soon(daemon.watch_expiry)
@@ -588,9 +644,12 @@ async def run_daemon(config: Config) -> None:
                 await nursery.start(wake.run)
                 daemon.restore_login()
                 proxy_scope = trio.CancelScope()
-                proxy_listeners = (
-                    await _proxy_listeners(activated["proxy"]) if "proxy" in activated else None
-                )
+                if "proxy" in activated:
+                    proxy_listeners = await _proxy_listeners(activated["proxy"])
+                else:  # bound here, not in the proxy, so a restart in place can keep them
+                    proxy_listeners = await trio.open_tcp_listeners(
+                        config.proxy.listen_port, host=config.proxy.listen_host
+                    )
 
                 async def proxy_task(*, task_status: trio.TaskStatus[None]) -> None:
                     with proxy_scope:
@@ -619,20 +678,37 @@ async def run_daemon(config: Config) -> None:
                     nursery.start_soon(daemon.watchdog, interval)
                 systemd.notify("READY=1", f"STATUS={daemon.status_line()}")
                 log.info(
-                    "nixd %s ready; control socket %s", __version__, config.daemon.control_socket
+                    "nixd %s ready (generation %d); control socket %s",
+                    __version__,
+                    handoff.generation(),
+                    config.daemon.control_socket,
                 )
 
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         await daemon.reload("SIGHUP")
                         continue
+                    if signum == signal.SIGUSR2:
+                        restart = await _prepare_handoff(daemon, control_listener, proxy_listeners)
+                        if restart is None:
+                            continue
+                        log.info("SIGUSR2: restarting in place; the sockets stay open")
+                        break
                     log.info("%s: shutting down", signal.Signals(signum).name)
                     break
-                systemd.notify("STOPPING=1", "STATUS=shutting down")
+                if restart is not None:
+                    systemd.notify(
+                        "RELOADING=1",
+                        f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
+                        "STATUS=restarting in place",
+                    )
+                else:
+                    systemd.notify("STOPPING=1", "STATUS=shutting down")
                 control_scope.cancel()
                 await _stop_proxy(daemon, proxy_scope, daemon.config.daemon.shutdown_grace)
                 nursery.cancel_scope.cancel()
-    log.info("stopped")
+    log.info("restarting in place" if restart is not None else "stopped")
+    return restart
 
 
 async def _stop_proxy(daemon: Daemon, scope: trio.CancelScope, grace: float) -> None:

@@ -18,9 +18,14 @@ import logging
 import os
 import socket
 
+from nixd.bounds import parse_uint
+from nixd.errors import FormatError
+
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+MAX_LISTEN_FDS = 64
+"""More passed sockets than this is not a socket activation nixd knows."""
 
 
 def notify(*lines: str) -> bool:
@@ -43,9 +48,10 @@ def notify(*lines: str) -> bool:
 def listen_fds(*, unset_environment: bool = True) -> dict[str, list[socket.socket]]:
     """Sockets passed by socket activation, by name (unnamed ones are ``"unknown"``)."""
     try:
-        pid = int(os.environ.get("LISTEN_PID", ""))
-        count = int(os.environ.get("LISTEN_FDS", ""))
-    except ValueError:
+        env = os.environ
+        pid = parse_uint(env.get("LISTEN_PID", ""), limit=1 << 31, what="LISTEN_PID")
+        count = parse_uint(env.get("LISTEN_FDS", ""), limit=MAX_LISTEN_FDS, what="LISTEN_FDS")
+    except FormatError:
         return {}
     names = (
         os.environ.get("LISTEN_FDNAMES", "").split(":") if "LISTEN_FDNAMES" in os.environ else []

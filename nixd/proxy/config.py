@@ -111,6 +111,11 @@ class ProxyConfig:
     """Seconds a verified upstream narinfo is answered from memory before asking again."""
     priority: int = 30
     """The ``Priority`` announced in ``nix-cache-info`` (lower is preferred by Nix)."""
+    resumes: int = 8
+    """Times one NAR download the upstream cut is resumed (``Range``) before it fails."""
+    resume_delay: float = 0.25
+    """Seconds before the first resume; doubled for each next one, at most 8 s. With the
+    defaults the attempts span about 30 s: an upstream restart, not an outage."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -119,3 +124,5 @@ class ProxyConfig:
             raise ConfigError("proxy store_max_bytes must not be negative")
         if self.negative_ttl < 0 or self.positive_ttl < 0:
             raise ConfigError("proxy cache TTLs must not be negative")
+        if self.resumes < 0 or self.resume_delay < 0:
+            raise ConfigError("proxy resumes and resume_delay must not be negative")

@@ -20,7 +20,11 @@ Model (DESIGN.md, "Security model"):
 - ``nar/<name>``: from the local store (``sendfile``, Range), else from a single-flight
   :class:`~nixd.proxy.singleflight.Download` that all requests for the name tail.
   After a download verified its FileHash, a worker thread decompresses it and checks the
-  signed NarHash/NarSize; only then does it enter the :class:`LocalStore`.
+  signed NarHash/NarSize; only then does it enter the :class:`LocalStore`. A download
+  the upstream cuts resumes from it with ``Range``; Nix's own ``Range`` retry (Nix 2.8
+  asks again from the offset it has after a cut transfer) tails the same download, so it
+  is served from the bytes already received rather than refused while the upstream is
+  away.
   NARs whose FileSize is at most :data:`~nixd.proxy.localstore.SMALL` take a short path:
   fetched whole over a kept-alive connection (one fetch shared by concurrent requests),
   checked inline (FileHash, then the signed NarHash) before any byte goes to Nix, kept, and
@@ -569,7 +573,13 @@ class Proxy:
     def _start_download(self, key: str, resolved: Resolved) -> Download:
         assert resolved.upstream is not None
         download = Download(
-            key, resolved.info, resolved.upstream, self.store.new_temp(), self.metrics
+            key,
+            resolved.info,
+            resolved.upstream,
+            self.store.new_temp(),
+            self.metrics,
+            resumes=self.config.resumes,
+            resume_delay=self.config.resume_delay,
         )
         self.downloads[key] = download
         if self.downloads_idle.is_set():

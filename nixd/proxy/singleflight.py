@@ -14,6 +14,17 @@ for uncompressed NARs) match does the last byte go out; on a mismatch, a short o
 body, or an upstream failure, the download is ``failed`` and every reader cuts its
 connection, so Nix (which got a ``Content-Length``) sees a failed transfer.
 
+Resuming: when the upstream goes away mid-body (a server restart, a reset connection, a
+read timeout), the download does not fail. It asks again from the first byte it lacks
+(``Range: bytes=<written>-``), after a short backoff, up to ``resumes`` times; the hash
+state carries on, so the FileHash still covers every byte of the file, whichever answer
+brought it. An upstream that ignores ``Range`` and resends the whole file is fine too:
+the part already received is skipped. Readers meanwhile just wait for more bytes, so a
+Nix request in flight sees a pause, not a failure; and a Nix that did lose its
+connection and retries with its own ``Range`` tails the same download from its offset.
+Only a failure before the first byte is left to Nix's own retry (no state worth keeping),
+and integrity failures are never retried.
+
 Page cache: on the VMs nixd is benchmarked on, filling page cache pages that were not
 used recently costs ~4 CPU-s per GiB (the host backs them afresh), ten times the cost of
 reusing recently freed ones. So the writer keeps only a window of the file cached: it
@@ -35,8 +46,9 @@ from pathlib import Path
 
 import trio
 
-from nixd.errors import IntegrityError, UpstreamError
+from nixd.errors import AuthError, IntegrityError, UpstreamError
 from nixd.nix.narinfo import NarInfo
+from nixd.proxy.errors import NotFound
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.pagecache import Recycler
 from nixd.proxy.upstream import Upstream
@@ -48,6 +60,8 @@ AHEAD = 64 << 20
 """Most bytes the download runs ahead of its fastest reader (when it has readers)."""
 STALL = 10.0
 """Seconds without reader progress after which the download stops waiting for readers."""
+RESUME_DELAY_MAX = 8.0
+"""Longest wait between two attempts to resume a cut download."""
 
 
 class State(Enum):
@@ -61,9 +75,19 @@ class Download:
     """A NAR being fetched from ``upstream`` into ``temp``; see the module docstring."""
 
     def __init__(
-        self, key: str, info: NarInfo, upstream: Upstream, temp: Path, metrics: Metrics
+        self,
+        key: str,
+        info: NarInfo,
+        upstream: Upstream,
+        temp: Path,
+        metrics: Metrics,
+        *,
+        resumes: int = 8,
+        resume_delay: float = 0.25,
     ) -> None:
         self.key = key
+        self.resumes = resumes
+        self.resume_delay = resume_delay
         self.info = info
         self.upstream = upstream
         self.temp = temp
@@ -149,28 +173,27 @@ class Download:
     async def _fetch(self) -> None:
         sha = hashlib.sha256()
         size = self.size
-        fd = self._fd
-        recycler = Recycler(fd)
-        async with self.upstream.nar_body(self.info) as body:
-            length = body.length
-            if size is not None and length is not None and length != size:
-                raise IntegrityError(
-                    f"{self.key}: upstream announces {length} bytes, the narinfo says {size}"
-                )
-            self.state = State.RUNNING
-            self._notify()
-            async for chunk in body:
-                n = len(chunk)
-                if size is not None and self.written + n > size:
-                    raise IntegrityError(f"{self.key}: upstream sent more than {size} bytes")
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-                sha.update(chunk)
-                self.written += n
-                self._notify()
-                recycler.written(self.written, self._low_water())
-                await self._keep_pace()
+        recycler = Recycler(self._fd)
+        attempt = 0
+        while True:
+            try:
+                await self._receive(sha, recycler)
+                break
+            except (IntegrityError, NotFound):
+                raise
+            except (UpstreamError, AuthError) as exc:
+                # Cut mid-body (an upstream restart, a reset): resume from the bytes
+                # already received and hashed. Failures before any byte are Nix's to retry.
+                if not self.written or attempt >= self.resumes:
+                    raise
+                attempt += 1
+                delay = min(self.resume_delay * 2 ** (attempt - 1), RESUME_DELAY_MAX)
+                self.metrics.inc("nixd_proxy_upstream_resumes_total")
+                log.info(
+                    "download of %s cut at byte %d (%s); resuming in %.2f s (%d of %d)",
+                    self.key, self.written, exc, delay, attempt, self.resumes,
+                )  # fmt: skip
+                await trio.sleep(delay)
         self.metrics.inc("nixd_proxy_upstream_bytes_total", self.written)
         if size is not None and self.written != size:
             raise IntegrityError(f"{self.key}: upstream sent {self.written} of {size} bytes")
@@ -187,6 +210,44 @@ class Download:
             self.nar_verified = True
         self.state = State.OK
         self._notify()
+
+    async def _receive(self, sha: hashlib._Hash, recycler: Recycler) -> None:
+        """Append the upstream's bytes from ``written`` on (the whole file the first time)."""
+        size = self.size
+        fd = self._fd
+        offset = self.written
+        async with self.upstream.nar_body(self.info, offset) as body:
+            length = body.length
+            if size is not None and length is not None and body.start + length != size:
+                raise IntegrityError(
+                    f"{self.key}: upstream announces {body.start + length} bytes, "
+                    f"the narinfo says {size}"
+                )
+            skip = offset - body.start  # an upstream that ignored Range resends the start
+            if self.state is State.STARTING:
+                self.state = State.RUNNING
+                self._notify()
+            async for received in body:
+                chunk = received
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    skip -= dropped
+                    chunk = chunk[dropped:]
+                n = len(chunk)
+                if not n:
+                    continue
+                if size is not None and self.written + n > size:
+                    raise IntegrityError(f"{self.key}: upstream sent more than {size} bytes")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                sha.update(chunk)
+                self.written += n
+                self._notify()
+                recycler.written(self.written, self._low_water())
+                await self._keep_pace()
+            if skip:
+                raise UpstreamError(f"{self.key}: upstream resent fewer bytes than it had sent")
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, IntegrityError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,17 @@ from tests.daemon.tokenserver import TokenServer
 
 REPO = Path(__file__).resolve().parents[2]
 NIXD = [sys.executable, "-m", "nixd.cli"]
+#: a socket holder in the part systemd plays for a socket-activated service: it keeps the
+#: sockets it was given and starts the daemon again whenever it exits, passing them the
+#: way systemd does (LISTEN_PID is set by the shell that then execs the daemon)
+HOLDER = r"""
+trap 'kill -TERM $child 2>/dev/null; wait $child; exit 0' TERM INT
+while :; do
+  sh -c 'export LISTEN_PID=$$; exec "$@"' daemon "$@" &
+  child=$!
+  wait $child
+done
+"""
 
 
 @pytest.fixture
@@ -126,6 +138,37 @@ async def start_daemon(
             pass_fds=pass_fds,
         )
     return DaemonProcess(process, root, config, notify, log_path)
+
+
+async def start_held(
+    root: Path, config: Path, factory: list[DaemonProcess]
+) -> tuple[DaemonProcess, int]:
+    """The daemon under a socket holder (:data:`HOLDER`), its sockets bound by the real
+    ``systemd-socket-activate``; the daemon starts at the first connection to either.
+
+    Returns the holder (``stop()`` ends holder and daemon) and the proxy's port.
+    """
+    activate = shutil.which("systemd-socket-activate")
+    assert activate, "systemd-socket-activate is required (apt-get install systemd)"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    (root / "run").mkdir(exist_ok=True)
+    command = [
+        activate,
+        "-l", str(root / "run" / "nixd.sock"),
+        "-l", f"127.0.0.1:{port}",
+        "--fdname=control:proxy",
+        "-E", "NOTIFY_SOCKET", "-E", "PYTHONUNBUFFERED",
+        "/bin/sh", "-c", HOLDER, "holder",
+        *NIXD, "-v", "daemon", "--config", str(config),
+    ]  # fmt: skip
+    daemon = await start_daemon(root, config, command=command)
+    factory.append(daemon)
+    with trio.fail_after(20):
+        while not (root / "run" / "nixd.sock").exists():  # noqa: ASYNC110 - another process
+            await trio.sleep(0.05)
+    return daemon, port
 
 
 @pytest.fixture

@@ -7,11 +7,10 @@ credentials only in the CLI's (GitHub, GitLab) or the daemon's (AWS) environment
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import signal
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,11 @@ import trio
 from tests.daemon.conftest import NIXD, REPO, DaemonProcess, start_daemon, write_config
 from tests.oidc_issuer import LocalIssuer, run_issuer
 from tests.server.test_aws import ACCOUNT, ROLE_ARN, Moto, moto  # noqa: F401 - a fixture
+from tests.serverproc import server_cli, start_server
 
-SERVER = [
-    sys.executable,
-    "-c",
-    "import sys; from nixd.server.cli import main; sys.exit(main())",
-]
 ACCESS_TTL = 20
+#: a hang guard only: renewals are counted, however long the machine takes for them
+RENEWALS_GUARD = 10 * ACCESS_TTL
 
 POLICY = f"""
 [[rule]]
@@ -60,9 +57,8 @@ def issuers() -> Iterator[tuple[LocalIssuer, LocalIssuer]]:
 
 
 async def _run(*args: str) -> str:
-    with trio.fail_after(60):
-        result = await trio.run_process(list(args), capture_stdout=True, capture_stderr=True)
-    return result.stdout.decode()
+    result = await trio.to_thread.run_sync(functools.partial(server_cli, *args))
+    return result.stdout
 
 
 @pytest.fixture
@@ -73,8 +69,8 @@ async def world(
 ) -> AsyncIterator[World]:
     gh, gl = issuers
     state = world_dir / "server"
-    await _run(*SERVER, "init", str(state), "--org", "acme")
-    await _run(*SERVER, "project", "create", str(state), "acme/app")
+    await _run("init", str(state), "--org", "acme")
+    await _run("project", "create", str(state), "acme/app")
     # the audience is the URL the daemon will use; the port is known only once serving, so
     # the audience is set explicitly on both sides
     audience = "https://cache.acme.test"
@@ -105,28 +101,13 @@ region = "us-east-1"
     )
     with (state / "policy.toml").open("a") as f:
         f.write(POLICY)
-    log = open(world_dir / "server.log", "wb")  # noqa: ASYNC230, SIM115 - closed below
-    server = await trio.lowlevel.open_process(
-        [*SERVER, "serve", str(state), "--listen", "127.0.0.2:0"],
-        stdout=log,
-        stderr=log,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    server = await trio.to_thread.run_sync(
+        functools.partial(start_server, state, host="127.0.0.2", log_path=world_dir / "server.log")
     )
     try:
-        address = state / "run" / "address"
-        with trio.fail_after(30):
-            while not address.exists() or not address.read_text().strip():  # noqa: ASYNC110
-                await trio.sleep(0.05)
-        url = address.read_text().split()[0].rstrip("/")
-        yield World(world_dir, url, audience, gh, gl)
+        yield World(world_dir, server.url, audience, gh, gl)
     finally:
-        server.send_signal(signal.SIGTERM)
-        with trio.move_on_after(10):
-            await server.wait()
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
-        log.close()
+        await trio.to_thread.run_sync(server.close)
 
 
 async def nixd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -181,8 +162,8 @@ async def test_github_action_login_renews_with_new_id_tokens(
     assert first["method"] == "github-action" and first["token_valid"] is True
     assert "new GitHub Actions ID token" in str(first["renewal"])
     assert gh.id_token_requests == 1
-    # two more token lifetimes: each renewal asks GitHub for a new ID token
-    with trio.fail_after(3 * ACCESS_TTL):
+    # two renewals: each asks GitHub for a new ID token
+    with trio.fail_after(RENEWALS_GUARD):
         while gh.id_token_requests < 3:  # noqa: ASYNC110 - another process
             await trio.sleep(0.5)
     later = await status(daemon)

@@ -65,3 +65,10 @@ def test_may_administer() -> None:
     assert not may_administer(None, "root")
     assert may_administer(Peer(1, 65534, 0), "root")  # primary gid is the group
     assert not may_administer(Peer(1, 65534, 65534), "root")
+
+
+def test_listen_fds_refuses_numbers_out_of_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    for count in ("9" * 5000, "²", "65", "-1"):
+        monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+        monkeypatch.setenv("LISTEN_FDS", count)
+        assert systemd.listen_fds() == {}

@@ -48,3 +48,9 @@ def test_launchd_plist_parses() -> None:
         plist = plistlib.load(f)
     assert plist["Label"] == "org.nixd.daemon"
     assert plist["ProgramArguments"][1:] == ["daemon", "--config", "/etc/nixd/config.toml"]
+    # launchd holds the proxy's socket across restarts (see nixd.daemon.handoff)
+    proxy = plist["Sockets"]["proxy"]
+    assert (proxy["SockNodeName"], proxy["SockServiceName"]) == ("127.0.0.1", "37515")
+    assert proxy["SockType"] == "stream"
+    socket_unit = (REPO / "systemd" / "nixd-proxy.socket").read_text()
+    assert "ListenStream=127.0.0.1:37515" in socket_unit  # the same port on both

@@ -13,12 +13,8 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,32 +28,16 @@ from tests.daemon.conftest import (  # noqa: F401 - fixtures re-exported for the
     cli,
     daemon_factory,
     start_daemon,
+    start_held,
     write_config,
 )
 from tests.realnix import RealNix, nix_available
+from tests.serverproc import ServerProcess, running_server, server_cli, start_server
 
-SERVER = [
-    sys.executable,
-    "-c",
-    "import sys; from nixd.server.cli import main; sys.exit(main())",
-]
 SERVER_HOST = "127.0.0.2"
 #: paths in the session's cache: SMALL_PATHS distinct tiny ones, and one of BIG_BYTES
 SMALL_PATHS = 8
 BIG_BYTES = 96 * 1024 * 1024
-
-
-def _run(cmd: list[str], **kw: object) -> str:
-    proc = subprocess.run(cmd, capture_output=True, timeout=300, check=False, **kw)  # type: ignore[call-overload]
-    if proc.returncode != 0:
-        raise AssertionError(f"{cmd[:4]} exited {proc.returncode}: {proc.stderr.decode()}")
-    return str(proc.stdout.decode())
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -73,42 +53,21 @@ class CacheState:
 
 @dataclass
 class Server:
-    """A ``nixd-server serve`` process on a fixed port, so it can be stopped and restarted."""
+    """A ``nixd-server serve`` process on the session's state (:mod:`tests.serverproc`);
+    stopped and started again, it keeps its port."""
 
     cache: CacheState
-    port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    process: ServerProcess
 
     @property
     def url(self) -> str:
-        return f"http://{SERVER_HOST}:{self.port}"
+        return self.process.url
 
     def start(self) -> None:
-        address = self.cache.state / "run" / "address"
-        address.unlink(missing_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [*SERVER, "serve", str(self.cache.state), "--listen", f"{SERVER_HOST}:{self.port}"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            )
-        deadline = time.monotonic() + 30
-        while not (address.exists() and address.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"nixd-server did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.05)
+        self.process.start()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        self.process.stop()
 
 
 def set_access_ttl(state: Path, seconds: int) -> None:
@@ -125,14 +84,14 @@ def cache_state() -> Iterator[CacheState]:
     root.chmod(0o755)
     try:
         state = root / "server"
-        _run([*SERVER, "init", str(state), "--org", "acme"])
-        _run([*SERVER, "project", "create", str(state), "acme/app"])
+        server_cli("init", str(state), "--org", "acme")
+        server_cli("project", "create", str(state), "acme/app")
 
         def token(name: str, role: str) -> str:
-            out = _run(
-                [*SERVER, "token", "create", str(state), "--org", "acme", "--name", name,
-                 "--attr", f"role={role}", "--json"]
-            )  # fmt: skip
+            out = server_cli(
+                "token", "create", str(state), "--org", "acme", "--name", name,
+                "--attr", f"role={role}", "--json",
+            ).stdout  # fmt: skip
             value: str = json.loads(out)["token"]
             return value
 
@@ -151,18 +110,15 @@ def cache_state() -> Iterator[CacheState]:
             for _ in range(BIG_BYTES // (1 << 20)):
                 f.write(os.urandom(1 << 20))
         big = nix.run(["nix-store", "--add", str(big_file)]).stdout.decode().strip()
-        server = Server(CacheState(state, reader, small, big, big_file), free_port(SERVER_HOST),
-                        root / "upload-server.log")  # fmt: skip
-        server.start()
-        try:
+        cache = CacheState(state, reader, small, big, big_file)
+        log_path = root / "upload-server.log"
+        with running_server(state, host=SERVER_HOST, log_path=log_path) as server:
             netrc = root / "push-netrc"
             netrc.write_text(f"machine {SERVER_HOST} login ci password {writer}\n")
             netrc.chmod(0o600)
             to = f"{server.url}/cache/acme/app?compression=zstd"
             nix.run(["nix", "copy", "--to", to, *small, big, "--netrc-file", str(netrc)])
-        finally:
-            server.stop()
-        yield server.cache
+        yield cache
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -178,18 +134,24 @@ def world_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def server_factory(cache_state: CacheState, world_dir: Path) -> Iterator[list[Server]]:
-    """Start with :func:`serve`; every server still running is stopped at teardown."""
+    """Start with :func:`serve`; every server is closed at teardown."""
     started: list[Server] = []
     yield started
     for s in started:
-        s.stop()
+        s.process.close()
 
 
-def serve(started: list[Server], cache: CacheState, root: Path, *, access_ttl: int) -> Server:
+def serve(
+    started: list[Server], cache: CacheState, root: Path, *, access_ttl: int, hold: bool = False
+) -> Server:
+    """The session's cache served on :data:`SERVER_HOST`, port 0, with ``access_ttl``.
+
+    ``hold``: the port stays open across restarts (see :mod:`tests.serverproc`).
+    """
     set_access_ttl(cache.state, access_ttl)
-    server = Server(cache, free_port(SERVER_HOST), root / "server.log")
+    process = start_server(cache.state, host=SERVER_HOST, log_path=root / "server.log", hold=hold)
+    server = Server(cache, process)
     started.append(server)
-    server.start()
     return server
 
 
@@ -236,9 +198,16 @@ async def start_loop(
     daemons: list[DaemonProcess],
     *,
     shutdown_grace: float = 2,
+    server_url: str | None = None,
+    held: bool = False,
 ) -> Loop:
-    """The daemon (temp config, proxy on 127.0.0.1:0) logged in to ``server``."""
-    config = write_config(root, server_url=server.url)
+    """The daemon (temp config, proxy on 127.0.0.1) logged in to ``server``.
+
+    ``server_url``: reach the server there instead (a relay in front of it). ``held``:
+    run the daemon under a socket holder that restarts it as systemd would
+    (:func:`tests.daemon.conftest.start_held`), the proxy on a port it keeps.
+    """
+    config = write_config(root, server_url=server_url or server.url)
     nix_conf_dir = root / "etc"
     (nix_conf_dir / "nix.conf").write_text(
         "build-users-group =\nsandbox = false\nexperimental-features = nix-command\n"
@@ -247,8 +216,12 @@ async def start_loop(
     config.write_text(
         config.read_text().replace("shutdown_grace = 2", f"shutdown_grace = {shutdown_grace}")
     )
-    daemon = await start_daemon(root, config)
-    daemons.append(daemon)
+    if held:
+        daemon, _ = await start_held(root, config, daemons)
+        await cli("status", "--socket", daemon.socket, check=True)  # starts it
+    else:
+        daemon = await start_daemon(root, config)
+        daemons.append(daemon)
     await daemon.wait_for("READY=1")
     login = await cli(
         "login", "token", "--socket", daemon.socket, stdin=server.cache.reader.encode()

@@ -1,7 +1,8 @@
 """One ``nixd-server`` that trusts every identity provider, for end-to-end login tests.
 
-The server (a real process on 127.0.0.2, short access tokens) trusts the local OIDC issuers
-(GitHub and GitLab roles, :mod:`tests.oidc_issuer`), moto's STS and its own local accounts
+The server (a real process on 127.0.0.2 from :mod:`tests.serverproc`, short access
+tokens) trusts the local OIDC issuers (GitHub and GitLab roles,
+:mod:`tests.oidc_issuer`), moto's STS and its own local accounts
 (interactive login). Its policy lets those ``acme`` identities read ``acme/*`` only; the
 cache holds private paths in ``acme/app`` and one in ``globex/secret``, another org's
 slice they must never see. Everything is built once per module; each test runs its own
@@ -15,23 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import SERVER, SERVER_HOST, free_port
+from tests.integration.conftest import SERVER_HOST
 from tests.oidc_issuer import LocalIssuer, run_issuer
 from tests.realnix import RealNix
 from tests.server.test_aws import ACCOUNT, ROLE_ARN, Moto
+from tests.serverproc import ServerProcess, server_cli, start_server
 
 #: the servers' access-token lifetime: short, so a test spans several
 ACCESS_TTL = 15
@@ -62,13 +60,8 @@ resources = ["globex/*"]
 """
 
 
-def _run(cmd: list[str], stdin: str | None = None) -> str:
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, input=stdin, timeout=120, check=False
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"{cmd[:5]} exited {proc.returncode}: {proc.stderr}")
-    return proc.stdout
+def _run(*args: str, stdin: str | None = None) -> str:
+    return server_cli(*args, stdin=stdin).stdout
 
 
 @dataclass
@@ -89,8 +82,8 @@ class IdentityServer:
 
 
 def _token(state: Path, org: str) -> str:
-    out = _run([*SERVER, "token", "create", str(state), "--org", org, "--name", "push",
-                "--attr", "role=member", "--json"])  # fmt: skip
+    out = _run("token", "create", str(state), "--org", org, "--name", "push",
+               "--attr", "role=member", "--json")  # fmt: skip
     value: str = json.loads(out)["token"]
     return value
 
@@ -108,15 +101,15 @@ def identity_server(moto: Moto) -> Iterator[IdentityServer]:
     """Build the state, start issuers and server, push the paths; stop everything after."""
     root = Path(tempfile.mkdtemp(prefix="nixd-id-e2e-"))
     root.chmod(0o755)
-    proc: subprocess.Popen[bytes] | None = None
+    server: ServerProcess | None = None
     try:
         with run_issuer("github") as gh, run_issuer("gitlab") as gl:
             state = root / "server"
-            _run([*SERVER, "init", str(state), "--org", "acme"])
-            _run([*SERVER, "org", "create", str(state), "globex"])
-            _run([*SERVER, "project", "create", str(state), "acme/app"])
-            _run([*SERVER, "project", "create", str(state), "globex/secret"])
-            _run([*SERVER, "user", "add", str(state), "acme", "alice"], stdin=f"{PASSWORD}\n")
+            _run("init", str(state), "--org", "acme")
+            _run("org", "create", str(state), "globex")
+            _run("project", "create", str(state), "acme/app")
+            _run("project", "create", str(state), "globex/secret")
+            _run("user", "add", str(state), "acme", "alice", stdin=f"{PASSWORD}\n")
             config = state / "config.toml"
             text = re.sub(r"(?m)^access_ttl = \d+$", f"access_ttl = {ACCESS_TTL}",
                           config.read_text())  # fmt: skip
@@ -161,33 +154,15 @@ region = "us-east-1"
             paths = built.stdout.decode().split()
             assert len(paths) == PATHS + 1
 
-            port = free_port(SERVER_HOST)
             log_path = root / "server.log"
-            address = state / "run" / "address"
-            with log_path.open("ab") as log:
-                proc = subprocess.Popen(
-                    [*SERVER, "serve", str(state), "--listen", f"{SERVER_HOST}:{port}"],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                )
-            deadline = time.monotonic() + 30
-            while not (address.exists() and address.read_text().strip()):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"nixd-server did not start:\n{log_path.read_text()}")
-                time.sleep(0.05)
-            url = f"http://{SERVER_HOST}:{port}"
+            server = start_server(state, host=SERVER_HOST, log_path=log_path)
+            url = server.url
             _push(nix, root, url, "acme/app", acme, paths[:PATHS])
             _push(nix, root, url, "globex/secret", globex, paths[PATHS:])
             yield IdentityServer(root, url, gh, gl, moto, paths[:PATHS], paths[PATHS], log_path)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if server is not None:
+            server.close()
         shutil.rmtree(root, ignore_errors=True)
 
 

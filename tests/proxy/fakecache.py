@@ -7,7 +7,11 @@ Faults apply to the next ``times`` matching requests (``times=-1``: forever):
 - ``corrupt``: flip one byte in the middle of the body (same length);
 - ``slow``: wait ``delay`` seconds before answering;
 - ``reset``: read the request and reset the connection (SO_LINGER 0);
-- ``status``: answer ``status`` (e.g. 503) with a short body.
+- ``status``: answer ``status`` (e.g. 503) with a short body;
+- ``wait``: answer only once ``release`` is set (an upstream that is down for a while).
+
+``Range: bytes=N-`` is answered with a 206 (unless ``ranges`` is False), as the real
+server does; every ``Range`` asked for is recorded in ``ranges_asked``.
 
 With ``tokens`` set, requests need ``Authorization: Bearer <one of tokens>`` (else 401).
 ``requests`` counts GETs/HEADs per path, so tests can see what reached the upstream.
@@ -32,6 +36,8 @@ class Fault:
     times: int = 1
     status: int = 503
     delay: float = 5.0
+    release: trio.Event | None = None
+    """``wait``: answer only once this is set."""
 
 
 @dataclass
@@ -42,6 +48,9 @@ class FakeCache:
     requests: Counter[str] = field(default_factory=Counter)
     port: int = 0
     stopped: bool = False
+    ranges: bool = True
+    """Answer ``Range: bytes=N-`` with a 206 (False: ignore it and send the whole file)."""
+    ranges_asked: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -98,6 +107,9 @@ class FakeCache:
     ) -> bool:
         path = request.target.decode().split("?")[0]
         self.requests[path] += 1
+        asked = dict(request.headers).get(b"range")
+        if asked is not None:
+            self.ranges_asked.append(asked.decode())
 
         async def simple(
             status: int, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
@@ -116,6 +128,9 @@ class FakeCache:
         fault = self._fault(path)
         if fault is not None and fault.kind == "slow":
             await trio.sleep(fault.delay)
+        if fault is not None and fault.kind == "wait":
+            assert fault.release is not None
+            await fault.release.wait()
         if fault is not None and fault.kind == "reset":
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False
@@ -130,9 +145,14 @@ class FakeCache:
         if fault is not None and fault.kind == "corrupt":
             mid = len(body) // 2
             body = body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1 :]
-        await stream.send_all(
-            conn.send(h11.Response(status_code=200, headers=[("content-length", str(len(body)))]))
-        )
+        status, headers = 200, [("accept-ranges", "bytes")] if self.ranges else []
+        if asked is not None:
+            start = int(asked.decode().removeprefix("bytes=").rstrip("-"))
+            if self.ranges and start < len(body):
+                headers.append(("content-range", f"bytes {start}-{len(body) - 1}/{len(body)}"))
+                status, body = 206, body[start:]
+        headers.append(("content-length", str(len(body))))
+        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
         if request.method == b"HEAD":
             await stream.send_all(conn.send(h11.EndOfMessage()))
             return True

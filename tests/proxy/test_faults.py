@@ -71,7 +71,10 @@ async def test_misbehaving_upstream(
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             proxy = await start_proxy(
-                nursery, tmp_path, (upstream_for(fake_upstream, caches, timeout=1.0),)
+                nursery,
+                tmp_path,
+                (upstream_for(fake_upstream, caches, timeout=1.0),),
+                resume_delay=0.01,  # a download cut forever gives up at once
             )
             proc = await nix_copy(
                 real_nix,

@@ -1,9 +1,9 @@
 """Fixtures that run the real ``nixd-server`` as a process on loopback.
 
 ``server_state`` is an initialized state directory (org ``acme`` with its admin token);
-``server`` runs ``nixd-server serve`` on 127.0.0.1 port 0 and reads the bound URL from the
-address file. Every process is stopped in teardown (SIGTERM, then SIGKILL); every wait
-is bounded.
+``server`` runs ``nixd-server serve`` on it with the shared launcher
+(:mod:`tests.serverproc`: port 0, the bound URL from the address file, stopped in
+teardown).
 """
 
 from __future__ import annotations
@@ -11,35 +11,26 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from nixd.server.cli.main import main as cli_main
+from nixd.server.cli import main as cli_main
 from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp
 from nixd.server.http.serve import open_services
 from tests.server.appenv import Env
+from tests.serverproc import SERVER_CLI, ServerProcess, running_server, server_cli
 
-CLI = [sys.executable, "-m", "nixd.server.cli"]
-START_TIMEOUT = 30.0
+CLI = SERVER_CLI
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, check=False)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"nixd-server {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
+    return server_cli(*args, check=check, timeout=60)
 
 
 @dataclass
@@ -99,59 +90,10 @@ def server_state_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[
     return lambda: init_state(tmp_path_factory.mktemp("state") / "server")
 
 
-@dataclass
-class ServerProcess:
-    state: ServerState
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                return self.proc.wait(timeout=5)
-        return self.proc.returncode
-
-
-def start_server(state: ServerState, *listen: str, workers: int = 1) -> ServerProcess:
-    address = state.path / "run" / "address"
-    address.unlink(missing_ok=True)
-    log = state.path / "serve.log"
-    args = [a for addr in (listen or ("127.0.0.1:0",)) for a in ("--listen", addr)]
-    args += ["--workers", str(workers)]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [*CLI, "serve", str(state.path), *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    deadline = time.monotonic() + START_TIMEOUT
-    while not address.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait(timeout=5)
-            raise AssertionError(f"nixd-server did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    url = address.read_text().split()[0]
-    return ServerProcess(state, proc, url, log)
-
-
 @pytest.fixture
 def server(server_state: ServerState) -> Iterator[ServerProcess]:
-    running = start_server(server_state)
-    try:
+    with running_server(server_state.path) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -28,7 +28,8 @@ from nixd.server.access.identity import Identity
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.tokens import TokenIssuer
 from tests.realnix import RealNix
-from tests.server.conftest import ServerState, start_server
+from tests.server.conftest import ServerState
+from tests.serverproc import start_server
 
 CLOSURE = """
 let
@@ -117,7 +118,7 @@ def acme(server_state: ServerState) -> ServerState:
 def test_copy_to_slice_and_from_unified(
     acme: ServerState, real_nix: RealNix, tmp_path: Path
 ) -> None:
-    server = start_server(acme)
+    server = start_server(acme.path)
     try:
         top = build_closure(real_nix)
         paths = closure(real_nix, top)
@@ -236,7 +237,7 @@ def assert_audit(state: ServerState, tmp_path: Path) -> None:
 
 
 def test_mismatched_nar_is_refused_over_the_wire(acme: ServerState, tmp_path: Path) -> None:
-    server = start_server(acme)
+    server = start_server(acme.path)
     try:
         _, writer = acme.token("acme", "ci", fast=True)
         tree = tmp_path / "t"
@@ -278,7 +279,7 @@ resources = ["acme/app"]
 conditions = { source_ips = ["127.0.0.2/32"] }
 """
     )
-    server = start_server(acme, workers=2)  # two processes share sockets, database, audit log
+    server = start_server(acme.path, workers=2)  # two processes share sockets, database, audit log
     try:
         _, writer = acme.token("acme", "ci", fast=True)
         top = build_closure(real_nix)

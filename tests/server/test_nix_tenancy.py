@@ -25,8 +25,9 @@ from nixd.nix.nar import dump
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.storepath import StorePath
 from tests.realnix import RealNix
-from tests.server.conftest import ServerState, start_server
+from tests.server.conftest import ServerState
 from tests.server.test_nix_e2e import configure, copy_from, copy_to, exchange, netrc
+from tests.serverproc import start_server
 
 pytestmark = pytest.mark.realnix
 
@@ -98,7 +99,7 @@ def test_poisoning_is_confined(
         else state.token("acme", "app-writer", fast=True)
     )
     target = "evil/pub" if shape == "other-org-public-slice" else "acme/app"
-    server = start_server(state)
+    server = start_server(state.path)
     try:
         configure(real_nix)
         salt = os.urandom(4).hex()

@@ -11,7 +11,8 @@ import os
 
 import httpx
 
-from tests.server.conftest import ServerState, start_server
+from tests.server.conftest import ServerState
+from tests.serverproc import start_server
 
 ROUNDS = 16
 
@@ -27,7 +28,7 @@ def _statuses(url: str, token: str, path: str) -> set[int]:
 def test_revoke_and_rotate_reach_every_worker(server_state: ServerState) -> None:
     server_state.admin("project", "create", "acme/app")
     cred_id, api = server_state.token("acme", "laptop", fast=True)
-    server = start_server(server_state, workers=2)
+    server = start_server(server_state.path, workers=2)
     try:
         access = httpx.post(
             f"{server.url}/api/v1/token/exchange", json={"kind": "token", "token": api}
