@@ -173,6 +173,9 @@ async def test_no_existence_oracles(env: Env, tmp_path: Path) -> None:
                 a, b = await c.request(method, hidden), await c.request(method, absent)
                 assert (a.status_code, a.content) == (b.status_code, b.content), (hidden, absent)
                 assert a.status_code == 404
+        for prefix in ("acme/secret", "acme/nope", "nobody", "nobody/x"):
+            r = await c.get(f"/cache/{prefix}/nix-cache-info")
+            assert r.status_code == 200 and r.text.startswith("StoreDir: /nix/store\n")
         # Uploads: a slice that exists and one that does not look the same.
         for target in ("acme/secret", "acme/nope", "nobody/x"):
             r = await c.put(f"/cache/{target}/{HASH_A}.narinfo", content=b"x")

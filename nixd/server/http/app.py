@@ -458,6 +458,10 @@ class CacheApp:
             await self._view_read(ctx, scope, send, parts[0], "/".join(parts[1:]))
             return
         org, project_name, name = parts[0], parts[1], "/".join(parts[2:])
+        if name == "nix-cache-info" and method in ("GET", "HEAD"):
+            # Fixed and public under every prefix: whether the slice exists is nobody's business.
+            await _respond(send, 200, CACHE_INFO, {"content-type": "text/plain"}, head=head)
+            return
         if method == "PUT":
             await self._write_decision(ctx, f"{org}/{project_name}", name)
             project = self.s.store.project(org, project_name)
