@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from nixd.http import Limits
 from tests.http.conftest import Front, StartFront, init_server_state
 from tests.proxy.conftest import start_proxy
-from tests.server.conftest import ServerState, start_server
+from tests.serverproc import start_server
 
 LIMITS = Limits(
     max_head_bytes=16384,
@@ -282,7 +282,7 @@ async def test_idle_peers_do_not_lock_out_another(start_front: StartFront) -> No
 async def test_a_real_server_process_stays_up(tmp_path: Path, case: str) -> None:
     """The process, not only the task: hostile heads, then the server still answers."""
     raw = dict((h[0], h[1]) for h in HOSTILE)[case]
-    state = ServerState(init_server_state(tmp_path / "server"), "", "")
+    state = init_server_state(tmp_path / "server")
     running = await trio.to_thread.run_sync(start_server, state)
     try:
         with trio.fail_after(GUARD):
@@ -372,8 +372,7 @@ async def test_random_bytes_never_break_a_front(start_front: StartFront, raw: by
 
 def test_raw_socket_refusal_is_read_by_a_blocking_client(tmp_path: Path) -> None:
     """A plain blocking client that sends an oversized head gets the 431, not a reset."""
-    state = ServerState(init_server_state(tmp_path / "server"), "", "")
-    running = start_server(state)
+    running = start_server(init_server_state(tmp_path / "server"))
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=GUARD) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 100_000 + b"\r\n\r\n")
