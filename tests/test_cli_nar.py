@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nixd import exitcodes
 from tests.nix.test_nar import build_tree, snapshot
 from tests.realnix import RealNix
 
@@ -27,8 +28,10 @@ def tree(tmp_path: Path) -> Path:
     return root
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], *needles: str) -> str:
-    assert proc.returncode == 1
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[bytes], *needles: str, code: int = exitcodes.FAILURE
+) -> str:
+    assert proc.returncode == code
     err = proc.stderr.decode()
     assert err.count("\n") == 1 and err.startswith("nixd: error: "), err
     assert "Traceback" not in err
@@ -67,11 +70,19 @@ def test_restore_of_a_broken_nar_says_where_and_cleans_up(tree: Path, tmp_path: 
     data = nixd("nar", "dump", str(tree)).stdout
     dest = tmp_path / "out"
     proc = nixd("nar", "restore", str(dest), input=data[:20000])
-    assert_one_line_error(proc, "NAR byte 20000", "truncated", "removed the partial tree")
+    assert_one_line_error(
+        proc,
+        "NAR byte 20000",
+        "truncated",
+        "removed the partial tree",
+        code=exitcodes.VERIFICATION,
+    )
     assert not dest.exists()
 
     proc = nixd("nar", "restore", str(dest), input=data + b"\0")
-    assert_one_line_error(proc, f"NAR byte {len(data)}", "trailing bytes")
+    assert_one_line_error(
+        proc, f"NAR byte {len(data)}", "trailing bytes", code=exitcodes.VERIFICATION
+    )
     assert not dest.exists()
 
     dest.mkdir()

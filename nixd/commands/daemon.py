@@ -8,8 +8,8 @@ import signal
 import sys
 import time
 
-from nixd.daemon.client import DaemonUnreachable, call, socket_path
-from nixd.daemon.config import DEFAULT_CONFIG_PATH, load_config
+from nixd import exitcodes
+from nixd.daemon.client import DEFAULT_CONFIG_PATH, DaemonUnreachable, call, socket_path
 
 DESCRIPTION = """\
 Run the nixd daemon in the foreground until SIGTERM or SIGINT.
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     # `nixd` command (nar, key, status, ...) starts faster without them
     import trio  # noqa: PLC0415
 
+    from nixd.daemon.config import load_config  # noqa: PLC0415
     from nixd.daemon.main import configure_logging, run_daemon  # noqa: PLC0415
 
     config = load_config(args.config)
@@ -92,6 +93,6 @@ def restart(args: argparse.Namespace) -> int:
             return 0
         if now.get("restart_refusals") != before.get("restart_refusals"):
             print(f"nixd: {now.get('last_error')}; the daemon keeps running", file=sys.stderr)
-            return 1
+            return exitcodes.FAILURE
     print(f"nixd: the daemon (pid {pid}) did not restart; see its log", file=sys.stderr)
-    return 1
+    return exitcodes.FAILURE

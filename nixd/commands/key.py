@@ -9,6 +9,7 @@ ends in a newline, which Nix ignores when it reads a key file.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -60,6 +61,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     generate.add_argument(
         "--public-out", metavar="FILE", help="also write the matching public key to FILE"
     )
+    generate.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"name", "publicKey"} (and "secretKey" unless --secret-out) as JSON',
+    )
     generate.set_defaults(func=run_generate)
 
     public = key_sub.add_parser(
@@ -71,6 +77,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     public.add_argument("file", metavar="FILE", nargs="?", help="secret key file (default: stdin)")
+    public.add_argument("--json", action="store_true", help='print {"name", "publicKey"} as JSON')
     public.set_defaults(func=run_public)
 
 
@@ -82,7 +89,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.public_out:
         with open(args.public_out, "w", encoding="ascii") as f:
             f.write(public)
-    sys.stdout.write(public if args.secret_out else key.render() + "\n")
+    if args.json:
+        data = {"name": args.name, "publicKey": key.public().render()}
+        if not args.secret_out:
+            data["secretKey"] = key.render()
+        print(json.dumps(data))
+    else:
+        sys.stdout.write(public if args.secret_out else key.render() + "\n")
     return 0
 
 
@@ -98,7 +111,11 @@ def run_public(args: argparse.Namespace) -> int:
         key = SecretKey.parse(text)
     except FormatError as exc:
         raise FormatError(exc.message, where=where) from None
-    sys.stdout.write(key.public().render() + "\n")
+    rendered = key.public().render()
+    if args.json:
+        print(json.dumps({"name": rendered.partition(":")[0], "publicKey": rendered}))
+    else:
+        sys.stdout.write(rendered + "\n")
     return 0
 
 

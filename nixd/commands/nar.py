@@ -13,10 +13,9 @@ import os
 import sys
 from collections.abc import Iterator
 
-from nixd.errors import NixdError
+from nixd import exitcodes
+from nixd.errors import FormatError, NixdError
 from nixd.nix import nar
-
-EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
 
 EPILOG_NAR = """\
 A NAR (Nix ARchive) is the canonical serialisation of a file system tree: regular
@@ -123,7 +122,7 @@ def run_dump(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, out.fileno())
         os.close(devnull)
-        return EXIT_BROKEN_PIPE
+        return exitcodes.BROKEN_PIPE
     return 0
 
 
@@ -149,7 +148,8 @@ def run_restore(args: argparse.Namespace) -> int:
         else:
             note = "; removed the partial tree" if not os.path.lexists(args.dest) else ""
         print(f"nixd: error: restoring {args.dest}: {exc}{note}", file=sys.stderr)
-        return 1
+        # an archive that fails the strict checks is corrupt or tampered with
+        return exitcodes.VERIFICATION if isinstance(exc, FormatError) else exitcodes.FAILURE
     return 0
 
 

@@ -1,4 +1,10 @@
-"""``nixd status`` and ``nixd version``: what the daemon is doing (never a token)."""
+"""``nixd status`` and ``nixd version``: what the daemon is doing (never a token).
+
+``nixd status`` exits 0 only when logged in with a valid token, so a script or a CI step
+can gate on it: ``NOT_LOGGED_IN`` (3) when nobody is logged in or the token expired,
+``UNREACHABLE`` (6) when the daemon does not answer (:mod:`nixd.exitcodes`). The status
+is printed either way.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,25 @@ import json
 import time
 from typing import Any
 
-from nixd import __version__
+from nixd import __version__, exitcodes
 from nixd.commands._common import add_daemon_options
 from nixd.daemon.client import DaemonUnreachable, call, socket_path
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    status = sub.add_parser("status", help="show the login, the proxy and the upstreams")
+    status = sub.add_parser(
+        "status",
+        help="show the login, the proxy and the upstreams",
+        description="Show the login, the proxy and the upstreams. Exit 0 when logged in "
+        "with a valid token, 3 when not logged in or the token expired, 6 when the daemon "
+        "cannot be reached.",
+    )
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     add_daemon_options(status)
     status.set_defaults(func=run_status)
 
     version = sub.add_parser("version", help="print the versions of this CLI and the daemon")
+    version.add_argument("--json", action="store_true", help="print the versions as JSON")
     add_daemon_options(version)
     version.set_defaults(func=run_version)
 
@@ -86,16 +99,28 @@ def render(status: dict[str, Any]) -> str:
 def run_status(args: argparse.Namespace) -> int:
     status = call(socket_path(args.socket, args.config), "GET", "/status", config_arg=args.config)
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else render(status))
-    return 0
+    return exit_code(status)
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    """0 when logged in with a valid token, else :data:`~nixd.exitcodes.NOT_LOGGED_IN`."""
+    if status.get("logged_in") is True and status.get("token_valid") is True:
+        return exitcodes.OK
+    return exitcodes.NOT_LOGGED_IN
 
 
 def run_version(args: argparse.Namespace) -> int:
-    print(f"nixd {__version__}")
+    daemon_version: str | None = None
     try:
         daemon = call(
             socket_path(args.socket, args.config), "GET", "/version", config_arg=args.config
         )
-        print(f"daemon: nixd {daemon.get('version')}")
+        daemon_version = str(daemon.get("version"))
     except DaemonUnreachable:
-        print("daemon: not running")
+        pass
+    if args.json:
+        print(json.dumps({"cli": __version__, "daemon": daemon_version}))
+    else:
+        print(f"nixd {__version__}")
+        print(f"daemon: nixd {daemon_version}" if daemon_version else "daemon: not running")
     return 0

@@ -1,20 +1,32 @@
 """The CLI's side of the control socket: find the daemon, ask it, explain failures.
 
 The socket path comes from ``--socket``, else ``$NIXD_CONTROL_SOCKET``, else the config file
-(``--config`` or the default one, if readable), else ``/run/nixd/nixd.sock``.
+(``--config`` or the default one, if it exists), else ``/run/nixd/nixd.sock``.
+
+This is plain :mod:`http.client` over an ``AF_UNIX`` socket rather than httpx: one
+request to a local daemon needs no connection pool, and importing httpx (with trio and
+the config's dependencies) took most of ``nixd status``'s start-up time. The config
+module is imported only when a config file is actually read, for the same reason.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import socket
 from typing import Any
 
-import httpx
+from nixd.bounds import load_json
+from nixd.errors import ConfigError, FormatError, NixdError
 
-from nixd.daemon.config import DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, load_config
-from nixd.errors import ConfigError, NixdError
-
-CLIENT_TIMEOUT = httpx.Timeout(10.0, read=150.0)
+DEFAULT_CONFIG_PATH = "/etc/nixd/config.toml"  # = nixd.daemon.config's; a test keeps them equal
+DEFAULT_CONTROL_SOCKET = "/run/nixd/nixd.sock"
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 150.0
+"""Seconds to wait for an answer: a login waits for the server's exchange and Nix's setup."""
+MAX_ANSWER_BYTES = 4 << 20
+MAX_ANSWER_DEPTH = 32
 
 
 class DaemonUnreachable(NixdError):
@@ -35,6 +47,10 @@ def socket_path(socket_arg: str | None, config_arg: str | None) -> str:
         return socket_arg
     if env := os.environ.get("NIXD_CONTROL_SOCKET"):
         return env
+    if not config_arg and not os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONTROL_SOCKET
+    from nixd.daemon.config import load_config  # noqa: PLC0415 - only when a file is read
+
     if config_arg:
         return load_config(config_arg).daemon.control_socket
     try:
@@ -48,6 +64,25 @@ def _start_hint(config_arg: str | None) -> str:
     return f"start it with `systemctl start nixd` or `nixd daemon --config {config}`"
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """An HTTP/1.1 connection to a Unix socket (the Host header says ``nixd``)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("nixd", timeout=CONNECT_TIMEOUT)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(self.path)
+            sock.settimeout(READ_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 def call(
     path: str,
     method: str,
@@ -57,35 +92,40 @@ def call(
     config_arg: str | None = None,
 ) -> dict[str, Any]:
     """One request to the daemon; raises :class:`DaemonUnreachable` / :class:`DaemonRefused`."""
-    transport = httpx.HTTPTransport(uds=path)
+    conn = _UnixConnection(path)
+    headers = {"accept": "application/json"}
+    payload = None
+    if body is not None:
+        payload = json.dumps(body).encode()
+        headers["content-type"] = "application/json"
     try:
-        with httpx.Client(transport=transport, base_url="http://nixd", timeout=CLIENT_TIMEOUT) as c:
-            response = c.request(method, endpoint, json=body)
-    except (httpx.ConnectError, FileNotFoundError) as exc:
+        conn.request(method, endpoint, body=payload, headers=headers)
+        response = conn.getresponse()
+        raw = response.read(MAX_ANSWER_BYTES + 1)
+        status = response.status
+    except (ConnectionRefusedError, FileNotFoundError, PermissionError) as exc:
         raise DaemonUnreachable(
-            f"cannot reach the nixd daemon at {path} ({_reason(exc)}); {_start_hint(config_arg)}"
+            f"cannot reach the nixd daemon at {path} ({(exc.strerror or 'failed').lower()}); "
+            f"{_start_hint(config_arg)}"
         ) from exc
-    except httpx.HTTPError as exc:
-        raise DaemonUnreachable(f"the nixd daemon at {path} did not answer: {exc}") from exc
+    except TimeoutError as exc:
+        raise DaemonUnreachable(f"the nixd daemon at {path} did not answer in time") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise DaemonUnreachable(f"the nixd daemon at {path} did not answer: {exc!r}") from exc
+    finally:
+        conn.close()
     try:
-        data: Any = response.json()
-    except ValueError as exc:
-        raise DaemonUnreachable(f"the nixd daemon at {path} sent a malformed answer") from exc
-    if response.status_code != 200:
-        raise DaemonRefused(
-            response.status_code,
-            str(data.get("error", "error")),
-            str(data.get("message", f"HTTP {response.status_code}")),
+        data: Any = load_json(
+            raw, max_bytes=MAX_ANSWER_BYTES, max_depth=MAX_ANSWER_DEPTH, what="the answer"
         )
+    except FormatError as exc:
+        raise DaemonUnreachable(f"the nixd daemon at {path} sent a malformed answer") from exc
     if not isinstance(data, dict):
         raise DaemonUnreachable(f"the nixd daemon at {path} sent a malformed answer")
+    if status != 200:
+        raise DaemonRefused(
+            status,
+            str(data.get("error", "error")),
+            str(data.get("message", f"HTTP {status}")),
+        )
     return data
-
-
-def _reason(exc: Exception) -> str:
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror.lower()
-        cause = cause.__cause__ or cause.__context__
-    return "connection failed"

@@ -11,6 +11,7 @@ import argparse
 import getpass
 import ipaddress
 import json
+import logging
 import re
 import socket
 import sys
@@ -449,7 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log the libraries' lines too (-vv: debug messages)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -619,8 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # a server's own INFO lines (serving, reloads) stay; libraries' only with -v
     return run_command(
-        build_parser(), argv, log_format="nixd-server: %(levelname)s: %(name)s: %(message)s"
+        build_parser(),
+        argv,
+        log_format="nixd-server: %(levelname)s: %(name)s: %(message)s",
+        own_level=logging.INFO,
     )
 
 
