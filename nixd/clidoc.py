@@ -305,7 +305,8 @@ def _prose(p: argparse.ArgumentParser, text: str | None) -> list[str]:
     """A description or epilog as roff: kept line by line where the parser keeps it so."""
     if not text or text == argparse.SUPPRESS:
         return []
-    if issubclass(p.formatter_class, argparse.RawDescriptionHelpFormatter):
+    raw = p.formatter_class
+    if isinstance(raw, type) and issubclass(raw, argparse.RawDescriptionHelpFormatter):
         return [".PP", ".nf", _roff(text.strip("\n")), ".fi"]
     return [".PP", _roff(_text(text))]
 
