@@ -41,7 +41,16 @@ from nixd.proxy.credential import origin_of
 
 DEFAULT_CONFIG_PATH = "/etc/nixd/config.toml"
 DEFAULT_CONTROL_SOCKET = "/run/nixd/nixd.sock"
-DEFAULT_PROXY_PORT = 37515
+DEFAULT_PROXY_PORT = 6493
+"""The proxy's port on loopback: "nixd" on a phone keypad (N=6 I=4 X=9 D=3).
+
+Not 37515 (the previous default), which is magic-nix-cache's and flakehub-cache-action's:
+both in one CI job collided. 6493 is no default of another Nix cache tool (nix-serve and
+harmonia 5000, attic 8080, ncps 8501), is not in netbase's /etc/services, and lies below
+every ephemeral port range (Linux 32768-60999, IANA and macOS 49152-65535), so no
+outgoing connection can be holding it when the daemon starts. systemd/nixd-proxy.socket
+and launchd/org.nixd.daemon.plist name the same port (tests/daemon/test_units.py).
+"""
 MAX_CONFIG_BYTES = 1 << 20
 """Largest config file read (a real one is a few KiB)."""
 

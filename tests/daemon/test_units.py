@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from nixd.daemon.config import DEFAULT_PROXY_PORT, load_config
+
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ("nixd.service", "nixd.socket", "nixd-proxy.socket")
 
@@ -50,7 +52,23 @@ def test_launchd_plist_parses() -> None:
     assert plist["ProgramArguments"][1:] == ["daemon", "--config", "/etc/nixd/config.toml"]
     # launchd holds the proxy's socket across restarts (see nixd.daemon.handoff)
     proxy = plist["Sockets"]["proxy"]
-    assert (proxy["SockNodeName"], proxy["SockServiceName"]) == ("127.0.0.1", "37515")
+    port = str(DEFAULT_PROXY_PORT)
+    assert (proxy["SockNodeName"], proxy["SockServiceName"]) == ("127.0.0.1", port)
     assert proxy["SockType"] == "stream"
     socket_unit = (REPO / "systemd" / "nixd-proxy.socket").read_text()
-    assert "ListenStream=127.0.0.1:37515" in socket_unit  # the same port on both
+    assert f"ListenStream=127.0.0.1:{port}" in socket_unit  # the same port on both
+
+
+def test_default_proxy_port_collides_with_no_known_tool(tmp_path: Path) -> None:
+    # 37515: magic-nix-cache and flakehub-cache-action; 5000: nix-serve, harmonia;
+    # 8080: attic; 8501: ncps
+    assert DEFAULT_PROXY_PORT not in (37515, 5000, 8080, 8501)
+    assert 1024 < DEFAULT_PROXY_PORT < 32768  # below every ephemeral port range
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if ranges.exists():
+        low, high = (int(x) for x in ranges.read_text().split())
+        assert not low <= DEFAULT_PROXY_PORT <= high
+    empty = tmp_path / "config.toml"
+    empty.write_text("")
+    proxy = load_config(str(empty)).proxy
+    assert (proxy.listen_host, proxy.listen_port) == ("127.0.0.1", DEFAULT_PROXY_PORT)
