@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from nixd import exitcodes
 from tests.daemon.tokenserver import TokenServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,10 +185,20 @@ async def daemon_factory() -> AsyncIterator[list[DaemonProcess]]:
         d.notify.close()
 
 
+STATUS_SHOWN = (exitcodes.OK, exitcodes.NOT_LOGGED_IN)
+"""The exit codes of a `nixd status` that printed the status (logged in or not)."""
+
+
 async def cli(
-    *args: str, stdin: bytes | None = None, user: str | None = None, check: bool = False
+    *args: str,
+    stdin: bytes | None = None,
+    user: str | None = None,
+    check: bool | tuple[int, ...] = False,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run the real `nixd` CLI (as ``user`` via runuser) and capture its output."""
+    """Run the real `nixd` CLI (as ``user`` via runuser) and capture its output.
+
+    ``check`` raises unless the exit code is 0 (True) or one of the given codes.
+    """
     if user is None:
         argv = [*NIXD, *args]
         env = None
@@ -210,6 +221,7 @@ async def cli(
             env=env,
             cwd="/tmp",
         )
-    if check and result.returncode != 0:
-        raise AssertionError(f"nixd {args} failed: {result.stderr.decode()}")
+    allowed = (0,) if check is True else check or ()
+    if allowed and result.returncode not in allowed:
+        raise AssertionError(f"nixd {args} failed ({result.returncode}): {result.stderr.decode()}")
     return result

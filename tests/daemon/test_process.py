@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.daemon.conftest import NIXD, DaemonProcess, cli, start_daemon, write_config
+from nixd import exitcodes
+from tests.daemon.conftest import NIXD, STATUS_SHOWN, DaemonProcess, cli, start_daemon, write_config
 from tests.daemon.tokenserver import KEYS, TokenServer
 
 
@@ -28,7 +29,7 @@ async def started(root: Path, config: Path, factory: list[DaemonProcess]) -> Dae
 
 
 async def status(daemon: DaemonProcess) -> dict[str, object]:
-    result = await cli("status", "--json", "--socket", daemon.socket, check=True)
+    result = await cli("status", "--json", "--socket", daemon.socket, check=STATUS_SHOWN)
     data: dict[str, object] = json.loads(result.stdout)
     return data
 
@@ -47,7 +48,7 @@ async def test_ready_status_login_logout_sigterm(
 
     # a wrong token is refused by the server, and the CLI says so
     bad = await cli("login", "token", "--socket", daemon.socket, stdin=b"nixd_wrong\n")
-    assert bad.returncode == 1
+    assert bad.returncode == exitcodes.DENIED
     assert b"rejected the credential" in bad.stderr
 
     # the API token comes from stdin, never from argv
@@ -67,7 +68,7 @@ async def test_ready_status_login_logout_sigterm(
     text = json.dumps(after)
     assert token_server.api_token not in text
     assert all(issued not in text for issued in token_server.issued)
-    human = await cli("status", "--socket", daemon.socket, check=True)
+    human = await cli("status", "--socket", daemon.socket, check=True)  # logged in: exit 0
     assert b"token:ci-bot" in human.stdout
     assert token_server.issued[0].encode() not in human.stdout
 
@@ -92,6 +93,8 @@ async def test_ready_status_login_logout_sigterm(
     out = await cli("logout", "--socket", daemon.socket, check=True)
     assert b"logged out token:ci-bot" in out.stdout
     assert not state_file.exists()
+    logged_out = await cli("status", "--socket", daemon.socket)
+    assert logged_out.returncode == exitcodes.NOT_LOGGED_IN and b"nobody" in logged_out.stdout
     assert (await status(daemon))["logged_in"] is False
     # logout removes exactly what nixd added (nix.conf was empty before)
     assert not netrc.exists() and not (world_dir / "etc" / "nixd.conf").exists()
@@ -129,26 +132,33 @@ async def test_unprivileged_user_may_read_status_but_not_log_in(
     config = write_config(world_dir, server_url=token_server.url)
     daemon = await started(world_dir, config, daemon_factory)
     seen = await cli("status", "--json", "--socket", daemon.socket, user="nobody")
-    assert seen.returncode == 0, seen.stderr
+    assert seen.returncode == exitcodes.NOT_LOGGED_IN, seen.stderr
+    assert seen.stderr == b""
     assert json.loads(seen.stdout)["logged_in"] is False
 
     refused = await cli(
         "login", "token", "--socket", daemon.socket, user="nobody",
         stdin=token_server.api_token.encode(),
     )  # fmt: skip
-    assert refused.returncode == 1
+    assert refused.returncode == exitcodes.DENIED
     assert b"/login needs root" in refused.stderr and b"uid 65534" in refused.stderr
     assert token_server.exchanges == 0
     logout = await cli("logout", "--socket", daemon.socket, user="nobody")
-    assert logout.returncode == 1 and b"needs root" in logout.stderr
+    assert logout.returncode == exitcodes.DENIED and b"needs root" in logout.stderr
 
 
 async def test_cli_without_daemon_says_how_to_start_it(tmp_path: Path) -> None:
     result = await cli("status", "--socket", str(tmp_path / "absent.sock"))
-    assert result.returncode == 1
+    assert result.returncode == exitcodes.UNREACHABLE
     err = result.stderr.decode()
-    assert "cannot reach the nixd daemon" in err
+    assert err.count("\n") == 1 and "cannot reach the nixd daemon" in err
     assert "systemctl start nixd" in err and "nixd daemon --config" in err
+    # with --json the error is JSON on stdout, so `2>&1 | jq` still reads JSON
+    result = await cli("status", "--json", "--socket", str(tmp_path / "absent.sock"))
+    assert result.returncode == exitcodes.UNREACHABLE and result.stderr == b""
+    error = json.loads(result.stdout)["error"]
+    assert (error["code"], error["kind"]) == (exitcodes.UNREACHABLE, "unreachable")
+    assert "cannot reach the nixd daemon" in error["message"]
 
 
 async def test_config_reload_keeps_old_config_on_error(

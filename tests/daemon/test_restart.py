@@ -19,12 +19,20 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.daemon.conftest import NIXD, DaemonProcess, cli, start_daemon, start_held, write_config
+from tests.daemon.conftest import (
+    NIXD,
+    STATUS_SHOWN,
+    DaemonProcess,
+    cli,
+    start_daemon,
+    start_held,
+    write_config,
+)
 from tests.daemon.tokenserver import TokenServer
 
 
 async def status(socket_path: str) -> dict[str, object]:
-    result = await cli("status", "--json", "--socket", socket_path, check=True)
+    result = await cli("status", "--json", "--socket", socket_path, check=STATUS_SHOWN)
     data: dict[str, object] = json.loads(result.stdout)
     return data
 

@@ -24,6 +24,7 @@ import trio
 
 from nixd.nix.narinfo import NarInfo
 from tests.daemon.conftest import (  # noqa: F401 - fixtures re-exported for these tests
+    STATUS_SHOWN,
     DaemonProcess,
     cli,
     daemon_factory,
@@ -167,7 +168,7 @@ class Loop:
     stores: list[Path] = field(default_factory=list)
 
     async def status(self) -> dict[str, object]:
-        result = await cli("status", "--json", "--socket", self.daemon.socket, check=True)
+        result = await cli("status", "--json", "--socket", self.daemon.socket, check=STATUS_SHOWN)
         status: dict[str, object] = json.loads(result.stdout)
         return status
 
@@ -218,7 +219,7 @@ async def start_loop(
     )
     if held:
         daemon, _ = await start_held(root, config, daemons)
-        await cli("status", "--socket", daemon.socket, check=True)  # starts it
+        await cli("status", "--socket", daemon.socket, check=STATUS_SHOWN)  # starts it
     else:
         daemon = await start_daemon(root, config)
         daemons.append(daemon)
@@ -227,7 +228,7 @@ async def start_loop(
         "login", "token", "--socket", daemon.socket, stdin=server.cache.reader.encode()
     )
     assert login.returncode == 0, login.stderr.decode() + daemon.log()
-    result = await cli("status", "--json", "--socket", daemon.socket, check=True)
+    result = await cli("status", "--json", "--socket", daemon.socket, check=STATUS_SHOWN)
     proxy = json.loads(result.stdout)["proxy"]["url"].rstrip("/")
     netrc = (nix_conf_dir / "nixd-netrc").read_text()
     match = re.search(r"machine 127\.0\.0\.1 login nixd password (\S+)", netrc)
