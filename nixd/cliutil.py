@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from nixd import exitcodes
 from nixd.errors import NixdError
 
-QUIET_LIBRARIES = ("httpx", "httpcore", "watchfiles", "botocore", "urllib3", "hpack")
+QUIET_LIBRARIES = ("httpx", "httpcore", "watchfiles", "botocore", "urllib3")
 """Loggers kept at WARNING unless -v, even under a service that logs its own INFO lines."""
 
 

@@ -12,6 +12,12 @@ its life to minutes.
 
 Every renewal re-signs (botocore refreshes temporary credentials by itself); nothing but
 the settings (profile, region, endpoint, audience) is persisted.
+
+botocore (32 MB) is the optional extra ``nixd[aws]``: without it this module still
+imports (the daemon loads every method at start), and ``nixd login aws`` — or a saved
+AWS login restored at start — fails with :data:`MISSING_BOTOCORE`, which says what to
+install. The server's ``[[aws]]`` never needs botocore: it only forwards the signed
+request to STS.
 """
 
 from __future__ import annotations
@@ -21,16 +27,35 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import botocore.auth  # type: ignore[import-untyped]
-import botocore.awsrequest  # type: ignore[import-untyped]
-import botocore.credentials  # type: ignore[import-untyped]
-import botocore.exceptions  # type: ignore[import-untyped]
-import botocore.session  # type: ignore[import-untyped]
 import httpx
 import trio
 
 from nixd.auth.methods import SimpleMethod, default_audience, param, register
-from nixd.errors import AuthError, LoginFailed
+from nixd.errors import AuthError, LoginFailed, NixdError
+
+try:
+    import botocore.auth  # type: ignore[import-untyped]
+    import botocore.awsrequest  # type: ignore[import-untyped]
+    import botocore.credentials  # type: ignore[import-untyped]
+    import botocore.exceptions  # type: ignore[import-untyped]
+    import botocore.session  # type: ignore[import-untyped]
+except ImportError:  # the nixd[aws] extra is not installed
+    HAVE_BOTOCORE = False
+else:
+    HAVE_BOTOCORE = True
+
+MISSING_BOTOCORE = (
+    "AWS login needs botocore, which is not installed where the nixd daemon runs: "
+    "install the extra with `pip install 'nixd[aws]'` (or `pip install botocore`) into "
+    "the daemon's environment and restart it"
+)
+
+
+def require_botocore() -> None:
+    """Raise the one clear error when the ``nixd[aws]`` extra is missing."""
+    if not HAVE_BOTOCORE:
+        raise NixdError(MISSING_BOTOCORE)
+
 
 AUDIENCE_HEADER = "X-Nixd-Server-Audience"
 DEFAULT_REGION = "us-east-1"
@@ -55,6 +80,7 @@ def sign_get_caller_identity(
     Signed headers: ``host``, ``x-amz-date``, the audience header and the content type
     (and ``x-amz-security-token`` for temporary credentials).
     """
+    require_botocore()
     url = endpoint.rstrip("/") + "/"
     host = urlsplit(url).netloc
     request = botocore.awsrequest.AWSRequest(
@@ -101,6 +127,7 @@ class AwsLogin(SimpleMethod):
 
     def _frozen_credentials(self) -> botocore.credentials.ReadOnlyCredentials:
         """Resolve (once) and refresh (as botocore sees fit) the daemon's AWS credentials."""
+        require_botocore()
         with self._lock:
             try:
                 if self._credentials is None:
@@ -142,6 +169,7 @@ class AwsLogin(SimpleMethod):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], server_url: str) -> AwsLogin:
+        require_botocore()
         profile = param(params, "profile", required=False)
         region = param(params, "region", required=False)
         if region is None:

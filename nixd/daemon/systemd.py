@@ -8,8 +8,13 @@
   named by ``$LISTEN_FDNAMES``) when ``$LISTEN_PID`` is us, and clears the variables so
   children do not inherit them.
 - :func:`watchdog_interval` is how often to send ``WATCHDOG=1`` (half of ``WatchdogSec``).
-- :func:`journald_handler` logs to the journal with structured fields when stderr is the
-  journal stream (``$JOURNAL_STREAM``), so messages keep their priority.
+- :func:`journald_handler` logs to the journal when stderr is the journal stream
+  (``$JOURNAL_STREAM``), so messages keep their priority: with structured fields through
+  systemd-python's ``JournalHandler`` when that optional package is installed (the extra
+  ``nixd[journal]``; it has no wheel and needs a compiler), else as stderr lines that
+  start with sd-daemon(3)'s ``<N>`` priority prefix, which journald strips and turns into
+  the entry's priority — every line of a multi-line message (a traceback) carries it,
+  since journald splits the stream at newlines.
 """
 
 from __future__ import annotations
@@ -99,6 +104,28 @@ def journald_handler() -> logging.Handler | None:
     try:
         from systemd.journal import JournalHandler  # noqa: PLC0415
     except ImportError:
-        return None
+        prefixed = logging.StreamHandler()
+        prefixed.setFormatter(PriorityPrefixFormatter("%(name)s: %(message)s"))
+        return prefixed
     handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="nixd")
     return handler
+
+
+SD_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+"""Python level (at least) → syslog priority of sd-daemon(3): crit, err, warning, info;
+anything lower is debug (7)."""
+
+
+def priority_of(levelno: int) -> int:
+    for level, priority in SD_PRIORITIES:
+        if levelno >= level:
+            return priority
+    return 7
+
+
+class PriorityPrefixFormatter(logging.Formatter):
+    """Prefix every line with ``<N>``, the priority journald reads from a stream."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority_of(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))

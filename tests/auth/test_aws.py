@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import botocore.auth
@@ -111,3 +114,37 @@ async def test_no_credentials_is_a_clear_error(
     async with httpx.AsyncClient() as client:
         with pytest.raises(AuthError, match="no AWS credentials found for the nixd daemon"):
             await method.exchange_body(client)
+
+
+def test_without_botocore_aws_login_says_what_to_install() -> None:
+    """botocore is the nixd[aws] extra: without it the daemon still starts and loads every
+    method, `nixd login aws` (and a restored AWS login) gets one clear message, and the
+    server's [[aws]] exchanger needs no botocore at all."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["botocore"] = None  # not installed: every botocore import fails
+        from nixd.auth import methods
+        methods.load_builtin_methods()
+        from nixd.auth.aws import AwsLogin
+        import nixd.server.login.aws  # the server side forwards to STS without botocore
+        for attempt in (
+            lambda: AwsLogin.from_params({}, "https://cache.example.org"),
+            lambda: AwsLogin.from_state(
+                {"audience": "a", "region": "us-east-1", "endpoint": "https://sts.x"}
+            ).signed_request(),
+        ):
+            try:
+                attempt()
+            except Exception as exc:
+                print(type(exc).__name__, exc)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout + proc.stderr
+    for line in lines:
+        assert line.startswith("NixdError AWS login needs botocore")
+        assert "pip install 'nixd[aws]'" in line

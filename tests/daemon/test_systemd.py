@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -56,7 +60,49 @@ def test_journald_only_when_stderr_is_the_journal(monkeypatch: pytest.MonkeyPatc
     st = os.fstat(2)
     monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
     handler = systemd.journald_handler()
-    assert handler is not None and type(handler).__name__ == "JournalHandler"
+    assert handler is not None
+    if importlib.util.find_spec("systemd") is not None:  # the optional nixd[journal]
+        assert type(handler).__name__ == "JournalHandler"
+    else:
+        assert isinstance(handler.formatter, systemd.PriorityPrefixFormatter)
+
+
+def test_journald_priorities_without_systemd_python(tmp_path: Path) -> None:
+    """Without systemd-python, stderr lines carry sd-daemon(3) <N> priority prefixes."""
+    log = tmp_path / "journal-stream"
+    script = textwrap.dedent(
+        """
+        import logging, os, sys
+        sys.modules["systemd"] = None  # systemd-python absent: its import fails
+        st = os.fstat(2)
+        os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        from nixd.daemon.main import configure_logging
+        configure_logging("debug")
+        log = logging.getLogger("nixd.test")
+        log.debug("debug line")
+        log.info("info line")
+        log.warning("warning line")
+        log.error("error line\\nsecond line")
+        log.critical("critical line")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+        """
+    )
+    with open(log, "wb") as stderr:
+        subprocess.run([sys.executable, "-c", script], stderr=stderr, check=True, timeout=60)
+    lines = log.read_text().splitlines()
+    assert lines[:6] == [
+        "<7>nixd.test: debug line",
+        "<6>nixd.test: info line",
+        "<4>nixd.test: warning line",
+        "<3>nixd.test: error line",
+        "<3>second line",
+        "<2>nixd.test: critical line",
+    ]
+    assert lines[6] == "<3>nixd.test: failed"
+    assert all(line.startswith("<3>") for line in lines[7:]) and "boom" in lines[-1]
 
 
 def test_may_administer() -> None:
