@@ -274,6 +274,7 @@ class Proxy:
     # -- requests ----------------------------------------------------------------------
 
     async def handle(self, request: Request, resp: Responder) -> None:
+        start = time.monotonic()
         path = request.path
         # The hot path: a narinfo Nix asked for moments ago (HEAD twice, then GET).
         if len(path) == 41 and path.endswith(b".narinfo"):
@@ -290,6 +291,7 @@ class Proxy:
                 self.metrics.add(_NARINFO_OK)
                 if cached.upstream is None:
                     self.metrics.add(_LOCAL_NARINFO_HIT)
+                self.metrics.observe_request("narinfo", time.monotonic() - start)
                 return
         head = request.method == b"HEAD"
         kind = "other"
@@ -337,6 +339,7 @@ class Proxy:
             await resp.simple(status, message.encode(), head=head)
         finally:
             self.metrics.inc("nixd_proxy_requests_total", kind=kind, status=str(resp.status))
+            self.metrics.observe_request(kind, time.monotonic() - start)
 
     async def _serve_narinfo(self, hash_part: str, resp: Responder, head: bool) -> None:
         resolved = await self.resolve(hash_part)
