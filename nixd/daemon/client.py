@@ -1,7 +1,8 @@
 """The CLI's side of the control socket: find the daemon, ask it, explain failures.
 
 The socket path comes from ``--socket``, else ``$NIXD_CONTROL_SOCKET``, else the config file
-(``--config`` or the default one, if it exists), else ``/run/nixd/nixd.sock``.
+(``--config`` or the default one, if it exists: without a file the daemon runs on the
+defaults), else ``/run/nixd/nixd.sock``.
 
 This is plain :mod:`http.client` over an ``AF_UNIX`` socket rather than httpx: one
 request to a local daemon needs no connection pool, and importing httpx (with trio and
@@ -47,8 +48,8 @@ def socket_path(socket_arg: str | None, config_arg: str | None) -> str:
         return socket_arg
     if env := os.environ.get("NIXD_CONTROL_SOCKET"):
         return env
-    if not config_arg and not os.path.exists(DEFAULT_CONFIG_PATH):
-        return DEFAULT_CONTROL_SOCKET
+    if not os.path.exists(config_arg or DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONTROL_SOCKET  # no config file: the daemon runs on the defaults
     from nixd.daemon.config import load_config  # noqa: PLC0415 - only when a file is read
 
     if config_arg:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grp
+import os
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,20 @@ def test_foreign_urls_and_url_credentials_are_read(tmp_path: Path) -> None:
     upstream = config.proxy.upstreams[0]
     assert upstream.foreign_urls == "anonymous"
     assert upstream.url == "https://ci:s3cret@cache.example"
+
+
+def test_the_readme_config_example_loads(tmp_path: Path) -> None:
+    """The README's /etc/nixd/config.toml shows every section; it must be a valid config."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("## Configuration", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    group = grp.getgrgid(os.getgid()).gr_name  # the example's "wheel" may not exist here
+    path = tmp_path / "config.toml"
+    path.write_text(block.replace('control_group = "wheel"', f'control_group = "{group}"'))
+    config = load_config(str(path))
+    assert config.proxy.listen_port == 6493 and len(config.proxy.upstreams) == 1
+    sections = {
+        line.split("#")[0].strip().strip("[]")
+        for line in block.splitlines()
+        if line.startswith("[")
+    }
+    assert sections == {"daemon", "server", "proxy", "proxy.upstreams", "nix"}
