@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from nixd.bounds import parse_uint
+from nixd.errors import FormatError
 
 SHELLS = ("bash", "zsh", "fish")
 
@@ -311,6 +315,17 @@ def _prose(p: argparse.ArgumentParser, text: str | None) -> list[str]:
     return [".PP", _roff(_text(text))]
 
 
+def _build_date() -> str:
+    """Today, or ``$SOURCE_DATE_EPOCH``'s day, so packaged pages are reproducible."""
+    try:
+        epoch = parse_uint(
+            os.environ.get("SOURCE_DATE_EPOCH", ""), limit=1 << 37, what="SOURCE_DATE_EPOCH"
+        )
+    except FormatError:
+        return datetime.date.today().isoformat()
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).date().isoformat()
+
+
 def _usage(p: argparse.ArgumentParser) -> str:
     return " ".join(p.format_usage().removeprefix("usage: ").split())
 
@@ -333,7 +348,7 @@ def man(
     commands = walk(parser, prog)
     top = commands[0]
     name = top.path[0]
-    day = date or datetime.date.today().isoformat()
+    day = date or _build_date()
     source = f"{name} {version}".strip()
     out = [
         f'.TH "{name.upper()}" "{section}" "{day}" "{source}" "User Commands"',

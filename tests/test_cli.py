@@ -360,3 +360,15 @@ def test_man_page(tmp_path: Path) -> None:
                 capture_output=True, text=True, timeout=60, check=False,
             )  # fmt: skip
             assert (check.returncode, check.stderr) == (0, ""), name
+
+
+def test_man_page_is_reproducible() -> None:
+    env = dict(ENV, SOURCE_DATE_EPOCH="1700000000")
+    pages = [
+        subprocess.run(
+            [*NIXD, "man"], capture_output=True, text=True, env=env, timeout=60, check=True
+        ).stdout
+        for _ in range(2)
+    ]
+    assert pages[0] == pages[1]
+    assert pages[0].startswith('.TH "NIXD" "1" "2023-11-14" "nixd 0.1.0"')
