@@ -706,7 +706,8 @@ class ProxyHandle:
             await self._proxy.downloads_idle.wait()
 
     async def drain(self) -> None:
-        """Stop accepting, close idle connections, wait for requests in flight."""
+        """Stop accepting, close connections idle after a request, answer the others
+        (requests in flight, heads still coming: :mod:`nixd.http.serve`), then return."""
         self._shutdown.set()
         await self._front.closed.wait()
 
