@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -58,8 +59,12 @@ def run(args: argparse.Namespace) -> int:
 
     from nixd.daemon.main import configure_logging, run_daemon  # noqa: PLC0415
 
-    config = load_config(args.config)
+    config = load_config(args.config, missing_ok=True)  # no file: the defaults
     configure_logging("debug" if args.verbose else config.daemon.log_level)
+    if not os.path.exists(args.config):
+        logging.getLogger("nixd.daemon").info(
+            "no config file at %s: running on the defaults", config.path
+        )
     handoff = trio.run(run_daemon, config)
     if handoff is not None:
         handoff.exec()  # returns only by raising: the daemon exits with the error
