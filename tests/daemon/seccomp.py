@@ -9,7 +9,9 @@ else fails with the configured errno.
 
 ``python -m tests.daemon.seccomp SPEC`` loads the filter described by the JSON ``SPEC``
 (``{"allow": [...], "errno": N}``) into itself and then runs nixd's file writes
-(:func:`nixd_writes`), printing one JSON line with what happened.
+(:func:`nixd_writes`), printing one JSON line with what happened;
+``python -m tests.daemon.seccomp exec SPEC ARGV...`` loads it and execs ``ARGV`` (a
+filter outlives ``execve``), to run the whole daemon under it.
 """
 
 from __future__ import annotations
@@ -167,6 +169,10 @@ def nixd_writes(root: Path) -> dict[str, object]:
 
 
 def main() -> None:
+    if sys.argv[1] == "exec":
+        spec = json.loads(sys.argv[2])
+        load_filter(spec["allow"], spec["errno"])
+        os.execv(sys.argv[3], sys.argv[3:])
     spec = json.loads(sys.argv[1])
     import nixd.daemon.nixsetup  # noqa: F401, PLC0415 - every import before the filter
 

@@ -14,15 +14,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import trio
+
+from tests.daemon.conftest import NIXD, DaemonProcess, cli, start_daemon, write_config
 from tests.daemon.seccomp import unit_filter
+from tests.daemon.tokenserver import TokenServer
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run_under_unit_filter(root: Path) -> dict[str, object]:
+def _spec(**extra: object) -> str:
     allowed, number = unit_filter((REPO / "systemd" / "nixd.service").read_text())
     assert "fchown" not in allowed and "openat" in allowed  # the filter is what we think
-    spec = json.dumps({"allow": allowed, "errno": number, "root": str(root)})
+    return json.dumps({"allow": allowed, "errno": number, **extra})
+
+
+def _run_under_unit_filter(root: Path) -> dict[str, object]:
+    spec = _spec(root=str(root))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.daemon.seccomp", spec],
         capture_output=True,
@@ -52,3 +60,34 @@ def test_nix_conf_rewrite_works_under_the_units_seccomp_filter(tmp_path: Path) -
     assert report["nix_conf_restored"] == original
     problem = str(report["foreign_owner_problem"])
     assert "Operation not permitted" in problem and "!include" in problem
+
+
+async def test_the_whole_daemon_runs_under_the_units_seccomp_filter(
+    world_dir: Path, token_server: TokenServer, daemon_factory: list[DaemonProcess]
+) -> None:
+    """Start-up, login (rewriting the existing nix.conf), status and logout, all filtered."""
+    config = write_config(world_dir, server_url=token_server.url)
+    nix_conf = world_dir / "etc" / "nix.conf"
+    nix_conf.write_text("sandbox = false\n")
+    command = [
+        sys.executable, "-m", "tests.daemon.seccomp", "exec", _spec(),
+        *NIXD, "-v", "daemon", "--config", str(config),
+    ]  # fmt: skip
+    daemon = await start_daemon(world_dir, config, command=command)
+    daemon_factory.append(daemon)
+    try:
+        await daemon.wait_for("READY=1", within=60)
+    except trio.TooSlowError:
+        raise AssertionError(f"no READY=1 under the filter:\n{daemon.log()}") from None
+    login = await cli(
+        "login", "token", "--socket", daemon.socket, stdin=token_server.api_token.encode()
+    )
+    assert login.returncode == 0, login.stderr + daemon.log().encode()
+    assert nix_conf.read_text().startswith("sandbox = false\n!include ")
+    state = json.loads((await cli("status", "--json", "--socket", daemon.socket)).stdout)
+    assert state["nix"]["in_effect"] is True and state["last_error"] is None
+    logout = await cli("logout", "--socket", daemon.socket)
+    assert logout.returncode == 0, logout.stderr
+    assert nix_conf.read_text() == "sandbox = false\n"
+    assert await daemon.stop() == 0
+    assert "Traceback" not in daemon.log() and "Operation not permitted" not in daemon.log()
