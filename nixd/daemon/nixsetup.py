@@ -352,7 +352,7 @@ class NixSetup:
             conf_changed |= self._drop_stale_include(self.config.nix_conf)
         reached, problem = self._effect()
         if problem is not None:
-            problem = self._advice(problem, reached, why_not, write_error)
+            problem = self._advice(problem, reached, why_not, write_error, target)
             logger.error("%s", problem)
         return ApplyResult(
             netrc_changed,
@@ -384,7 +384,12 @@ class NixSetup:
         return True
 
     def _advice(
-        self, problem: str, reached: bool, why_not: str | None, write_error: str | None
+        self,
+        problem: str,
+        reached: bool,
+        why_not: str | None,
+        write_error: str | None,
+        target: Path | None,
     ) -> str:
         """The problem, why nixd did not fix it itself, and the line or option to add."""
         line = f"!include {self.config.fragment}"
@@ -394,7 +399,7 @@ class NixSetup:
         if write_error is not None:
             return (
                 f"{problem}: nixd could not add `{line}` ({write_error}). Add that line at "
-                f"the end of {main} yourself (or of its source, if another tool manages it, "
+                f"the end of {target or main} yourself (or of its source, if a tool manages it, "
                 f'and then set [nix] nix_conf_managed_by = "external"), then restart '
                 "nix-daemon"
             )
