@@ -289,7 +289,12 @@ class Daemon:
                 log.error("%s", self.last_error)
                 return self.nix_problem
             self.nix_result = result
-            self.nix_problem = None if result is None else result.problem
+            problem = None if result is None else result.problem
+            if problem is not None and problem != self.nix_problem:  # once, not per renewal
+                log.error("%s", problem)
+            elif problem is None and self.nix_problem is not None and result is not None:
+                log.info("Nix now reads nixd's settings")
+            self.nix_problem = problem
             if result is not None and result.restart_needed:
                 await self.restart_nix_daemon()
             return self.nix_problem

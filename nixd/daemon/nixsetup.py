@@ -344,7 +344,7 @@ class NixSetup:
                 self._rewrite(target, new_target)
             except ConfigError as exc:
                 write_error = str(exc)
-                logger.error("cannot add the include of %s: %s", self.config.fragment, exc)
+                logger.debug("cannot add the include of %s: %s", self.config.fragment, exc)
             else:
                 logger.info("added the include of %s to %s", self.config.fragment, target)
                 conf_changed = True
@@ -353,7 +353,6 @@ class NixSetup:
         reached, problem = self._effect()
         if problem is not None:
             problem = self._advice(problem, reached, why_not, write_error, target)
-            logger.error("%s", problem)
         return ApplyResult(
             netrc_changed,
             fragment_changed,

@@ -88,6 +88,7 @@ async def test_login_fails_and_says_what_to_add_when_nix_conf_is_a_store_link(
     nix = state["nix"]
     assert isinstance(nix, dict)
     assert nix["in_effect"] is False and f"!include {fragment}" in str(nix["problem"])
+    assert daemon.log().count("Nix does not read nixd's settings") == 1  # logged once
     human = await cli("status", "--socket", daemon.socket, check=True)
     assert b"NIX:" in human.stdout and b"does not include" in human.stdout
     # the fragment and the netrc are written anyway, the link is untouched
@@ -105,6 +106,7 @@ async def test_login_fails_and_says_what_to_add_when_nix_conf_is_a_store_link(
     assert login.returncode == 0, login.stderr
     nix = (await _status(daemon.socket))["nix"]
     assert isinstance(nix, dict) and nix["in_effect"] is True and nix["problem"] is None
+    assert "Nix now reads nixd's settings" in daemon.log()
     seen = _show_config(etc)
     assert proxy["url"] in seen["substituters"].split()
     assert seen["netrc-file"] == str(etc / "nixd-netrc")
