@@ -63,6 +63,7 @@ def _show_config(conf_dir: Path) -> dict[str, str]:
     return dict(line.partition(" = ")[::2] for line in out.splitlines())
 
 
+@pytest.mark.realnix
 async def test_login_fails_and_says_what_to_add_when_nix_conf_is_a_store_link(
     world_dir: Path, token_server: TokenServer, daemon_factory: list[DaemonProcess]
 ) -> None:
