@@ -7,7 +7,13 @@ The file (``/etc/nixd/config.toml`` by default) has four sections, all optional:
     [proxy]    listen, store_dir, store_max_bytes, negative_ttl, [[proxy.upstreams]]
                (url, priority, trusted_keys, auth, netrc_file, foreign_urls)
     [nix]      nix_conf, fragment, netrc, additional_netrc_sources, restart_nix_daemon,
-               nix_daemon_unit        (restarted over the system D-Bus when the fragment changes)
+               nix_daemon_unit        (restarted over the system D-Bus when the fragment changes),
+               nix_conf_managed_by    ("auto", "nixd" or "external": who edits nix.conf,
+                                       see nixd.daemon.nixsetup)
+
+No file at all is the same as an empty one: the daemon runs on the defaults
+(:func:`load_config` with ``missing_ok``), so a fresh install starts before anyone has
+written ``/etc/nixd/config.toml``; creating the file later is picked up as a reload.
 
 Every path is configurable, so tests and the demo run unprivileged inside a temp dir.
 :func:`load_config` is the single parser: it refuses unknown keys and wrong types, and every
@@ -34,6 +40,7 @@ from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from nixd.bounds import parse_uint
+from nixd.daemon.nixsetup import MANAGED_BY, ManagedBy
 from nixd.errors import ConfigError, FormatError
 from nixd.nix.signing import PublicKey
 from nixd.proxy.config import FOREIGN_URLS, ForeignUrls, UpstreamConfig
@@ -100,6 +107,9 @@ class NixSection:
     restart_nix_daemon: bool = True
     #: the systemd unit asked to restart (TryRestartUnit) after the fragment changed
     nix_daemon_unit: str = "nix-daemon.service"
+    #: who edits nix.conf: "nixd" adds the include line, "external" (NixOS, nix-darwin,
+    #: configuration management) never touches it, "auto" picks per machine
+    nix_conf_managed_by: ManagedBy = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +337,15 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         additional_netrc_sources=sources,
         restart_nix_daemon=n.get("restart_nix_daemon", bool, True),
         nix_daemon_unit=n.get("nix_daemon_unit", str, "nix-daemon.service", _unit_name),
+        nix_conf_managed_by=cast(
+            ManagedBy,
+            n.get(
+                "nix_conf_managed_by",
+                str,
+                "auto",
+                lambda v: None if v in MANAGED_BY else f"one of {', '.join(MANAGED_BY)}",
+            ),
+        ),
     )
     n.finish()
     return Config(
@@ -350,9 +369,11 @@ def upstream_config(u: UpstreamSection) -> UpstreamConfig:
     )
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and check the config file at ``path``; a missing file is an error.
+def load_config(path: str | Path, *, missing_ok: bool = False) -> Config:
+    """Read and check the config file at ``path``.
 
+    A missing file is an error, or with ``missing_ok`` the defaults (every section is
+    optional), remembering ``path`` so that the daemon watches for the file to appear.
     Raises only :class:`ConfigError`, whatever the file holds (see the module docstring).
     """
     file = os.path.abspath(path)
@@ -360,6 +381,8 @@ def load_config(path: str | Path) -> Config:
         with open(file, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
+        if missing_ok:
+            return Config(path=file)
         raise ConfigError(f"{file}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc

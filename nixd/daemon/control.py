@@ -4,6 +4,7 @@ Routes::
 
     GET  /status    anyone            -> the status document (never a token)
     GET  /version   anyone            -> {"version": ...}
+    GET  /login     root or group     -> {"allowed": true} (asked before a browser login)
     POST /login     root or group     {"method": "token", "token": ..., "server": ...}
     POST /logout    root or group
 
