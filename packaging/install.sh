@@ -229,10 +229,17 @@ else
     [ -f "$FILES/launchd/org.nixd.daemon.plist" ] || die "$FILES/launchd/org.nixd.daemon.plist is missing"
 fi
 
-# 1. the virtualenv (kept when it works; made again when its Python is gone)
+# Refuse before changing anything what this script would have to overwrite.
 if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
     die "$VENV exists and is not a virtualenv: move it away or choose another --prefix"
 fi
+for b in nixd nixd-server; do
+    if [ -e "$LINKDIR/$b" ] && [ ! -L "$LINKDIR/$b" ]; then
+        die "$LINKDIR/$b exists and is not a link: move it away or choose another --bindir"
+    fi
+done
+
+# 1. the virtualenv (kept when it works; made again when its Python is gone)
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     say "using the virtualenv $VENV"
 elif [ -e "$VENV" ]; then
@@ -282,8 +289,6 @@ for b in nixd nixd-server; do
     target="$VENV/bin/$b"
     if [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ]; then
         continue
-    elif [ -e "$link" ] && [ ! -L "$link" ]; then
-        die "$link exists and is not a link: move it away or choose another --bindir"
     fi
     run ln -sfn "$target" "$link"
     did "linked $link -> $target"
