@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import plistlib
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -294,3 +295,101 @@ def test_nix_darwin_proxy_socket_follows_the_settings(nix: RealNix) -> None:
         "SockType": "stream",
         "SockFamily": "IPv6",
     }
+
+
+# A stand-in for nixpkgs with just what flake.nix and package.nix touch: lib functions
+# (fileset.toSource checks that every file it is given exists), a stdenv, and Python
+# packages that are fake derivations named as in nixpkgs. buildPythonApplication keeps
+# its arguments, so the test can read what the package would be built from.
+STUB_NIXPKGS = """\
+{
+  outputs = { self }:
+    let
+      systems = [ "x86_64-linux" "aarch64-linux" "x86_64-darwin" "aarch64-darwin" ];
+      genAttrs = names: f: builtins.listToAttrs (map (n: { name = n; value = f n; }) names);
+      lib = {
+        inherit genAttrs;
+        mkDefault = x: x;
+        importTOML = p: builtins.fromTOML (builtins.readFile p);
+        findFirst = pred: default: xs:
+          let m = builtins.filter pred xs; in if m == [ ] then default else builtins.head m;
+        concatStringsSep = builtins.concatStringsSep;
+        concatMap = builtins.concatMap;
+        unique = builtins.foldl' (acc: x: if builtins.elem x acc then acc else acc ++ [ x ]) [ ];
+        fileset = {
+          unions = files: files;
+          toSource = { root, fileset }:
+            if builtins.all builtins.pathExists fileset
+            then { inherit root; files = map toString fileset; }
+            else throw "fileset: a file is missing";
+        };
+        licenses.mit = "MIT";
+        platforms = { linux = [ "x86_64-linux" ]; darwin = [ "x86_64-darwin" ]; };
+      };
+      fake = system: name: derivation {
+        inherit name system; builder = "/bin/sh"; args = [ "-c" "echo > $out" ];
+      } // { pname = name; };
+      pkgsFor = system: rec {
+        stdenv.hostPlatform = {
+          inherit system; isDarwin = builtins.match ".*-darwin" system != null;
+        };
+        python3Packages = genAttrs (builtins.fromJSON ''@NAMES@'') (fake system) // {
+          buildPythonApplication = args:
+            fake system "${args.pname}-${args.version}" // { inherit args; inherit (args) meta; };
+        };
+        callPackage = fn: args: import fn ({ inherit lib stdenv python3Packages; } // args);
+        nixfmt-rfc-style = fake system "nixfmt";
+      };
+    in { inherit lib; legacyPackages = genAttrs systems pkgsFor; };
+}
+"""
+
+
+def test_flake_checks_with_a_stub_nixpkgs(nix: RealNix, tmp_path: Path) -> None:
+    """`nix flake check --no-build` and the package's inputs, nixpkgs replaced by a stub."""
+
+    names = {c for d in _mapped_deps(nix) for c in d["candidates"][:1]} | {"setuptools"}
+    stub = tmp_path / "nixpkgs"
+    stub.mkdir()
+    (stub / "flake.nix").write_text(STUB_NIXPKGS.replace("@NAMES@", json.dumps(sorted(names))))
+    flake = tmp_path / "flake"
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        if (REPO / name).is_file():
+            (flake / name).parent.mkdir(parents=True, exist_ok=True)
+            (flake / name).write_bytes((REPO / name).read_bytes())
+    common = ["--no-write-lock-file", "--override-input", "nixpkgs", f"path:{stub}"]
+    nix.run(["nix", "flake", "check", "--no-build", *common, f"path:{flake}"])
+
+    def attr(path: str, apply: str | None = None) -> Any:
+        extra = ["--apply", apply] if apply else []
+        proc = nix.run(["nix", "eval", "--json", *common, f"path:{flake}#{path}", *extra])
+        return json.loads(proc.stdout)
+
+    for system, platform in (("x86_64-linux", "linux"), ("aarch64-darwin", "darwin")):
+        package = f"packages.{system}.default"
+        deps = attr(f"{package}.args.dependencies", "map (d: d.pname)")
+        assert set(deps) == _pyproject_deps(platform, ["aws"])
+        assert attr(f"{package}.args.pname") == "nixd"
+        assert attr(f"{package}.meta.mainProgram") == "nixd"
+        sources = attr(f"{package}.args.src.files", "map baseNameOf")
+        assert sorted(sources) == ["LICENSE", "README.md", "nixd", "pyproject.toml"]
+    for output in ("nixosModules.default", "darwinModules.default"):
+        assert attr(output, "builtins.isFunction") is True
+
+
+def _mapped_deps(nix: RealNix) -> list[dict[str, Any]]:
+    return [
+        d
+        for platform in ("linux", "darwin")
+        for d in nix_eval(
+            nix,
+            f"""import {NIXDIR}/python-deps.nix {{
+              pyproject = builtins.fromTOML (builtins.readFile {REPO}/pyproject.toml);
+              platform = "{platform}";
+              extras = [ "aws" ];
+            }}""",
+        )
+    ]
