@@ -273,8 +273,12 @@ fi
 SPEC="$WHEEL"
 [ -z "$EXTRAS" ] || SPEC="$WHEEL[$EXTRAS]"
 say "installing $(basename "$WHEEL")${EXTRAS:+ with [$EXTRAS]} and its dependencies"
+HINT=""
+if [ "$OS" = linux ]; then
+    HINT="; a dependency built from source needs a compiler: apt-get install gcc pkg-config python3-dev libsystemd-dev"
+fi
 run "${PIP[@]}" install -q ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "$SPEC" ||
-    die "pip could not install nixd (see its message above)"
+    die "pip could not install nixd (see its message above)$HINT"
 run "${PIP[@]}" install -q --no-deps --force-reinstall ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "$WHEEL" ||
     die "pip could not install nixd (see its message above)"
 if ((!DRY_RUN)); then

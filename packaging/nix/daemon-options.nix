@@ -13,7 +13,7 @@ let
         inherit options;
       };
       default = { };
-      description = "See the keys above; any other key of this section is passed on as written.";
+      description = "This section of the config: the keys declared here, and any other key nixd knows.";
     };
 in
 {

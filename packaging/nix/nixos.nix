@@ -162,6 +162,12 @@ in
     })
 
     (lib.mkIf srv.enable {
+      assertions = [
+        {
+          assertion = srv.listen != [ ];
+          message = "services.nixd-server.listen needs at least one address";
+        }
+      ];
       environment.systemPackages = [ srv.package ];
 
       users.users = lib.mkIf (srv.user == "nixd-server") {

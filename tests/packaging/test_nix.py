@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from nixd.daemon.config import ProxySection, load_config, parse_config
+from nixd.daemon.config import Config, ProxySection, load_config, parse_config
 from nixd.server.config import ServerConfig
 from tests.realnix import RealNix, nix_available
 
@@ -103,6 +103,19 @@ def test_rendered_daemon_config_loads_as_the_settings(
     conf.write_text(text)
     assert tomllib.loads(text) == data
     assert load_config(conf) == parse_config(data, str(conf))
+
+
+def test_the_modules_default_settings_load_as_nixds_defaults(nix: RealNix, tmp_path: Path) -> None:
+    """What services.nixd renders when nothing is set: the declared options' defaults."""
+    listen = nix_eval(nix, f"(import {NIXDIR}/units.nix).defaultProxyListen")
+    module_defaults = {
+        "server": {"url": None},
+        "proxy": {"listen": listen, "upstreams": []},
+        "nix": {"fragment": "/etc/nix/nixd.conf"},
+    }
+    conf = tmp_path / "config.toml"
+    conf.write_text(render(nix, module_defaults, tmp_path / "in.json"))
+    assert load_config(conf) == Config(path=str(conf))
 
 
 def test_rendered_null_means_the_default(nix: RealNix, tmp_path: Path) -> None:
