@@ -271,7 +271,7 @@ fi
 # 3. the package and its dependencies; then the package again, so the same version
 #    number rebuilt from newer source still replaces the old files
 SPEC="$WHEEL"
-[ -z "$EXTRAS" ] || SPEC="$WHEEL[$EXTRAS]"
+[ -z "$EXTRAS" ] || SPEC="${WHEEL}[${EXTRAS}]"
 say "installing $(basename "$WHEEL")${EXTRAS:+ with [$EXTRAS]} and its dependencies"
 HINT=""
 if [ "$OS" = linux ]; then
