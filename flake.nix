@@ -52,7 +52,5 @@
         nixd = withPackage ./packaging/nix/darwin.nix;
         default = nixd;
       };
-
-      formatter = forAllSystems (pkgs: pkgs.nixfmt-rfc-style);
     };
 }

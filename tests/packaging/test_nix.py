@@ -351,7 +351,6 @@ STUB_NIXPKGS = """\
             fake system "${args.pname}-${args.version}" // { inherit args; inherit (args) meta; };
         };
         callPackage = fn: args: import fn ({ inherit lib stdenv python3Packages; } // args);
-        nixfmt-rfc-style = fake system "nixfmt";
       };
     in { inherit lib; legacyPackages = genAttrs systems pkgsFor; };
 }
