@@ -27,6 +27,9 @@ from nixd.daemon.push import (
     upstream_filter_keys,
 )
 from nixd.nix.signing import SecretKey
+from tests.realnix import RealNix
+from tests.server.appenv import Env
+from tests.server.conftest import env, server_state  # noqa: F401 - fixtures
 
 # `nix path-info --json --sigs --recursive` of Nix 2.8, copied from a real run
 PATH_INFO = json.loads(
@@ -193,4 +196,55 @@ async def test_a_bad_request_is_refused_before_any_work(tmp_path: Path) -> None:
                 await pusher.api_push(None, body)
             assert getattr(info.value, "status", None) == 400
         nursery.cancel_scope.cancel()
+    await host.http.aclose()
+
+
+@pytest.mark.parametrize("compression", ["zstd", "xz", "none"])
+async def test_push_each_compression_into_the_app(
+    env: Env, real_nix: RealNix, tmp_path: Path, compression: str
+) -> None:
+    """The whole job against the server app in-process: closure from the real Nix,
+    NAR (spooled, or streamed for ``none``) and narinfo accepted, then skipped as present."""
+    top = real_nix.build(
+        f'derivation {{ name = "push-{compression}"; system = builtins.currentSystem; '
+        f'builder = "/bin/sh"; args = [ "-c" "echo {os.urandom(4).hex()} > $out" ]; }}'
+    )
+
+    class Host:
+        config = parse_config(
+            {
+                "daemon": {"state_dir": str(tmp_path / "state")},
+                "push": {"compression": compression, "store": str(real_nix.store)},
+            }
+        )
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=env.app))
+        push_server = "http://cache"
+
+        @property
+        def push_tokens(self) -> Host:
+            return self
+
+        async def get(self) -> AccessToken:
+            return AccessToken(env.member, expires_at=2e9, identity="token:acme/ci")
+
+        async def refresh(self, stale: Any) -> AccessToken:
+            return await self.get()
+
+    (tmp_path / "state").mkdir()
+    host = Host()
+    pusher = Pusher(host)  # type: ignore[arg-type]
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pusher.run)
+            job = pusher.submit([top], "acme/app")
+            await job.finished.wait()
+            assert (job.state, job.pushed, job.failed) == ("done", 1, 0), job.summary()
+            again = pusher.submit([top], "acme/app")
+            await again.finished.wait()
+            assert (again.present, again.pushed) == (1, 0), again.summary()
+            nursery.cancel_scope.cancel()
+    async with env.client(auth=env.member) as c:
+        r = await c.get(f"/cache/acme/app/{Path(top).name[:32]}.narinfo")
+        assert r.status_code == 200, r.text
+    assert not list((tmp_path / "state" / "push-tmp").iterdir())  # spool files removed
     await host.http.aclose()
