@@ -201,7 +201,10 @@ async def test_a_bad_request_is_refused_before_any_work(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("compression", ["zstd", "xz", "none"])
 async def test_push_each_compression_into_the_app(
-    env: Env, real_nix: RealNix, tmp_path: Path, compression: str
+    env: Env,  # noqa: F811 - the fixture imported above
+    real_nix: RealNix,
+    tmp_path: Path,
+    compression: str,
 ) -> None:
     """The whole job against the server app in-process: closure from the real Nix,
     NAR (spooled, or streamed for ``none``) and narinfo accepted, then skipped as present."""
