@@ -24,8 +24,10 @@ BATCH = 500
 """Paths per request (the control socket takes bodies of at most 64 KiB)."""
 SETTLE = 1.0
 """watch-store: seconds without news before new store entries are pushed."""
-INVALID_PATIENCE = 120.0
+INVALID_PATIENCE = 3600.0
 """watch-store: seconds a new entry may stay invalid (being built) before it is dropped."""
+INVALID_RETRY = 5.0
+"""watch-store: seconds between validity checks of an entry still being built."""
 _SKIP_SUFFIXES = (".lock", ".drv", ".chroot", ".check", ".tmp")
 
 PUSH_HELP = """\
@@ -274,10 +276,26 @@ def run_watch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    pending: dict[str, float] = {}  # store path -> first seen
+    # store path -> (first seen, not before): entries appear before they are valid
+    pending: dict[str, tuple[float, float]] = {}
     jobs: list[dict[str, Any]] = []
     last_news = 0.0
     watching = False
+
+    def push_due(now: float, *, everything: bool = False) -> None:
+        due = sorted(p for p, (_, t) in pending.items() if everything or t <= now)
+        if not due:
+            return
+        seen = {p: pending.pop(p) for p in due}
+        for job in session.wait(session.start(due, args.to, skip_invalid=True), tty=tty):
+            jobs.append(job)
+            for path in job.get("invalid") or []:
+                first = seen.get(path, (now, now))[0]
+                if now - first < INVALID_PATIENCE and not everything:
+                    pending[path] = (first, now + INVALID_RETRY)  # still being built
+        if tty and jobs:
+            print(_final(_merge(jobs)), file=sys.stderr)
+
     for changes in watchfiles.watch(
         store_dir,
         recursive=False,
@@ -286,31 +304,21 @@ def run_watch(args: argparse.Namespace) -> int:
         rust_timeout=250,
         yield_on_timeout=True,
         stop_event=_Stop(stop),
-        watch_filter=lambda change, p: change == watchfiles.Change.added,
     ):
         if not watching:  # the first (empty) yield: the watch is in place
             watching = True
             print(f"watching {store_dir}; pushing new paths (Ctrl-C to stop)", file=sys.stderr)
             sys.stderr.flush()
         now = time.monotonic()
-        for _change, changed in changes:
+        for change, changed in changes:
             name = os.path.basename(changed)
-            if _candidate(name):
-                pending.setdefault(f"/nix/store/{name}", now)
+            if change != watchfiles.Change.deleted and _candidate(name):
+                pending.setdefault(f"/nix/store/{name}", (now, now))
                 last_news = now
         if pending and now - last_news >= SETTLE:
-            started = session.start(sorted(pending), args.to, skip_invalid=True)
-            seen = dict(pending)
-            pending.clear()
-            for job in session.wait(started, tty=tty):
-                jobs.append(job)
-                for path in job.get("invalid") or []:
-                    if now - seen.get(path, now) < INVALID_PATIENCE:
-                        pending[path] = seen[path]  # still being built: ask again later
-            if tty and jobs:
-                print(_final(_merge(jobs)), file=sys.stderr)
-    if pending:
-        jobs += session.wait(session.start(sorted(pending), args.to, skip_invalid=True), tty=tty)
+            push_due(now)
+    if pending:  # stopping: one last look at what is still waiting
+        push_due(time.monotonic(), everything=True)
     summary = _merge(jobs) if jobs else {"state": "done", "total": 0, "pushed": 0, "failed": 0}
     print(json.dumps(summary, indent=1) if args.json else _final(summary))
     return 0 if summary["state"] == "done" else 1
