@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from nixd.commands._common import add_daemon_options
+from nixd.errors import NixdError
 
 POLL = 0.5
 """Seconds between progress questions to the daemon."""
@@ -119,7 +120,7 @@ def store_paths(args: list[str], store_root: str | None = None) -> list[str]:
             path = target
         parts = path.split("/")
         if len(parts) < 4 or parts[:3] != ["", "nix", "store"]:
-            raise SystemExit(f"nixd push: {arg}: not in the Nix store")
+            raise NixdError(f"{arg}: not in the Nix store")
         out.append("/".join(parts[:4]))
     return list(dict.fromkeys(out))
 
@@ -232,7 +233,7 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def _queue(args: argparse.Namespace, raw: list[str]) -> int:
-    from nixd.daemon.push import enqueue  # noqa: PLC0415
+    from nixd.daemon.pushqueue import enqueue  # noqa: PLC0415
 
     config = _config(args.config)
     paths = store_paths(raw, config.push.store)

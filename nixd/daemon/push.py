@@ -38,10 +38,8 @@ A failing push ends that job only (containment): the daemon and other jobs go on
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import itertools
-import json
 import logging
 import lzma
 import os
@@ -59,6 +57,7 @@ import zstandard
 from nixd.bounds import load_json
 from nixd.daemon.config import Config, PushSection
 from nixd.daemon.control import ApiError, Peer
+from nixd.daemon.pushqueue import QueueError, enqueue, take_queue
 from nixd.errors import AuthError, FormatError, NixdError
 from nixd.nix import base32
 from nixd.nix.hashes import Hash
@@ -89,6 +88,9 @@ _SUFFIX = {"zstd": ".nar.zst", "xz": ".nar.xz", "none": ".nar"}
 
 class PushError(NixdError):
     """A push could not be done as asked (bad request, Nix failed, the server refused)."""
+
+
+__all__ = ["Job", "PushError", "Pusher", "QueueError", "enqueue", "take_queue"]
 
 
 class _Retry(Exception):
@@ -721,62 +723,7 @@ def _unlink(path: Path) -> None:
         path.unlink()
 
 
-# -- the queue file (also used by the CLI, without trio) ---------------------------------------
-
-
-def _locked(path: Path, *, create: bool, wait: float) -> int | None:
-    """An fd of ``path`` under an exclusive flock, still naming ``path``; None if absent."""
-    deadline = time.monotonic() + wait
-    while True:
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileNotFoundError:
-            return None
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise PushError(f"{path} stayed locked") from None
-                    time.sleep(0.01)
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                return fd
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # renamed aside by the drainer meanwhile: open the new one
-
-
-def enqueue(queue: str | os.PathLike[str], paths: list[str], to: str | None) -> None:
-    """Append one entry to the queue file; never waits for the daemon (the hook's path)."""
-    entry = json.dumps({"paths": paths, "to": to, "at": time.time()}) + "\n"
-    path = Path(queue)
-    fd = _locked(path, create=True, wait=5.0)
-    assert fd is not None
-    try:
-        os.write(fd, entry.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def take_queue(queue: Path) -> list[Path]:
-    """Rename the queue aside (under its lock) and return every file set aside so far."""
-    fd = _locked(queue, create=False, wait=5.0)
-    if fd is not None:
-        try:
-            if os.fstat(fd).st_size:
-                os.rename(queue, queue.with_name(f"{queue.name}.{time.time_ns()}.taken"))
-        finally:
-            os.close(fd)
-    return sorted(queue.parent.glob(f"{queue.name}.*.taken"))
+# -- the queue file (appending and taking: nixd.daemon.pushqueue) -----------------------------
 
 
 def read_queue(path: Path) -> list[dict[str, Any]]:
