@@ -30,7 +30,9 @@ The model:
   daemon (so a build never does), and the daemon drains the file every
   :data:`QUEUE_POLL` seconds: it renames it aside under the same lock (a writer that
   opened it before checks the inode and writes to the new file), pushes, and deletes it
-  only once every job from it ended, so a crash or restart pushes it again.
+  only once every job from it succeeded, so a crash or restart pushes it again; after a
+  failure it is kept and tried again later (backing off up to :data:`QUEUE_RETRY_MAX`).
+  Nothing is taken while the daemon is logged out.
 
 A failing push ends that job only (containment): the daemon and other jobs go on.
 """
@@ -73,6 +75,9 @@ KEEP_JOBS = 50
 """Finished jobs remembered for ``/push/job``."""
 QUEUE_POLL = 1.0
 """Seconds between looks at the queue file."""
+QUEUE_RETRY_MAX = 600.0
+"""Longest wait, in seconds, before a queued push that failed is tried again (doubling
+from a minute)."""
 MAX_QUEUE_BYTES = 16 << 20
 """Largest queue file read at once (a line per build; a backlog past this is refused)."""
 MAX_PATHS = 100_000
@@ -401,6 +406,8 @@ class Pusher:
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self.queue_error: str | None = None
+        self._retry_at: dict[Path, tuple[float, float]] = {}
+        """Taken queue files whose push failed: (when to try again, the last delay)."""
 
     @property
     def config(self) -> Config:
@@ -668,21 +675,33 @@ class Pusher:
         queue = Path(self.config.push_queue)
         taken = await trio.to_thread.run_sync(take_queue, queue)
         jobs: list[Job] = []
+        now = trio.current_time()
         for batch_file in taken:
+            if self._retry_at.get(batch_file, (0.0, 0.0))[0] > now:
+                continue
             entries = await trio.to_thread.run_sync(read_queue, batch_file)
             by_slice: dict[str, list[str]] = {}
             for entry in entries:
                 to = entry.get("to") or self.config.push.to
                 by_slice.setdefault(str(to), []).extend(entry["paths"])
             batch_jobs = []
+            failed = False
             for to, paths in by_slice.items():
                 try:
                     batch_jobs.append(self.submit(paths, to, source="queue"))
                 except PushError as exc:
-                    log.warning("push queue: %d paths for %s dropped: %s", len(paths), to, exc)
+                    failed = True
+                    log.warning("push queue: %d paths for %s not pushed: %s", len(paths), to, exc)
             jobs.extend(batch_jobs)
             for job in batch_jobs:
                 await job.finished.wait()
+                failed = failed or job.state != "done"
+            if failed:  # kept, and tried again later: the queue is durable
+                delay = min(QUEUE_RETRY_MAX, 2 * self._retry_at.get(batch_file, (0.0, 30.0))[1])
+                self._retry_at[batch_file] = (trio.current_time() + delay, delay)
+                log.warning("push queue: %s kept; tried again in %.0f s", batch_file.name, delay)
+                continue
+            self._retry_at.pop(batch_file, None)
             await trio.to_thread.run_sync(_unlink, batch_file)
         return jobs
 

@@ -251,3 +251,32 @@ async def test_push_each_compression_into_the_app(
         assert r.status_code == 200, r.text
     assert not list((tmp_path / "state" / "push-tmp").iterdir())  # spool files removed
     await host.http.aclose()
+
+
+async def test_a_failed_queued_push_is_kept_for_later(tmp_path: Path) -> None:
+    """The queue is durable: a push from it that fails leaves the entry for a retry."""
+    state = tmp_path / "state"
+    state.mkdir()
+    host = _Host(lambda r: httpx.Response(503), state)
+    host.config = parse_config(
+        {"daemon": {"state_dir": str(state)}, "push": {"to": "acme/app", "store": str(tmp_path)}}
+    )
+    pusher = Pusher(host)  # type: ignore[arg-type]
+    enqueue(host.config.push_queue, [LT], None)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pusher.run)
+            # the pusher's own drain may have taken it first: drain until a job ran
+            jobs = []
+            while not jobs and not pusher.jobs:
+                jobs = await pusher.drain_once()
+                await trio.sleep(0.05)
+            for job in [*jobs, *pusher.jobs.values()]:
+                await job.finished.wait()
+                assert job.state == "failed" and "not valid" in str(job.error)
+            await trio.sleep(0.2)
+            taken = list(state.glob("push-queue.*.taken"))
+            assert len(taken) == 1, "the failed batch was dropped"
+            assert await pusher.drain_once() == []  # backing off: not tried again at once
+            nursery.cancel_scope.cancel()
+    await host.http.aclose()
