@@ -22,7 +22,8 @@ The model:
   references in the same push, so a reader never sees a path whose closure is not there.
   At most ``push.jobs`` paths at once; every request is retried (``push.retries``
   attempts, exponential backoff) on a transport error, a 5xx or a 429; a 401 renews the
-  token once. A 4xx (other than those) fails that path: retrying cannot help.
+  token once. A 4xx (other than those) fails that path: retrying cannot help; a 403 (this
+  identity may not write the slice) or a token that cannot be renewed ends the job.
 - **Jobs.** Each push is a job with progress (paths done/total, skipped, bytes, rate) that
   ``POST /push/job`` reports; the last :data:`KEEP_JOBS` are remembered.
 - **The queue** (``nixd post-build-hook``, ``nixd push --queue``): a JSON line per call
@@ -80,7 +81,7 @@ QUEUE_RETRY_MAX = 600.0
 from a minute)."""
 MAX_QUEUE_BYTES = 16 << 20
 """Largest queue file read at once (a line per build; a backlog past this is refused)."""
-MAX_PATHS = 100_000
+MAX_PATHS = 10_000
 """Most store paths one request may name."""
 MAX_PATH_INFO = 256 << 20
 """Largest ``nix path-info --json`` output read."""
@@ -96,6 +97,10 @@ class PushError(NixdError):
 
 
 __all__ = ["Job", "PushError", "Pusher", "QueueError", "enqueue", "take_queue"]
+
+
+class Refused(PushError):
+    """The server refused this identity the slice (403): no other path will fare better."""
 
 
 class _Retry(Exception):
@@ -547,12 +552,16 @@ class Pusher:
                 message = str(exc) if isinstance(exc, NixdError) else f"{type(exc).__name__}: {exc}"
                 job.failures[record.path] = message
                 log.warning("push %s: %s: %s", job.id, record.path, message)
+                if isinstance(exc, Refused | AuthError):  # the same for every path: stop
+                    job.error = message
+                    nursery.cancel_scope.cancel()
             finally:
                 ready[record.path].set()
 
         async with trio.open_nursery() as nursery:
             for record in records:
                 nursery.start_soon(one, record)
+        job.failed = job.total - job.pushed - job.present - job.upstream
 
     async def _present(self, base: str, record: PathRecord) -> bool:
         response = await self._request(
@@ -646,7 +655,8 @@ class Pusher:
                     raise AuthError(f"{method} {_shown(url)}: the server refused the token (401)")
                 if status >= 400 and status not in allow:
                     text = response.text.strip()[:300]
-                    raise PushError(f"{method} {_shown(url)}: {status} {text}")
+                    kind = Refused if status == 403 else PushError
+                    raise kind(f"{method} {_shown(url)}: {status} {text}")
                 return response
             except (httpx.TransportError, _Retry) as exc:
                 if attempt == attempts:

@@ -199,6 +199,32 @@ async def test_a_bad_request_is_refused_before_any_work(tmp_path: Path) -> None:
     await host.http.aclose()
 
 
+def app_host(env: Env, token: str, state: Path, compression: str, nix: RealNix) -> Any:
+    """A daemon stand-in that pushes to the server app in-process with ``token``."""
+
+    class Host:
+        config = parse_config(
+            {
+                "daemon": {"state_dir": str(state)},
+                "push": {"compression": compression, "store": str(nix.store)},
+            }
+        )
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=env.app))
+        push_server = "http://cache"
+
+        @property
+        def push_tokens(self) -> Host:
+            return self
+
+        async def get(self) -> AccessToken:
+            return AccessToken(token, expires_at=2e9, identity="token:acme/x")
+
+        async def refresh(self, stale: Any) -> AccessToken:
+            return await self.get()
+
+    return Host()
+
+
 @pytest.mark.parametrize("compression", ["zstd", "xz", "none"])
 async def test_push_each_compression_into_the_app(
     env: Env,  # noqa: F811 - the fixture imported above
@@ -213,28 +239,8 @@ async def test_push_each_compression_into_the_app(
         f'builder = "/bin/sh"; args = [ "-c" "echo {os.urandom(4).hex()} > $out" ]; }}'
     )
 
-    class Host:
-        config = parse_config(
-            {
-                "daemon": {"state_dir": str(tmp_path / "state")},
-                "push": {"compression": compression, "store": str(real_nix.store)},
-            }
-        )
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=env.app))
-        push_server = "http://cache"
-
-        @property
-        def push_tokens(self) -> Host:
-            return self
-
-        async def get(self) -> AccessToken:
-            return AccessToken(env.member, expires_at=2e9, identity="token:acme/ci")
-
-        async def refresh(self, stale: Any) -> AccessToken:
-            return await self.get()
-
     (tmp_path / "state").mkdir()
-    host = Host()
+    host = app_host(env, env.member, tmp_path / "state", compression, real_nix)
     pusher = Pusher(host)  # type: ignore[arg-type]
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
@@ -279,4 +285,30 @@ async def test_a_failed_queued_push_is_kept_for_later(tmp_path: Path) -> None:
             assert len(taken) == 1, "the failed batch was dropped"
             assert await pusher.drain_once() == []  # backing off: not tried again at once
             nursery.cancel_scope.cancel()
+    await host.http.aclose()
+
+
+async def test_a_refused_identity_ends_the_job(
+    env: Env,  # noqa: F811 - the fixture imported above
+    real_nix: RealNix,
+    tmp_path: Path,
+) -> None:
+    top = real_nix.build(
+        'let mk = n: derivation { name = n; system = builtins.currentSystem; builder = "/bin/sh";'
+        f' args = [ "-c" "echo {os.urandom(4).hex()} > $out" ]; }}; a = mk "a";'
+        ' in derivation { name = "b"; system = builtins.currentSystem; builder = "/bin/sh";'
+        ' args = [ "-c" "echo ${a} > $out" ]; }'
+    )
+    (tmp_path / "state").mkdir()
+    host = app_host(env, env.reader, tmp_path / "state", "zstd", real_nix)
+    pusher = Pusher(host)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pusher.run)
+            job = pusher.submit([top], "acme/app")
+            await job.finished.wait()
+            nursery.cancel_scope.cancel()
+    summary = job.summary()
+    assert summary["state"] == "failed" and summary["failed"] == summary["total"] == 2
+    assert "may not upload to acme/app" in str(summary["error"]), summary
     await host.http.aclose()
