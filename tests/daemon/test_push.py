@@ -199,7 +199,7 @@ async def test_a_bad_request_is_refused_before_any_work(tmp_path: Path) -> None:
     await host.http.aclose()
 
 
-def app_host(env: Env, token: str, state: Path, compression: str, nix: RealNix) -> Any:
+def app_host(app_env: Env, token: str, state: Path, compression: str, nix: RealNix) -> Any:
     """A daemon stand-in that pushes to the server app in-process with ``token``."""
 
     class Host:
@@ -209,7 +209,7 @@ def app_host(env: Env, token: str, state: Path, compression: str, nix: RealNix) 
                 "push": {"compression": compression, "store": str(nix.store)},
             }
         )
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=env.app))
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app_env.app))
         push_server = "http://cache"
 
         @property
