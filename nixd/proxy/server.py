@@ -19,6 +19,9 @@ Model (DESIGN.md, "Security model"):
   and which exact file, so after a restart the proxy finds the upstream again.
 - ``nar/<name>``: from the local store (``sendfile``, Range), else from a single-flight
   :class:`~nixd.proxy.singleflight.Download` that all requests for the name tail.
+  ``Range`` is read by :func:`nixd.http.parse_range`: a range it does not serve (malformed,
+  several, past the end, numbers beyond any file) is answered with the whole file, a 200,
+  never a 416 a plain GET would not have got.
   After a download verified its FileHash, a worker thread decompresses it and checks the
   signed NarHash/NarSize; only then does it enter the :class:`LocalStore`. A download
   the upstream cuts resumes from it with ``Range``; Nix's own ``Range`` retry (Nix 2.8
@@ -57,19 +60,20 @@ from nixd.errors import (
     NixdError,
     UpstreamError,
 )
+from nixd.http import BodyTooLarge, parse_range
 from nixd.nix.cacheinfo import CacheInfo
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
 from nixd.nix.storepath import StorePath
 from nixd.proxy import pagecache
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
-from nixd.proxy.errors import BadRequest, NotFound, RangeNotSatisfiable, status_for
+from nixd.proxy.errors import BadRequest, NotFound, status_for
 from nixd.proxy.front import Abort, Connection, HttpServer, Request, Responder, serve_front
 from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.negcache import NegativeCache, TTLCache
 from nixd.proxy.singleflight import Download, State
-from nixd.proxy.upstream import BodyTooLarge, Upstream
+from nixd.proxy.upstream import Upstream
 from nixd.proxy.verify import (
     can_verify,
     check_small_nar,
@@ -206,28 +210,6 @@ class _Secret:
         if conn is not None:
             conn.authorized = (header, self.secret)
         return True
-
-
-def _parse_range(value: bytes | None, size: int | None) -> tuple[int, int | None] | None:
-    """``(start, end_inclusive)`` of a single ``bytes=`` range, or None for the whole file."""
-    if value is None:
-        return None
-    unit, _, spec = value.partition(b"=")
-    if unit.strip().lower() != b"bytes" or b"," in spec:
-        return None
-    first, dash, last = spec.strip().partition(b"-")
-    if not dash or not first.isdigit() or (last and not last.isdigit()):
-        return None  # suffix ranges and junk: serve the whole file, as RFC 9110 allows
-    start = int(first)
-    end = int(last) if last else None
-    if size is not None:
-        if start >= size:
-            raise RangeNotSatisfiable(f"range start {start} beyond {size}")
-        if end is not None:
-            end = min(end, size - 1)
-    if end is not None and end < start:
-        return None
-    return start, end
 
 
 class Proxy:
@@ -565,15 +547,14 @@ class Proxy:
     async def _send_bytes(self, data: bytes, request: Request, resp: Responder) -> None:
         """A whole NAR held in memory, with Range; headers and body in one write."""
         size = len(data)
-        rng = _parse_range(request.headers.get(b"range"), size)
-        if rng:
-            start, end = rng[0], rng[1] if rng[1] is not None else size - 1
+        rng = parse_range(request.headers.get(b"range"), size)
+        if rng is not None:
             head = (
                 b"HTTP/1.1 206 Partial Content\r\ncontent-type: application/x-nix-nar\r\n"
                 b"accept-ranges: bytes\r\ncontent-length: %d\r\n"
-                b"content-range: bytes %d-%d/%d\r\n\r\n" % (end - start + 1, start, end, size)
+                b"content-range: %s\r\n\r\n" % (rng.length, rng.content_range)
             )
-            body = data[start : end + 1]
+            body = data[rng.start : rng.stop]
             status = 206
         else:
             head = (
@@ -608,22 +589,20 @@ class Proxy:
             return False
         try:
             self.metrics.inc("nixd_proxy_local_hits_total", kind="nar")
-            rng = _parse_range(request.headers.get(b"range"), size)
-            start, end = (
-                (rng[0], rng[1] if rng[1] is not None else size - 1) if rng else (0, size - 1)
-            )
-            headers = [*NAR_HEADERS, (b"content-length", str(end - start + 1).encode())]
-            if rng:
-                headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
-            await resp.start(206 if rng else 200, headers)
+            rng = parse_range(request.headers.get(b"range"), size)
+            start, stop = (rng.start, rng.stop) if rng is not None else (0, size)
+            headers = [*NAR_HEADERS, (b"content-length", str(stop - start).encode())]
+            if rng is not None:
+                headers.append((b"content-range", rng.content_range))
+            await resp.start(206 if rng is not None else 200, headers)
             if not head:
-                pos, stop = start, end + 1
+                pos = start
                 while pos < stop:  # in blocks, dropping what was sent (see pagecache)
                     n = min(stop - pos, pagecache.BLOCK)
                     await resp.send_file(fd, pos, n)
                     pagecache.drop_behind(fd, pos, pos + n, size)
                     pos += n
-                self.metrics.inc("nixd_proxy_sent_bytes_total", end - start + 1, source="local")
+                self.metrics.inc("nixd_proxy_sent_bytes_total", stop - start, source="local")
             await resp.end()
         finally:
             os.close(fd)
@@ -695,19 +674,19 @@ class Proxy:
                 assert download.error is not None
                 raise download.error
             size = download.size
-            rng = _parse_range(request.headers.get(b"range"), size) if size is not None else None
-            start = rng[0] if rng else 0
-            end = (rng[1] if rng and rng[1] is not None else size - 1) if size is not None else None
+            # Without a known size there is no range to check a request against: the
+            # whole file (and no Content-Length: the body ends with the connection).
+            rng = parse_range(request.headers.get(b"range"), size) if size is not None else None
+            start, stop = (rng.start, rng.stop) if rng is not None else (0, size)
             headers = [*NAR_HEADERS]
-            if size is not None and end is not None:
-                headers.append((b"content-length", str(end - start + 1).encode()))
-            if rng and size is not None:
-                headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
-            await resp.start(206 if rng else 200, headers)
+            if stop is not None:
+                headers.append((b"content-length", str(stop - start).encode()))
+            if rng is not None:
+                headers.append((b"content-range", rng.content_range))
+            await resp.start(206 if rng is not None else 200, headers)
             if head:
                 await resp.end()
                 return
-            stop = end + 1 if end is not None else None
             pos = start
             download.reader_at(resp, pos)
             while True:
@@ -786,7 +765,8 @@ class ProxyHandle:
             await self._proxy.downloads_idle.wait()
 
     async def drain(self) -> None:
-        """Stop accepting, close idle connections, wait for requests in flight."""
+        """Stop accepting, close connections idle after a request, answer the others
+        (requests in flight, heads still coming: :mod:`nixd.http.serve`), then return."""
         self._shutdown.set()
         await self._front.closed.wait()
 
