@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from nixd import __version__
 from nixd.cliutil import run_command
 
-COMMAND_MODULES = ("nar", "key", "daemon", "login", "status")
+COMMAND_MODULES = ("nar", "key", "daemon", "login", "status", "push")
 
 
 def build_parser() -> argparse.ArgumentParser:

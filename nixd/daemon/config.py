@@ -10,6 +10,7 @@ The file (``/etc/nixd/config.toml`` by default) has four sections, all optional:
                nix_daemon_unit        (restarted over the system D-Bus when the fragment changes),
                nix_conf_managed_by    ("auto", "nixd" or "external": who edits nix.conf,
                                        see nixd.daemon.nixsetup)
+    [push]     to, compression, jobs, retries, upstream_keys, store   (``nixd push``)
 
 No file at all is the same as an empty one: the daemon runs on the defaults
 (:func:`load_config` with ``missing_ok``), so a fresh install starts before anyone has
@@ -112,6 +113,25 @@ class NixSection:
     nix_conf_managed_by: ManagedBy = "auto"
 
 
+PUSH_COMPRESSIONS = ("zstd", "xz", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class PushSection:
+    """``nixd push`` / ``watch-store`` / the post-build hook (:mod:`nixd.daemon.push`)."""
+
+    #: the slice pushed to without ``--to``: ``org/project``
+    to: str | None = None
+    compression: str = "zstd"
+    #: paths uploaded at once, and attempts per request before a path fails
+    jobs: int = 4
+    retries: int = 4
+    #: keys of upstream caches besides the proxy's upstreams': paths they signed are skipped
+    upstream_keys: tuple[str, ...] = ()
+    #: a chroot store's root (``nix --store DIR``); None: the system store
+    store: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: str | None = None
@@ -119,6 +139,7 @@ class Config:
     server: ServerSection = field(default_factory=ServerSection)
     proxy: ProxySection = field(default_factory=ProxySection)
     nix: NixSection = field(default_factory=NixSection)
+    push: PushSection = field(default_factory=PushSection)
 
     @property
     def proxy_secret_file(self) -> str:
@@ -127,6 +148,11 @@ class Config:
     @property
     def state_file(self) -> str:
         return str(Path(self.daemon.state_dir) / "state.json")
+
+    @property
+    def push_queue(self) -> str:
+        """Where the post-build hook appends paths for the daemon to push."""
+        return str(Path(self.daemon.state_dir) / "push-queue")
 
 
 class _Section:
@@ -249,7 +275,7 @@ def _parse_listen(where: str, value: str) -> tuple[str, int]:
 def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
     """Build a :class:`Config` from parsed TOML; errors say ``file:key``."""
     top = _Section(file, "", dict(data))
-    for name in ("daemon", "server", "proxy", "nix"):
+    for name in ("daemon", "server", "proxy", "nix", "push"):
         top.get(name, dict, {})
     top.finish()
 
@@ -354,7 +380,39 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         server=server,
         proxy=proxy,
         nix=nix,
+        push=_push_section(_Section(file, "push.", data.get("push", {}))),
     )
+
+
+def _slice_name(v: str) -> str | None:
+    org, sep, project = v.partition("/")
+    ok = sep and org and project and "/" not in project
+    ok = ok and all(c.isascii() and (c.isalnum() or c in "._-") for c in org + project)
+    return None if ok else "must be ORG/PROJECT (letters, digits, '.', '_', '-')"
+
+
+def _push_section(u: _Section) -> PushSection:
+    to = u.opt_str("to")
+    if to is not None and (problem := _slice_name(to)):
+        raise ConfigError(f"{u.where('to')}: {problem}")
+    store = u.opt_str("store")
+    if store is not None and (problem := _absolute(store)):
+        raise ConfigError(f"{u.where('store')}: {problem}")
+    section = PushSection(
+        to=to,
+        compression=u.get(
+            "compression",
+            str,
+            "zstd",
+            lambda v: None if v in PUSH_COMPRESSIONS else f"one of {PUSH_COMPRESSIONS}",
+        ),
+        jobs=u.get("jobs", int, 4, lambda v: None if 1 <= v <= 64 else "must be 1..64"),
+        retries=u.get("retries", int, 4, lambda v: None if 1 <= v <= 20 else "must be 1..20"),
+        upstream_keys=u.keys("upstream_keys"),
+        store=store,
+    )
+    u.finish()
+    return section
 
 
 def upstream_config(u: UpstreamSection) -> UpstreamConfig:

@@ -56,6 +56,7 @@ from nixd.daemon.control import (
     serve_control,
 )
 from nixd.daemon.nixsetup import ApplyResult, NixSetup, NixSetupConfig, NixState
+from nixd.daemon.push import Pusher
 from nixd.daemon.refresher import Refresher
 from nixd.daemon.state import (
     LoginState,
@@ -117,6 +118,7 @@ class Daemon:
         self.expiry_changed = trio.Event()
         methods.load_builtin_methods()  # before READY: the first login is not slowed
         self.unit_restarter = dbus.UnitRestarter()
+        self.pusher = Pusher(self)
         self.control = ControlServer(
             {
                 ("GET", "/status"): Route(self.status, privileged=False),
@@ -125,9 +127,21 @@ class Daemon:
                 ("GET", "/login"): Route(self.may_login, privileged=True),
                 ("POST", "/login"): Route(self.login, privileged=True, takes_body=True),
                 ("POST", "/logout"): Route(self.logout, privileged=True),
+                ("POST", "/push"): Route(self.pusher.api_push, privileged=True, takes_body=True),
+                ("POST", "/push/job"): Route(self.pusher.api_job, privileged=True, takes_body=True),
+                ("GET", "/push"): Route(self.pusher.api_status, privileged=True),
             },
             group=config.daemon.control_group,
         )
+
+    @property
+    def push_server(self) -> str | None:
+        """The server pushes go to: the one logged in to (:mod:`nixd.daemon.push`)."""
+        return self.login_state.server_url if self.login_state else None
+
+    @property
+    def push_tokens(self) -> Refresher:
+        return self.refresher
 
     # -- login state -----------------------------------------------------------------------
 
@@ -690,6 +704,7 @@ async def run_daemon(config: Config) -> handoff.Handoff | None:
         ) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.refresher.run)
+                await nursery.start(daemon.pusher.run)
                 nursery.start_soon(daemon.watch_expiry)
                 wake = dbus.SystemBusWatcher(dbus.RefreshOnWake(daemon.refresher))
                 await nursery.start(wake.run)

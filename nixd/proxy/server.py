@@ -32,6 +32,10 @@ Model (DESIGN.md, "Security model"):
   fetched whole over a kept-alive connection (one fetch shared by concurrent requests),
   checked inline (FileHash, then the signed NarHash) before any byte goes to Nix, kept, and
   answered with one write; warm hits on them come from memory.
+- ``log/<drv basename>`` (``nix log``): asked of the upstreams in priority order, each with
+  its own credential; the first 200 is passed on, at most :data:`MAX_LOG` bytes. Build logs
+  are not signed in Nix's protocol, so they are not verified and not kept; 404 only when
+  every upstream said 404, otherwise the upstream's failure maps as for a narinfo.
 - Errors reach Nix only through :func:`nixd.proxy.errors.status_for`.
 """
 
@@ -48,14 +52,22 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from nixd.errors import ConfigError, FormatError, IntegrityError, NixdError, UpstreamError
-from nixd.http import parse_range
+from nixd.errors import (
+    AuthError,
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    NixdError,
+    UpstreamError,
+)
+from nixd.http import BodyTooLarge, parse_range
 from nixd.nix.cacheinfo import CacheInfo
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
+from nixd.nix.storepath import StorePath
 from nixd.proxy import pagecache
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
-from nixd.proxy.errors import NotFound, status_for
+from nixd.proxy.errors import BadRequest, NotFound, status_for
 from nixd.proxy.front import Abort, Connection, HttpServer, Request, Responder, serve_front
 from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
@@ -79,6 +91,10 @@ log = logging.getLogger(__name__)
 NARINFO_TYPE = (b"content-type", b"text/x-nix-narinfo")
 NAR_HEADERS = ((b"content-type", b"application/x-nix-nar"), (b"accept-ranges", b"bytes"))
 _PENDING = object()
+_BASE32 = frozenset("0123456789abcdfghijklmnpqrsvwxyz")
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
+MAX_LOG = 64 << 20
+"""Largest build log passed on (the cache server accepts logs up to the same size)."""
 _NARINFO_OK = Metrics.key("nixd_proxy_requests_total", kind="narinfo", status="200")
 _LOCAL_NARINFO_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="narinfo")
 _LOCAL_NAR_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="nar")
@@ -308,6 +324,9 @@ class Proxy:
             elif path.startswith(b"/nar/") and path.count(b"/") == 2:
                 kind = "nar"
                 await self._serve_nar(path[5:].decode("ascii", "replace"), request, resp, head)
+            elif path.startswith(b"/log/") and path.count(b"/") == 2:
+                kind = "log"
+                await self._serve_log(path[5:].decode("ascii", "replace"), resp, head)
             else:
                 await resp.simple(404, b"not found\n", head=head)
         except Exception as exc:  # containment: whatever fails here ends this request only
@@ -319,6 +338,46 @@ class Proxy:
             await resp.simple(status, message.encode(), head=head)
         finally:
             self.metrics.inc("nixd_proxy_requests_total", kind=kind, status=str(resp.status))
+
+    async def _serve_log(self, name: str, resp: Responder, head: bool) -> None:
+        """A build log from the first upstream (by priority) that has it (module docstring)."""
+        try:
+            drv = StorePath.from_basename(name)
+        except FormatError as exc:
+            raise BadRequest(f"not a derivation name: {exc}") from None
+        if (
+            not name.endswith(".drv")
+            or not set(drv.hash_part) <= _BASE32
+            or not set(drv.name) <= _NAME_CHARS
+        ):
+            raise BadRequest("build logs are named after a derivation (<hash>-<name>.drv)")
+        failure: Exception | None = None
+        for upstream in list(self.upstreams):
+            url = upstream.url_for(f"log/{name}")
+            try:
+                # the raw kept-alive path where it applies, else httpx (as fetch_narinfo does)
+                got = await upstream.get_small(url, MAX_LOG)
+                if got is None:
+                    got = await upstream._get_bounded(url, MAX_LOG)
+                status, body = got
+                upstream.check_status(status, url)
+            except NotFound:
+                continue
+            except BodyTooLarge as exc:
+                log.warning("upstream %s: build log %s: %s", upstream.name, name, exc)
+                failure = failure or UpstreamError(f"{upstream.name}: build log too large")
+                continue
+            except (UpstreamError, AuthError) as exc:
+                log.warning("upstream %s: build log %s: %s", upstream.name, name, exc)
+                failure = failure or exc
+                continue
+            await resp.simple(
+                200, body, [(b"content-type", b"text/plain; charset=utf-8")], head=head
+            )
+            return
+        if failure is not None:
+            raise failure
+        raise NotFound(f"log/{name}")
 
     async def _serve_narinfo(self, hash_part: str, resp: Responder, head: bool) -> None:
         resolved = await self.resolve(hash_part)
