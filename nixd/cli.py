@@ -35,6 +35,9 @@ COMMANDS: dict[str, str] = {
     "daemon": "daemon",
     "nar": "nar",
     "key": "key",
+    "push": "push",
+    "watch-store": "push",
+    "post-build-hook": "push",
     "completion": "completion",
     "man": "completion",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -38,7 +39,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--config", default=DEFAULT_CONFIG_PATH, help=f"config file (default {DEFAULT_CONFIG_PATH})"
+        "--config",
+        default=DEFAULT_CONFIG_PATH,
+        help=f"config file (default {DEFAULT_CONFIG_PATH}; without one, the defaults)",
     )
     p.add_argument(
         "--restart",
@@ -59,8 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from nixd.daemon.config import load_config  # noqa: PLC0415
     from nixd.daemon.main import configure_logging, run_daemon  # noqa: PLC0415
 
-    config = load_config(args.config)
+    config = load_config(args.config, missing_ok=True)  # no file: the defaults
     configure_logging("debug" if args.verbose else config.daemon.log_level)
+    if not os.path.exists(args.config):
+        logging.getLogger("nixd.daemon").info(
+            "no config file at %s: running on the defaults", config.path
+        )
     handoff = trio.run(run_daemon, config)
     if handoff is not None:
         handoff.exec()  # returns only by raising: the daemon exits with the error

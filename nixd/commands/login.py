@@ -12,6 +12,13 @@ keeps the token fresh (see :mod:`nixd.auth.methods`).
 - ``aws``: nothing secret at all: the daemon uses its own AWS credential chain.
 - no method: interactive login (a device code approved in a browser, :mod:`nixd.auth.device`);
   the CLI runs the flow itself and hands the resulting refresh credential to the daemon.
+  It first asks the daemon (``GET /login``) whether this user may log in at all, so a user
+  who may not is told so before a browser is involved.
+
+A login succeeds only when Nix will use it: when the daemon could not bring its settings
+into effect (nix.conf managed elsewhere and not including nixd's fragment, a file it could
+not write, ...), the login is kept but the command prints what to do and exits
+:data:`EXIT_NIX_NOT_CONFIGURED`.
 """
 
 from __future__ import annotations
@@ -22,13 +29,17 @@ import sys
 import time
 from typing import Any
 
+from nixd import exitcodes
 from nixd.auth.github_action import TOKEN_VAR, URL_VAR
 from nixd.auth.gitlab_pipeline import DEFAULT_VARIABLE
 from nixd.auth.token import read_api_token
 from nixd.commands._common import add_daemon_options
-from nixd.daemon.client import call, socket_path
+from nixd.daemon.client import DaemonRefused, call, socket_path
 from nixd.daemon.config import DEFAULT_CONFIG_PATH, load_config
 from nixd.errors import ConfigError, LoginFailed
+
+EXIT_NIX_NOT_CONFIGURED = exitcodes.FAILURE
+"""Logged in, but Nix does not use nixd's settings yet (the message says what to do)."""
 
 
 def _method(
@@ -116,7 +127,28 @@ def _login(args: argparse.Namespace, method: str, params: dict[str, Any]) -> int
         print(f"renewal: {answer['renewal']}")
     if answer.get("warning"):
         print(f"warning: {answer['warning']}", file=sys.stderr)
+    nix = answer.get("nix")
+    if isinstance(nix, dict) and nix.get("in_effect") is False:
+        print(
+            f"nixd: error: logged in, but Nix does not use nixd yet: {nix.get('problem')}",
+            file=sys.stderr,
+        )
+        return EXIT_NIX_NOT_CONFIGURED
     return 0
+
+
+def check_may_login(args: argparse.Namespace) -> None:
+    """Raise unless the daemon would accept a login from this user (before a browser flow).
+
+    A daemon too old to know ``GET /login`` (404/405) is not asked: its ``POST /login``
+    still decides.
+    """
+    try:
+        call(socket_path(args.socket, args.config), "GET", "/login", config_arg=args.config)
+    except DaemonRefused as exc:
+        if exc.status in (404, 405):
+            return
+        raise
 
 
 def run_login_token(args: argparse.Namespace) -> int:
@@ -172,6 +204,7 @@ def run_login_interactive(args: argparse.Namespace) -> int:
     from nixd.auth.device import interactive_login  # noqa: PLC0415 - only this command needs it
 
     server = args.server or server_url(args.config)
+    check_may_login(args)
     refresh = interactive_login(server)
     args.server = server
     return _login(args, "device", {"refresh_token": refresh})
@@ -179,7 +212,7 @@ def run_login_interactive(args: argparse.Namespace) -> int:
 
 def server_url(config_arg: str | None) -> str:
     """The server of the daemon's config, for commands that talk to it themselves."""
-    config = load_config(config_arg or DEFAULT_CONFIG_PATH)
+    config = load_config(config_arg or DEFAULT_CONFIG_PATH, missing_ok=True)
     if not config.server.url:
         raise ConfigError("no server URL: pass --server or set server.url in the daemon config")
     return config.server.url.rstrip("/")

@@ -73,6 +73,12 @@ def render(status: dict[str, Any]) -> str:
     lines.append(f"last error:     {status.get('last_error') or 'none'}")
     if status.get("config_error"):
         lines.append(f"CONFIG:         {status['config_error']} (running with the old config)")
+    nix = status.get("nix") or {}
+    if nix.get("in_effect") is False:
+        lines.append(f"NIX:            {nix.get('problem')}")
+    elif nix.get("in_effect"):
+        where = nix.get("include_file") or f"{nix.get('nix_conf')}, managed elsewhere"
+        lines.append(f"nix:            uses nixd (the include is in {where})")
     proxy = status.get("proxy") or {}
     lines.append(f"proxy:          {proxy.get('url') or proxy.get('error') or 'not running'}")
     store = status.get("store") or {}

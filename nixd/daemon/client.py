@@ -53,7 +53,7 @@ def socket_path(socket_arg: str | None, config_arg: str | None) -> str:
     from nixd.daemon.config import load_config  # noqa: PLC0415 - only when a file is read
 
     if config_arg:
-        return load_config(config_arg).daemon.control_socket
+        return load_config(config_arg, missing_ok=True).daemon.control_socket
     try:
         return load_config(DEFAULT_CONFIG_PATH).daemon.control_socket
     except ConfigError:

@@ -7,7 +7,14 @@ The file (``/etc/nixd/config.toml`` by default) has four sections, all optional:
     [proxy]    listen, store_dir, store_max_bytes, negative_ttl, [[proxy.upstreams]]
                (url, priority, trusted_keys, auth, netrc_file, foreign_urls)
     [nix]      nix_conf, fragment, netrc, additional_netrc_sources, restart_nix_daemon,
-               nix_daemon_unit        (restarted over the system D-Bus when the fragment changes)
+               nix_daemon_unit        (restarted over the system D-Bus when the fragment changes),
+               nix_conf_managed_by    ("auto", "nixd" or "external": who edits nix.conf,
+                                       see nixd.daemon.nixsetup)
+    [push]     to, compression, jobs, retries, upstream_keys, store   (``nixd push``)
+
+No file at all is the same as an empty one: the daemon runs on the defaults
+(:func:`load_config` with ``missing_ok``), so a fresh install starts before anyone has
+written ``/etc/nixd/config.toml``; creating the file later is picked up as a reload.
 
 Every path is configurable, so tests and the demo run unprivileged inside a temp dir.
 :func:`load_config` is the single parser: it refuses unknown keys and wrong types, and every
@@ -34,6 +41,7 @@ from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from nixd.bounds import parse_uint
+from nixd.daemon.nixsetup import MANAGED_BY, ManagedBy
 from nixd.errors import ConfigError, FormatError
 from nixd.nix.signing import PublicKey
 from nixd.proxy.config import FOREIGN_URLS, ForeignUrls, UpstreamConfig
@@ -109,6 +117,28 @@ class NixSection:
     restart_nix_daemon: bool = True
     #: the systemd unit asked to restart (TryRestartUnit) after the fragment changed
     nix_daemon_unit: str = "nix-daemon.service"
+    #: who edits nix.conf: "nixd" adds the include line, "external" (NixOS, nix-darwin,
+    #: configuration management) never touches it, "auto" picks per machine
+    nix_conf_managed_by: ManagedBy = "auto"
+
+
+PUSH_COMPRESSIONS = ("zstd", "xz", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class PushSection:
+    """``nixd push`` / ``watch-store`` / the post-build hook (:mod:`nixd.daemon.push`)."""
+
+    #: the slice pushed to without ``--to``: ``org/project``
+    to: str | None = None
+    compression: str = "zstd"
+    #: paths uploaded at once, and attempts per request before a path fails
+    jobs: int = 4
+    retries: int = 4
+    #: keys of upstream caches besides the proxy's upstreams': paths they signed are skipped
+    upstream_keys: tuple[str, ...] = ()
+    #: a chroot store's root (``nix --store DIR``); None: the system store
+    store: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +148,7 @@ class Config:
     server: ServerSection = field(default_factory=ServerSection)
     proxy: ProxySection = field(default_factory=ProxySection)
     nix: NixSection = field(default_factory=NixSection)
+    push: PushSection = field(default_factory=PushSection)
 
     @property
     def proxy_secret_file(self) -> str:
@@ -126,6 +157,11 @@ class Config:
     @property
     def state_file(self) -> str:
         return str(Path(self.daemon.state_dir) / "state.json")
+
+    @property
+    def push_queue(self) -> str:
+        """Where the post-build hook appends paths for the daemon to push."""
+        return str(Path(self.daemon.state_dir) / "push-queue")
 
 
 class _Section:
@@ -248,7 +284,7 @@ def _parse_listen(where: str, value: str) -> tuple[str, int]:
 def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
     """Build a :class:`Config` from parsed TOML; errors say ``file:key``."""
     top = _Section(file, "", dict(data))
-    for name in ("daemon", "server", "proxy", "nix"):
+    for name in ("daemon", "server", "proxy", "nix", "push"):
         top.get(name, dict, {})
     top.finish()
 
@@ -336,6 +372,15 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         additional_netrc_sources=sources,
         restart_nix_daemon=n.get("restart_nix_daemon", bool, True),
         nix_daemon_unit=n.get("nix_daemon_unit", str, "nix-daemon.service", _unit_name),
+        nix_conf_managed_by=cast(
+            ManagedBy,
+            n.get(
+                "nix_conf_managed_by",
+                str,
+                "auto",
+                lambda v: None if v in MANAGED_BY else f"one of {', '.join(MANAGED_BY)}",
+            ),
+        ),
     )
     n.finish()
     return Config(
@@ -344,7 +389,39 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         server=server,
         proxy=proxy,
         nix=nix,
+        push=_push_section(_Section(file, "push.", data.get("push", {}))),
     )
+
+
+def _slice_name(v: str) -> str | None:
+    org, sep, project = v.partition("/")
+    ok = sep and org and project and "/" not in project
+    ok = ok and all(c.isascii() and (c.isalnum() or c in "._-") for c in org + project)
+    return None if ok else "must be ORG/PROJECT (letters, digits, '.', '_', '-')"
+
+
+def _push_section(u: _Section) -> PushSection:
+    to = u.opt_str("to")
+    if to is not None and (problem := _slice_name(to)):
+        raise ConfigError(f"{u.where('to')}: {problem}")
+    store = u.opt_str("store")
+    if store is not None and (problem := _absolute(store)):
+        raise ConfigError(f"{u.where('store')}: {problem}")
+    section = PushSection(
+        to=to,
+        compression=u.get(
+            "compression",
+            str,
+            "zstd",
+            lambda v: None if v in PUSH_COMPRESSIONS else f"one of {PUSH_COMPRESSIONS}",
+        ),
+        jobs=u.get("jobs", int, 4, lambda v: None if 1 <= v <= 64 else "must be 1..64"),
+        retries=u.get("retries", int, 4, lambda v: None if 1 <= v <= 20 else "must be 1..20"),
+        upstream_keys=u.keys("upstream_keys"),
+        store=store,
+    )
+    u.finish()
+    return section
 
 
 def upstream_config(u: UpstreamSection) -> UpstreamConfig:
@@ -359,9 +436,11 @@ def upstream_config(u: UpstreamSection) -> UpstreamConfig:
     )
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and check the config file at ``path``; a missing file is an error.
+def load_config(path: str | Path, *, missing_ok: bool = False) -> Config:
+    """Read and check the config file at ``path``.
 
+    A missing file is an error, or with ``missing_ok`` the defaults (every section is
+    optional), remembering ``path`` so that the daemon watches for the file to appear.
     Raises only :class:`ConfigError`, whatever the file holds (see the module docstring).
     """
     file = os.path.abspath(path)
@@ -369,6 +448,8 @@ def load_config(path: str | Path) -> Config:
         with open(file, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
+        if missing_ok:
+            return Config(path=file)
         raise ConfigError(f"{file}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc

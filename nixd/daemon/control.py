@@ -4,8 +4,12 @@ Routes::
 
     GET  /status    anyone            -> the status document (never a token)
     GET  /version   anyone            -> {"version": ...}
+    GET  /login     root or group     -> {"allowed": true} (asked before a browser login)
     POST /login     root or group     {"method": "token", "token": ..., "server": ...}
     POST /logout    root or group
+    POST /push      root or group     {"paths": [...], "to": "org/project"}  -> a push job
+    POST /push/job  root or group     {"job": id}                            -> its progress
+    GET  /push      root or group     -> the push jobs and the queue (nixd.daemon.push)
 
 The socket is mode 0666 so that every local user can read the status; who may change the
 login is decided here, per connection, from ``SO_PEERCRED`` (the kernel's record of the

@@ -11,6 +11,11 @@ Modes never come from the umask: a file gets its mode with ``fchmod`` before it 
 visible, and a directory created here gets its mode with ``chmod`` (:func:`make_dirs`),
 so a daemon started with ``UMask=0000`` writes nothing anyone else may change.
 
+An owner is set with ``fchown`` only when it differs from the temporary file's own: the
+shipped systemd unit denies the ``@privileged`` system calls (``fchown`` among them) with
+EPERM, so rewriting a root-owned ``/etc/nix/nix.conf`` as root must not ask for one
+(tests/daemon/test_seccomp.py runs these writes under that filter).
+
 These are plain blocking functions; the daemon calls them via
 ``trio.to_thread.run_sync``.
 """
@@ -98,7 +103,9 @@ def atomic_write(
                 written = os.write(fd, view)
                 view = view[written:]
             if owner is not None:
-                os.fchown(fd, owner[0], owner[1])
+                st = os.fstat(fd)
+                if (st.st_uid, st.st_gid) != owner:  # a no-op fchown is still @privileged
+                    os.fchown(fd, owner[0], owner[1])
             os.fchmod(fd, mode)
             os.fsync(fd)
         finally:

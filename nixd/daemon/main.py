@@ -12,6 +12,8 @@ from socket activation when systemd (or launchd, for ``proxy``) passes them, nam
   across an ``exec`` of the same command line (:mod:`nixd.daemon.handoff`, which also
   says how a restart is survived under systemd and launchd). The control socket closes
   first, the proxy drains as for SIGTERM, then the new image starts on the same sockets.
+- No config file: the defaults (every section is optional); the file appearing later is a
+  change like any other.
 - SIGHUP, or a change of the config file seen by watchfiles: the config is re-read. A valid
   one is applied in place (upstreams, keys, control group, Nix integration) without
   touching in-flight downloads; an invalid one is logged with file:key and the old config
@@ -54,6 +56,7 @@ from nixd.daemon.control import (
     serve_control,
 )
 from nixd.daemon.nixsetup import ApplyResult, NixSetup, NixSetupConfig, NixState
+from nixd.daemon.push import Pusher
 from nixd.daemon.refresher import Refresher
 from nixd.daemon.state import (
     LoginState,
@@ -102,6 +105,10 @@ class Daemon:
         self.last_error: str | None = None
         self.config_error: str | None = None
         """Why the last reload was refused; None once one succeeded."""
+        self.nix_result: ApplyResult | None = None
+        """What the last write of the Nix integration did (None: not written yet)."""
+        self.nix_problem: str | None = None
+        """Why Nix does not use nixd's settings, with what to do; None when it does."""
         self.restart_refusals = 0
         """In-place restarts refused (SIGUSR2 with a config or command that would not
         start); ``nixd daemon --restart`` watches it to stop waiting."""
@@ -111,15 +118,30 @@ class Daemon:
         self.expiry_changed = trio.Event()
         methods.load_builtin_methods()  # before READY: the first login is not slowed
         self.unit_restarter = dbus.UnitRestarter()
+        self.pusher = Pusher(self)
         self.control = ControlServer(
             {
                 ("GET", "/status"): Route(self.status, privileged=False),
                 ("GET", "/version"): Route(self.version, privileged=False),
+                # answered only to those who may log in: the CLI asks before a browser flow
+                ("GET", "/login"): Route(self.may_login, privileged=True),
                 ("POST", "/login"): Route(self.login, privileged=True, takes_body=True),
                 ("POST", "/logout"): Route(self.logout, privileged=True),
+                ("POST", "/push"): Route(self.pusher.api_push, privileged=True, takes_body=True),
+                ("POST", "/push/job"): Route(self.pusher.api_job, privileged=True, takes_body=True),
+                ("GET", "/push"): Route(self.pusher.api_status, privileged=True),
             },
             group=config.daemon.control_group,
         )
+
+    @property
+    def push_server(self) -> str | None:
+        """The server pushes go to: the one logged in to (:mod:`nixd.daemon.push`)."""
+        return self.login_state.server_url if self.login_state else None
+
+    @property
+    def push_tokens(self) -> Refresher:
+        return self.refresher
 
     # -- login state -----------------------------------------------------------------------
 
@@ -244,6 +266,7 @@ class Daemon:
                 fragment=Path(n.fragment),
                 netrc=Path(n.netrc),
                 additional_netrc_sources=tuple(Path(p) for p in n.additional_netrc_sources),
+                managed_by=n.nix_conf_managed_by,
             )
         )
 
@@ -265,17 +288,30 @@ class Daemon:
             server_credentials=((host, token.value),) if host and token else (),
         )
 
-    async def apply_nix(self) -> None:
-        """(Re)write the managed netrc and nix.conf fragment; errors are logged, not raised."""
+    async def apply_nix(self) -> str | None:
+        """(Re)write the managed netrc and nix.conf fragment; errors are logged, not raised.
+
+        Returns why Nix does not use nixd's settings, with what to do (None when it does,
+        or when logged out): ``login`` hands it to the CLI, ``status`` shows it.
+        """
         async with self._nix_lock:
             try:
                 result = await trio.to_thread.run_sync(self._apply_nix_sync)
             except (NixdError, OSError) as exc:
                 self.last_error = f"could not write the Nix configuration: {exc}"
+                self.nix_problem = self.last_error
                 log.error("%s", self.last_error)
-                return
+                return self.nix_problem
+            self.nix_result = result
+            problem = None if result is None else result.problem
+            if problem is not None and problem != self.nix_problem:  # once, not per renewal
+                log.error("%s", problem)
+            elif problem is None and self.nix_problem is not None and result is not None:
+                log.info("Nix now reads nixd's settings")
+            self.nix_problem = problem
             if result is not None and result.restart_needed:
                 await self.restart_nix_daemon()
+            return self.nix_problem
 
     def _apply_nix_sync(self) -> ApplyResult | None:
         state = self.nix_state()
@@ -292,6 +328,8 @@ class Daemon:
                 self.last_error = f"could not remove the Nix configuration: {exc}"
                 log.error("%s", self.last_error)
                 return
+            self.nix_result = None
+            self.nix_problem = None
             if changed:
                 await self.restart_nix_daemon()
 
@@ -356,8 +394,27 @@ class Daemon:
                 "bytes_used": store_bytes,
                 "max_bytes": c.proxy.store_max_bytes,
             },
-            "nix": {"nix_conf": c.nix.nix_conf, "fragment": c.nix.fragment, "netrc": c.nix.netrc},
+            "nix": self._nix_status(),
         }
+
+    def _nix_status(self) -> dict[str, Any]:
+        n = self.config.nix
+        result = self.nix_result
+        written = result is not None or self.nix_problem is not None
+        return {
+            "nix_conf": n.nix_conf,
+            "fragment": n.fragment,
+            "netrc": n.netrc,
+            "managed_by": n.nix_conf_managed_by,
+            "include_file": result.include_file if result is not None else None,
+            # None while logged out: nothing is written, so nothing can be in effect
+            "in_effect": (self.nix_problem is None) if written else None,
+            "problem": self.nix_problem,
+        }
+
+    async def may_login(self, _peer: Peer | None, _body: Any) -> dict[str, Any]:
+        """Reached only by a peer that may log in (the route is privileged)."""
+        return {"allowed": True}
 
     async def login(self, peer: Peer | None, body: Any) -> dict[str, Any]:
         """``{"method": name, "server": url, "params": {...}}``: exchange, pin keys, set up Nix.
@@ -398,7 +455,7 @@ class Daemon:
             self._login_changed()
             self.last_error = None
             self.update_proxy()
-            await self.apply_nix()
+            problem = await self.apply_nix()
         log.info(
             "logged in as %s at %s with %s (by uid %s)",
             shown,
@@ -417,6 +474,7 @@ class Daemon:
             "server": server,
             "token_expires_at": token.expires_at,
             "pinned_keys": list(keys),
+            "nix": self._nix_status() | {"in_effect": problem is None, "problem": problem},
         }
 
     async def logout(self, peer: Peer | None, _body: Any) -> dict[str, Any]:
@@ -439,7 +497,9 @@ class Daemon:
         if path is None:
             return False
         try:
-            new = await trio.to_thread.run_sync(load_config, path)
+            new = await trio.to_thread.run_sync(
+                functools.partial(load_config, path, missing_ok=True)
+            )
             self.proxy_config(new)  # everything applied below must build from it
         except Exception as exc:  # containment: any failure is a refusal, never the end
             if not isinstance(exc, ConfigError):
@@ -520,6 +580,7 @@ class Daemon:
             return Path(changed) == target
 
         started = False
+        warned = False
         while True:
             try:
                 watching = False
@@ -544,7 +605,9 @@ class Daemon:
                     elif changes:
                         await self.reload("config file changed")
             except Exception as exc:  # containment: a failed watch must not end the daemon
-                log.warning("cannot watch %s (%s); retrying, SIGHUP reloads", target, exc)
+                if not warned:  # e.g. no /etc/nixd yet: said once, retried quietly
+                    warned = True
+                    log.warning("cannot watch %s (%s); retrying, SIGHUP reloads", target, exc)
             if not started:
                 started = True
                 task_status.started()
@@ -605,7 +668,9 @@ async def _prepare_handoff(
     try:
         new = config
         if config.path is not None:
-            new = await trio.to_thread.run_sync(load_config, config.path)
+            new = await trio.to_thread.run_sync(
+                functools.partial(load_config, config.path, missing_ok=True)
+            )
         named: list[tuple[str, trio.socket.SocketType]] = []
         if new.daemon.control_socket == config.daemon.control_socket:
             named.append(("control", control.socket))
@@ -639,6 +704,7 @@ async def run_daemon(config: Config) -> handoff.Handoff | None:
         ) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.refresher.run)
+                await nursery.start(daemon.pusher.run)
                 nursery.start_soon(daemon.watch_expiry)
                 wake = dbus.SystemBusWatcher(dbus.RefreshOnWake(daemon.refresher))
                 await nursery.start(wake.run)

@@ -24,7 +24,7 @@ class BadResponse(UpstreamError):
 
 
 class BodyTooLarge(BadResponse):
-    """A response announced a ``Content-Length`` above the caller's bound."""
+    """A response announced (``Content-Length``) or sent a body above the caller's bound."""
 
 
 class ResponseStateError(RuntimeError):

@@ -6,9 +6,9 @@ the wrong number of body bytes hands the rest of one answer to the next request 
 kept-alive connection (response splitting). Refused with
 :class:`~nixd.http.errors.BadResponse` (an :class:`~nixd.errors.UpstreamError`):
 
-- a status line that is not ``HTTP/1.x DDD [reason]``; a bare LF anywhere in the head,
-  a bare CR, obs-fold, a malformed field line; more than ``max_header_count`` fields; a
-  head larger than ``max_head_bytes``;
+- a status line that is not ``HTTP/1.x DDD [reason]`` or has a status below 100; a
+  bare LF anywhere in the head, a bare CR, obs-fold, a malformed field line; more than
+  ``max_header_count`` fields; a head larger than ``max_head_bytes``;
 - ``Content-Length`` that is not ASCII digits, two different ones, or one together with
   ``Transfer-Encoding``; a ``Transfer-Encoding`` other than ``chunked``;
 - a ``Content-Length`` above the caller's ``max_body`` (:class:`BodyTooLarge`): the
@@ -87,6 +87,17 @@ class ResponseHead:
         """The (joined) value of the lower-case field ``name``."""
         return self.headers.get(name)
 
+    @property
+    def identity(self) -> bool:
+        """No content coding: the body is the representation's bytes as they are.
+
+        A client that asked for ``Accept-Encoding: identity`` and hashes what it receives
+        (a NAR file) checks this, since some stores send a coding whatever the request
+        said; ``Content-Encoding: identity`` (any case) counts as none.
+        """
+        coding = self.headers.get(b"content-encoding")
+        return coding is None or all(t in (b"", b"identity") for t in comma_tokens(coding))
+
     def __repr__(self) -> str:
         return f"ResponseHead({self.status}, HTTP/{self.version.decode()})"
 
@@ -112,6 +123,9 @@ def parse_response_head(
     major, minor, code, reason = m.groups()
     if major != b"1" or minor not in (b"0", b"1"):
         raise BadResponse(f"HTTP/{major.decode()}.{minor.decode()} is not HTTP/1.x")
+    status = int(code)  # three ASCII digits (the pattern)
+    if status < 100:
+        raise BadResponse(f"status {code.decode()} is below 100")
     headers: dict[bytes, bytes] = {}
     fields: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
@@ -151,11 +165,11 @@ def parse_response_head(
     keep_alive = (
         minor == b"1"
         and (connection is None or b"close" not in comma_tokens(connection))
-        and (length is not None or chunked or int(code) in (204, 304) or code[:1] == b"1")
+        and (length is not None or chunked or status in (204, 304) or status < 200)
     )
     return ResponseHead(
         version=b"1." + minor,
-        status=int(code),
+        status=status,
         reason=reason or b"",
         headers=headers,
         fields=fields,

@@ -2,9 +2,20 @@
 
 :func:`serve_http` is the whole life of an HTTP/1.1 front, in the hypercorn shape:
 listeners accept into a connection nursery; ``task_status.started(HttpServer)`` once
-accepting; when the ``shutdown`` event passed in is set, accepting stops, idle
-connections close, requests in flight get ``graceful_timeout`` seconds (their answers
-say ``connection: close``), then the rest is cancelled and the function returns.
+accepting; when the ``shutdown`` event passed in is set, accepting stops (connections
+not accepted yet stay in the listener's queue, for whoever holds the socket next),
+kept-alive connections waiting between requests close, requests in flight get
+``graceful_timeout`` seconds (their answers say ``connection: close``), then the rest is
+cancelled and the function returns.
+
+**Draining.** A connection that has not had a request yet is not idle: it was accepted
+because a client is about to send one (Nix connects, then sends its head at once), and
+closing it would reset the client with its request unanswered, a failure it may not
+retry (curl retries a *reused* connection that closes, not a new one). So a drain
+waits for its first head, within the usual ``head_timeout`` from the accept, and
+answers it with ``connection: close``; the same goes for a head partly received. Only
+a kept-alive connection that already served a request and is waiting for the next
+closes at once: its client retries on a new connection, as HTTP/1.1 clients must.
 
 Per connection, a loop over :class:`~nixd.http.request.RequestReader` on the raw trio
 socket (no ``SocketStream`` layers: a warm narinfo answer is one ``recv`` and one
@@ -117,6 +128,7 @@ class Connection:
         "peer",
         "peer_is_loopback",
         "scope",
+        "served",
         "since",
     )
 
@@ -132,6 +144,8 @@ class Connection:
         """A request is being handled (not evictable, not closed by a drain)."""
         self.partial = False
         """Part of a request head is in."""
+        self.served = 0
+        """Requests read on this connection; 0: a drain waits for the first one."""
         self.since = 0
         """When the connection last started waiting for a request (HttpServer.tick)."""
         self.evicted = False
@@ -505,9 +519,14 @@ class HttpServer:
                 del self._by_peer[conn.peer[0]]
 
     def _drain(self) -> None:
+        """Stop keeping connections alive; close those waiting between requests now.
+
+        Connections without a request yet, or with part of a head, keep their head
+        deadline and are answered (see the module docstring).
+        """
         self.draining = True
         for conn in list(self.connections):
-            if not conn.busy and not conn.partial:
+            if conn.served and not conn.busy and not conn.partial:
                 conn.scope.cancel()
 
 
@@ -668,7 +687,6 @@ class _Exchange:
         scope = conn.scope
         sock = self.sock
         server = self.server
-        served = 0
         head_deadline: float | None = trio.current_time() + limits.head_timeout
         while True:
             # -- the next head: keep-alive wait for its first byte, then the whole-head
@@ -687,8 +705,8 @@ class _Exchange:
                     if head_deadline is None:
                         head_deadline = trio.current_time() + limits.head_timeout
                     scope.deadline = head_deadline
-                elif server.draining:
-                    return
+                elif server.draining and conn.served:
+                    return  # between requests: close (a first head is still awaited)
                 elif head_deadline is not None:
                     scope.deadline = head_deadline
                 else:
@@ -700,10 +718,10 @@ class _Exchange:
             scope.deadline = math.inf
             conn.busy = True
             conn.partial = False
-            served += 1
+            conn.served += 1
             keep_alive = (
                 req.keep_alive
-                and served < limits.max_requests_per_connection
+                and conn.served < limits.max_requests_per_connection
                 and not server.draining
             )
             if not await self._handle(req, keep_alive):

@@ -22,10 +22,6 @@ class BadRequest(NixdError):
     """The request itself is malformed (a path the binary cache protocol does not have)."""
 
 
-class RangeNotSatisfiable(NixdError):
-    """A ``Range`` start beyond the end of the file."""
-
-
 def status_for(exc: BaseException) -> tuple[int, str]:
     """The HTTP status and a short body for ``exc``, as Nix 2.8 will read them.
 
@@ -38,7 +34,6 @@ def status_for(exc: BaseException) -> tuple[int, str]:
     only untrusted narinfos exist               ``narinfo-cache-negative-ttl`` (1 h); it
                                                 falls back to building or other caches
     request path not in the protocol    400     not retried
-    Range start past the end            416     not retried
     upstream token expired/rejected     503     transient, retried with backoff. Never
     (AuthError), upstream 401/403               401/403/404: Nix would remember the path as
                                                 absent for an hour
@@ -63,8 +58,6 @@ def status_for(exc: BaseException) -> tuple[int, str]:
         return 404, "not found\n"
     if isinstance(exc, BadRequest):
         return 400, f"bad request: {exc}\n"
-    if isinstance(exc, RangeNotSatisfiable):
-        return 416, "range not satisfiable\n"
     if isinstance(exc, AuthError):
         return 503, "upstream authentication unavailable, retry later\n"
     if isinstance(exc, UpstreamTimeout):

@@ -19,6 +19,9 @@ Model (DESIGN.md, "Security model"):
   and which exact file, so after a restart the proxy finds the upstream again.
 - ``nar/<name>``: from the local store (``sendfile``, Range), else from a single-flight
   :class:`~nixd.proxy.singleflight.Download` that all requests for the name tail.
+  ``Range`` is read by :func:`nixd.http.parse_range`: a range it does not serve (malformed,
+  several, past the end, numbers beyond any file) is answered with the whole file, a 200,
+  never a 416 a plain GET would not have got.
   After a download verified its FileHash, a worker thread decompresses it and checks the
   signed NarHash/NarSize; only then does it enter the :class:`LocalStore`. A download
   the upstream cuts resumes from it with ``Range``; Nix's own ``Range`` retry (Nix 2.8
@@ -29,6 +32,10 @@ Model (DESIGN.md, "Security model"):
   fetched whole over a kept-alive connection (one fetch shared by concurrent requests),
   checked inline (FileHash, then the signed NarHash) before any byte goes to Nix, kept, and
   answered with one write; warm hits on them come from memory.
+- ``log/<drv basename>`` (``nix log``): asked of the upstreams in priority order, each with
+  its own credential; the first 200 is passed on, at most :data:`MAX_LOG` bytes. Build logs
+  are not signed in Nix's protocol, so they are not verified and not kept; 404 only when
+  every upstream said 404, otherwise the upstream's failure maps as for a narinfo.
 - Errors reach Nix only through :func:`nixd.proxy.errors.status_for`.
 """
 
@@ -45,13 +52,22 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from nixd.errors import ConfigError, FormatError, IntegrityError, NixdError, UpstreamError
+from nixd.errors import (
+    AuthError,
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    NixdError,
+    UpstreamError,
+)
+from nixd.http import BodyTooLarge, parse_range
 from nixd.nix.cacheinfo import CacheInfo
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
+from nixd.nix.storepath import StorePath
 from nixd.proxy import pagecache
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
-from nixd.proxy.errors import NotFound, RangeNotSatisfiable, status_for
+from nixd.proxy.errors import BadRequest, NotFound, status_for
 from nixd.proxy.front import Abort, Connection, HttpServer, Request, Responder, serve_front
 from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
@@ -75,6 +91,10 @@ log = logging.getLogger(__name__)
 NARINFO_TYPE = (b"content-type", b"text/x-nix-narinfo")
 NAR_HEADERS = ((b"content-type", b"application/x-nix-nar"), (b"accept-ranges", b"bytes"))
 _PENDING = object()
+_BASE32 = frozenset("0123456789abcdfghijklmnpqrsvwxyz")
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
+MAX_LOG = 64 << 20
+"""Largest build log passed on (the cache server accepts logs up to the same size)."""
 _NARINFO_OK = Metrics.key("nixd_proxy_requests_total", kind="narinfo", status="200")
 _LOCAL_NARINFO_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="narinfo")
 _LOCAL_NAR_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="nar")
@@ -192,28 +212,6 @@ class _Secret:
         return True
 
 
-def _parse_range(value: bytes | None, size: int | None) -> tuple[int, int | None] | None:
-    """``(start, end_inclusive)`` of a single ``bytes=`` range, or None for the whole file."""
-    if value is None:
-        return None
-    unit, _, spec = value.partition(b"=")
-    if unit.strip().lower() != b"bytes" or b"," in spec:
-        return None
-    first, dash, last = spec.strip().partition(b"-")
-    if not dash or not first.isdigit() or (last and not last.isdigit()):
-        return None  # suffix ranges and junk: serve the whole file, as RFC 9110 allows
-    start = int(first)
-    end = int(last) if last else None
-    if size is not None:
-        if start >= size:
-            raise RangeNotSatisfiable(f"range start {start} beyond {size}")
-        if end is not None:
-            end = min(end, size - 1)
-    if end is not None and end < start:
-        return None
-    return start, end
-
-
 class Proxy:
     """Request handling and the state behind it; one per :func:`serve_proxy`."""
 
@@ -328,6 +326,9 @@ class Proxy:
             elif path.startswith(b"/nar/") and path.count(b"/") == 2:
                 kind = "nar"
                 await self._serve_nar(path[5:].decode("ascii", "replace"), request, resp, head)
+            elif path.startswith(b"/log/") and path.count(b"/") == 2:
+                kind = "log"
+                await self._serve_log(path[5:].decode("ascii", "replace"), resp, head)
             else:
                 await resp.simple(404, b"not found\n", head=head)
         except Exception as exc:  # containment: whatever fails here ends this request only
@@ -340,6 +341,46 @@ class Proxy:
         finally:
             self.metrics.inc("nixd_proxy_requests_total", kind=kind, status=str(resp.status))
             self.metrics.observe_request(kind, time.monotonic() - start)
+
+    async def _serve_log(self, name: str, resp: Responder, head: bool) -> None:
+        """A build log from the first upstream (by priority) that has it (module docstring)."""
+        try:
+            drv = StorePath.from_basename(name)
+        except FormatError as exc:
+            raise BadRequest(f"not a derivation name: {exc}") from None
+        if (
+            not name.endswith(".drv")
+            or not set(drv.hash_part) <= _BASE32
+            or not set(drv.name) <= _NAME_CHARS
+        ):
+            raise BadRequest("build logs are named after a derivation (<hash>-<name>.drv)")
+        failure: Exception | None = None
+        for upstream in list(self.upstreams):
+            url = upstream.url_for(f"log/{name}")
+            try:
+                # the raw kept-alive path where it applies, else httpx (as fetch_narinfo does)
+                got = await upstream.get_small(url, MAX_LOG)
+                if got is None:
+                    got = await upstream._get_bounded(url, MAX_LOG)
+                status, body = got
+                upstream.check_status(status, url)
+            except NotFound:
+                continue
+            except BodyTooLarge as exc:
+                log.warning("upstream %s: build log %s: %s", upstream.name, name, exc)
+                failure = failure or UpstreamError(f"{upstream.name}: build log too large")
+                continue
+            except (UpstreamError, AuthError) as exc:
+                log.warning("upstream %s: build log %s: %s", upstream.name, name, exc)
+                failure = failure or exc
+                continue
+            await resp.simple(
+                200, body, [(b"content-type", b"text/plain; charset=utf-8")], head=head
+            )
+            return
+        if failure is not None:
+            raise failure
+        raise NotFound(f"log/{name}")
 
     async def _serve_narinfo(self, hash_part: str, resp: Responder, head: bool) -> None:
         resolved = await self.resolve(hash_part)
@@ -509,15 +550,14 @@ class Proxy:
     async def _send_bytes(self, data: bytes, request: Request, resp: Responder) -> None:
         """A whole NAR held in memory, with Range; headers and body in one write."""
         size = len(data)
-        rng = _parse_range(request.headers.get(b"range"), size)
-        if rng:
-            start, end = rng[0], rng[1] if rng[1] is not None else size - 1
+        rng = parse_range(request.headers.get(b"range"), size)
+        if rng is not None:
             head = (
                 b"HTTP/1.1 206 Partial Content\r\ncontent-type: application/x-nix-nar\r\n"
                 b"accept-ranges: bytes\r\ncontent-length: %d\r\n"
-                b"content-range: bytes %d-%d/%d\r\n\r\n" % (end - start + 1, start, end, size)
+                b"content-range: %s\r\n\r\n" % (rng.length, rng.content_range)
             )
-            body = data[start : end + 1]
+            body = data[rng.start : rng.stop]
             status = 206
         else:
             head = (
@@ -552,22 +592,20 @@ class Proxy:
             return False
         try:
             self.metrics.inc("nixd_proxy_local_hits_total", kind="nar")
-            rng = _parse_range(request.headers.get(b"range"), size)
-            start, end = (
-                (rng[0], rng[1] if rng[1] is not None else size - 1) if rng else (0, size - 1)
-            )
-            headers = [*NAR_HEADERS, (b"content-length", str(end - start + 1).encode())]
-            if rng:
-                headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
-            await resp.start(206 if rng else 200, headers)
+            rng = parse_range(request.headers.get(b"range"), size)
+            start, stop = (rng.start, rng.stop) if rng is not None else (0, size)
+            headers = [*NAR_HEADERS, (b"content-length", str(stop - start).encode())]
+            if rng is not None:
+                headers.append((b"content-range", rng.content_range))
+            await resp.start(206 if rng is not None else 200, headers)
             if not head:
-                pos, stop = start, end + 1
+                pos = start
                 while pos < stop:  # in blocks, dropping what was sent (see pagecache)
                     n = min(stop - pos, pagecache.BLOCK)
                     await resp.send_file(fd, pos, n)
                     pagecache.drop_behind(fd, pos, pos + n, size)
                     pos += n
-                self.metrics.inc("nixd_proxy_sent_bytes_total", end - start + 1, source="local")
+                self.metrics.inc("nixd_proxy_sent_bytes_total", stop - start, source="local")
             await resp.end()
         finally:
             os.close(fd)
@@ -639,19 +677,19 @@ class Proxy:
                 assert download.error is not None
                 raise download.error
             size = download.size
-            rng = _parse_range(request.headers.get(b"range"), size) if size is not None else None
-            start = rng[0] if rng else 0
-            end = (rng[1] if rng and rng[1] is not None else size - 1) if size is not None else None
+            # Without a known size there is no range to check a request against: the
+            # whole file (and no Content-Length: the body ends with the connection).
+            rng = parse_range(request.headers.get(b"range"), size) if size is not None else None
+            start, stop = (rng.start, rng.stop) if rng is not None else (0, size)
             headers = [*NAR_HEADERS]
-            if size is not None and end is not None:
-                headers.append((b"content-length", str(end - start + 1).encode()))
-            if rng and size is not None:
-                headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
-            await resp.start(206 if rng else 200, headers)
+            if stop is not None:
+                headers.append((b"content-length", str(stop - start).encode()))
+            if rng is not None:
+                headers.append((b"content-range", rng.content_range))
+            await resp.start(206 if rng is not None else 200, headers)
             if head:
                 await resp.end()
                 return
-            stop = end + 1 if end is not None else None
             pos = start
             download.reader_at(resp, pos)
             while True:
@@ -730,7 +768,8 @@ class ProxyHandle:
             await self._proxy.downloads_idle.wait()
 
     async def drain(self) -> None:
-        """Stop accepting, close idle connections, wait for requests in flight."""
+        """Stop accepting, close connections idle after a request, answer the others
+        (requests in flight, heads still coming: :mod:`nixd.http.serve`), then return."""
         self._shutdown.set()
         await self._front.closed.wait()
 

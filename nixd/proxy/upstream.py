@@ -10,8 +10,9 @@ Small bodies (narinfos, NARs of a few KiB) from ``http://`` upstreams are fetche
 hundreds of paths makes two such requests per path, and httpx's per-request machinery
 would cost more than everything else the proxy does for them. Anything unusual (redirect,
 no ``Content-Length``, a content coding, https) falls back to httpx. The raw path reads
-response heads with :func:`parse_response_head` only (strict, every number through
-:mod:`nixd.bounds`).
+response heads with :mod:`nixd.http`'s :class:`~nixd.http.ResponseReader` only, the one
+strict response parser of the code base (h11 is its test oracle; every number through
+:mod:`nixd.bounds`), and keeps connections alive only to the upstream's own host.
 
 What an upstream may make us do is bounded before it happens:
 
@@ -46,11 +47,9 @@ import bz2
 import contextlib
 import logging
 import lzma
-import re
 import time
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 from urllib.parse import SplitResult, urljoin, urlsplit
 
@@ -59,6 +58,8 @@ import trio
 
 from nixd.bounds import parse_uint
 from nixd.errors import AuthError, FormatError, IntegrityError, UpstreamError, UpstreamTimeout
+from nixd.http import BadResponse, BodyTooLarge, ResponseHead, ResponseReader
+from nixd.http.response import MAX_CONTENT_LENGTH
 from nixd.nix.narinfo import NarInfo
 from nixd.proxy.config import UpstreamConfig
 from nixd.proxy.credential import (
@@ -90,8 +91,6 @@ MAX_ERROR_BODY = 64 << 10
 """Largest body of a non-200 answer read to keep its connection; larger ones close it."""
 MAX_REDIRECTS = 5
 """Redirects followed for one request."""
-MAX_LENGTH = 2**63 - 1
-"""Largest ``Content-Length`` that parses at all (larger is malformed, not just too big)."""
 BATCH = 1 << 20
 """Most bytes handed on per chunk of a raw NAR body."""
 CHUNK_MIN = 256 << 10
@@ -100,22 +99,6 @@ MAX_IDLE = 32
 """Idle kept-alive raw connections per upstream host."""
 MAX_NAR_OFFSET = 1 << 50
 """Largest file offset a ``Content-Range`` may name (far past any NAR)."""
-_VCHAR = rb"[\x21-\x7e\x80-\xff]"
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [\t \x21-\x7e\x80-\xff]*)?")
-"""RFC 9112 ``status-line``, HTTP/1.0 and 1.1 only (the reason may be empty or absent)."""
-_HEADER_LINE = re.compile(
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:"
-    + _VCHAR
-    + rb"+(?:[ \t]+"
-    + _VCHAR
-    + rb"+)*)?)[ \t]*"
-)
-"""RFC 9110 ``field-line``: a ``token`` name, a colon, a value of visible characters
-(obs-text allowed) with inner blanks; no CR, LF, NUL or other control character."""
-
-
-class BodyTooLarge(UpstreamError):
-    """An answer announced or sent more bytes than the request allowed."""
 
 
 def file_limit(info: NarInfo) -> int:
@@ -133,79 +116,6 @@ def file_limit(info: NarInfo) -> int:
     return info.nar_size + info.nar_size // 64 + (64 << 10)
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
-    """An upstream's response head as the raw path needs it."""
-
-    version: bytes
-    status: int
-    headers: dict[bytes, bytes]
-    """Lower-case names; a repeated header's values joined with ``, ``."""
-    content_length: int | None
-    chunked: bool
-
-    @property
-    def keep_alive(self) -> bool:
-        tokens = self.headers.get(b"connection", b"").lower().split(b",")
-        return self.version == b"HTTP/1.1" and all(t.strip() != b"close" for t in tokens)
-
-    @property
-    def identity(self) -> bool:
-        """No content coding: the body is the bytes as stored."""
-        return self.headers.get(b"content-encoding", b"identity").strip().lower() == b"identity"
-
-
-def parse_response_head(head: bytes, what: str) -> ResponseHead:
-    """Parse ``head`` (up to, not including, the blank line); :class:`UpstreamError` if bad.
-
-    Strict where leniency could make two readers disagree: only ``HTTP/1.0``/``1.1``, a
-    three-digit status, header names that are tokens, no obsolete line folding, no
-    control character (bare CR or LF, NUL) inside a line, a ``Content-Length`` of ASCII
-    digits (repeated only with the same value) and never together with
-    ``Transfer-Encoding``, which may only be ``chunked``. It accepts nothing h11 refuses,
-    and reads what it accepts as h11 does (a differential test holds it to that). The one
-    place the raw path reads a response head, so a shared parser can replace it whole.
-    """
-    if len(head) > MAX_HEAD:
-        raise UpstreamError(f"{what}: response head larger than {MAX_HEAD} bytes")
-    status_line, *lines = head.split(b"\r\n")
-    if len(lines) > MAX_HEADERS:
-        raise UpstreamError(f"{what}: more than {MAX_HEADERS} response headers")
-    matched = _STATUS_LINE.fullmatch(status_line)
-    if matched is None:
-        raise UpstreamError(f"{what}: malformed status line {status_line[:80]!r}")
-    version = status_line[:8]
-    status = parse_uint(matched[1], limit=999, what="status code")  # three ASCII digits
-    if status < 100:
-        raise UpstreamError(f"{what}: malformed status line {status_line[:80]!r}")
-    headers: dict[bytes, bytes] = {}
-    lengths: set[bytes] = set()
-    for line in lines:
-        match = _HEADER_LINE.fullmatch(line)
-        if match is None:
-            raise UpstreamError(f"{what}: malformed response header {line[:80]!r}")
-        name = match[1].lower()
-        value = match[2]
-        if name == b"content-length":
-            lengths.update(v.strip(b" \t") for v in value.split(b","))
-        headers[name] = headers[name] + b", " + value if name in headers else value
-    length: int | None = None
-    if lengths:
-        if len(lengths) > 1:
-            raise UpstreamError(f"{what}: conflicting Content-Length headers")
-        try:
-            length = parse_uint(lengths.pop(), limit=MAX_LENGTH, what="Content-Length")
-        except FormatError as exc:
-            raise UpstreamError(f"{what}: {exc}") from None
-    coding = headers.get(b"transfer-encoding")
-    chunked = coding is not None
-    if chunked and length is not None:
-        raise UpstreamError(f"{what}: both Content-Length and Transfer-Encoding")
-    if coding is not None and coding.lower() != b"chunked":
-        raise UpstreamError(f"{what}: unsupported Transfer-Encoding {coding[:40]!r}")
-    return ResponseHead(version, status, headers, length, chunked)
-
-
 def content_length(headers: httpx.Headers, what: str) -> int | None:
     """The ``Content-Length`` of an httpx response, bounded like the raw path's."""
     values = {v.strip() for raw in headers.get_list("content-length") for v in raw.split(",")}
@@ -214,24 +124,34 @@ def content_length(headers: httpx.Headers, what: str) -> int | None:
     if len(values) > 1:
         raise UpstreamError(f"{what}: conflicting Content-Length headers")
     try:
-        return parse_uint(values.pop(), limit=MAX_LENGTH, what="Content-Length")
+        return parse_uint(values.pop(), limit=MAX_CONTENT_LENGTH, what="Content-Length")
     except FormatError as exc:
         raise UpstreamError(f"{what}: {exc}") from None
 
 
-async def _receive_head(stream: trio.SocketStream, what: str) -> tuple[bytes, bytes] | None:
-    """``(head, bytes after it)`` read from ``stream``; None if it closed before a byte."""
-    buf = b""
-    while (end := buf.find(b"\r\n\r\n")) < 0:
-        if len(buf) > MAX_HEAD:
-            raise UpstreamError(f"{what}: response head larger than {MAX_HEAD} bytes")
-        data = await stream.receive_some(65536)
-        if not data:
-            if not buf:
-                return None
-            raise UpstreamError(f"{what}: connection closed in the response head")
-        buf += data
-    return buf[:end], buf[end + 4 :]
+async def _receive_head(stream: trio.SocketStream, what: str) -> tuple[ResponseHead, bytes] | None:
+    """``(head, the body bytes that came with it)`` from ``stream``; None if it closed
+    before sending a byte (a kept-alive connection the upstream dropped meanwhile).
+
+    Refusals of the parser (:class:`~nixd.http.BadResponse`, an :class:`UpstreamError`)
+    keep their class and gain the upstream's name. The ``Content-Length`` is bounded by
+    the parser to what a file can have; the caller compares it with what it expects once
+    it knows the status (a 404 is not held to the narinfo's size).
+    """
+    reader = ResponseReader(max_head_bytes=MAX_HEAD, max_header_count=MAX_HEADERS)
+    received = False
+    try:
+        while (head := reader.next_head()) is None:
+            data = await stream.receive_some(65536)
+            if not data:
+                if not received:
+                    return None
+                raise UpstreamError(f"{what}: connection closed in the response head")
+            received = True
+            reader.feed(data)
+    except BadResponse as exc:
+        raise type(exc)(f"{what}: {exc}") from None
+    return head, reader.take_buffered()
 
 
 def _sendable(url: str) -> bool:
@@ -721,8 +641,7 @@ class Upstream:
                 raise _Stale from exc
             if got is None:
                 raise _Stale
-            raw_head, body = got
-            head = parse_response_head(raw_head, self.name)
+            head, body = got
             length = head.content_length
             if head.chunked or not head.identity or 300 <= head.status < 400 or length is None:
                 return None
@@ -837,7 +756,7 @@ class Upstream:
                     got = await _receive_head(stream, self.name)
                 if got is None:
                     raise UpstreamError(f"{self.name}: connection closed before headers")
-                head = parse_response_head(got[0], self.name)
+                head, first = got
             except BaseException:
                 await stream.aclose()
                 raise
@@ -852,8 +771,8 @@ class Upstream:
             raise
         self.metrics.observe_latency(self.name, time.monotonic() - start)
         length = head.content_length if not head.chunked and head.identity else None
-        body = _RawBody(stream, head.status, length, got[1], timeout=timeout, name=self.name)
-        content_range = head.headers.get(b"content-range")
+        body = _RawBody(stream, head.status, length, first, timeout=timeout, name=self.name)
+        content_range = head.header(b"content-range")
         body.content_range = None if content_range is None else content_range.decode("latin-1")
         return body
 

@@ -149,6 +149,27 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.toml")
 
 
+def test_a_missing_file_may_mean_the_defaults(tmp_path: Path) -> None:
+    """What the daemon does: every section is optional, so is the file."""
+    absent = tmp_path / "absent.toml"
+    config = load_config(absent, missing_ok=True)
+    assert config == Config(path=str(absent))
+    assert config.nix.nix_conf_managed_by == "auto"
+    assert load_config(write(tmp_path, ""), missing_ok=True).nix == config.nix
+
+
+@pytest.mark.parametrize("value", ["auto", "nixd", "external"])
+def test_nix_conf_managed_by(tmp_path: Path, value: str) -> None:
+    config = load_config(write(tmp_path, f'[nix]\nnix_conf_managed_by = "{value}"\n'))
+    assert config.nix.nix_conf_managed_by == value
+
+
+def test_nix_conf_managed_by_refuses_other_values(tmp_path: Path) -> None:
+    path = write(tmp_path, '[nix]\nnix_conf_managed_by = "nixos"\n')
+    with pytest.raises(ConfigError, match=rf"^{path}:nix.nix_conf_managed_by: one of auto,"):
+        load_config(path)
+
+
 BAD_FILES = {
     "non-utf8-byte": ("[daemon]\nlog_level = 'info'\n# caf\xe9\n".encode("latin-1"), "not UTF-8"),
     "ipv6-url-unclosed": (b'[[proxy.upstreams]]\nurl = "http://[::1"\n', "proxy.upstreams[0].url"),
@@ -212,4 +233,5 @@ def test_the_readme_config_example_loads(tmp_path: Path) -> None:
         for line in block.splitlines()
         if line.startswith("[")
     }
-    assert sections == {"daemon", "server", "proxy", "proxy.upstreams", "nix"}
+    assert sections == {"daemon", "server", "proxy", "proxy.upstreams", "nix", "push"}
+    assert config.push.to == "acme/app" and config.nix.nix_conf_managed_by == "auto"

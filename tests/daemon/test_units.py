@@ -24,7 +24,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     for name in UNITS:
         text = (REPO / "systemd" / name).read_text()
         # verify insists the ExecStart binary exists: point it at the installed nixd
-        (tmp_path / name).write_text(text.replace("/usr/bin/nixd", str(nixd)))
+        (tmp_path / name).write_text(text.replace("/usr/local/bin/nixd", str(nixd)))
     result = subprocess.run(
         [analyze, "verify", *(str(tmp_path / n) for n in UNITS)],
         check=False,
@@ -72,3 +72,20 @@ def test_default_proxy_port_collides_with_no_known_tool(tmp_path: Path) -> None:
     empty.write_text("")
     proxy = load_config(str(empty)).proxy
     assert (proxy.listen_host, proxy.listen_port) == ("127.0.0.1", DEFAULT_PROXY_PORT)
+
+
+def test_systemd_and_launchd_run_the_same_installed_binary() -> None:
+    """packaging/ installs /usr/local/bin/nixd; both service definitions run exactly it."""
+    service = (REPO / "systemd" / "nixd.service").read_text()
+    exec_start = next(line for line in service.splitlines() if line.startswith("ExecStart="))
+    with open(REPO / "launchd" / "org.nixd.daemon.plist", "rb") as f:
+        plist = plistlib.load(f)
+    assert exec_start.removeprefix("ExecStart=").split() == plist["ProgramArguments"]
+    assert plist["ProgramArguments"][0] == "/usr/local/bin/nixd"
+
+
+def test_etc_nix_is_writable_but_optional() -> None:
+    """``-``: a machine without /etc/nix (Nix not installed yet) still starts the unit."""
+    service = (REPO / "systemd" / "nixd.service").read_text().splitlines()
+    assert "ReadWritePaths=-/etc/nix" in service
+    assert "ProtectSystem=strict" in service

@@ -246,12 +246,56 @@ _STATUS_PIECES = [
 ]
 
 
-@settings(max_examples=2000, deadline=None)
-@given(
+_FIELD_PIECES = [b"", b" ", b"\t", b":", b",", b"\r", b"\n", b"\0", b"\x7f", b"\xb2", b"\xff", b"a"]
+_FIELD_PIECES += [b"5"]
+_GOOD_FIELD_NAMES = [b"Content-Length", b"content-length", b"Transfer-Encoding", b"Connection"]
+_GOOD_FIELD_NAMES += [b"Content-Encoding", b"X-A", b"ETag"]
+_GOOD_FIELD_VALUES = [b"5", b"05", b"5, 5", b"5,6", b"chunked", b"gzip", b"close", b"a  b"]
+_GOOD_FIELD_VALUES += [b"keep-alive, close", b"\xe9", b"9" * 30, b""]
+_status_lines = st.one_of(
+    st.sampled_from(
+        [b"HTTP/1.1 200 OK", b"HTTP/1.0 404 Not Found", b"HTTP/1.1 204", b"HTTP/1.1 200 ",
+         b"HTTP/1.1 302 Found", b"HTTP/1.1 100 Continue", b"HTTP/1.1 200 \xe9t\xe9",
+         b"HTTP/1.1 099 x", b"HTTP/1.1 000", b"HTTP/2.0 200 OK", b"HTTP/1.1  200 OK",
+         b"http/1.1 200 OK", b"HTTP/1.1 2000", b"HTTP/1.1 \xb200 OK"]
+    ),
+    st.lists(st.sampled_from(_FIELD_PIECES), max_size=4).map(
+        lambda pieces: b"HTTP/1.1 200 " + b"".join(pieces)
+    ),
+)  # fmt: skip
+_field_lines = st.one_of(
     st.builds(
-        lambda line, rest: line + rest,
-        st.sampled_from(_STATUS_PIECES),
-        st.lists(st.sampled_from(_PIECES[11:]), max_size=12).map(b"".join),
+        lambda n, v: n + b": " + v,
+        st.sampled_from(_GOOD_FIELD_NAMES),
+        st.sampled_from(_GOOD_FIELD_VALUES),
+    ),
+    st.builds(
+        lambda name, sep, value: name + sep + value,
+        st.sampled_from([*_GOOD_FIELD_NAMES, b"Bad Name", b"", b"X\x00", b"\xe9t\xe9"]),
+        st.sampled_from([b": ", b":", b" : ", b":\t"]),
+        st.one_of(
+            st.sampled_from(_GOOD_FIELD_VALUES),
+            st.lists(st.sampled_from(_FIELD_PIECES), max_size=6).map(b"".join),
+        ),
+    ),
+)
+_response_heads = st.builds(
+    lambda line, fields: b"\r\n".join([line, *fields]),
+    _status_lines,
+    st.lists(_field_lines, max_size=5),
+)
+"""Status lines and field lines of the shapes upstreams send, with the odd bad byte."""
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.builds(
+            lambda line, rest: line + rest,
+            st.sampled_from(_STATUS_PIECES),
+            st.lists(st.sampled_from(_PIECES[11:]), max_size=12).map(b"".join),
+        ),
+        _response_heads,
     )
 )
 def test_response_heads_agree_with_h11(head: bytes) -> None:
@@ -291,6 +335,24 @@ def test_parses_a_response_head() -> None:
     assert not close_delimited.keep_alive  # its body ends with the connection
     closing = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close")
     assert not closing.keep_alive
+    listed = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: a, Close")
+    assert not listed.keep_alive
+    no_content = parse_response_head(b"HTTP/1.1 204 ")
+    assert no_content.status == 204 and no_content.keep_alive
+    twice = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5")
+    assert twice.content_length == 5 and twice.fields == [(b"content-length", b"5")]
+
+
+def test_identity_means_no_content_coding() -> None:
+    def identity(fields: bytes) -> bool:
+        return parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1" + fields).identity
+
+    assert identity(b"")
+    assert identity(b"\r\nContent-Encoding: identity")
+    assert identity(b"\r\nContent-Encoding: Identity ")
+    assert not identity(b"\r\nContent-Encoding: gzip")
+    assert not identity(b"\r\nContent-Encoding: identity, gzip")
+    assert not identity(b"\r\nContent-Encoding: identity\r\nContent-Encoding: br")
 
 
 @pytest.mark.parametrize(
@@ -298,6 +360,9 @@ def test_parses_a_response_head() -> None:
     [
         b"",
         b"HTTP/1.1 2000 OK",
+        b"HTTP/1.1 099 Low",  # h11 refuses a status below 100 too
+        b"HTTP/1.1 000",
+        b"HTTP/1.1 \xb200 OK",
         b"HTTP/2 200",
         b"HTTP/2.0 200 OK",
         b"ICY 200 OK",
@@ -305,8 +370,18 @@ def test_parses_a_response_head() -> None:
         b"HTTP/1.1 200 OK\r\nX: a\rb",
         b"HTTP/1.1 200 OK\r\nX: a\r\n b",
         b"HTTP/1.1 200 OK\r\nX: a\x01",
-        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2",
+        b"HTTP/1.1 200 OK\r\nX: a\0b",
+        b"HTTP/1.1 200 OK\r\n folded: value",
+        b"HTTP/1.1 200 OK\r\nBad Name: value",
+        b"HTTP/1.1 200 OK\r\nno colon",
+        b"HTTP/1.1 200 OK\r\n: empty name",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2",  # Latin-1 superscript two: isdigit()
+        "HTTP/1.1 200 OK\r\nContent-Length: \u0663".encode(),  # Arabic-Indic three
         b"HTTP/1.1 200 OK\r\nContent-Length: -5",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +5",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1_0",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5",  # h11 takes it; one reading is safer
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6",
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked",
@@ -318,6 +393,16 @@ def test_refused_response_heads(head: bytes) -> None:
     with pytest.raises(BadResponse) as caught:
         parse_response_head(head)
     assert isinstance(caught.value, UpstreamError)
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_are_refused(data: bytes) -> None:
+    try:
+        head = parse_response_head(data)
+    except BadResponse:
+        return
+    assert 100 <= head.status <= 999
+    assert head.content_length is None or head.content_length >= 0
 
 
 def test_content_length_is_bounded_before_conversion() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -160,15 +160,33 @@ async def test_requests_per_connection(nursery: trio.Nursery) -> None:
         assert reply.count(b"connection: close") == 1
 
 
+async def receive_answer(stream: trio.SocketStream) -> bytes:
+    """One whole answer of the ``/ok`` handler (``ok\n`` ends it)."""
+    reply = b""
+    while not reply.endswith(b"\r\n\r\nok\n"):
+        chunk = await stream.receive_some(65536)
+        assert chunk, reply
+        reply += chunk
+    return reply
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for a state of the server that no event announces (a hang guard bounds it)."""
+    while not condition():  # noqa: ASYNC110 - polled: the server has no event for it
+        await trio.sleep(0.01)
+
+
 async def test_shutdown_drains_in_flight_and_closes_idle(nursery: trio.Nursery) -> None:
     running = await start(nursery, Limits())
     with trio.fail_after(GUARD):
         idle = await trio.open_tcp_stream("127.0.0.1", running.port)
+        await idle.send_all(get(b"/ok"))
+        assert b"connection: close" not in await receive_answer(idle)  # kept alive
         busy = await trio.open_tcp_stream("127.0.0.1", running.port)
         await busy.send_all(get(b"/wait"))
         await running.wait_entered(1)
         running.shutdown.set()
-        assert await idle.receive_some(100) == b""  # idle: closed at once
+        assert await idle.receive_some(100) == b""  # idle after a request: closed at once
         running.release.set()
         reply = b""
         while chunk := await busy.receive_some(65536):
@@ -179,6 +197,31 @@ async def test_shutdown_drains_in_flight_and_closes_idle(nursery: trio.Nursery) 
             await trio.open_tcp_stream("127.0.0.1", running.port)
         await idle.aclose()
         await busy.aclose()
+
+
+async def test_a_drain_answers_connections_that_had_no_request_yet(
+    nursery: trio.Nursery,
+) -> None:
+    """A connection accepted before the drain whose head comes during it is answered,
+    with ``connection: close``: closing it would reset a client that did nothing wrong
+    (a restart in place drains while Nix is connecting)."""
+    running = await start(nursery, Limits(head_timeout=GUARD))  # no head deadline in the way
+    server = running.server
+    with trio.fail_after(GUARD):
+        silent = await trio.open_tcp_stream("127.0.0.1", running.port)
+        partial = await trio.open_tcp_stream("127.0.0.1", running.port)
+        async with silent, partial:
+            await partial.send_all(get(b"/ok")[:10])
+            await until(lambda: len(server.connections) == 2)  # both accepted
+            running.shutdown.set()
+            await until(lambda: server.draining)
+            for stream in (silent, partial):
+                assert not server.closed.is_set()  # waiting for those heads
+                await stream.send_all(get(b"/ok")[10 if stream is partial else 0 :])
+                reply = await receive_answer(stream)
+                assert reply.startswith(b"HTTP/1.1 200 ") and b"connection: close" in reply
+                assert await stream.receive_some(100) == b""  # then closed
+        await server.closed.wait()
 
 
 async def test_graceful_timeout_cancels_what_does_not_finish(nursery: trio.Nursery) -> None:

@@ -253,7 +253,7 @@ async def test_hostile_authorization_header_is_audited(env: Env) -> None:
 
 
 def test_real_server_answers_hostile_requests_deliberately(server: ServerProcess) -> None:
-    audit = server.state.path / "audit.log"
+    audit = server.state_dir / "audit.log"
     with httpx.Client(base_url=server.url, timeout=30) as c:
         deep = c.post(
             "/api/v1/token/exchange",

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import bz2
+import gzip
 import hashlib
 import lzma
+import os
 import sqlite3
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import brotli
+import lz4.frame
 import pytest
 import zstandard
 
@@ -41,11 +48,27 @@ def nar_of(tmp_path: Path, content: bytes) -> bytes:
     return b"".join(dump(tree))
 
 
+def lzip(data: bytes) -> bytes:
+    """An lzip member made by hand: the header, raw LZMA1 with end marker, the trailer."""
+    body = lzma.compress(
+        data,
+        format=lzma.FORMAT_RAW,
+        filters=[{"id": lzma.FILTER_LZMA1, "dict_size": 1 << 20, "lc": 3, "lp": 0, "pb": 2}],
+    )
+    member = b"LZIP\x01\x14" + body  # 0x14: dictionary 2**20
+    return member + struct.pack("<IQQ", zlib.crc32(data), len(data), len(member) + 20)
+
+
 COMPRESS = {
     "none": lambda b: b,
     "xz": lzma.compress,
     "bzip2": bz2.compress,
     "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
+    "gzip": gzip.compress,
+    "br": brotli.compress,
+    "lz4": lz4.frame.compress,
+    "lzip": lzip,
+    "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE),
 }
 
 
@@ -112,15 +135,81 @@ def test_size_limit_applies_to_decompressed_bytes(store: Store) -> None:
     ingest.discard()
 
 
-def test_brotli_is_a_clear_415(store: Store) -> None:
-    with pytest.raises(UnsupportedCompression, match="brotli"):
-        store.begin_nar("br", max_nar_size=1, checker=None)
+@pytest.mark.parametrize("compression", sorted(COMPRESS))
+def test_bombs_are_cut_at_the_limit_in_every_compression(store: Store, compression: str) -> None:
+    """64 MiB of zeros compress to little; decoding stops at the limit, never buffers it all."""
+    bomb = COMPRESS[compression](bytes(64 << 20))
+    ingest = store.begin_nar(compression, max_nar_size=1 << 20, checker=None)
+    with pytest.raises(TooLarge):
+        for i in range(0, len(bomb), 1 << 16):
+            ingest.feed(bomb[i : i + (1 << 16)])
+        ingest.finish()
+    ingest.discard()
+
+
+@pytest.mark.parametrize("compression", sorted(set(COMPRESS) - {"none"}))
+def test_truncated_and_trailing_data_are_refused(
+    store: Store, tmp_path: Path, compression: str
+) -> None:
+    data = COMPRESS[compression](nar_of(tmp_path, b"x" * 100_000 + os.urandom(2000)))
+    ingest = store.begin_nar(compression, max_nar_size=1 << 30, checker=None)
+    ingest.feed(data[:-7])
+    with pytest.raises(BadUpload, match=r"truncated|not valid|empty"):  # zstd: no output
+        ingest.finish()
+    ingest.discard()
+    ingest = store.begin_nar(compression, max_nar_size=1 << 30, checker=None)
+    with pytest.raises(BadUpload, match=r"trailing|not valid|trailer"):
+        ingest.feed(data + b"junk" * 10)
+        ingest.finish()
+    ingest.discard()
+
+
+def test_a_bad_lzip_trailer_is_refused(store: Store, tmp_path: Path) -> None:
+    data = bytearray(lzip(nar_of(tmp_path, b"payload")))
+    data[-20] ^= 1  # the CRC32
+    ingest = store.begin_nar("lzip", max_nar_size=1 << 30, checker=None)
+    with pytest.raises(BadUpload, match="trailer"):
+        ingest.feed(bytes(data))
+        ingest.finish()
+    ingest.discard()
+
+
+@pytest.mark.parametrize(
+    ("compress", "method"), [(gzip.compress, "gzip"), (lambda b: b"\x1f\x9d\x90" + b, "compress")]
+)
+def test_a_plain_nar_name_is_told_apart_by_its_first_bytes(
+    store: Store, conn: sqlite3.Connection, tmp_path: Path, compress: Any, method: str
+) -> None:
+    """Nix 2.8 names gzip, lzma and compress uploads ``.nar``: the magic decides."""
+    nar = nar_of(tmp_path, b"sniffed\n" * 1000)
+    ingest_or_error: Any
+    if method == "compress":
+        ingest = store.begin_nar("none", max_nar_size=1 << 30, checker=NarParser())
+        with pytest.raises(UnsupportedCompression, match=r"compress \(\.Z, LZW\)"):
+            ingest.feed(compress(nar))
+        ingest.discard()
+        return
+    ingest_or_error = store.begin_nar("none", max_nar_size=1 << 30, checker=NarParser())
+    ingest_or_error.feed(compress(nar))
+    finished = ingest_or_error.finish()
+    project = create_project(conn, "acme", "sniff")
+    stored = store.commit_nar(ingest_or_error, finished, project, "nar/x.nar")
+    assert stored.nar_size == len(nar)
+
+
+def test_refused_compressions_say_what_to_use(store: Store) -> None:
+    for method in ("lzop", "lrzip", "grzip"):
+        with pytest.raises(UnsupportedCompression, match=rf"{method}.*compression=zstd"):
+            store.begin_nar(method, max_nar_size=1, checker=None)
 
 
 def test_compression_of_names() -> None:
     assert compression_of("nar/abc.nar.xz") == "xz"
     assert compression_of("nar/abc.nar") == "none"
     assert compression_of("nar/abc.nar.zst") == "zstd"
+    assert compression_of("nar/abc.nar.br") == "br"
+    assert compression_of("nar/abc.nar.lz4") == "lz4"
+    assert compression_of("nar/abc.nar.lzip") == "lzip"
     with pytest.raises(BadUpload):
         compression_of("nar/abc.tar")
 

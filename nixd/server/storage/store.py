@@ -36,8 +36,10 @@ import lzma
 import mmap
 import os
 import sqlite3
+import struct
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,14 +109,41 @@ STORE_MIGRATIONS: list[Migration] = [
     CREATE INDEX slice_records_by_nar ON slice_records(nar_hash);
     """,
 ]
-COMPRESSIONS = ("none", "xz", "zstd", "bzip2", "br")
+COMPRESSIONS = ("none", "xz", "zstd", "bzip2", "br", "gzip", "lz4", "lzip", "lzma")
+"""What an upload may be compressed with: everything Nix 2.8's ``?compression=`` offers
+that it can write without an external program, except ``compress`` (see :data:`REFUSED`)."""
 SUFFIX_COMPRESSION = {
+    # The file names Nix 2.8 gives each (``nix copy --to 'file://...?compression=X'``):
+    # gzip, lzma and compress get no suffix of their own, so a ``.nar`` upload is told
+    # apart by its first bytes (:class:`_Sniffed`).
     ".nar": "none",
     ".nar.xz": "xz",
     ".nar.zst": "zstd",
     ".nar.bz2": "bzip2",
     ".nar.br": "br",
+    ".nar.lz4": "lz4",
+    ".nar.lzip": "lzip",
+    ".nar.lz": "lzip",
+    ".nar.gz": "gzip",
 }
+REFUSED = {
+    "compress": "Unix compress (.Z, LZW) has no maintained streaming decoder for Python",
+    "lzop": "lzop has no maintained streaming decoder for Python",
+    "lrzip": "lrzip needs the external lrzip program, which this server does not run",
+    "grzip": "grzip needs the external grzip program, which this server does not run",
+}
+"""Methods Nix 2.8 can upload that this server refuses, and why (a 415 says so)."""
+_NAR_MAGIC = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1"
+_MAGICS = (
+    # (first bytes, method) for a ``.nar`` upload; the NAR magic itself means "none"
+    (b"\x1f\x8b", "gzip"),
+    (b"\x1f\x9d", "compress"),
+    (b"\x89LZO\x00\r\n\x1a\n", "lzop"),
+    (b"LRZI", "lrzip"),
+    (b"GRZipII", "grzip"),
+    (b"\x5d\x00\x00", "lzma"),  # lzma_alone: lc/lp/pb byte 0x5d, then the dict size
+)
+_SNIFF = 16
 _CHUNK = 1 << 20
 _HOLDERS_CACHE_MAX = 100_000
 _WAL_HEADER = 48
@@ -207,7 +236,10 @@ class _Plain:
 
 
 class _Bounded:
-    """xz/bzip2 with bounded output per call, so a small bomb cannot fill memory."""
+    """xz/lzma/bzip2/lz4 with bounded output per call, so a small bomb cannot fill memory.
+
+    (lz4.frame raises RuntimeError for bad input.)
+    """
 
     def __init__(self, factory: Callable[[], Any], name: str) -> None:
         self._d = factory()
@@ -225,7 +257,7 @@ class _Bounded:
                 out(self._d.decompress(b"", _CHUNK))
             if self._d.eof and self._d.unused_data:
                 raise BadUpload(f"{self._name} stream has trailing data after its end")
-        except (lzma.LZMAError, OSError, EOFError, ValueError) as exc:
+        except (lzma.LZMAError, OSError, EOFError, ValueError, RuntimeError) as exc:
             raise BadUpload(f"the upload is not valid {self._name}: {exc}") from exc
 
     def finish(self, out: Callable[[bytes], None]) -> None:
@@ -266,19 +298,195 @@ class _Zstd:
             raise BadUpload(f"the zstd stream of the upload is truncated: {exc}") from exc
 
 
+class _Gzip:
+    """gzip (one member, as libarchive writes it) through zlib, bounded like :class:`_Bounded`."""
+
+    def __init__(self) -> None:
+        self._d = zlib.decompressobj(wbits=31)
+
+    def feed(self, data: bytes, out: Callable[[bytes], None]) -> None:
+        try:
+            if self._d.eof:
+                if data:
+                    raise BadUpload("gzip stream has trailing data after its end")
+                return
+            out(self._d.decompress(data, _CHUNK))
+            while not self._d.eof and self._d.unconsumed_tail:
+                out(self._d.decompress(self._d.unconsumed_tail, _CHUNK))
+            if self._d.eof and self._d.unused_data:
+                raise BadUpload("gzip stream has trailing data after its end")
+        except zlib.error as exc:
+            raise BadUpload(f"the upload is not valid gzip: {exc}") from exc
+
+    def finish(self, out: Callable[[bytes], None]) -> None:
+        if not self._d.eof:
+            raise BadUpload("the gzip stream of the upload is truncated")
+
+
+class _Brotli:
+    """brotli through the ``Brotli`` package, with its output limit per call."""
+
+    def __init__(self) -> None:
+        import brotli  # noqa: PLC0415 - only uploads in brotli pay for the import
+
+        self._error = brotli.error
+        self._d = brotli.Decompressor()
+
+    def feed(self, data: bytes, out: Callable[[bytes], None]) -> None:
+        try:
+            if self._d.is_finished():
+                if data:
+                    raise BadUpload("brotli stream has trailing data after its end")
+                return
+            out(self._d.process(data, output_buffer_limit=_CHUNK))
+            while not self._d.can_accept_more_data():
+                out(self._d.process(b"", output_buffer_limit=_CHUNK))
+        except self._error as exc:
+            # brotli says "BrotliDecoderDecompressStream failed" also for bytes after the end
+            raise BadUpload(f"the upload is not valid brotli: {exc}") from exc
+
+    def finish(self, out: Callable[[bytes], None]) -> None:
+        if not self._d.is_finished():
+            raise BadUpload("the brotli stream of the upload is truncated")
+
+
+class _Lzip:
+    """lzip: a header, raw LZMA1 (lc=3 lp=0 pb=2, end marker) and a CRC32/size trailer.
+
+    Decoded with the standard library's raw LZMA1 decoder, bounded per call; the trailer
+    is checked (CRC32 and both sizes), and further members (plzip writes several) follow.
+    See https://www.nongnu.org/lzip/manual/lzip_manual.html#File-format.
+    """
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._d: Any = None
+        self._crc = 0
+        self._size = 0
+        self._member = 0
+        self._tail = b""
+        self._members = 0
+
+    def _start(self, header: bytes) -> None:
+        if header[:4] != b"LZIP" or header[4] != 1:
+            raise BadUpload("the upload is not valid lzip: bad member header")
+        code = header[5]
+        dict_size = 1 << (code & 0x1F)
+        dict_size -= (dict_size // 16) * ((code >> 5) & 7)
+        if not (1 << 12) <= dict_size <= (1 << 29):
+            raise BadUpload("the upload is not valid lzip: dictionary size out of range")
+        self._d = lzma.LZMADecompressor(
+            lzma.FORMAT_RAW,
+            filters=[{"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": 3, "lp": 0, "pb": 2}],
+        )
+        self._crc, self._size, self._member = 0, 0, 6
+
+    def _emit(self, chunk: bytes, out: Callable[[bytes], None]) -> None:
+        self._crc = zlib.crc32(chunk, self._crc)
+        self._size += len(chunk)
+        out(chunk)
+
+    def feed(self, data: bytes, out: Callable[[bytes], None]) -> None:
+        try:
+            while data:
+                if self._d is None:
+                    need = 6 - len(self._head)
+                    self._head += data[:need]
+                    data = data[need:]
+                    if len(self._head) < 6:
+                        return
+                    self._start(self._head)
+                    self._head = b""
+                if not self._d.eof:
+                    self._member += len(data)
+                    self._emit(self._d.decompress(data, _CHUNK), out)
+                    while not self._d.eof and not self._d.needs_input:
+                        self._emit(self._d.decompress(b"", _CHUNK), out)
+                    if not self._d.eof:
+                        return
+                    data = self._d.unused_data
+                    self._member -= len(data)
+                need = 20 - len(self._tail)
+                self._tail += data[:need]
+                data = data[need:]
+                if len(self._tail) == 20:
+                    self._end_member()
+        except lzma.LZMAError as exc:
+            raise BadUpload(f"the upload is not valid lzip: {exc}") from exc
+
+    def _end_member(self) -> None:
+        crc, size, member = struct.unpack("<IQQ", self._tail)
+        if crc != self._crc or size != self._size or member != self._member + 20:
+            raise BadUpload("the upload is not valid lzip: its trailer does not match the data")
+        self._d, self._tail = None, b""
+        self._members += 1
+
+    def finish(self, out: Callable[[bytes], None]) -> None:
+        if self._d is not None or self._head or not self._members:
+            raise BadUpload("the lzip stream of the upload is truncated")
+
+
+class _Sniffed:
+    """A ``.nar`` upload: plain NAR, or gzip/lzma/compress, which Nix names ``.nar`` too.
+
+    The first bytes decide (the NAR magic, or a compressor's); until then they are held.
+    """
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._inner: _Decoder | None = None
+
+    def _choose(self) -> _Decoder:
+        if _NAR_MAGIC.startswith(self._head[: len(_NAR_MAGIC)]):
+            return _Plain()
+        for magic, method in _MAGICS:
+            if self._head.startswith(magic):
+                return _decoder(method)
+        return _Plain()  # not a NAR: the NAR check says what is wrong with it
+
+    def feed(self, data: bytes, out: Callable[[bytes], None]) -> None:
+        if self._inner is None:
+            self._head += data
+            if len(self._head) < _SNIFF:
+                return
+            self._inner = self._choose()
+            data, self._head = self._head, b""
+        self._inner.feed(data, out)
+
+    def finish(self, out: Callable[[bytes], None]) -> None:
+        if self._inner is None:
+            self._inner = self._choose()
+            if self._head:
+                self._inner.feed(self._head, out)
+        self._inner.finish(out)
+
+
 def _decoder(compression: str) -> _Decoder:
     if compression == "none":
-        return _Plain()
+        return _Sniffed()
     if compression == "xz":
         return _Bounded(lzma.LZMADecompressor, "xz")
+    if compression == "lzma":
+        return _Bounded(lambda: lzma.LZMADecompressor(lzma.FORMAT_ALONE), "lzma")
     if compression == "bzip2":
         return _Bounded(bz2.BZ2Decompressor, "bzip2")
     if compression == "zstd":
         return _Zstd()
+    if compression == "gzip":
+        return _Gzip()
     if compression == "br":
+        return _Brotli()
+    if compression == "lz4":
+        import lz4.frame  # noqa: PLC0415 - only lz4 uploads pay for the import
+
+        return _Bounded(lz4.frame.LZ4FrameDecompressor, "lz4")
+    if compression == "lzip":
+        return _Lzip()
+    if compression in REFUSED:
+        others = ", ".join(c for c in COMPRESSIONS if c != "zstd")
         raise UnsupportedCompression(
-            "brotli-compressed NARs cannot be decoded by this server (no brotli module); "
-            "upload with ?compression=zstd, xz, bzip2 or none"
+            f"NARs compressed with {compression} are not accepted: {REFUSED[compression]}; "
+            f"upload with ?compression=zstd (or {others})"
         )
     raise UnsupportedCompression(f"unknown NAR compression {compression!r}")
 
