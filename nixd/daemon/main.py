@@ -86,6 +86,8 @@ def configure_logging(level: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # the CLI's quiet default (nixd.cliutil: nixd.* at WARNING) is not the daemon's
+    logging.getLogger("nixd").setLevel(logging.NOTSET)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)

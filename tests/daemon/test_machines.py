@@ -18,8 +18,16 @@ from pathlib import Path
 import pytest
 import trio
 
+from nixd import exitcodes
 from nixd.daemon.config import DEFAULT_PROXY_PORT
-from tests.daemon.conftest import NIXD, DaemonProcess, cli, start_daemon, write_config
+from tests.daemon.conftest import (
+    NIXD,
+    STATUS_SHOWN,
+    DaemonProcess,
+    cli,
+    start_daemon,
+    write_config,
+)
 from tests.daemon.tokenserver import TokenServer
 from tests.realnix import NIX_CONF, nix_available
 
@@ -37,7 +45,7 @@ async def _started(
 
 
 async def _status(socket: str) -> dict[str, object]:
-    result = await cli("status", "--json", "--socket", socket, check=True)
+    result = await cli("status", "--json", "--socket", socket, check=STATUS_SHOWN)
     data: dict[str, object] = json.loads(result.stdout)
     return data
 
@@ -154,7 +162,7 @@ async def test_interactive_login_of_a_user_who_may_not_is_refused_before_the_dev
     refused = await cli(
         "login", "--server", recording_server, "--socket", daemon.socket, user="nobody"
     )
-    assert refused.returncode == 1
+    assert refused.returncode == exitcodes.DENIED
     assert b"/login needs root" in refused.stderr and b"uid 65534" in refused.stderr
     assert b"code" not in refused.stdout  # no device code was shown
     assert _Recorder.seen == []  # and the server was never asked for one
