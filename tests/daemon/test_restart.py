@@ -138,6 +138,9 @@ async def test_restart_in_place_keeps_the_sockets(
     with trio.fail_after(20):
         while sum("READY=1" in n.split("\n") for n in daemon.notifications) < 2:
             daemon.notifications.append((await daemon.notify.recv(4096)).decode())
+    with trio.fail_after(20):  # READY=1 is sent just before the "ready" line is logged
+        while "ready (generation 1)" not in daemon.log():  # noqa: ASYNC110
+            await trio.sleep(0.05)
     log = daemon.log()
     assert "SIGUSR2: restarting in place" in log and "ready (generation 1)" in log
     assert "socket activation: control, proxy" in log
