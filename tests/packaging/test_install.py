@@ -111,6 +111,8 @@ def test_default_config_names_only_real_keys_with_their_defaults() -> None:
     uncommented = re.sub(r"^# (\[\[?[a-z.]+\]\]?|[a-z_]+ = .*)$", r"\1", text, flags=re.M)
     data = tomllib.loads(uncommented)
     assert data["daemon"].pop("control_group") == "wheel"  # an example: the group may not exist
+    assert data["push"].pop("to") == "acme/app"  # an example
+    assert data["push"].pop("store") == "/some/chroot/store"  # an example
     config = parse_config(data)
     defaults = Config()
     assert config.server.url == "https://cache.example.org"
@@ -123,7 +125,7 @@ def test_default_config_names_only_real_keys_with_their_defaults() -> None:
     )
     assert config == defaults
     # every key the parser knows appears in the file
-    for section in ("daemon", "server", "proxy", "nix"):
+    for section in ("daemon", "server", "proxy", "nix", "push"):
         keys = set(data.get(section, {}))
         known = {
             f
@@ -134,6 +136,8 @@ def test_default_config_names_only_real_keys_with_their_defaults() -> None:
             known |= {"listen", "upstreams"}
         if section == "daemon":
             keys.add("control_group")
+        if section == "push":
+            keys |= {"to", "store"}
         assert keys == known, section
 
 
