@@ -55,7 +55,13 @@ TABLE: tuple[tuple[int, str, str], ...] = (
 
 NAMES = {code: name for code, name, _ in TABLE}
 
-_REFUSED_STATUS = {401: NOT_LOGGED_IN, 403: DENIED, 502: UNREACHABLE, 504: UNREACHABLE}
+_REFUSED_STATUS = {
+    401: NOT_LOGGED_IN,
+    403: DENIED,
+    502: UNREACHABLE,
+    503: UNREACHABLE,  # the daemon is too busy to take the request
+    504: UNREACHABLE,
+}
 """HTTP status of a control-socket error answer → exit code (see nixd.daemon.control)."""
 
 
