@@ -24,7 +24,15 @@ from typing import Any
 import pytest
 import trio
 
-from tests.daemon.conftest import NIXD, REPO, DaemonProcess, start_daemon, write_config
+from nixd import exitcodes
+from tests.daemon.conftest import (
+    NIXD,
+    REPO,
+    STATUS_SHOWN,
+    DaemonProcess,
+    start_daemon,
+    write_config,
+)
 from tests.integration.conftest import curl
 from tests.integration.identity_fixtures import (
     ACCESS_TTL,
@@ -78,7 +86,7 @@ class Machine:
 
     async def status(self) -> dict[str, Any]:
         code, out, err = await self.nixd("status", "--json")
-        assert code == 0, err
+        assert code in STATUS_SHOWN, err  # 3: not logged in
         loaded: dict[str, Any] = json.loads(out)
         return loaded
 
@@ -290,7 +298,7 @@ async def test_github_job_of_an_unlisted_owner_is_refused(
         code, out, err = await m.nixd("login", "github-action", "--audience", AUDIENCE, env=env)
     finally:
         server.github.actions_claims = {}
-    assert code != 0, out
+    assert code == exitcodes.DENIED, out
     assert (
         "GitHub tokens of repository_owner 'evil' (repository_owner_id 6666) are not accepted here"
         in err
