@@ -305,7 +305,8 @@ class Responder:
             lname = name.lower()
             if lname == b"content-length":
                 length = int(value)
-            elif lname == b"connection" and b"close" in value.lower():
+                continue  # written once, below
+            if lname == b"connection" and b"close" in value.lower():
                 self.keep_alive = False
                 continue
             elif lname == b"transfer-encoding":

@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h11
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -390,3 +391,24 @@ def test_raw_socket_refusal_is_read_by_a_blocking_client(tmp_path: Path) -> None
         assert running.proc.poll() is None
     finally:
         running.stop()
+
+
+async def test_answers_parse_with_a_strict_client(start_front: StartFront) -> None:
+    """Each answer head names every field once and reads the same with h11 as a client.
+
+    curl forgives a repeated identical Content-Length; stricter clients (wrk's
+    http-parser, h11 for differing values) close the connection instead.
+    """
+    with trio.fail_after(GUARD):
+        front = await start_front(LIMITS)
+        reply = await exchange(front, front.ok_request(close=True))
+        head, _, body = reply.partition(b"\r\n\r\n")
+        names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:]]
+        assert len(names) == len(set(names)), head
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        client.receive_data(reply)
+        event = client.next_event()
+        assert isinstance(event, h11.Response) and event.status_code == 200
+        data = client.next_event()
+        assert isinstance(data, h11.Data) and bytes(data.data) == body
