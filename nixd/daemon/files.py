@@ -29,6 +29,7 @@ import os
 import stat
 from pathlib import Path
 
+from nixd import dirs
 from nixd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -47,26 +48,11 @@ def _fsync_dir(directory: Path) -> None:
 def make_dirs(
     path: str | os.PathLike[str], mode: int = 0o700, *, parents_mode: int = 0o755
 ) -> None:
-    """Create ``path`` and its missing parents with exactly these modes, whatever the umask.
-
-    Each directory is created private (0700) and then given its mode, so none is ever
-    looser than intended. Existing directories are left as they are: their modes are
-    the administrator's.
-    """
-    target = Path(path)
-    missing: list[Path] = []
-    current = target
-    while not current.exists() and current != current.parent:
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
-        os.chmod(directory, mode if directory == target else parents_mode)
+    """:func:`nixd.dirs.make_dirs`, its failure a ConfigError naming the directory."""
+    try:
+        dirs.make_dirs(path, mode, parents_mode=parents_mode)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {exc.filename or path}: {exc.strerror}") from exc
 
 
 def atomic_write(

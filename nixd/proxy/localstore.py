@@ -39,6 +39,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
+from nixd.dirs import make_dirs
 from nixd.errors import ConfigError
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.verify import parse_nar_key
@@ -68,21 +69,6 @@ CREATE INDEX IF NOT EXISTS narinfos_key ON narinfos(key);
 """
 
 
-def _make_dir(path: Path) -> None:
-    """``path`` (0700) and missing parents (0755), created with those modes exactly."""
-    missing: list[Path] = []
-    current = path
-    while not current.exists() and current != current.parent:
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            continue
-        os.chmod(directory, 0o700 if directory == path else 0o755)
-
-
 def _private_file(path: Path, *, create: bool) -> None:
     """Make ``path`` mode 0600 (creating it empty if ``create``), whatever the umask."""
     flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
@@ -107,7 +93,7 @@ class LocalStore:
         self.tmp_dir = self.root / "tmp"
         try:
             for directory in (self.root, self.nar_dir, self.tmp_dir):
-                _make_dir(directory)
+                make_dirs(directory)
             index = self.root / "index.sqlite"
             _private_file(index, create=True)
             for suffix in ("-wal", "-shm"):  # left by an older version, maybe 0644

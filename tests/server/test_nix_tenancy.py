@@ -27,25 +27,10 @@ from nixd.nix.storepath import StorePath
 from tests.realnix import RealNix
 from tests.server.conftest import ServerState
 from tests.server.test_nix_e2e import configure, copy_from, copy_to, exchange, netrc
+from tests.server.test_tenancy import EXTRA_POLICY as POLICY
 from tests.serverproc import start_server
 
 pytestmark = pytest.mark.realnix
-
-POLICY = """
-[[rule]]
-id = "evil-members"
-effect = "allow"
-subjects = [{ kind = "token", org = "evil" }]
-actions = ["cache:read", "cache:write"]
-resources = ["evil/*"]
-
-[[rule]]
-id = "app-writer-only-app"
-effect = "deny"
-subjects = [{ kind = "token", subject = "acme/app-writer" }]
-actions = ["*"]
-resources = ["acme/secret"]
-"""
 
 
 def poison(client: httpx.Client, slice_: str, store_path: str, tmp: Path) -> None:
