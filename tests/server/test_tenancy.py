@@ -87,6 +87,10 @@ async def test_another_orgs_public_slice_cannot_shadow(env: Env, tmp_path: Path)
     async with env.client() as c:
         got = await narinfo(c, f"/cache/evil/{HASH_A}.narinfo")
         assert got is not None and str(got.nar_hash) == nar_hash_of(evil)
+    # The view's name is compared ignoring case, like every org name.
+    async with env.client(auth=env.member, basic=True) as c:
+        got = await narinfo(c, f"/cache/ACME/{HASH_A}.narinfo")
+        assert got is not None and str(got.nar_hash) == nar_hash_of(legit)
     # Opting in makes evil/pub answer after acme's own slices, never before.
     env.state.admin("org", "trust", "acme", "evil/pub")
     async with env.client(auth=env.member, basic=True) as c:

@@ -376,6 +376,7 @@ class CacheApp:
         rule to audit when nothing answers: the first deny rule that matched, else why.
         """
         trust = self.s.store.trust(org) if org else {}
+        own = org.lower() if org else None  # names are unique ignoring case
         ranked: list[tuple[tuple[Any, ...], Project, str]] = []
         refused = DEFAULT_DENY if candidates else "no-slice"
         for project, created in candidates:
@@ -385,7 +386,7 @@ class CacheApp:
                     refused = rule
                 continue
             order = (project.priority, created, project.org, project.name)
-            if project.org == org:
+            if project.org.lower() == own:
                 ranked.append(((0, *order), project, rule))
             elif project.id in trust:
                 ranked.append(((1, trust[project.id], *order), project, rule))

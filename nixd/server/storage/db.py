@@ -445,7 +445,7 @@ def org_trust(conn: sqlite3.Connection, org: str) -> list[Project]:
     """The other organizations' slices ``org`` opted in to, in the order they are asked."""
     rows = conn.execute(
         f"{_PROJECT_SELECT} JOIN org_trust t ON t.project_id = p.id "  # noqa: S608
-        "WHERE t.org_id = (SELECT id FROM orgs WHERE name = ?) ORDER BY t.position",
+        "WHERE t.org_id = (SELECT id FROM orgs WHERE lower(name) = lower(?)) ORDER BY t.position",
         (org,),
     ).fetchall()
     return [project_from_row(r) for r in rows]
