@@ -54,6 +54,15 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     assert systemd.watchdog_interval() is None
 
 
+def _has_systemd_python() -> bool:
+    """Whether systemd-python is installed (the checkout's own ``systemd/`` directory of
+    unit files is importable as a namespace package, so look for the module inside)."""
+    try:
+        return importlib.util.find_spec("systemd.journal") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def test_journald_only_when_stderr_is_the_journal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JOURNAL_STREAM", "1:1")
     assert systemd.journald_handler() is None
@@ -61,7 +70,7 @@ def test_journald_only_when_stderr_is_the_journal(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
     handler = systemd.journald_handler()
     assert handler is not None
-    if importlib.util.find_spec("systemd") is not None:  # the optional nixd[journal]
+    if _has_systemd_python():  # the optional nixd[journal]
         assert type(handler).__name__ == "JournalHandler"
     else:
         assert isinstance(handler.formatter, systemd.PriorityPrefixFormatter)
