@@ -527,10 +527,9 @@ class CacheApp:
                 ctx, scope, send, project.org, file_name=name[4:], project=project, head=head
             )
         elif name.startswith("log/"):
-            logs = [(p, c) for p, c, _ in self.s.store.log_holders(name[4:]) if p.id == project.id]
-            await self._read_decision(ctx, project.org, logs, name)
-            data = next(d for p, _, d in self.s.store.log_holders(name[4:]) if p.id == project.id)
-            await _respond(send, 200, data, {"content-type": "text/plain"}, head=head)
+            logs = [h for h in self.s.store.log_holders(name[4:]) if h[0].id == project.id]
+            await self._read_decision(ctx, project.org, [(p, c) for p, c, _ in logs], name)
+            await _respond(send, 200, logs[0][2], {"content-type": "text/plain"}, head=head)
         else:
             await self._read_decision(ctx, project.org, [], name)
 
