@@ -40,6 +40,7 @@ from nixd.server.storage.db import (
     list_projects,
     open_db,
     set_project_public,
+    split_slice,
 )
 from nixd.server.storage.store import Store
 
@@ -300,9 +301,7 @@ def cmd_org_create(args: argparse.Namespace) -> int:
 
 
 def cmd_project_create(args: argparse.Namespace) -> int:
-    org, sep, name = args.project.partition("/")
-    if not sep or not org or not name:
-        raise ConfigError(f"{args.project!r}: expected ORG/PROJECT")
+    org, name = split_slice(args.project)
     config, conn = _open(args)
     try:
         if get_project(conn, org, name) is not None:
@@ -344,8 +343,11 @@ def _is_public(config: ServerConfig, resource: str) -> bool:
     ``policy explain`` must decide exactly as the server does, and the server counts that
     flag as an allow rule (:data:`~nixd.server.access.policy.PUBLIC_PROJECT_RULE`).
     """
-    org, sep, name = resource.partition("/")
-    if not sep or not config.database_path.exists():
+    try:
+        org, name = split_slice(resource)
+    except ConfigError:
+        return False  # a glob or a bare org names no project
+    if not config.database_path.exists():
         return False
     conn = open_db(config.database_path)
     try:

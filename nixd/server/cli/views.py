@@ -21,6 +21,7 @@ from nixd.server.storage.db import (
     org_trust,
     set_org_trust,
     set_project_priority,
+    split_slice,
 )
 
 OpenState = Callable[[argparse.Namespace], tuple[Any, sqlite3.Connection]]
@@ -92,9 +93,7 @@ def register(
         return 0
 
     def priority(args: argparse.Namespace) -> int:
-        org_name, sep, name = args.project.partition("/")
-        if not sep:
-            raise ConfigError(f"{args.project!r}: expected ORG/PROJECT")
+        org_name, name = split_slice(args.project)
         config, conn = open_state(args)
         try:
             found = set_project_priority(conn, org_name, name, args.priority)

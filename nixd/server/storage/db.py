@@ -315,6 +315,14 @@ class Project:
         return f"{self.org}/{self.name}"
 
 
+def split_slice(text: str) -> tuple[str, str]:
+    """``org/project`` as ``(org, project)``; ConfigError if either part is missing."""
+    org, sep, name = text.partition("/")
+    if not sep or not org or not name:
+        raise ConfigError(f"{text!r}: expected ORG/PROJECT")
+    return org, name
+
+
 def check_name(kind: str, name: str) -> str:
     """Return ``name`` if it is a valid org/project name, else raise ConfigError."""
     if not NAME_RE.fullmatch(name):
@@ -463,8 +471,7 @@ def set_org_trust(conn: sqlite3.Connection, org: str, slices: Sequence[str]) -> 
             raise ConfigError(f"organization {org!r} does not exist")
         conn.execute("DELETE FROM org_trust WHERE org_id = ?", (found.id,))
         for position, slice_name in enumerate(slices):
-            other, _, project_name = slice_name.partition("/")
-            project = get_project(conn, other, project_name)
+            project = get_project(conn, *split_slice(slice_name))
             if project is None:
                 raise ConfigError(f"project {slice_name} does not exist")
             if project.org == found.name:
