@@ -24,6 +24,8 @@ AuthMode = Literal["nixd", "none", "netrc"]
 AUTH_MODES: tuple[AuthMode, ...] = ("nixd", "none", "netrc")
 ForeignUrls = Literal["refuse", "anonymous"]
 FOREIGN_URLS: tuple[ForeignUrls, ...] = ("refuse", "anonymous")
+MAX_PREFETCH_CONCURRENCY = 64
+MAX_PREFETCH_AHEAD = 65536
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +118,16 @@ class ProxyConfig:
     resume_delay: float = 0.25
     """Seconds before the first resume; doubled for each next one, at most 8 s. With the
     defaults the attempts span about 30 s: an upstream restart, not an outage."""
+    prefetch: bool = True
+    """Fetch the narinfos and small NARs of a resolved narinfo's references ahead of Nix
+    (:mod:`nixd.proxy.prefetch`). Off also when ``positive_ttl`` is 0 (nothing could be
+    kept until Nix asks)."""
+    prefetch_concurrency: int = 8
+    """Prefetch fetches in flight at most: fewer than Nix's ``http-connections`` (25), whose
+    own requests go to the upstreams beside them."""
+    prefetch_ahead: int = 1024
+    """Things (narinfos, small NARs) fetched ahead of Nix and not yet asked for, at most:
+    the global bound on what a narinfo's references can make the proxy fetch."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -126,3 +138,9 @@ class ProxyConfig:
             raise ConfigError("proxy cache TTLs must not be negative")
         if self.resumes < 0 or self.resume_delay < 0:
             raise ConfigError("proxy resumes and resume_delay must not be negative")
+        if not 1 <= self.prefetch_concurrency <= MAX_PREFETCH_CONCURRENCY:
+            raise ConfigError(
+                f"proxy prefetch_concurrency must be between 1 and {MAX_PREFETCH_CONCURRENCY}"
+            )
+        if not 1 <= self.prefetch_ahead <= MAX_PREFETCH_AHEAD:
+            raise ConfigError(f"proxy prefetch_ahead must be between 1 and {MAX_PREFETCH_AHEAD}")

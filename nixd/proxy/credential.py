@@ -216,8 +216,10 @@ class CredentialAuth(httpx.Auth):
     requires_request_body = False
     requires_response_body = False
 
-    def __init__(self, credential: Credential) -> None:
+    def __init__(self, credential: Credential, *, renew: bool = True) -> None:
         self.credential = credential
+        self.renew = renew
+        """False: a 401 is the answer (no renewal, no retry), for prefetches."""
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -227,7 +229,7 @@ class CredentialAuth(httpx.Auth):
         if header is not None:
             request.headers["Authorization"] = header
         response = yield request
-        if response.status_code != 401 or header is None:
+        if response.status_code != 401 or header is None or not self.renew:
             return
         fresh = await self.credential.on_401(header)
         if fresh is None:

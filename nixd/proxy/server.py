@@ -72,12 +72,11 @@ from nixd.proxy.front import Abort, Connection, HttpServer, Request, Responder, 
 from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.negcache import NegativeCache, TTLCache
+from nixd.proxy.prefetch import Prefetcher, fetches_whole
 from nixd.proxy.singleflight import Download, State
 from nixd.proxy.upstream import Upstream
 from nixd.proxy.verify import (
-    can_verify,
     check_small_nar,
-    expected_raw,
     nar_key,
     nar_matches,
     parse_nar_key,
@@ -103,12 +102,14 @@ _LOCAL_NAR_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="nar")
 class _SmallFetch:
     """A small NAR being fetched whole; later requests for it wait for the first one."""
 
-    __slots__ = ("data", "done", "error")
+    __slots__ = ("data", "done", "error", "prefetch")
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch: bool) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
+        self.prefetch = prefetch
+        """Started by a prefetch: a request that joined it fetches again if it failed."""
 
 
 class Resolved:
@@ -241,6 +242,9 @@ class Proxy:
         self.downloads_idle.set()
         self.upstreams: list[Upstream] = []
         self.all_keys: tuple[PublicKey, ...] = ()
+        # closure prefetch (nixd.proxy.prefetch): its workers run in this nursery
+        self.prefetch = Prefetcher(self, metrics)
+        nursery.start_soon(self.prefetch.run)
         self._set_upstreams(config.upstreams)
 
     # -- upstreams ---------------------------------------------------------------------
@@ -255,6 +259,7 @@ class Proxy:
         self.all_keys = tuple(dict.fromkeys(k for u in new for k in u.keys))
         self.resolved.clear()
         self.negative.clear()
+        self.prefetch.reset()
         for upstream in old:
             upstream.retire()
             self.nursery.start_soon(self._close_when_unused, upstream)
@@ -395,6 +400,10 @@ class Proxy:
             if cached.upstream is None:
                 self.metrics.inc("nixd_proxy_local_hits_total", kind="narinfo")
             return cached
+        prefetched = self.prefetch.take(hash_part)
+        if prefetched is not None:
+            self.resolved.put(hash_part, prefetched)
+            return prefetched
         local = self._local_narinfo(hash_part)
         if local is not None:
             self.metrics.inc("nixd_proxy_local_hits_total", kind="narinfo")
@@ -402,8 +411,14 @@ class Proxy:
             return local
         if hash_part in self.negative:
             raise NotFound(f"{hash_part}: recently absent upstream")
-        found = await self._lookup_upstreams(hash_part)
+        flight = self.prefetch.in_flight(hash_part)
+        if flight is not None:  # asked already (a prefetch, a request): its answer, or ask
+            await flight.wait()
+            return await self.resolve(hash_part)
+        with self.prefetch.looking_up(hash_part):
+            found = await self._lookup_upstreams(hash_part)
         self.resolved.put(hash_part, found)
+        self.prefetch.follow(found, asked=True)
         return found
 
     def _local_narinfo(self, hash_part: str) -> Resolved | None:
@@ -420,11 +435,15 @@ class Proxy:
             return None
         return Resolved(text, info.url.removeprefix("nar/"), info, None)
 
-    async def _lookup_upstreams(self, hash_part: str) -> Resolved:
+    async def _lookup_upstreams(self, hash_part: str, *, renew: bool = True) -> Resolved:
+        """Ask every upstream; NotFound (and a negative entry) only when none has it.
+
+        ``renew``: a 401 renews the credential and retries (False for prefetches).
+        """
         upstreams = list(self.upstreams)
         if len(upstreams) == 1:  # nothing to race: no tasks, no channel
             try:
-                found = await upstreams[0].fetch_narinfo(hash_part)
+                found = await upstreams[0].fetch_narinfo(hash_part, renew=renew)
             except FormatError:
                 found = None
             return self._resolved_or_miss(hash_part, upstreams[0] if found else None, found)
@@ -434,7 +453,7 @@ class Proxy:
         async def ask(i: int, upstream: Upstream) -> None:
             outcome: object
             try:
-                outcome = await upstream.fetch_narinfo(hash_part)
+                outcome = await upstream.fetch_narinfo(hash_part, renew=renew)
             except Exception as exc:
                 outcome = exc
             send.send_nowait((i, outcome))
@@ -476,6 +495,7 @@ class Proxy:
         hash_part = parse_nar_key(key)
         if hash_part is None:
             raise NotFound(key)
+        self.prefetch.nar_asked(key)
         if await self._serve_local_nar(key, request, resp, head):
             return
         download = self.downloads.get(key)
@@ -489,13 +509,7 @@ class Proxy:
                 raise NotFound(f"{key}: not the file the trusted narinfo names")
             if await self._serve_local_nar(key, request, resp, head):
                 return
-            expected = expected_raw(resolved.info)
-            if (
-                not head
-                and expected is not None
-                and expected[1] <= SMALL
-                and can_verify(resolved.info.compression)
-            ):
+            if not head and fetches_whole(resolved.info):
                 data = await self._fetch_small(key, resolved)
                 self.metrics.inc("nixd_proxy_sent_bytes_total", len(data), source="upstream")
                 await self._send_bytes(data, request, resp)
@@ -513,21 +527,25 @@ class Proxy:
             self.metrics.inc("nixd_proxy_singleflight_joins_total")
         await self._serve_download(download, request, resp, head)
 
-    async def _fetch_small(self, key: str, resolved: Resolved) -> bytes:
-        """A small NAR fetched whole, verified and kept; one fetch per key at a time."""
-        running = self.small_fetches.get(key)
-        if running is not None:
+    async def _fetch_small(self, key: str, resolved: Resolved, *, prefetch: bool = False) -> bytes:
+        """A small NAR fetched whole, verified and kept; one fetch per key at a time.
+
+        ``prefetch``: started ahead of Nix (:mod:`nixd.proxy.prefetch`): no credential
+        renewal, and a request that joined it fetches again itself if it failed.
+        """
+        while (running := self.small_fetches.get(key)) is not None:
             self.metrics.inc("nixd_proxy_singleflight_joins_total")
             await running.done.wait()
-            if running.data is None:
+            if running.data is not None:
+                return running.data
+            if not running.prefetch:
                 raise running.error or UpstreamError(f"{key}: fetch failed")
-            return running.data
         upstream = resolved.upstream
         assert upstream is not None
-        fetch = _SmallFetch()
+        fetch = _SmallFetch(prefetch)
         self.small_fetches[key] = fetch
         try:
-            data = await upstream.fetch_small_nar(resolved.info, SMALL)
+            data = await upstream.fetch_small_nar(resolved.info, SMALL, renew=not prefetch)
             try:
                 check_small_nar(data, resolved.info, key)
             except IntegrityError as exc:
@@ -761,6 +779,11 @@ class ProxyHandle:
 
     def status(self) -> dict[str, Any]:
         return {"url": self.url, **self._proxy.status()}
+
+    async def prefetch_settled(self) -> None:
+        """Wait until the closure prefetch has nothing queued or in flight."""
+        while not self._proxy.prefetch.idle.is_set():
+            await self._proxy.prefetch.idle.wait()
 
     async def downloads_settled(self) -> None:
         """Wait until no download is in flight (each verified and kept, or dropped)."""

@@ -378,6 +378,7 @@ class Upstream:
         self.base_url = config.base_url
         self.origin = origin_of(config.url)
         self.credential = _credential(config, tokens, token_lock)
+        self._no_renewal = CredentialAuth(self.credential, renew=False)
         self.client = httpx.AsyncClient(
             auth=CredentialAuth(self.credential),
             timeout=httpx.Timeout(config.timeout),
@@ -442,8 +443,10 @@ class Upstream:
             self.last_error = str(error)
             self.last_error_at = time.time()
 
-    async def fetch_narinfo(self, hash_part: str) -> NarInfo | None:
+    async def fetch_narinfo(self, hash_part: str, *, renew: bool = True) -> NarInfo | None:
         """The verified narinfo for ``hash_part``, or None if this upstream does not have it.
+
+        ``renew=False``: a 401 is not answered by renewing the credential (prefetches).
 
         Raises :class:`~nixd.proxy.verify.UntrustedNarInfo` for a narinfo without a
         trusted signature, :class:`UpstreamError` for one that does not parse, is too large
@@ -453,9 +456,9 @@ class Upstream:
         url = self.url_for(f"{hash_part}.narinfo")
         start = time.monotonic()
         try:
-            got = await self.get_small(url, MAX_NARINFO)
+            got = await self.get_small(url, MAX_NARINFO, renew=renew)
             if got is None:
-                got = await self._get_bounded(url, MAX_NARINFO)
+                got = await self._get_bounded(url, MAX_NARINFO, renew=renew)
             status, content = got
             self.metrics.observe_latency(self.name, time.monotonic() - start)
             self.check_status(status, url)
@@ -485,17 +488,18 @@ class Upstream:
         self._outcome("hit")
         return info
 
-    async def fetch_small_nar(self, info: NarInfo, limit: int) -> bytes:
+    async def fetch_small_nar(self, info: NarInfo, limit: int, *, renew: bool = True) -> bytes:
         """The whole NAR file ``info.url``, unverified, of at most the size its narinfo
-        promised and at most ``limit`` bytes (:class:`IntegrityError` past that)."""
+        promised and at most ``limit`` bytes (:class:`IntegrityError` past that).
+        ``renew`` as for :meth:`fetch_narinfo`."""
         url = self.url_for(info.url)
         bound = min(limit, file_limit(info))
         start = time.monotonic()
         try:
             try:
-                got = await self.get_small(url, bound)
+                got = await self.get_small(url, bound, renew=renew)
                 if got is None:
-                    got = await self._get_bounded(url, bound)
+                    got = await self._get_bounded(url, bound, renew=renew)
             except BodyTooLarge as exc:
                 raise IntegrityError(f"{exc} (the narinfo promised {bound})") from exc
             status, content = got
@@ -512,14 +516,17 @@ class Upstream:
 
     @contextlib.asynccontextmanager
     async def _stream(
-        self, url: str, headers: dict[str, str] | None = None
+        self, url: str, headers: dict[str, str] | None = None, *, renew: bool = True
     ) -> AsyncIterator[httpx.Response]:
         """A streaming GET of ``url`` through httpx, following redirects :meth:`_redirect_target`
         allows (same origin; any http(s) origin with ``foreign_urls = "anonymous"``)."""
         for _ in range(MAX_REDIRECTS + 1):
             with translate_errors(self.name):
                 request = self.client.build_request("GET", url, headers=headers)
-                response = await self.client.send(request, stream=True)
+                if renew:
+                    response = await self.client.send(request, stream=True)
+                else:
+                    response = await self.client.send(request, stream=True, auth=self._no_renewal)
             try:
                 if response.is_redirect:
                     url = self._redirect_target(url, response.headers.get("location", ""))
@@ -546,12 +553,12 @@ class Upstream:
             raise UpstreamError(f"{url}: redirect location has characters that cannot be sent")
         return target
 
-    async def _get_bounded(self, url: str, limit: int) -> tuple[int, bytes]:
+    async def _get_bounded(self, url: str, limit: int, *, renew: bool = True) -> tuple[int, bytes]:
         """``(status, body)`` through httpx, the body at most ``limit`` bytes.
 
         Only a 200's body is read; others are answered by their status alone.
         """
-        async with self._stream(url) as response:
+        async with self._stream(url, renew=renew) as response:
             if response.status_code != 200:
                 return response.status_code, b""
             length = content_length(response.headers, url)
@@ -567,20 +574,22 @@ class Upstream:
                         raise BodyTooLarge(f"{url}: upstream sent more than {limit} bytes")
             return 200, bytes(body)
 
-    async def get_small(self, url: str, limit: int) -> tuple[int, bytes] | None:
+    async def get_small(
+        self, url: str, limit: int, *, renew: bool = True
+    ) -> tuple[int, bytes] | None:
         """``(status, body)`` of a GET over a kept-alive raw connection.
 
         None when the raw path does not apply (not ``http://``, a redirect, no
         ``Content-Length``, a content coding): the caller then asks httpx.
         :class:`BodyTooLarge` for a 200 announcing more than ``limit``. A 401 renews the
-        credential once (:meth:`Credential.on_401`).
+        credential once (:meth:`Credential.on_401`), unless ``renew`` is False.
         """
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             return None
         header = await self.credential.header(url)
         got = await self._raw_small(parts, header, limit)
-        if got is not None and got[0] == 401 and header is not None:
+        if renew and got is not None and got[0] == 401 and header is not None:
             fresh = await self.credential.on_401(header)
             if fresh is not None:
                 got = await self._raw_small(parts, fresh, limit)

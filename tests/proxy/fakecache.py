@@ -51,6 +51,9 @@ class FakeCache:
     ranges: bool = True
     """Answer ``Range: bytes=N-`` with a 206 (False: ignore it and send the whole file)."""
     ranges_asked: list[str] = field(default_factory=list)
+    in_flight: int = 0
+    """Requests being answered now; ``max_in_flight`` is the most there ever were."""
+    max_in_flight: int = 0
 
     @property
     def url(self) -> str:
@@ -92,7 +95,13 @@ class FakeCache:
                     elif isinstance(event, h11.ConnectionClosed):
                         return
                 assert request is not None
-                if not await self._respond(stream, conn, request):
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    answered = await self._respond(stream, conn, request)
+                finally:
+                    self.in_flight -= 1
+                if not answered:
                     return
                 if conn.our_state is not h11.DONE:
                     return

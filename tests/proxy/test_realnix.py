@@ -127,7 +127,10 @@ async def test_without_the_secret_nothing_is_served(
 ) -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            proxy = await start_proxy(nursery, tmp_path, (upstream_for(fake_upstream, caches),))
+            # no prefetch: every upstream request below is one a client's request made
+            proxy = await start_proxy(
+                nursery, tmp_path, (upstream_for(fake_upstream, caches),), prefetch=False
+            )
             hash_part = caches.top.split("/")[-1][:32]
             async with httpx.AsyncClient(base_url=proxy.url) as client:
                 # nix-cache-info is public (Nix must be able to read it), the rest is not.
