@@ -4,7 +4,8 @@ The file (``/etc/nixd/config.toml`` by default) has four sections, all optional:
 
     [daemon]   control_socket, state_dir, control_group, shutdown_grace, log_level
     [server]   url, trusted_keys            (the nixd cache server; its keys are pinned at login)
-    [proxy]    listen, store_dir, store_max_bytes, negative_ttl, [[proxy.upstreams]]
+    [proxy]    listen, store_dir, store_max_bytes, negative_ttl, prefetch,
+               prefetch_concurrency, [[proxy.upstreams]]
                (url, priority, trusted_keys, auth, netrc_file, foreign_urls)
     [nix]      nix_conf, fragment, netrc, additional_netrc_sources, restart_nix_daemon,
                nix_daemon_unit        (restarted over the system D-Bus when the fragment changes),
@@ -44,7 +45,12 @@ from nixd.bounds import parse_uint
 from nixd.daemon.nixsetup import MANAGED_BY, ManagedBy
 from nixd.errors import ConfigError, FormatError
 from nixd.nix.signing import PublicKey
-from nixd.proxy.config import FOREIGN_URLS, ForeignUrls, UpstreamConfig
+from nixd.proxy.config import (
+    FOREIGN_URLS,
+    MAX_PREFETCH_CONCURRENCY,
+    ForeignUrls,
+    UpstreamConfig,
+)
 from nixd.proxy.credential import origin_of
 
 DEFAULT_CONFIG_PATH = "/etc/nixd/config.toml"
@@ -105,6 +111,9 @@ class ProxySection:
     store_dir: str = "/var/cache/nixd/store"
     store_max_bytes: int = 10 * 1024**3
     negative_ttl: float = 30.0
+    #: fetch the narinfos and small NARs of a closure ahead of Nix (nixd.proxy.prefetch)
+    prefetch: bool = True
+    prefetch_concurrency: int = 8
     upstreams: tuple[UpstreamSection, ...] = ()
 
 
@@ -248,6 +257,12 @@ def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must not be negative"
 
 
+def _prefetch_concurrency(v: int) -> str | None:
+    if 1 <= v <= MAX_PREFETCH_CONCURRENCY:
+        return None
+    return f"must be between 1 and {MAX_PREFETCH_CONCURRENCY}"
+
+
 def _http_url(v: str) -> str | None:
     try:
         origin_of(v)
@@ -356,6 +371,8 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         store_dir=p.get("store_dir", str, "/var/cache/nixd/store", _absolute),
         store_max_bytes=p.get("store_max_bytes", int, 10 * 1024**3, _positive),
         negative_ttl=p.get("negative_ttl", float, 30.0, _non_negative),
+        prefetch=p.get("prefetch", bool, True),
+        prefetch_concurrency=p.get("prefetch_concurrency", int, 8, _prefetch_concurrency),
         upstreams=tuple(upstreams),
     )
     p.finish()

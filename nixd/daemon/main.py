@@ -253,6 +253,8 @@ class Daemon:
             store_dir=c.proxy.store_dir,
             store_max_bytes=c.proxy.store_max_bytes,
             negative_ttl=c.proxy.negative_ttl,
+            prefetch=c.proxy.prefetch,
+            prefetch_concurrency=c.proxy.prefetch_concurrency,
             upstreams=tuple(upstreams),
         )
 

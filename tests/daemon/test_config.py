@@ -28,6 +28,8 @@ listen = "127.0.0.1:0"
 store_dir = "{d}/store"
 store_max_bytes = 1048576
 negative_ttl = 5
+prefetch = false
+prefetch_concurrency = 4
 
 [[proxy.upstreams]]
 url = "https://cache.nixos.org"
@@ -64,6 +66,7 @@ def test_full_config(tmp_path: Path) -> None:
     assert config.server.trusted_keys == (f"extra-1:{KEY}",)
     assert (config.proxy.listen_host, config.proxy.listen_port) == ("127.0.0.1", 0)
     assert config.proxy.negative_ttl == 5.0
+    assert (config.proxy.prefetch, config.proxy.prefetch_concurrency) == (False, 4)
     assert [u.url for u in config.proxy.upstreams] == [
         "https://cache.nixos.org",
         "https://private.example/cache",
@@ -111,6 +114,8 @@ def test_frozen(tmp_path: Path) -> None:
         ("[proxy]\nlisten = 'localhost'\n", "proxy.listen", "HOST:PORT"),
         ("[proxy]\nstore_max_bytes = 0\n", "proxy.store_max_bytes", "positive"),
         ("[proxy]\nstore_max_bytes = true\n", "proxy.store_max_bytes", "expected int"),
+        ("[proxy]\nprefetch_concurrency = 0\n", "proxy.prefetch_concurrency", "between 1 and"),
+        ("[proxy]\nprefetch = 'yes'\n", "proxy.prefetch", "expected bool"),
         ("[[proxy.upstreams]]\npriority = 1\n", "proxy.upstreams[0].url", "required"),
         (
             "[[proxy.upstreams]]\nurl = 'http://a'\n"

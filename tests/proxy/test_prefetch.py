@@ -15,13 +15,16 @@ import httpx
 import pytest
 import trio
 
+from nixd.auth.model import AccessToken
+from nixd.errors import AuthError
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import SecretKey
 from nixd.proxy import prefetch
 from nixd.proxy.config import UpstreamConfig
+from nixd.proxy.server import serve_proxy
 from nixd.proxy.verify import nar_key
 from tests.proxy.closure import Closure, store_path, write_closure
-from tests.proxy.conftest import ProxyEnv, start_proxy
+from tests.proxy.conftest import ProxyEnv, proxy_config, start_proxy
 from tests.proxy.fakecache import FakeCache, Fault
 from tests.proxy.hostile import Hostile, ok, signed_path
 from tests.realnix import RealNix
@@ -285,3 +288,46 @@ async def test_real_nix_cold_closure_through_prefetch(real_nix: RealNix, tmp_pat
         for info in env.closure.infos:
             assert env.cache.requests[f"/{info.store_path.hash_part}.narinfo"] == 1
             assert env.cache.requests[f"/{info.url}"] == 1
+
+
+class CountingTokens:
+    """A TokenSource with one fixed token that counts renewals (and cannot renew)."""
+
+    def __init__(self) -> None:
+        self.token = AccessToken("the-access-token", expires_at=2e9, identity="token:test")
+        self.refreshes = 0
+
+    async def get(self) -> AccessToken:
+        return self.token
+
+    async def refresh(self, stale: AccessToken | None) -> AccessToken:
+        self.refreshes += 1
+        raise AuthError("no renewal in this test")
+
+
+async def test_prefetch_never_renews_the_token(tmp_path: Path) -> None:
+    key = SecretKey.generate("prefetch-test-1")
+    closure = write_closure(tmp_path / "cache", 3, key)
+    refs = [i.store_path.hash_part for i in closure.infos[1:]]
+    faults = [Fault("status", match=f"/{h}.narinfo", times=-1, status=401) for h in refs]
+    tokens = CountingTokens()
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            cache = await nursery.start(FakeCache(closure.root, faults=faults).serve)
+            config = dataclasses.replace(upstream(cache.url, key), auth="nixd")
+            pconfig, secret, _ = proxy_config(tmp_path, (config,))
+            handle = await nursery.start(serve_proxy, pconfig, tokens)
+            async with httpx.AsyncClient(base_url=handle.url, auth=("nixd", secret)) as c:
+                top = closure.infos[0].store_path.hash_part
+                assert (await c.get(f"/{top}.narinfo")).status_code == 200
+                await handle.prefetch_settled()
+                metrics = handle.metrics
+                assert (
+                    metrics.get("nixd_proxy_prefetch_total", kind="narinfo", outcome="failed") == 2
+                )
+                # The prefetches' 401s renewed nothing (and took no lock); Nix's request does.
+                assert tokens.refreshes == 0
+                assert cache.requests[f"/{refs[0]}.narinfo"] == 1
+                assert (await c.get(f"/{refs[0]}.narinfo")).status_code == 503
+                assert tokens.refreshes == 1
+            nursery.cancel_scope.cancel()
