@@ -54,6 +54,10 @@ _HELP = {
     ),
     "nixd_proxy_store_bytes": ("gauge", "Bytes of NARs in the local store."),
     "nixd_proxy_store_evictions_total": ("counter", "NARs evicted from the local store."),
+    "nixd_proxy_prefetch_total": (
+        "counter",
+        "Closure prefetch, by kind and outcome (hit: a request answered from a prefetch).",
+    ),
     "nixd_proxy_upstream_resumes_total": (
         "counter",
         "NAR downloads cut by their upstream and resumed with Range.",

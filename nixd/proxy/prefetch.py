@@ -23,8 +23,7 @@ references as soon as a narinfo resolves, so it asks the upstream itself:
   proxy's resolved cache and counts as a hit. Nix asking for a narinfo whose prefetch is
   in flight waits for that fetch rather than sending a second one (and a prefetch skips a
   narinfo Nix's own lookup is fetching); if the prefetch failed, Nix's request asks again
-  itself. A NAR request joining a prefetch fetch that
-  failed does the same.
+  itself. A NAR request joining a prefetch fetch that failed does the same.
 - **Bounds.** :attr:`~nixd.proxy.config.ProxyConfig.prefetch_concurrency` workers (8 by
   default, fewer than Nix's 25 connections: Nix's requests never queue behind
   prefetches, they go to the upstream directly) take from a queue of at most
@@ -42,10 +41,10 @@ references as soon as a narinfo resolves, so it asks the upstream itself:
   retried: Nix asks itself and sees the upstream's real answer. A prefetch never renews
   the access token (a 401 ends it; Nix's own request renews), so it never holds the
   token lock, and it never blocks a request.
-- **Lifetime.** The workers run in the proxy's nursery; every item runs in a cancel scope of its
-  own, which an upstream swap cancels (with the queue and
-  everything remembered); each fetch holds its upstreams (``acquire``/``release``), so
-  a retired upstream is closed only after its prefetches unwound.
+- **Lifetime.** The workers run in the proxy's nursery; every item runs in a cancel scope
+  of its own, which an upstream swap cancels (and forgets the queue and everything
+  fetched ahead); each fetch holds its upstreams (``acquire``/``release``), so a retired
+  upstream is closed only after its prefetches unwound.
 
 Metrics: ``nixd_proxy_prefetch_total{kind="narinfo"|"nar", outcome=...}``: ``hit`` is a
 request of Nix answered from something prefetched (the figure that matters);

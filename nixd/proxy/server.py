@@ -17,6 +17,8 @@ Model (DESIGN.md, "Security model"):
   narinfo unchanged (its signatures too, so nix-daemon verifies again) except ``URL``,
   which becomes ``nar/<hash part>-<file digest>.nar<ext>``: the name says which store path
   and which exact file, so after a restart the proxy finds the upstream again.
+  A narinfo resolved from an upstream has its references' narinfos and small NARs fetched
+  ahead of Nix (:mod:`nixd.proxy.prefetch`), so Nix's next requests are memory hits.
 - ``nar/<name>``: from the local store (``sendfile``, Range), else from a single-flight
   :class:`~nixd.proxy.singleflight.Download` that all requests for the name tail.
   ``Range`` is read by :func:`nixd.http.parse_range`: a range it does not serve (malformed,

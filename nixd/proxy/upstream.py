@@ -95,8 +95,9 @@ BATCH = 1 << 20
 """Most bytes handed on per chunk of a raw NAR body."""
 CHUNK_MIN = 256 << 10
 """A raw chunk is handed on once it has at least this much (fewer wake-ups downstream)."""
-MAX_IDLE = 32
-"""Idle kept-alive raw connections per upstream host."""
+MAX_IDLE = 48
+"""Idle kept-alive raw connections per upstream host: room for Nix's 25 connections' worth
+of requests and the prefetch workers' (:mod:`nixd.proxy.prefetch`) at once."""
 MAX_NAR_OFFSET = 1 << 50
 """Largest file offset a ``Content-Range`` may name (far past any NAR)."""
 
