@@ -10,6 +10,8 @@ Faults apply to the next ``times`` matching requests (``times=-1``: forever):
 - ``status``: answer ``status`` (e.g. 503) with a short body;
 - ``wait``: answer only once ``release`` is set (an upstream that is down for a while).
 
+Any other fault with a ``release`` waits for it too before it is applied.
+
 ``Range: bytes=N-`` is answered with a 206 (unless ``ranges`` is False), as the real
 server does; every ``Range`` asked for is recorded in ``ranges_asked``.
 
@@ -37,7 +39,7 @@ class Fault:
     status: int = 503
     delay: float = 5.0
     release: trio.Event | None = None
-    """``wait``: answer only once this is set."""
+    """``wait`` (or any other kind): answer only once this is set."""
 
 
 @dataclass
@@ -139,6 +141,7 @@ class FakeCache:
             await trio.sleep(fault.delay)
         if fault is not None and fault.kind == "wait":
             assert fault.release is not None
+        if fault is not None and fault.release is not None:
             await fault.release.wait()
         if fault is not None and fault.kind == "reset":
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -171,6 +171,32 @@ async def test_failing_upstream_leaves_no_negative_entries(tmp_path: Path) -> No
         assert (await env.client.get(f"/{absent}.narinfo")).status_code == 404
 
 
+async def test_nar_request_joining_a_failed_prefetch_fetches_itself(tmp_path: Path) -> None:
+    release = trio.Event()
+    async with running(tmp_path, n=1) as env:
+        info = env.closure.infos[0]
+        nar = f"/{info.url}"
+        env.cache.faults.append(Fault("status", match=nar, status=500, release=release))
+        hash_part = info.store_path.hash_part
+        assert (await env.client.get(f"/{hash_part}.narinfo")).status_code == 200
+        metrics = env.proxy.handle.metrics
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await env.client.get(f"/nar/{nar_key(info)}"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            # polled (no event to wait on): the request joined the prefetch's fetch
+            while not metrics.get("nixd_proxy_singleflight_joins_total"):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            release.set()  # the prefetch's fetch now fails with a 500
+        assert [r.status_code for r in answers] == [200]
+        assert answers[0].content == (env.closure.root / info.url).read_bytes()
+        assert env.cache.requests[nar] == 2
+        assert env.prefetched("failed", "nar") == 1
+
+
 def _hostile_root(tmp_path: Path, refs: int) -> tuple[Hostile, SecretKey, str]:
     """A Hostile upstream whose one narinfo (signed by a trusted key) has ``refs``
     references, none of which it has."""
