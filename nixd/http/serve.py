@@ -19,7 +19,11 @@ closes at once: its client retries on a new connection, as HTTP/1.1 clients must
 
 Per connection, a loop over :class:`~nixd.http.request.RequestReader` on the raw trio
 socket (no ``SocketStream`` layers: a warm narinfo answer is one ``recv`` and one
-``os.write``). One cancel scope per connection carries its deadline:
+``os.write``). One cancel scope per connection, and one deadline per connection that a
+single sweeper task per server enforces (it cancels the scope of each connection past
+its deadline, every :func:`sweep_interval`): moving a deadline is then a float store,
+where a cancel scope's own deadline costs a heap update twice per request. Deadlines
+are kept to within that interval (a few ms for short timeouts, at most 250 ms):
 
 - a new connection has ``head_timeout`` for its whole first head, counted from the
   accept; a kept-alive one waits ``keepalive_timeout`` for the next request's first
@@ -122,6 +126,7 @@ class Connection:
     __slots__ = (
         "authorized",
         "busy",
+        "deadline",
         "evicted",
         "local",
         "partial",
@@ -140,6 +145,8 @@ class Connection:
         self.authorized: object = None
         """Set by a handler (e.g. a verified credential); the front never reads it."""
         self.scope = trio.CancelScope()
+        self.deadline = math.inf
+        """When the sweeper cancels :attr:`scope` (trio clock); inf while a handler runs."""
         self.busy = False
         """A request is being handled (not evictable, not closed by a drain)."""
         self.partial = False
@@ -222,13 +229,13 @@ class Request:
                 await _send_all(
                     self._sock, b"HTTP/1.1 100 Continue\r\n\r\n", self._limits.body_idle_timeout
                 )
-        scope = self.connection.scope
+        conn = self.connection
         while not chunk:
-            scope.deadline = trio.current_time() + self._limits.body_idle_timeout
+            conn.deadline = trio.current_time() + self._limits.body_idle_timeout
             try:
                 data = await self._sock.recv(READ_SIZE)
             finally:
-                scope.deadline = math.inf
+                conn.deadline = math.inf
             if not data:
                 raise ClientDisconnected("the client closed before the end of the body")
             reader.feed(data)
@@ -451,6 +458,23 @@ async def _send_all(sock: trio.socket.SocketType, data: bytes, stall: float) -> 
         view = view[n:]
 
 
+async def _receive(sock: trio.socket.SocketType, fd: int) -> bytes:
+    """The next bytes from the peer (b"" at its end of stream), for a head.
+
+    Waits for readability *first*: when a head is wanted, the buffer holds no pipelined
+    request (those are parsed before reading), so the client is usually still to send
+    and a read first would be a failed syscall and an exception on most requests. The
+    wait is the checkpoint (cancellation, deadlines); ``trio``'s own ``recv`` adds a
+    context manager and a second checkpoint around the same read.
+    """
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            continue  # woken without data (another reader of the socket, a spurious wake)
+
+
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
@@ -547,23 +571,54 @@ async def serve_http(
     """
     server = HttpServer(listeners, limits or Limits())
     try:
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                for listener in server.listeners:
-                    accepting.start_soon(_accept_loop, server, listener, handler, connections)
-                task_status.started(server)
-                if shutdown is None:
-                    await trio.sleep_forever()
-                await shutdown.wait()
-                accepting.cancel_scope.cancel()
-            for listener in server.listeners:
-                await listener.aclose()
-            server._drain()
-            connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
+        async with trio.open_nursery() as sweeping:
+            sweeping.start_soon(_sweep, server)
+            await _serve(server, handler, shutdown, graceful_timeout, task_status)
+            sweeping.cancel_scope.cancel()
     finally:
         for listener in server.listeners:
             listener.socket.close()
         server.closed.set()
+
+
+def sweep_interval(limits: Limits) -> float:
+    """How often connection deadlines are checked: a tenth of the shortest timeout,
+    between 5 ms and 250 ms."""
+    shortest = min(limits.head_timeout, limits.keepalive_timeout, limits.body_idle_timeout)
+    return min(max(shortest / 10, 0.005), 0.25)
+
+
+async def _sweep(server: HttpServer) -> None:
+    """Cancel every connection past its deadline (see the module docstring)."""
+    interval = sweep_interval(server.limits)
+    while True:
+        await trio.sleep(interval)
+        now = trio.current_time()
+        for conn in [c for c in server.connections if c.deadline <= now]:
+            conn.scope.cancel()
+
+
+async def _serve(
+    server: HttpServer,
+    handler: Handler,
+    shutdown: trio.Event | None,
+    graceful_timeout: float,
+    task_status: trio.TaskStatus[HttpServer],
+) -> None:
+    """Accept until ``shutdown``, then drain (see :func:`serve_http`)."""
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as accepting:
+            for listener in server.listeners:
+                accepting.start_soon(_accept_loop, server, listener, handler, connections)
+            task_status.started(server)
+            if shutdown is None:
+                await trio.sleep_forever()
+            await shutdown.wait()
+            accepting.cancel_scope.cancel()
+        for listener in server.listeners:
+            await listener.aclose()
+        server._drain()
+        connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
 
 
 async def _accept_loop(
@@ -685,8 +740,8 @@ class _Exchange:
         limits = self.limits
         reader = self.reader
         conn = self.conn
-        scope = conn.scope
         sock = self.sock
+        fd = sock.fileno()
         server = self.server
         head_deadline: float | None = trio.current_time() + limits.head_timeout
         while True:
@@ -705,18 +760,18 @@ class _Exchange:
                     conn.partial = True
                     if head_deadline is None:
                         head_deadline = trio.current_time() + limits.head_timeout
-                    scope.deadline = head_deadline
+                    conn.deadline = head_deadline
                 elif server.draining and conn.served:
                     return  # between requests: close (a first head is still awaited)
                 elif head_deadline is not None:
-                    scope.deadline = head_deadline
+                    conn.deadline = head_deadline
                 else:
-                    scope.deadline = trio.current_time() + limits.keepalive_timeout
-                data = await sock.recv(READ_SIZE)
+                    conn.deadline = trio.current_time() + limits.keepalive_timeout
+                data = await _receive(sock, fd)
                 if not data:
                     return  # the peer closed (or half-closed) between requests
                 reader.feed(data)
-            scope.deadline = math.inf
+            conn.deadline = math.inf
             conn.busy = True
             conn.partial = False
             conn.served += 1
@@ -786,7 +841,7 @@ class _Exchange:
     async def _refuse(self, exc: BadRequest) -> None:
         """Answer a refused head, then close without losing the answer (see module doc)."""
         log.debug("refused a request from %s: %s", self.conn.peer[0], exc)
-        self.conn.scope.deadline = math.inf
+        self.conn.deadline = math.inf
         responder = Responder(
             self.sock, head=False, keep_alive=False, stall_timeout=self.limits.linger
         )
