@@ -19,11 +19,12 @@ closes at once: its client retries on a new connection, as HTTP/1.1 clients must
 
 Per connection, a loop over :class:`~nixd.http.request.RequestReader` on the raw trio
 socket (no ``SocketStream`` layers: a warm narinfo answer is one ``os.read``, when the
-request is in already, and one ``os.write``). One cancel scope per connection, and one deadline per connection that a
-single sweeper task per server enforces (it cancels the scope of each connection past
-its deadline, every :func:`sweep_interval`): moving a deadline is then a float store,
-where a cancel scope's own deadline costs a heap update twice per request. Deadlines
-are kept to within that interval (a few ms for short timeouts, at most 250 ms):
+request is in already, and one ``os.write``). One cancel scope per connection, and one
+deadline per connection that a single sweeper task per server enforces (it cancels the
+scope of each connection past its deadline, every :func:`sweep_interval`): moving a
+deadline is then a float store, where a cancel scope's own deadline costs a heap update
+twice per request. Deadlines are kept to within that interval (a few ms for short
+timeouts, at most 250 ms):
 
 - a new connection has ``head_timeout`` for its whole first head, counted from the
   accept; a kept-alive one waits ``keepalive_timeout`` for the next request's first
