@@ -411,6 +411,8 @@ class Upstream:
         """Consecutive failed attempts (see "Unreachable upstreams" in the module doc)."""
         self._offline_until = 0.0
         """While offline: the monotonic time before which no new attempt is made."""
+        self._offline_reason = ""
+        """The last failed attempt, as offline answers name it."""
 
     # -- reachability ------------------------------------------------------------------
 
@@ -426,8 +428,7 @@ class Upstream:
         now = time.monotonic()
         if now < self._offline_until:
             raise UpstreamUnreachable(
-                f"{self.name}: unreachable ({self.last_error}); "
-                f"trying again in {self._offline_until - now:.1f} s"
+                f"{self._offline_reason}; trying again in {self._offline_until - now:.1f} s"
             )
         self._offline_until = now + self.config.offline_probe  # this request probes
 
@@ -435,6 +436,7 @@ class Upstream:
         """A connect failed or a request timed out: one more towards being offline."""
         was = self.offline
         self._failures += 1
+        self._offline_reason = str(exc)
         self.last_error = str(exc)
         self.last_error_at = time.time()
         if self.offline:

@@ -49,8 +49,12 @@ async def test_refused_upstream_goes_offline_then_is_probed() -> None:
             with pytest.raises(UpstreamUnreachable, match="trying again in"):
                 await upstream.fetch_narinfo("a" * 32)
         assert connects == 2
+        with pytest.raises(UpstreamUnreachable) as offline:
+            await upstream.fetch_narinfo("a" * 32)
+        assert str(offline.value).count("cannot connect") == 1  # no message nesting
+        assert str(offline.value).startswith(upstream.name)
         key = ("nixd_proxy_upstream_requests_total", upstream.name)
-        assert metrics.get(key[0], upstream=key[1], outcome="unreachable") == 7
+        assert metrics.get(key[0], upstream=key[1], outcome="unreachable") == 8
         assert upstream.status()["offline"] is True
         assert upstream.status()["healthy"] is False
 
