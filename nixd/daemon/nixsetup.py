@@ -8,7 +8,8 @@ nixd owns two files outright and one line of a third:
   ``<conf dir>/netrc``) and of configured extra sources. Nix reads one netrc only, so
   nixd merges; the user's own files are read, never written.
 * the **fragment** (0644): ``extra-substituters`` = the proxy, the pinned
-  ``extra-trusted-public-keys`` and ``netrc-file`` = the managed netrc.
+  ``extra-trusted-public-keys``, ``netrc-file`` = the managed netrc, and
+  :data:`NIX_SETTINGS`.
 * one ``!include <fragment>`` line at the end of the **include file**, with a marker
   comment (see :mod:`nixd.nix.nixconf`); every other byte of that file stays as it was.
 
@@ -73,6 +74,11 @@ MAX_INCLUDED_FILES = 64
 """Most files read for that check (Nix itself has no limit; a loop would be endless)."""
 MAX_CONF_BYTES = 1 << 20
 """A config file larger than this is not read for the check (nor merged from)."""
+NIX_SETTINGS = {"narinfo-cache-negative-ttl": "0"}
+"""Other settings of the fragment. Nix keeps no negative narinfo entries: the proxy
+answers real misses from its own negative cache, and answers 404 for an upstream it
+cannot reach (so that a build goes on, see :mod:`nixd.proxy.errors`); Nix's hour-long
+memory of those would hide the paths once the upstream is back."""
 #: settings whose plain (non-``extra-``) form after nixd's include undoes nixd's value
 _OVERRIDABLE = ("substituters", "trusted-substituters", "trusted-public-keys", "netrc-file")
 
@@ -282,6 +288,7 @@ class NixSetup:
             [state.proxy_url],
             state.trusted_public_keys,
             str(self.config.netrc),
+            NIX_SETTINGS,
             trusted_substituters=self.config.trusted_substituters,
         )
 

@@ -35,6 +35,13 @@ Cost, measured on the 2-core development machine for a 200-byte Nix narinfo requ
 alone ~5.3 µs; the proxy's previous, laxer parser ~4.9 µs); h11 ~24 µs for the same head
 with a fresh ``Connection``, and ~121 µs per request inside a server loop (DESIGN.md).
 The strictness costs ~0.5 µs a head.
+
+A client sends the same header lines on every request of a connection (Nix: ``Host``,
+``User-Agent``, ``Accept``, ``Authorization``), so a :class:`RequestReader` remembers
+what its last few valid header blocks parsed to (:data:`BLOCK_CACHE` of them): a head
+whose block it has seen costs the request line's match only. Only blocks that parsed
+without a refusal are kept, and every check that depends on the request line or the
+version runs each time, so a head is accepted, refused and read exactly as without it.
 """
 
 from __future__ import annotations
@@ -48,6 +55,12 @@ from nixd.http.limits import Limits
 __all__ = ["RequestHead", "RequestReader", "parse_request_head"]
 
 _TERMINATOR = b"\r\n\r\n"
+BLOCK_CACHE = 8
+"""Header blocks a reader remembers (see the module docstring)."""
+
+_Block = tuple[dict[bytes, bytes], list[tuple[bytes, bytes]], int, bool, bool, bool]
+"""What a valid header block parsed to: headers, fields, content length, ``Host`` seen,
+``Connection: close``, ``Expect: 100-continue``."""
 
 
 class RequestHead:
@@ -96,8 +109,52 @@ class RequestHead:
         return f"RequestHead({self.method!r}, {self.target!r}, HTTP/{self.version.decode()})"
 
 
-def parse_request_head(head: bytes, limits: Limits) -> RequestHead:
-    """Parse one complete head (without the final CRLF CRLF), or raise BadRequest."""
+def parse_request_head(
+    head: bytes, limits: Limits, blocks: dict[bytes, _Block] | None = None
+) -> RequestHead:
+    """Parse one complete head (without the final CRLF CRLF), or raise BadRequest.
+
+    ``blocks`` is a reader's memory of header blocks (module docstring): looked up, and
+    given what this head's block parsed to.
+    """
+    cut = head.find(b"\r\n")
+    if blocks is not None and cut >= 0:
+        hit = blocks.get(head[cut:])
+        if hit is not None and len(head) + 4 <= limits.max_head_bytes:
+            line = head[:cut]
+            m = None if b"\n" in line else REQUEST_LINE.fullmatch(line)
+            if m is not None:
+                method, target, major, minor = m.groups()
+                headers, fields, length, has_host, close, expect = hit
+                if major == b"1" and (minor == b"0" or (minor == b"1" and has_host)):
+                    return RequestHead(
+                        method=method,
+                        target=target,
+                        version=b"1." + minor,
+                        headers=dict(headers),
+                        fields=list(fields),
+                        keep_alive=minor == b"1" and not close,
+                        content_length=length,
+                        expect_continue=expect,
+                    )
+        # anything else: the whole parse below, which refuses as it always does
+    req = _parse_request_head(head, limits)
+    if blocks is not None and cut >= 0:
+        if len(blocks) >= BLOCK_CACHE:
+            blocks.clear()
+        connection = req.headers.get(b"connection")
+        blocks[head[cut:]] = (
+            dict(req.headers),
+            list(req.fields),
+            req.content_length,
+            b"host" in req.headers,
+            connection is not None and b"close" in comma_tokens(connection),
+            req.expect_continue,
+        )
+    return req
+
+
+def _parse_request_head(head: bytes, limits: Limits) -> RequestHead:
     if len(head) + 4 > limits.max_head_bytes:
         raise BadRequest(431, "request head too large")
     lines = head.split(b"\r\n")
@@ -173,7 +230,7 @@ class RequestReader:
     the current request stay buffered for the next one (pipelining).
     """
 
-    __slots__ = ("_buf", "_limits", "_scan", "body_remaining")
+    __slots__ = ("_blocks", "_buf", "_limits", "_scan", "body_remaining")
 
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
@@ -182,6 +239,7 @@ class RequestReader:
         """Where the search for the head's end resumes (bytes before it were searched)."""
         self.body_remaining = 0
         """Bytes of the current request's body not yet handed out."""
+        self._blocks: dict[bytes, _Block] = {}
 
     @property
     def buffered(self) -> int:
@@ -214,7 +272,7 @@ class RequestReader:
         head = bytes(buf[:end])
         self._buf = buf[end + 4 :]
         self._scan = 0
-        req = parse_request_head(head, self._limits)
+        req = parse_request_head(head, self._limits, self._blocks)
         self.body_remaining = req.content_length
         return req
 

@@ -44,6 +44,15 @@ class UpstreamConfig:
     netrc_file: str | None = None
     timeout: float = 30.0
     """Seconds to wait for a connection, a response or the next chunk of a body."""
+    offline_after: int = 2
+    """Consecutive failures to connect after which the upstream counts as unreachable:
+    requests are then answered at once, without trying to connect (see
+    :mod:`nixd.proxy.upstream`, "Unreachable upstreams")."""
+    offline_probe: float = 2.0
+    """Seconds an unreachable upstream is left alone before one request tries it again."""
+    token_wait: float = 5.0
+    """Most seconds a request waits for the daemon's access token while it is being
+    renewed (``auth = "nixd"``) before it is answered as a transient failure."""
     foreign_urls: ForeignUrls = "refuse"
     """What to do with a narinfo ``URL`` that is absolute and on another origin, and with a
     redirect to another origin.
@@ -83,6 +92,12 @@ class UpstreamConfig:
                 raise ConfigError(f"upstream {shown}: trusted key {key!r}: {exc}") from exc
         if not self.timeout > 0:
             raise ConfigError(f"upstream {shown}: timeout must be positive")
+        if self.offline_after < 1 or not self.offline_probe > 0:
+            raise ConfigError(
+                f"upstream {shown}: offline_after must be at least 1, offline_probe positive"
+            )
+        if not self.token_wait >= 0:
+            raise ConfigError(f"upstream {shown}: token_wait must not be negative")
 
     @property
     def base_url(self) -> str:

@@ -17,7 +17,12 @@ directly):
 Kinds, by the upstream's ``auth``:
 
 - ``nixd``: ``Bearer <access token>`` from the daemon's
-  :class:`~nixd.auth.model.TokenSource`;
+  :class:`~nixd.auth.model.TokenSource`. While the token is being renewed and the
+  renewal fails or has not ended yet, a request **waits** for a token, at most
+  ``token_wait`` seconds, retrying with a short backoff, rather than being answered 503
+  at once (every 503 costs Nix a retry with backoff, and after five the path fails).
+  Once a wait has ended without a token, later requests try once and do not wait again
+  until a token was had: a machine that is simply not logged in answers at once;
 - ``netrc``: Basic credentials for the upstream's host from a netrc file, re-read when it
   changes — as curl reads it, but sent to the upstream's origin only;
 - ``none``: no header, unless the URL itself carries ``user:password@``; then those are
@@ -32,23 +37,26 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import httpx
 import trio
 
-from nixd.errors import AuthError, FormatError
+from nixd.errors import AuthError, FormatError, LoginFailed
 from nixd.nix.netrc import NetrcEntry, lookup, parse_netrc
 
 if TYPE_CHECKING:
-    from nixd.auth.model import TokenSource
+    from nixd.auth.model import AccessToken, TokenSource
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+HOLD_BACKOFF = (0.05, 1.0)
+"""First and longest pause between two tries for a token while a request waits for one."""
 
 
 class Origin(NamedTuple):
@@ -186,23 +194,68 @@ class NetrcCredential(Credential):
 class TokenCredential(Credential):
     """``Bearer`` with the daemon's access token; renewed once on a 401."""
 
-    def __init__(self, origin: Origin, tokens: TokenSource, lock: trio.Lock) -> None:
+    def __init__(
+        self, origin: Origin, tokens: TokenSource, lock: trio.Lock, wait: float = 5.0
+    ) -> None:
         super().__init__(origin)
         self.tokens = tokens
         self.lock = lock
+        self.wait = wait
+        """Most seconds one request waits for a token (``token_wait``)."""
+        self._waited_in_vain = False
+        """The last wait ended without a token, and none was had since."""
+
+    async def _hold(self, fetch: Callable[[], Awaitable[AccessToken]]) -> AccessToken:
+        """A token from ``fetch``, tried again until :attr:`wait` (see the module doc).
+
+        :class:`AuthError` when none came in time; at once for :class:`LoginFailed` (the
+        credential was refused: waiting cannot help), and after a wait in vain when the
+        one try fails (a try that hangs is still cut at :attr:`wait`).
+        """
+        wait = self.wait
+        retry = not self._waited_in_vain
+        deadline = trio.current_time() + wait
+        pause = HOLD_BACKOFF[0]
+        waited = False
+        while True:
+            try:
+                left = max(deadline - trio.current_time(), 0.0) if wait else math.inf
+                with trio.fail_after(left):
+                    token = await fetch()
+            except trio.TooSlowError:
+                if retry:
+                    log.warning("no access token after waiting %g s (renewal hangs)", wait)
+                self._waited_in_vain = True
+                raise AuthError(f"no access token within {wait:g} s (still renewing)") from None
+            except LoginFailed:
+                raise
+            except AuthError as exc:
+                if not retry or trio.current_time() + pause >= deadline:
+                    if wait and retry:
+                        self._waited_in_vain = True
+                        log.warning("no access token after waiting %g s: %s", wait, exc)
+                    raise
+                waited = True
+                await trio.sleep(pause)
+                pause = min(pause * 2, HOLD_BACKOFF[1])
+                continue
+            if waited or self._waited_in_vain:
+                log.info("access token available again; requests go on")
+            self._waited_in_vain = False
+            return token
 
     async def header(self, url: str) -> str | None:
         if not self.applies_to(url):
             return None
-        return f"Bearer {(await self.tokens.get()).value}"
+        return f"Bearer {(await self._hold(self.tokens.get)).value}"
 
     async def on_401(self, sent: str) -> str | None:
         async with self.lock:
-            current = await self.tokens.get()
+            current = await self._hold(self.tokens.get)
             if f"Bearer {current.value}" != sent:
                 return f"Bearer {current.value}"  # renewed by someone else meanwhile
             log.info("upstream rejected the access token; renewing it")
-            fresh = await self.tokens.refresh(current)
+            fresh = await self._hold(lambda: self.tokens.refresh(current))
             return f"Bearer {fresh.value}"
 
 

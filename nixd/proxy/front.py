@@ -5,10 +5,17 @@ so the front is :func:`nixd.http.serve.serve_http` (a lean loop on trio sockets,
 parsing by :mod:`nixd.http.request`) rather than an ASGI stack. What the proxy relies on,
 measured when it was designed:
 
-- a warm narinfo answer is one ``recv`` and one write of bytes kept ready
-  (:meth:`~nixd.http.serve.Responder.send_prepared`): the whole request costs ~50 µs,
-  so a general parser (h11, ~121 µs per request in a server loop) would more than
-  triple it. The strict reader costs ~5.6 µs a head (the previous hand parser ~4.9 µs).
+- a warm narinfo answer is one read and one write of bytes kept ready
+  (:meth:`~nixd.http.serve.Responder.send_prepared`), with no cancel-scope deadline
+  moved (a sweeper keeps them, :mod:`nixd.http.serve`). Measured with ``wrk -t2 -c32``
+  keep-alive on one warm narinfo, the proxy in its own process, 5 interleaved rounds
+  on the 2-core machine under a load of ~6 from other work: 25.7 CPU-µs per request at
+  19.8k req/s (before the read and deadline changes 40.4 µs at 12.9k req/s; nginx
+  serving the same file 13.8 µs at 31.8k req/s). About half of the proxy's time is the
+  ``write`` syscall itself (on loopback it carries the receiver's TCP work); most of
+  the rest is trio's wait for the next request (``epoll_ctl``, scheduling). A general
+  parser (h11, ~121 µs per request in a server loop) would more than triple it. The
+  strict reader costs ~5.6 µs a head (the previous hand parser ~4.9 µs).
   Measured end to end on the 2-core machine (``wrk -t1 -c8`` on ``/nix-cache-info``,
   best of 5 interleaved rounds, other work running): the previous front 29.7k req/s at
   25.5 µs of proxy CPU per request, this one 26.6k req/s at 24.4 µs: the same within

@@ -69,7 +69,7 @@ from nixd.nix.signing import PublicKey
 from nixd.nix.storepath import StorePath
 from nixd.proxy import pagecache
 from nixd.proxy.config import ProxyConfig, UpstreamConfig
-from nixd.proxy.errors import BadRequest, NotFound, status_for
+from nixd.proxy.errors import BadRequest, NotFound, status_for, worst_error
 from nixd.proxy.front import Abort, Connection, HttpServer, Request, Responder, serve_front
 from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
@@ -479,7 +479,7 @@ class Proxy:
             return self._resolved_or_miss(hash_part, upstreams[winner], info)
         errors = [r for r in results if isinstance(r, Exception) and not isinstance(r, FormatError)]
         if errors:
-            raise errors[0]
+            raise worst_error(errors)
         return self._resolved_or_miss(hash_part, None, None)
 
     def _resolved_or_miss(

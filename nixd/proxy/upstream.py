@@ -34,6 +34,16 @@ What an upstream may make us do is bounded before it happens:
   :attr:`~nixd.proxy.config.UpstreamConfig.display_url`, and requested URLs never hold
   credentials.
 
+**Unreachable upstreams.** When an upstream cannot be reached (connection refused, a
+host name that does not resolve, no answer in time), waiting for it on every request
+would make each of Nix's lookups cost a full connect timeout and then fail. So each
+:class:`Upstream` counts consecutive failed attempts (connects that fail, requests that
+time out); after ``offline_after`` of them it is *offline*: requests that need a new
+connection to it fail at once with :class:`~nixd.proxy.errors.UpstreamUnreachable`, and
+every ``offline_probe`` seconds one request is let through to try again. Any answer
+from the upstream (whatever its status) ends the offline state. What Nix is answered
+then, and why, is in :func:`nixd.proxy.errors.status_for`.
+
 httpx errors are translated here, at the boundary, into :mod:`nixd.errors` classes; the
 HTTP status an upstream gives is turned into ``None`` (absent) or an error by
 :meth:`Upstream.check_status`. What Nix then sees is decided in :mod:`nixd.proxy.errors`;
@@ -72,7 +82,7 @@ from nixd.proxy.credential import (
     strip_userinfo,
     userinfo_of,
 )
-from nixd.proxy.errors import NotFound
+from nixd.proxy.errors import NotFound, UpstreamUnreachable
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.verify import check_narinfo
 
@@ -172,6 +182,8 @@ def translate_errors(url: str) -> Iterator[None]:
     """httpx exceptions → :mod:`nixd.errors`, naming the upstream URL (never credentials)."""
     try:
         yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise UpstreamUnreachable(f"{url}: cannot connect ({type(exc).__name__}: {exc})") from exc
     except httpx.TimeoutException as exc:
         raise UpstreamTimeout(f"{url}: timed out ({type(exc).__name__})") from exc
     except httpx.HTTPError as exc:
@@ -349,7 +361,7 @@ def _credential(
     if config.auth == "nixd":
         if tokens is None:
             raise AuthError(f"upstream {config.display_url} uses nixd auth but no token source")
-        return TokenCredential(origin, tokens, token_lock)
+        return TokenCredential(origin, tokens, token_lock, config.token_wait)
     if config.auth == "netrc":
         assert config.netrc_file is not None
         return NetrcCredential(origin, config.netrc_file)
@@ -397,6 +409,69 @@ class Upstream:
         self.last_error_at: float | None = None
         self._idle: dict[tuple[str, int], list[trio.SocketStream]] = {}
         """Kept-alive raw connections by (host, port), most recently used last."""
+        self._failures = 0
+        """Consecutive failed attempts (see "Unreachable upstreams" in the module doc)."""
+        self._offline_until = 0.0
+        """While offline: the monotonic time before which no new attempt is made."""
+        self._offline_reason = ""
+        """The last failed attempt, as offline answers name it."""
+
+    # -- reachability ------------------------------------------------------------------
+
+    @property
+    def offline(self) -> bool:
+        """True after ``offline_after`` consecutive failed attempts, until one succeeds."""
+        return self._failures >= self.config.offline_after
+
+    def _gate(self) -> None:
+        """Refuse at once to try an offline upstream, except for one probe per interval."""
+        if not self.offline:
+            return
+        now = time.monotonic()
+        if now < self._offline_until:
+            raise UpstreamUnreachable(
+                f"{self._offline_reason}; trying again in {self._offline_until - now:.1f} s"
+            )
+        self._offline_until = now + self.config.offline_probe  # this request probes
+
+    def _attempt_failed(self, exc: BaseException) -> None:
+        """A connect failed or a request timed out: one more towards being offline."""
+        was = self.offline
+        self._failures += 1
+        self._offline_reason = str(exc)
+        self.last_error = str(exc)
+        self.last_error_at = time.time()
+        if self.offline:
+            self._offline_until = time.monotonic() + self.config.offline_probe
+            if not was:
+                log.warning(
+                    "upstream %s is unreachable (%s); answering without it, trying it "
+                    "again every %g s",
+                    self.name,
+                    exc,
+                    self.config.offline_probe,
+                )
+
+    def _answered(self) -> None:
+        """The upstream sent a response head: it is reachable."""
+        if self.offline:
+            log.warning("upstream %s is reachable again", self.name)
+        self._failures = 0
+
+    async def _connect(self, host: str, port: int) -> trio.SocketStream:
+        """A new TCP connection, through the offline gate; failures count towards it."""
+        self._gate()
+        with trio.move_on_after(self.config.timeout) as scope:
+            try:
+                return await trio.open_tcp_stream(host, port)
+            except OSError as exc:  # refused, unreachable, a name that does not resolve
+                error = UpstreamUnreachable(f"{self.name}: cannot connect: {exc}")
+                self._attempt_failed(error)
+                raise error from exc
+        assert scope.cancelled_caught
+        error = UpstreamUnreachable(f"{self.name}: connect timed out after {self.config.timeout} s")
+        self._attempt_failed(error)
+        raise error
 
     def url_for(self, relative: str) -> str:
         """The URL to request for a narinfo's ``URL`` field (or a file name).
@@ -437,6 +512,8 @@ class Upstream:
         raise UpstreamError(f"{url}: upstream answered {status}")
 
     def _outcome(self, outcome: str, error: BaseException | None = None) -> None:
+        if isinstance(error, UpstreamUnreachable):
+            outcome = "unreachable"
         self.metrics.inc("nixd_proxy_upstream_requests_total", upstream=self.name, outcome=outcome)
         if error is None:
             self.last_ok = time.time()
@@ -522,12 +599,20 @@ class Upstream:
         """A streaming GET of ``url`` through httpx, following redirects :meth:`_redirect_target`
         allows (same origin; any http(s) origin with ``foreign_urls = "anonymous"``)."""
         for _ in range(MAX_REDIRECTS + 1):
-            with translate_errors(self.name):
-                request = self.client.build_request("GET", url, headers=headers)
-                if renew:
-                    response = await self.client.send(request, stream=True)
-                else:
-                    response = await self.client.send(request, stream=True, auth=self._no_renewal)
+            self._gate()
+            try:
+                with translate_errors(self.name):
+                    request = self.client.build_request("GET", url, headers=headers)
+                    if renew:
+                        response = await self.client.send(request, stream=True)
+                    else:
+                        response = await self.client.send(
+                            request, stream=True, auth=self._no_renewal
+                        )
+            except (UpstreamUnreachable, UpstreamTimeout) as exc:
+                self._attempt_failed(exc)
+                raise
+            self._answered()
             try:
                 if response.is_redirect:
                     url = self._redirect_target(url, response.headers.get("location", ""))
@@ -620,13 +705,15 @@ class Upstream:
                         return await self._exchange(stream, request, limit, idle)
                     except _Stale:
                         continue
-                stream = await trio.open_tcp_stream(host, port)
+                stream = await self._connect(host, port)
                 try:
                     return await self._exchange(stream, request, limit, idle)
                 except _Stale as exc:
                     raise UpstreamError(f"{self.name}: connection closed before headers") from exc
         except trio.TooSlowError as exc:
-            raise UpstreamTimeout(f"{self.name}: timed out") from exc
+            error = UpstreamTimeout(f"{self.name}: timed out")
+            self._attempt_failed(error)
+            raise error from exc
         except (OSError, trio.BrokenResourceError) as exc:
             raise UpstreamError(f"{self.name}: {exc}") from exc
         finally:
@@ -652,6 +739,7 @@ class Upstream:
             if got is None:
                 raise _Stale
             head, body = got
+            self._answered()
             length = head.content_length
             if head.chunked or not head.identity or 300 <= head.status < 400 or length is None:
                 return None
@@ -758,8 +846,7 @@ class Upstream:
         start = time.monotonic()
         timeout = self.config.timeout
         try:
-            with trio.fail_after(timeout):
-                stream = await trio.open_tcp_stream(host, port)
+            stream = await self._connect(host, port)
             try:
                 with trio.fail_after(timeout):
                     await stream.send_all(request)
@@ -771,14 +858,17 @@ class Upstream:
                 await stream.aclose()
                 raise
         except trio.TooSlowError as exc:
-            self._outcome("error", UpstreamTimeout(f"{self.name}: timed out"))
-            raise UpstreamTimeout(f"{self.name}: timed out") from exc
+            error = UpstreamTimeout(f"{self.name}: timed out")
+            self._attempt_failed(error)
+            self._outcome("error", error)
+            raise error from exc
         except (OSError, trio.BrokenResourceError) as exc:  # refused, reset
             self._outcome("error", exc)
             raise UpstreamError(f"{self.name}: {exc}") from exc
         except UpstreamError as exc:
             self._outcome("error", exc)
             raise
+        self._answered()
         self.metrics.observe_latency(self.name, time.monotonic() - start)
         length = head.content_length if not head.chunked and head.identity else None
         body = _RawBody(stream, head.status, length, first, timeout=timeout, name=self.name)
@@ -832,8 +922,12 @@ class Upstream:
             "priority": self.config.priority,
             "last_ok": self.last_ok,
             "last_error": self.last_error,
-            "healthy": self.last_error_at is None
-            or (self.last_ok is not None and self.last_ok > self.last_error_at),
+            "healthy": not self.offline
+            and (
+                self.last_error_at is None
+                or (self.last_ok is not None and self.last_ok > self.last_error_at)
+            ),
+            "offline": self.offline,
         }
 
 

@@ -475,3 +475,39 @@ def test_range_never_raises_and_stays_inside(value: bytes, size: int) -> None:
     got = parse_range(value, size)
     if got is not None:
         assert 0 <= got.start < got.stop <= size == got.size
+
+
+def _outcome(head: bytes, blocks: dict[bytes, object] | None) -> object:
+    try:
+        req = parse_request_head(head, LIMITS, blocks)  # type: ignore[arg-type]
+    except BadRequest as exc:
+        return ("refused", exc.status, str(exc))
+    return (
+        req.method, req.target, req.version, req.headers, req.fields,
+        req.keep_alive, req.content_length, req.expect_continue,
+    )  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.one_of(_request_heads, _noise_heads),
+    st.sampled_from(
+        [
+            b"GET /a HTTP/1.1",
+            b"HEAD /b.narinfo HTTP/1.0",
+            b"GET /c HTTP/2.0",
+            b"GET  / HTTP/1.1",
+            b"GET /\n HTTP/1.1",
+            b"PUT /x?y HTTP/1.1",
+            b"GET /" + b"x" * 20000 + b" HTTP/1.1",
+        ]
+    ),
+)
+def test_remembered_header_blocks_parse_as_without(head: bytes, line: bytes) -> None:
+    """A reader's memory of header blocks changes no outcome: the same head, and the
+    same block under another request line, parse (or are refused) as without it."""
+    blocks: dict[bytes, object] = {}
+    cut = head.find(b"\r\n")
+    other = line + head[cut:] if cut >= 0 else line
+    for h in (head, head, other, other, head):
+        assert _outcome(h, blocks) == _outcome(h, None), h

@@ -49,6 +49,7 @@ class FakeCache:
     tokens: set[str] | None = None
     requests: Counter[str] = field(default_factory=Counter)
     port: int = 0
+    """The port to listen on (0: any); then the one listened on, so a restart reuses it."""
     stopped: bool = False
     ranges: bool = True
     """Answer ``Range: bytes=N-`` with a 206 (False: ignore it and send the whole file)."""
@@ -75,7 +76,7 @@ class FakeCache:
     async def serve(
         self, *, task_status: trio.TaskStatus[FakeCache] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, self._connection, listeners)

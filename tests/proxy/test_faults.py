@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from nixd.auth.model import AccessToken
-from nixd.errors import AuthError
+from nixd.errors import LoginFailed
 from nixd.nix.narinfo import NarInfo
 from nixd.proxy.config import UpstreamConfig
 from nixd.proxy.server import serve_proxy
@@ -147,7 +147,7 @@ class FakeTokens:
         self.refreshes += 1
         await trio.sleep(0.05)
         if self.good is None:
-            raise AuthError("credential rejected")
+            raise LoginFailed("credential rejected")  # refused: no waiting helps
         self.current = AccessToken(self.good, expires_at=2e9, identity="token:test")
         return self.current
 
