@@ -202,6 +202,10 @@ class Dataset:
     """NarSize summed over each workload's paths."""
     file_bytes: dict[str, int]
     """FileSize (zstd, as nix copy --to file:// wrote it) summed per workload."""
+    warmup: list[str]
+    """Paths in no workload: a fresh proxy fetches these before it is measured, so that a
+    cold copy measures an empty store, not a process's first requests (imports, the
+    upstream connection, the access token)."""
 
     @property
     def src(self) -> Path:
@@ -228,6 +232,17 @@ def _narinfo_fields(text: str) -> dict[str, str]:
     return out
 
 
+def _warmup_paths(nix: NixEnv, base: Path, spec: Spec) -> list[str]:
+    """Two content-addressed paths in no workload: one small NAR, one of 1 MiB."""
+    paths = []
+    for name, size in (("bench-warmup-small", 4 << 10), ("bench-warmup-1M", MIB)):
+        blob = base / name
+        blob.write_bytes(hashlib.shake_256(f"{spec.seed}/{name}".encode()).digest(size))
+        paths.append(nix.run("nix-store", "--store", str(base / "src"), "--add", str(blob)).strip())
+        blob.unlink()
+    return paths
+
+
 def prepare(work: Path, spec: Spec) -> Dataset:
     """The data set for ``spec`` under ``work``: made (minutes) unless already there."""
     from nixd.nix.signing import SecretKey  # noqa: PLC0415 - the bench's only nixd import here
@@ -237,6 +252,9 @@ def prepare(work: Path, spec: Spec) -> Dataset:
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
         log(f"reusing the data set in {base}")
+        if "warmup" not in meta:  # a data set made before warm-up paths existed
+            meta["warmup"] = _warmup_paths(NixEnv(base / "nix"), base, spec)
+            meta_file.write_text(json.dumps(meta, indent=1))
         return Dataset(dir=base, spec=spec, key_file=base / "sk", **meta)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
@@ -295,6 +313,7 @@ def prepare(work: Path, spec: Spec) -> Dataset:
             nar_bytes[name] += int(fields["NarSize"])
             file_bytes[name] += int(fields["FileSize"])
     meta = {
+        "warmup": _warmup_paths(nix, base, spec),
         "big": big, "closure": closure, "shootout": shootout,
         "public_key": key.public().render(), "nar_bytes": nar_bytes, "file_bytes": file_bytes,
     }  # fmt: skip

@@ -55,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,10 @@ from benchproc import (
     NixClient,
     NixdServer,
     Proxy,
+    cpu_between,
+    cpu_snapshot,
     drop_page_cache,
     peak_rss_mib,
-    stop,
-    tree_cpu,
 )
 
 GIB = float(1 << 30)
@@ -181,7 +182,7 @@ class Bench:
             "nix", "copy", "--store", str(d.src),
             "--option", "netrc-file", str(netrc),
             "--to", f"{self.server.url}/cache/bench/app?compression=zstd",
-            *d.big, *d.closure, *d.shootout,
+            *d.warmup, *d.big, *d.closure, *d.shootout,
         )  # fmt: skip
         self.upload_s = time.monotonic() - t
         log(f"uploaded in {self.upload_s:.0f} s")
@@ -200,10 +201,23 @@ class Bench:
         self.drop_ok = drop_page_cache() if not self.args.no_drop_caches else False
 
     def start_proxy(self) -> Proxy:
+        """A fresh proxy (new process, empty store), warmed up on paths of no workload."""
         self.proxy_starts += 1
         store = self.run_dir / f"proxy-store-{self.proxy_starts}"
-        self.proxy = Proxy(self.run_dir / "proxy", store, self.server)
-        return self.proxy
+        self.proxy = proxy = Proxy(self.run_dir / "proxy", store, self.server)
+        auth = {"Authorization": "Basic " + _b64(f"nixd:{proxy.secret}")}
+        for path in self.data.warmup:
+            h = Path(path).name[:32]
+            req = urllib.request.Request(f"{proxy.url}/{h}.narinfo", headers=auth)
+            with urllib.request.urlopen(req, timeout=60) as r:
+                nar = re.search(r"^URL: (\S+)$", r.read().decode(), re.MULTILINE)
+            assert nar, f"no URL in the narinfo of {path}"
+            req = urllib.request.Request(f"{proxy.url}/{nar[1]}", headers=auth)
+            with urllib.request.urlopen(req, timeout=60) as r:
+                while r.read(1 << 20):
+                    pass
+        proxy.settle()
+        return proxy
 
     def stop_proxy(self) -> float:
         rss = 0.0
@@ -234,12 +248,12 @@ class Bench:
         url = self.proxy.url if source == "proxy" and self.proxy else self.nginx[source].url
         dropped = phase == "cold" and self.drop_ok and drop_page_cache()
         pids = self.pids()
-        cpu0 = {n: tree_cpu(p) for n, p in pids.items()}
+        cpu0 = {n: cpu_snapshot(p) for n, p in pids.items()}
         req0 = self.counters()
         res = self.client.copy(url, self.data.roots(workload), conns)
         if self.proxy is not None:
             self.proxy.settle()  # work the proxy does after Nix has its bytes counts too
-        cpu = {n: tree_cpu(p) - cpu0[n] for n, p in pids.items()}
+        cpu = {n: cpu_between(cpu0[n], cpu_snapshot(p)) for n, p in pids.items()}
         cpu["nix"] = res.cpu
         req1 = self.counters()
         requests = {n: req1[n] - req0.get(n, 0.0) for n in req1 if n != "upstream_bytes"}
@@ -288,14 +302,15 @@ class Bench:
         ]  # fmt: skip
         for name, url, auth in targets:
             pids = self.pids()
-            cpu0 = {n: tree_cpu(p) for n, p in pids.items()}
+            cpu0 = {n: cpu_snapshot(p) for n, p in pids.items()}
             up0 = self.counters().get("nixd-server", 0.0)
-            rate, p50, p99, count = wrk(url, auth, self.args.wrk_duration)
-            cpu = {n: tree_cpu(p) - cpu0[n] for n, p in pids.items()}
+            rate, p50, p99, count, errors = wrk(url, auth, self.args.wrk_duration)
+            cpu = {n: cpu_between(cpu0[n], cpu_snapshot(p)) for n, p in pids.items()}
             upstream = self.counters().get("nixd-server", 0.0) - up0
             row = {
                 "round": rnd, "target": name, "req_s": rate, "p50_ms": p50, "p99_ms": p99,
-                "requests": count, "cpu_us_per_req": cpu[name] / count * 1e6,
+                "requests": count, "socket_errors": errors,
+                "cpu_us_per_req": cpu[name] / count * 1e6,
                 "upstream_requests": upstream,
                 "server_cpu_us_per_req": cpu["nixd-server"] / count * 1e6,
             }  # fmt: skip
@@ -331,14 +346,19 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def wrk(url: str, auth: str | None, duration: str) -> tuple[float, float, float, int]:
-    """req/s, p50 ms, p99 ms and the number of requests of ``wrk -t2 -c32``."""
+def wrk(url: str, auth: str | None, duration: str) -> tuple[float, float, float, int, int]:
+    """req/s, p50 ms, p99 ms, requests and socket errors of ``wrk -t2 -c32``.
+
+    A non-2xx answer ends the run (the set-up is wrong); socket errors (timeouts on a
+    loaded machine) are counted and shown.
+    """
     args = ["wrk", "-t2", "-c32", f"-d{duration}", "--latency", url]
     if auth:
         args[1:1] = ["-H", f"Authorization: {auth}"]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=300).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise SystemExit(f"wrk {url} saw errors:\n{out}")
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk {url} saw answers other than 200:\n{out}")
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
 
     def pct(p: str) -> float:
         m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
@@ -347,7 +367,7 @@ def wrk(url: str, auth: str | None, duration: str) -> tuple[float, float, float,
 
     count = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
-    return rate, pct("50"), pct("99"), count
+    return rate, pct("50"), pct("99"), count, sum(map(int, errors.groups())) if errors else 0
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -447,7 +467,7 @@ def _narinfo_medians(narinfo: list[dict[str, Any]]) -> dict[str, dict[str, float
         med[name] = {
             k: _median([r[k] for r in rows])
             for k in ("req_s", "p50_ms", "p99_ms", "cpu_us_per_req", "upstream_requests",
-                      "server_cpu_us_per_req")
+                      "server_cpu_us_per_req", "socket_errors")
         }  # fmt: skip
     return med
 
@@ -496,7 +516,9 @@ def report(bench: Bench, rows: list[dict[str, Any]], checks: list[dict[str, Any]
     p(
         f"proxy: the daemon's proxy_config(): upstream {up.get('url')} auth {up.get('auth')} "
         f"priority {up.get('priority')}; store_max_bytes {pc.get('store_max_bytes')}, "
-        f"positive_ttl {pc.get('positive_ttl')}, negative_ttl {pc.get('negative_ttl')}"
+        f"positive_ttl {pc.get('positive_ttl')}, negative_ttl {pc.get('negative_ttl')}; "
+        "each cold copy gets a new proxy process and store, warmed up first on "
+        f"{len(bench.data.warmup)} paths of no workload"
     )
     p(
         f"nginx: {bench.nginx['nginx-direct'].kind}; rproxy: {bench.nginx['nginx-rproxy'].kind}; "
@@ -538,14 +560,15 @@ def report(bench: Bench, rows: list[dict[str, Any]], checks: list[dict[str, Any]
     if med:
         n = len([r for r in bench.narinfo if r["target"] == "proxy"])
         p(f"\n## narinfo, wrk -t2 -c32 -d{a.wrk_duration} (medians of {n})\n")
-        p("| server | req/s | x nginx | p50 ms | p99 ms | CPU-us/req | upstream requests |")
-        p("|---|---|---|---|---|---|---|")
+        p("| server | req/s | x nginx | p50 ms | p99 ms | CPU-us/req | upstream req | errors |")
+        p("|---|---|---|---|---|---|---|---|")
         base = med.get("nginx-direct", {}).get("req_s", float("nan"))
         for name, m in med.items():
             label = {"proxy": "proxy (warm)", "nixd-server": "nixd-server direct"}.get(name, name)
             p(
                 f"| {label} | {m['req_s']:,.0f} | {m['req_s'] / base:.2f} | {m['p50_ms']:.2f} | "
-                f"{m['p99_ms']:.2f} | {m['cpu_us_per_req']:.0f} | {m['upstream_requests']:.0f} |"
+                f"{m['p99_ms']:.2f} | {m['cpu_us_per_req']:.0f} | {m['upstream_requests']:.0f} | "
+                f"{m['socket_errors']:.0f} |"
             )
     quick = " (--quick: small sizes, not the targets' workloads)" if a.quick else ""
     p(f"\n## targets (issue 11){quick}\n")
@@ -658,8 +681,6 @@ def hold(bench: Bench) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    finally:
-        stop(None)
 
 
 if __name__ == "__main__":
