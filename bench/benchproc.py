@@ -399,17 +399,20 @@ class Proxy:
         return self.proc.pid
 
     def metrics(self) -> dict[str, float]:
-        """Totals of the proxy's counters by name (labels summed)."""
+        """The proxy's series: ``name`` (labels summed) and ``name{labels}`` each."""
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as r:
             text = r.read().decode()
-        totals: dict[str, float] = {}
+        series: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith("#") or not line.strip():
                 continue
-            name = re.split(r"[{ ]", line, maxsplit=1)[0]
+            key, _, value = line.rpartition(" ")
+            name = re.split(r"[{ ]", key, maxsplit=1)[0]
             with contextlib.suppress(ValueError):
-                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-        return totals
+                series[name] = series.get(name, 0.0) + float(value)
+                if key != name:
+                    series[key] = float(value)
+        return series
 
     def settle(self, quiet: float = 0.02, limit: float = 30.0) -> None:
         """Wait (bounded) until the proxy stops using CPU: work after the last byte."""

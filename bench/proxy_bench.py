@@ -152,6 +152,10 @@ class Sample:
     nar_bytes: int
     upstream_bytes: float | None = None
     proxy_peak_rss_mib: float | None = None
+    proxy_cpu_after_s: float | None = None
+    """CPU the proxy spent after Nix had its last byte (until it went quiet)."""
+    proxy_kinds: dict[str, dict[str, float]] | None = None
+    """Requests the proxy answered by kind: count and mean milliseconds (its /metrics)."""
 
 
 class Bench:
@@ -242,6 +246,12 @@ class Bench:
             out["proxy"] = m.get("nixd_proxy_requests_total", 0.0) + 1  # this /metrics read
             out["nixd-server"] = m.get("nixd_proxy_upstream_requests_total", 0.0)
             out["upstream_bytes"] = m.get("nixd_proxy_upstream_bytes_total", 0.0)
+            for key, value in m.items():
+                kind = re.fullmatch(
+                    r'nixd_proxy_request_duration_seconds_(sum|count)\{kind="(\w+)"\}', key
+                )
+                if kind:
+                    out[f"kind:{kind[2]}:{kind[1]}"] = value
         return out
 
     def measure(self, workload: str, source: str, phase: str, conns: int, rnd: int) -> Sample:
@@ -251,19 +261,35 @@ class Bench:
         cpu0 = {n: cpu_snapshot(p) for n, p in pids.items()}
         req0 = self.counters()
         res = self.client.copy(url, self.data.roots(workload), conns)
+        after = None
         if self.proxy is not None:
+            mid = cpu_snapshot(self.proxy.pid)
             self.proxy.settle()  # work the proxy does after Nix has its bytes counts too
+            after = cpu_between(mid, cpu_snapshot(self.proxy.pid))
         cpu = {n: cpu_between(cpu0[n], cpu_snapshot(p)) for n, p in pids.items()}
         cpu["nix"] = res.cpu
         req1 = self.counters()
-        requests = {n: req1[n] - req0.get(n, 0.0) for n in req1 if n != "upstream_bytes"}
+        delta = {n: req1[n] - req0.get(n, 0.0) for n in req1}
+        requests = {n: v for n, v in delta.items() if n in PROCS}
         requests["nix"] = requests.get(source, 0.0)
         sample = Sample(
             workload, source, phase, conns, rnd, res.wall, dropped, cpu, requests,
             self.data.nar_bytes[workload],
         )  # fmt: skip
-        if "upstream_bytes" in req1:
-            sample.upstream_bytes = req1["upstream_bytes"] - req0.get("upstream_bytes", 0.0)
+        if source == "proxy":
+            sample.upstream_bytes = delta.get("upstream_bytes", 0.0)
+            sample.proxy_cpu_after_s = after
+            kinds = {k.split(":")[1] for k in delta if k.startswith("kind:")}
+            sample.proxy_kinds = {
+                kind: {
+                    "count": delta.get(f"kind:{kind}:count", 0.0),
+                    "mean_ms": delta.get(f"kind:{kind}:sum", 0.0)
+                    / max(delta.get(f"kind:{kind}:count", 0.0), 1.0)
+                    * 1e3,
+                }
+                for kind in sorted(kinds)
+                if delta.get(f"kind:{kind}:count", 0.0) > 0 and kind != "metrics"
+            }
         self.samples.append(sample)
         log(
             f"  {workload:8} c={conns:<2} {source:12} {phase:4} {res.wall:7.2f} s"
@@ -411,8 +437,23 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
             "upstream_bytes": _median([s.upstream_bytes or 0.0 for s in group])
             if source == "proxy" else None,
             "proxy_peak_rss_mib": max(rss) if rss else None,
+            "proxy_cpu_after_s": _median([s.proxy_cpu_after_s for s in group
+                                          if s.proxy_cpu_after_s is not None]),
+            "proxy_kinds": _kinds(group),
         })  # fmt: skip
     return rows
+
+
+def _kinds(group: list[Sample]) -> dict[str, dict[str, float]]:
+    kinds = {k for s in group for k in s.proxy_kinds or {}}
+    return {
+        kind: {
+            field: _median([s.proxy_kinds[kind][field] for s in group
+                            if s.proxy_kinds and kind in s.proxy_kinds])
+            for field in ("count", "mean_ms")
+        }
+        for kind in sorted(kinds)
+    }  # fmt: skip
 
 
 TARGETS: list[tuple[str, str, Callable[[dict[str, Any]], float], str, float, str]] = [
@@ -553,9 +594,19 @@ def report(bench: Bench, rows: list[dict[str, Any]], checks: list[dict[str, Any]
                     f"| {source} | {phase} | {r['wall_s']:.2f} | {r['x_direct']:.2f} | {per_gib} "
                     f"| {per_req} | {reqs} |"
                 )
+            p("")
+            for r in sel:
+                if r["source"] != "proxy":
+                    continue
+                kinds = ", ".join(
+                    f"{k} {v['count']:.0f} x {v['mean_ms']:.2f} ms"
+                    for k, v in r["proxy_kinds"].items()
+                )
+                p(f"proxy {r['phase']}: {r['proxy_cpu_after_s']:.2f} CPU-s after Nix's last "
+                  f"byte; requests by kind (count x mean head-to-last-byte): {kinds}")  # fmt: skip
             rss = [r["proxy_peak_rss_mib"] for r in sel if r["proxy_peak_rss_mib"]]
             if rss:
-                p(f"\nproxy peak RSS {max(rss):.0f} MiB")
+                p(f"proxy peak RSS {max(rss):.0f} MiB")
     med = _narinfo_medians(bench.narinfo)
     if med:
         n = len([r for r in bench.narinfo if r["target"] == "proxy"])

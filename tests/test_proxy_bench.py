@@ -77,6 +77,11 @@ def test_proxy_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
         # a cold proxy fetched from the nixd-server; a warm one answered from its store
         assert rows[(workload, "proxy", "cold")]["cost"]["nixd-server"]["requests"] > 0
         assert rows[(workload, "proxy", "cold")]["upstream_bytes"] > 0
+        for phase in ("cold", "warm"):
+            row = rows[(workload, "proxy", phase)]
+            assert row["proxy_cpu_after_s"] >= 0
+            assert row["proxy_kinds"]["nar"]["count"] > 0
+            assert row["proxy_kinds"]["narinfo"]["mean_ms"] > 0
 
     medians = result["narinfo_medians"]
     assert set(medians) == {"proxy", "nixd-server", "nginx-direct"}
