@@ -570,6 +570,11 @@ def report(bench: Bench, rows: list[dict[str, Any]], checks: list[dict[str, Any]
         "passes through (nix = the client; requests = what that process answered)"
     )
     titles = workload_titles(d)
+    durable = "durable" if server_cfg["audit"].get("durable_reads") else "non-durable"
+    setting = (
+        f"nixd-server {server_cfg['workers']} worker(s), {durable} audit, zstd; "
+        "nginx 1 worker, sendfile"
+    )
     for workload in WORKLOADS:
         for conns in a.connections:
             sel = [r for r in rows if r["workload"] == workload and r["connections"] == conns]
@@ -578,6 +583,7 @@ def report(bench: Bench, rows: list[dict[str, Any]], checks: list[dict[str, Any]
             p(f"\n## {titles[workload]}: {_size(d.nar_bytes[workload])} NAR "
               f"({_size(d.file_bytes[workload])} zstd in the file cache), "
               f"http-connections = {conns}, medians of {sel[0]['rounds']}\n")  # fmt: skip
+            p(f"{setting}\n")
             p("| source | phase | wall s | x direct | CPU-s/GiB | CPU-us/req | requests |")
             p("|---|---|---|---|---|---|---|")
             order = [("nginx-direct", "cold"), ("nginx-direct", "warm"),
@@ -610,7 +616,7 @@ def report(bench: Bench, rows: list[dict[str, Any]], checks: list[dict[str, Any]
     med = _narinfo_medians(bench.narinfo)
     if med:
         n = len([r for r in bench.narinfo if r["target"] == "proxy"])
-        p(f"\n## narinfo, wrk -t2 -c32 -d{a.wrk_duration} (medians of {n})\n")
+        p(f"\n## narinfo, wrk -t2 -c32 -d{a.wrk_duration} (medians of {n}); {setting}\n")
         p("| server | req/s | x nginx | p50 ms | p99 ms | CPU-us/req | upstream req | errors |")
         p("|---|---|---|---|---|---|---|---|")
         base = med.get("nginx-direct", {}).get("req_s", float("nan"))
@@ -706,17 +712,29 @@ def main() -> None:
             "summary": rows, "narinfo": bench.narinfo,
             "narinfo_medians": _narinfo_medians(bench.narinfo), "targets": checks,
         }  # fmt: skip
+        dumped = json.dumps(_no_nan(result), indent=1)
         if args.json == "-":
             print(text, file=sys.stderr)
-            print(json.dumps(result, indent=1))
+            print(dumped)
         else:
             print(text)
             if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=1))
+                Path(args.json).write_text(dumped)
     finally:
         bench.close()
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN (a figure with nothing to divide by) as null: strict JSON readers refuse NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def hold(bench: Bench) -> None:
