@@ -5,9 +5,10 @@ serving, and an authenticating reverse proxy in front of it), a real ``nixd-serv
 in its default configuration, the proxy (the daemon's, in a process of its own) and the
 ``nix copy`` clients. The cost of each is read from the kernel, not estimated:
 
-- servers: ``utime + stime`` (and ``cutime + cstime`` of reaped children) of the process and
-  of every live descendant, from ``/proc/PID/stat``, before and after a measurement
-  (:func:`tree_cpu`); a forked ``nixd-server`` worker or nginx's worker is included;
+- servers: the CPU time of the process and of every live descendant (a forked
+  ``nixd-server`` worker, nginx's worker) before and after a measurement: each thread's
+  ``schedstat`` nanoseconds, or ``utime + stime`` with reaped children from
+  ``/proc/PID/stat`` when threads ended in between (:class:`CpuSnapshot`);
 - a ``nix`` client: its own ``rusage`` from ``wait4`` (all its threads);
 - requests: nginx's ``stub_status`` counter, the proxy's ``/metrics`` (requests it answered
   and requests it made upstream, which are what the nixd-server answered).
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -35,6 +37,8 @@ from benchdata import NIX_CONF
 TICK = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+START_TIMEOUT = 60.0
+"""Hang guard for a server or the proxy to come up (a busy machine starts slowly)."""
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 """Every Python child runs this tree's nixd, whatever is installed."""
 
@@ -301,7 +305,7 @@ class NixdServer:
                 [PY, "-m", "nixd.server.cli", "serve", str(self.state)],
                 stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV,
             )  # fmt: skip
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + START_TIMEOUT
         while not (address.exists() and address.read_text().strip()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"nixd-server did not start; see {self.state}/serve.log")
@@ -384,7 +388,8 @@ class Proxy:
                 stdout=subprocess.PIPE, stderr=err, env=CHILD_ENV,
             )  # fmt: skip
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
+        line = self.proc.stdout.readline().decode() if ready else ""
         if not line:
             stop(self.proc)
             raise SystemExit(f"the proxy did not start; see {run_dir}/proxy.log")
