@@ -144,6 +144,8 @@ def serve_proxy_main(spec_file: str) -> None:
 
 @dataclasses.dataclass
 class Sample:
+    """One ``nix copy``: its wall time and what every process spent on it."""
+
     workload: str
     source: str
     phase: str
@@ -163,6 +165,8 @@ class Sample:
 
 
 class Bench:
+    """One run: the server, both nginx, the proxy of the moment, the client, the samples."""
+
     def __init__(self, args: argparse.Namespace, data: Dataset, run_dir: Path) -> None:
         self.args = args
         self.data = data
