@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from nixd.auth.model import AccessToken
-from nixd.errors import AuthError
+from nixd.errors import LoginFailed
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import SecretKey
 from nixd.proxy import prefetch
@@ -317,7 +317,7 @@ async def test_real_nix_cold_closure_through_prefetch(real_nix: RealNix, tmp_pat
 
 
 class CountingTokens:
-    """A TokenSource with one fixed token that counts renewals (and cannot renew)."""
+    """A TokenSource with one fixed token that counts renewals (refused: no waiting helps)."""
 
     def __init__(self) -> None:
         self.token = AccessToken("the-access-token", expires_at=2e9, identity="token:test")
@@ -328,7 +328,7 @@ class CountingTokens:
 
     async def refresh(self, stale: AccessToken | None) -> AccessToken:
         self.refreshes += 1
-        raise AuthError("no renewal in this test")
+        raise LoginFailed("no renewal in this test")
 
 
 async def test_prefetch_never_renews_the_token(tmp_path: Path) -> None:
