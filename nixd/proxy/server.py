@@ -22,12 +22,16 @@ Model (DESIGN.md, "Security model"):
   ``Range`` is read by :func:`nixd.http.parse_range`: a range it does not serve (malformed,
   several, past the end, numbers beyond any file) is answered with the whole file, a 200,
   never a 416 a plain GET would not have got.
-  After a download verified its FileHash, a worker thread decompresses it and checks the
-  signed NarHash/NarSize; only then does it enter the :class:`LocalStore`. A download
-  the upstream cuts resumes from it with ``Range``; Nix's own ``Range`` retry (Nix 2.8
-  asks again from the offset it has after a cut transfer) tails the same download, so it
-  is served from the bytes already received rather than refused while the upstream is
-  away.
+  A download is verified as it arrives (FileHash and, decompressed, the signed
+  NarHash/NarSize, in worker threads); its last byte goes to Nix and the file enters the
+  :class:`LocalStore` only once both matched. When the store cannot hold a NAR (larger
+  than its cap or the free space of its disk, even after evicting, or the disk fills up
+  mid-download), each request streams it from the upstream through to Nix, verified the
+  same, and nothing is kept (:meth:`Proxy._pass_through`; WARNING once per NAR, counted in
+  the status). A download the upstream cuts resumes from it with ``Range``; Nix's own
+  ``Range`` retry (Nix 2.8 asks again from the offset it has after a cut transfer) tails
+  the same download, so it is served from the bytes already received rather than refused
+  while the upstream is away.
   NARs whose FileSize is at most :data:`~nixd.proxy.localstore.SMALL` take a short path:
   fetched whole over a kept-alive connection (one fetch shared by concurrent requests),
   checked inline (FileHash, then the signed NarHash) before any byte goes to Nix, kept, and
