@@ -525,7 +525,7 @@ class Proxy:
                 size = expected[1] if expected is not None else None
                 if size is not None and not self.store.can_hold(size):
                     why = "larger than the store's cap or its free space"
-                    await self._serve_passthrough(resolved, request, resp, why=why)
+                    await self._serve_passthrough(resolved, request, resp, head, why=why)
                     return
                 download = self._start_download(key, resolved)
         else:
@@ -677,7 +677,7 @@ class Proxy:
         except FileNotFoundError:
             if isinstance(download.error, NoRoom):
                 why = "the store's filesystem is full"
-                await self._serve_passthrough(download, request, resp, why=why)
+                await self._serve_passthrough(download, request, resp, head, why=why)
                 return
             raise download.error or NotFound(download.key) from None
         try:
@@ -687,7 +687,7 @@ class Proxy:
                 assert download.error is not None
                 if isinstance(download.error, NoRoom):
                     why = "the store's filesystem is full"
-                    await self._serve_passthrough(download, request, resp, why=why)
+                    await self._serve_passthrough(download, request, resp, head, why=why)
                     return
                 raise download.error
             size = download.size
@@ -735,7 +735,13 @@ class Proxy:
             os.close(fd)
 
     async def _serve_passthrough(
-        self, source: Resolved | Download, request: Request, resp: Responder, *, why: str
+        self,
+        source: Resolved | Download,
+        request: Request,
+        resp: Responder,
+        head: bool,
+        *,
+        why: str,
     ) -> None:
         """A whole answer (Range too) streamed from the upstream and not kept."""
         expected = expected_raw(source.info)
@@ -748,7 +754,8 @@ class Proxy:
         if rng is not None:
             headers.append((b"content-range", rng.content_range))
         await resp.start(206 if rng is not None else 200, headers)
-        await self._pass_through(source, resp, why=why, start=start, stop=stop)
+        if not head:
+            await self._pass_through(source, resp, why=why, start=start, stop=stop)
         await resp.end()
 
     async def _pass_through(

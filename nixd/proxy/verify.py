@@ -27,6 +27,7 @@ import lzma
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+import brotli
 import zstandard
 
 from nixd.errors import FormatError, IntegrityError
@@ -174,13 +175,40 @@ class _Lzma:
         return self._started and self._decomp.eof
 
 
+class _Brotli:
+    """brotli through the ``Brotli`` package, its output limited per call the same way."""
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+        self._decomp = brotli.Decompressor()
+
+    def feed(self, data: bytes | memoryview) -> None:
+        decomp = self._decomp
+        if decomp.is_finished():
+            raise ValueError("data after the end of the brotli stream")
+        self._sink.write(decomp.process(data, output_buffer_limit=OUT_BLOCK))
+        while not decomp.can_accept_more_data():
+            self._sink.write(decomp.process(b"", output_buffer_limit=OUT_BLOCK))
+
+    def complete(self) -> bool:
+        return bool(self._decomp.is_finished())
+
+
 _STREAMS: dict[str, Callable[[_Sink], _Stream]] = {
     "zstd": _Zstd,
+    "br": _Brotli,
     "xz": lambda sink: _Lzma(sink, lzma.LZMADecompressor),
     "bzip2": lambda sink: _Lzma(sink, bz2.BZ2Decompressor),  # type: ignore[arg-type]
 }
 
-_DECOMPRESS_ERRORS = (zstandard.ZstdError, lzma.LZMAError, OSError, EOFError, ValueError)
+_DECOMPRESS_ERRORS = (
+    zstandard.ZstdError,
+    lzma.LZMAError,
+    brotli.error,
+    OSError,
+    EOFError,
+    ValueError,
+)
 
 
 class NarVerifier:
@@ -216,6 +244,8 @@ class NarVerifier:
     def feed(self, data: bytes | memoryview) -> None:
         """Take the next file bytes; IntegrityError as soon as they cannot match."""
         n = len(data)
+        if not n:
+            return
         if self.file_size is not None and self.received + n > self.file_size:
             raise IntegrityError(f"{self.key}: upstream sent more than {self.file_size} bytes")
         self.received += n

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import brotli
 import httpx
 import pytest
 import trio
@@ -52,6 +53,8 @@ def compress(data: bytes, compression: str) -> bytes:
         return lzma.compress(data)
     if compression == "bzip2":
         return bz2.compress(data)
+    if compression == "br":
+        return bytes(brotli.compress(data))
     assert compression == "none"
     return data
 
@@ -80,7 +83,11 @@ def decompress(data: bytes, compression: str) -> bytes | None:
                     return None
                 data = stream.unused_data
             return out
-    except (zstandard.ZstdError, lzma.LZMAError, OSError, ValueError, EOFError):
+        if compression == "br":
+            stream = brotli.Decompressor()
+            out = stream.process(data)
+            return out if stream.is_finished() else None
+    except (zstandard.ZstdError, lzma.LZMAError, brotli.error, OSError, ValueError, EOFError):
         return None
     return data
 
@@ -140,9 +147,9 @@ def feed_all(info: NarInfo, file: bytes, cuts: list[int]) -> bool:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    nar=st.binary(min_size=1, max_size=3000),
+    nar=st.binary(min_size=2, max_size=3000),
     zeros=st.sampled_from([0, 50000]),
-    compression=st.sampled_from(["zstd", "xz", "bzip2", "none"]),
+    compression=st.sampled_from(["zstd", "xz", "bzip2", "br", "none"]),
     damage=st.sampled_from(["none", "flip", "truncate", "append", "nar-hash", "nar-size"]),
     where=st.integers(min_value=0),
     cuts=st.lists(st.integers(min_value=0), max_size=8),
