@@ -19,7 +19,8 @@ once with 100k kept NARs); a row whose file is missing is dropped when a request
 so (the request goes upstream), and :meth:`LocalStore.reconcile`, run in the background
 after start, reconciles the index and the directory both ways. Eviction drops the least
 recently served NARs (and their narinfos) until the total is under ``max_bytes``, and
-:meth:`LocalStore.make_room` evicts to free space on the filesystem for a download.
+:meth:`LocalStore.can_hold` / :meth:`LocalStore.make_room` evict to free space on the
+filesystem for a download (never when evicting every NAR would not free enough).
 
 SQLite calls are short local operations made on the event loop thread; the database runs
 in WAL mode without fsync per commit: losing the last few atime updates in a power cut is
@@ -384,8 +385,11 @@ class LocalStore:
         the cap, and room on the filesystem, evicting NARs by LRU to make it if needed."""
         if size > self.max_bytes:
             return False
-        if self.free_bytes() >= size + ROOM_MARGIN:
+        free = self.free_bytes()
+        if free >= size + ROOM_MARGIN:
             return True
+        if free + self.total_bytes < size + ROOM_MARGIN:
+            return False  # evicting everything would not do: keep what is kept
         self.flush()
         while self.free_bytes() < size + ROOM_MARGIN:
             if not self._evict_oldest():
@@ -396,7 +400,11 @@ class LocalStore:
 
     def make_room(self, size: int) -> bool:
         """A write just failed with a full disk: evict NARs (LRU) until ``size`` bytes
-        are free. False when none are free and there is nothing left to evict."""
+        are free. False when none are free and there is nothing left to evict, or when
+        evicting everything would not make enough room (then nothing is evicted)."""
+        free = self.free_bytes()
+        if free + self.total_bytes < size + ROOM_MARGIN:
+            return False
         self.flush()
         evicted = False
         while self.free_bytes() < size + ROOM_MARGIN and self._evict_oldest():

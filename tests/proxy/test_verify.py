@@ -39,8 +39,10 @@ from nixd.proxy.config import UpstreamConfig
 from nixd.proxy.localstore import SMALL
 from nixd.proxy.server import serve_proxy
 from nixd.proxy.verify import EXTENSIONS, NarVerifier
-from tests.proxy.conftest import ProxyEnv, proxy_config
+from tests.proxy.conftest import Caches, ProxyEnv, nix_copy, proxy_config, upstream_for
 from tests.proxy.fakecache import FakeCache
+from tests.proxy.test_realnix import assert_closure_copied
+from tests.realnix import RealNix
 
 MiB = 1 << 20
 KEY = SecretKey.generate("verify-test-1")
@@ -424,3 +426,33 @@ async def test_a_full_filesystem_streams_through_and_evicts_to_make_room(tmp_pat
                 (now,) = proxy.handle.store.nar_keys()
                 assert now.startswith(info.store_path.hash_part)
             assert proxy.handle.metrics.total("nixd_proxy_store_evictions_total") >= 2
+
+
+@pytest.mark.parametrize("compression", ["zstd", "xz"])
+async def test_real_nix_gets_a_nar_larger_than_the_free_space(
+    real_nix: RealNix, caches: Caches, tmp_path: Path, compression: str
+) -> None:
+    """The proxy's store is on a 2 MiB filesystem; the closure's 3 MB blob reaches Nix
+    anyway (streamed through, verified), and the small paths are kept."""
+    cache = FakeCache(caches.dirs[compression])
+    with small_filesystem(tmp_path / "small", "2m") as small, trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.serve)
+            upstreams = (upstream_for(cache, caches),)
+            config, secret, netrc = proxy_config(tmp_path, upstreams)
+            config = dataclasses.replace(config, store_dir=str(small / "store"))
+            handle = await nursery.start(serve_proxy, config, None)
+            proxy = ProxyEnv(handle, secret, netrc, Path(config.store_dir), config)
+            await nix_copy(
+                real_nix, proxy, caches, caches.top,
+                store=tmp_path / "s", cache_home=tmp_path / "c",
+            )  # fmt: skip
+            assert_closure_copied(caches, real_nix, tmp_path / "s")
+            await handle.downloads_settled()
+            kept = handle.store.nar_keys()
+            blob = caches.blob.rsplit("/", 1)[-1][:32]
+            assert not any(k.startswith(blob) for k in kept)
+            assert len(kept) == len(caches.closure) - 1, (kept, caches.closure, handle.status())
+            assert handle.status()["passthrough_total"] >= 1
+            assert handle.metrics.total("nixd_proxy_verification_failures_total") == 0
+            nursery.cancel_scope.cancel()
