@@ -160,6 +160,12 @@ class LocalStore:
         its file is (still) missing or of the wrong size, a file removed only if no row
         names it (admission renames the file and writes its row in one step on the loop).
         """
+        try:
+            await self._reconcile()
+        except (OSError, sqlite3.Error) as exc:  # containment: serving goes on regardless
+            log.warning("proxy store: could not reconcile the index with nar/: %s", exc)
+
+    async def _reconcile(self) -> None:
         listing = await trio.to_thread.run_sync(self._listing)
         dropped = removed = 0
         for i, (key, size) in enumerate(list(self._sizes.items())):

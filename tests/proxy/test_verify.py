@@ -40,7 +40,7 @@ from nixd.proxy.localstore import SMALL
 from nixd.proxy.server import serve_proxy
 from nixd.proxy.verify import EXTENSIONS, NarVerifier
 from tests.proxy.conftest import Caches, ProxyEnv, nix_copy, proxy_config, upstream_for
-from tests.proxy.fakecache import FakeCache
+from tests.proxy.fakecache import FakeCache, Fault
 from tests.proxy.test_realnix import assert_closure_copied
 from tests.realnix import RealNix
 
@@ -456,3 +456,22 @@ async def test_real_nix_gets_a_nar_larger_than_the_free_space(
             assert handle.status()["passthrough_total"] >= 1
             assert handle.metrics.total("nixd_proxy_verification_failures_total") == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_pass_through_cut_by_the_upstream_resumes(tmp_path: Path) -> None:
+    """The upstream cuts the body half-way, twice: the pass-through asks again from the
+    byte it lacks (Range), its verifier carries on, and the reader gets the whole file."""
+    nar = payload(3 * MiB, b"cut")
+    file = compress(nar, "zstd")
+    info = narinfo_for("cut", file, nar, "zstd")
+    publish(tmp_path / "cache", info, file)
+    with trio.fail_after(60):
+        async with proxy_over(
+            tmp_path, tmp_path / "cache", store_max_bytes=MiB, resume_delay=0.01
+        ) as (proxy, client, fake):
+            fake.faults.append(Fault("truncate", match=".nar.zst", times=2))
+            assert await get_nar(client, info) == (len(file), file, True)
+            assert proxy.handle.metrics.total("nixd_proxy_upstream_resumes_total") == 2
+            offsets = [int(r.removeprefix("bytes=").rstrip("-")) for r in fake.ranges_asked]
+            assert len(offsets) == 2 and 0 < offsets[0] < offsets[1] < len(file)
+            assert proxy.handle.metrics.total("nixd_proxy_verified_bytes_total") == len(file)
