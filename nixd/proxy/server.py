@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import hmac
 import logging
 import os
@@ -527,7 +528,14 @@ class Proxy:
                     why = "larger than the store's cap or its free space"
                     await self._serve_passthrough(resolved, request, resp, head, why=why)
                     return
-                download = self._start_download(key, resolved)
+                try:
+                    download = self._start_download(key, resolved)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    why = f"no temp file could be made: {exc.strerror}"
+                    await self._serve_passthrough(resolved, request, resp, head, why=why)
+                    return
         else:
             self.metrics.inc("nixd_proxy_singleflight_joins_total")
         await self._serve_download(download, request, resp, head)

@@ -364,11 +364,11 @@ async def test_a_corrupt_nar_streamed_through_is_cut(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+def small_filesystem(path: Path, size: str, options: str = "") -> Iterator[Path]:
     """A tmpfs of ``size`` at ``path`` (needs CAP_SYS_ADMIN, as root has)."""
     path.mkdir()
     proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(path)],
         capture_output=True,
         check=False,
     )
@@ -475,3 +475,21 @@ async def test_a_pass_through_cut_by_the_upstream_resumes(tmp_path: Path) -> Non
             offsets = [int(r.removeprefix("bytes=").rstrip("-")) for r in fake.ranges_asked]
             assert len(offsets) == 2 and 0 < offsets[0] < offsets[1] < len(file)
             assert proxy.handle.metrics.total("nixd_proxy_verified_bytes_total") == len(file)
+
+
+async def test_no_inode_left_for_a_temp_file_streams_through(tmp_path: Path) -> None:
+    """Seven inodes: enough for the store's directories and its index, none for a
+    download's temp file (ENOSPC from open): the NAR streams through all the same."""
+    nar = payload(MiB, b"inodes")
+    file = compress(nar, "zstd")
+    info = narinfo_for("inodes", file, nar, "zstd")
+    publish(tmp_path / "cache", info, file)
+    with small_filesystem(tmp_path / "small", "8m", ",nr_inodes=7") as small, trio.fail_after(60):
+        async with proxy_over(tmp_path, tmp_path / "cache", store_dir=small / "store") as (
+            proxy,
+            client,
+            _,
+        ):
+            assert await get_nar(client, info) == (len(file), file, True)
+            assert proxy.handle.status()["passthrough_total"] == 1
+            assert proxy.handle.store.nar_keys() == []
