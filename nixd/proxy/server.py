@@ -254,7 +254,8 @@ class Proxy:
         self.passing_through = 0
         """Pass-through transfers in flight."""
         self.passed_through: OrderedDict[str, int] = OrderedDict()
-        """Recent NARs that did not fit (key -> FileSize or -1), to warn once per NAR."""
+        """Recent NARs that did not fit (key -> FileSize or -1), to warn once per NAR.
+        (Not in the status, which any local user may read: the WARNING names them.)"""
 
     # -- upstreams ---------------------------------------------------------------------
 
@@ -828,7 +829,6 @@ class Proxy:
             "store_free_bytes": self.store.free_bytes(),
             "passthrough_total": int(m.total("nixd_proxy_passthrough_total")),
             "passthrough_in_flight": self.passing_through,
-            "passthrough_recent": list(self.passed_through)[-5:],
             "upstreams": [u.status() for u in self.upstreams],
         }
 

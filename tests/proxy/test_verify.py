@@ -338,9 +338,6 @@ async def test_a_nar_larger_than_the_cap_streams_through_to_every_reader(
             status = proxy.handle.status()
             assert status["passthrough_total"] == 3
             assert status["passthrough_in_flight"] == 0
-            assert any(
-                k.startswith(info.store_path.hash_part) for k in status["passthrough_recent"]
-            )
             assert fake.count(".nar.zst") == 3  # one fetch per reader (see _pass_through)
     warnings = [r for r in caplog.records if "streaming it through" in r.getMessage()]
     assert len(warnings) == 1
