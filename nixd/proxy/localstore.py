@@ -205,8 +205,11 @@ class LocalStore:
         if size is None:
             return
         log.warning("proxy store: dropping index entry %s (file missing or wrong)", key)
-        self.db.execute("DELETE FROM narinfos WHERE key = ?", (key,))
-        self.db.execute("DELETE FROM nars WHERE key = ?", (key,))
+        try:
+            self.db.execute("DELETE FROM narinfos WHERE key = ?", (key,))
+            self.db.execute("DELETE FROM nars WHERE key = ?", (key,))
+        except sqlite3.Error as exc:  # the row stays; found again after a restart
+            log.warning("proxy store: could not drop the row of %s: %s", key, exc)
         self._touched.pop(key, None)
         self._forget(key)
         with contextlib.suppress(OSError):
@@ -225,13 +228,19 @@ class LocalStore:
             return
         touched, self._touched = self._touched, {}
         rows = [(atime, key) for key, atime in touched.items() if key in self._sizes]
-        self.db.execute("BEGIN")
         try:
-            self.db.executemany("UPDATE nars SET atime = ? WHERE key = ?", rows)
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany("UPDATE nars SET atime = ? WHERE key = ?", rows)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # A full disk (SQLITE_FULL) must not fail the hit that triggered the flush:
+            # the times stay in memory for the next try.
+            self._touched = {**touched, **self._touched}
+            log.info("proxy store: access times not written yet: %s", exc)
 
     def _touch(self, key: str) -> None:
         self._touched[key] = time.time()
@@ -328,21 +337,27 @@ class LocalStore:
             os.replace(temp, target)
         else:
             os.unlink(temp)
-        self.db.execute("BEGIN")
         try:
-            if existing is None:
+            self.db.execute("BEGIN")
+            try:
+                if existing is None:
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO nars(key, size, atime) VALUES (?, ?, ?)",
+                        (key, size, time.time()),
+                    )
                 self.db.execute(
-                    "INSERT OR REPLACE INTO nars(key, size, atime) VALUES (?, ?, ?)",
-                    (key, size, time.time()),
+                    "INSERT OR REPLACE INTO narinfos(hash_part, key, text) VALUES (?, ?, ?)",
+                    (hash_part, key, narinfo_text),
                 )
-            self.db.execute(
-                "INSERT OR REPLACE INTO narinfos(hash_part, key, text) VALUES (?, ?, ?)",
-                (hash_part, key, narinfo_text),
-            )
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if existing is None:  # no row names it (a full disk): do not leave it taking room
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
             raise
-        self.db.execute("COMMIT")
         if existing is None:
             self._sizes[key] = size
             self.total_bytes += size
@@ -367,16 +382,23 @@ class LocalStore:
         if row is None:
             return False
         key, size = row
-        self.db.execute("DELETE FROM narinfos WHERE key = ?", (key,))
-        self.db.execute("DELETE FROM nars WHERE key = ?", (key,))
+        # The file first: on a full disk, its room is what lets SQLite write the delete.
+        # Should the delete still fail, the row outlives its file, which the index
+        # tolerates (found missing when served, or by reconcile).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.nar_dir / key)
         if self._sizes.pop(key, None) is not None:
             self.total_bytes -= size
         self._touched.pop(key, None)
         self._forget(key)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.nar_dir / key)
         self.metrics.inc("nixd_proxy_store_evictions_total")
         log.debug("proxy store: evicted %s (%d bytes)", key, size)
+        try:
+            self.db.execute("DELETE FROM narinfos WHERE key = ?", (key,))
+            self.db.execute("DELETE FROM nars WHERE key = ?", (key,))
+        except sqlite3.Error as exc:
+            log.warning("proxy store: evicted %s but could not drop its row: %s", key, exc)
+            return False  # the same row would come first again
         return True
 
     def free_bytes(self) -> int:
