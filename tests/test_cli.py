@@ -24,6 +24,7 @@ import pytest
 
 from nixd import exitcodes
 from nixd.cli import COMMANDS
+from nixd.commands.status import render
 from nixd.daemon import client, config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -372,3 +373,13 @@ def test_man_page_is_reproducible() -> None:
     ]
     assert pages[0] == pages[1]
     assert pages[0].startswith('.TH "NIXD" "1" "2023-11-14" "nixd 0.1.0"')
+
+
+def test_status_says_when_nars_were_streamed_through_unkept() -> None:
+    base: dict[str, object] = {"proxy": {"url": "http://127.0.0.1:1"}, "store": {}}
+    assert "streamed through" not in render(base)
+    text = render(
+        {**base, "proxy": {"passthrough_total": 3, "store_free_bytes": 5 << 20, "url": "u"}}
+    )
+    assert "WARNING:        3 NAR transfer(s) streamed through without being kept" in text
+    assert "5.0 MiB free" in text

@@ -86,6 +86,13 @@ def render(status: dict[str, Any]) -> str:
         f"local store:    {_size(int(store.get('bytes_used', 0)))} of "
         f"{_size(int(store.get('max_bytes', 0)))} in {store.get('dir')}"
     )
+    passed = int(proxy.get("passthrough_total") or 0)
+    if passed:
+        free = _size(int(proxy.get("store_free_bytes") or 0))
+        lines.append(
+            f"WARNING:        {passed} NAR transfer(s) streamed through without being kept: "
+            f"the local store could not hold them ({free} free on its disk)"
+        )
     upstreams = status.get("upstreams") or []
     lines.append(f"upstreams:      {len(upstreams) or 'none'}")
     for u in upstreams:

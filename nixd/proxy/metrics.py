@@ -62,6 +62,14 @@ _HELP = {
         "counter",
         "NAR downloads cut by their upstream and resumed with Range.",
     ),
+    "nixd_proxy_verified_bytes_total": (
+        "counter",
+        "NAR file bytes verified as they arrived (FileHash and the signed NarHash).",
+    ),
+    "nixd_proxy_passthrough_total": (
+        "counter",
+        "NAR transfers streamed through unkept: the local store could not hold them.",
+    ),
 }
 
 

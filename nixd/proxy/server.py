@@ -24,12 +24,16 @@ Model (DESIGN.md, "Security model"):
   ``Range`` is read by :func:`nixd.http.parse_range`: a range it does not serve (malformed,
   several, past the end, numbers beyond any file) is answered with the whole file, a 200,
   never a 416 a plain GET would not have got.
-  After a download verified its FileHash, a worker thread decompresses it and checks the
-  signed NarHash/NarSize; only then does it enter the :class:`LocalStore`. A download
-  the upstream cuts resumes from it with ``Range``; Nix's own ``Range`` retry (Nix 2.8
-  asks again from the offset it has after a cut transfer) tails the same download, so it
-  is served from the bytes already received rather than refused while the upstream is
-  away.
+  A download is verified as it arrives (FileHash and, decompressed, the signed
+  NarHash/NarSize, in worker threads); its last byte goes to Nix and the file enters the
+  :class:`LocalStore` only once both matched. When the store cannot hold a NAR (larger
+  than its cap or the free space of its disk, even after evicting, or the disk fills up
+  mid-download), each request streams it from the upstream through to Nix, verified the
+  same, and nothing is kept (:meth:`Proxy._pass_through`; WARNING once per NAR, counted in
+  the status). A download the upstream cuts resumes from it with ``Range``; Nix's own
+  ``Range`` retry (Nix 2.8 asks again from the offset it has after a cut transfer) tails
+  the same download, so it is served from the bytes already received rather than refused
+  while the upstream is away.
   NARs whose FileSize is at most :data:`~nixd.proxy.localstore.SMALL` take a short path:
   fetched whole over a kept-alive connection (one fetch shared by concurrent requests),
   checked inline (FileHash, then the signed NarHash) before any byte goes to Nix, kept, and
@@ -45,10 +49,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import hmac
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -75,12 +81,12 @@ from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
 from nixd.proxy.negcache import NegativeCache, TTLCache
 from nixd.proxy.prefetch import Prefetcher, fetches_whole
-from nixd.proxy.singleflight import Download, State
+from nixd.proxy.singleflight import Download, NoRoom, PassThrough, State
 from nixd.proxy.upstream import Upstream
 from nixd.proxy.verify import (
     check_small_nar,
+    expected_raw,
     nar_key,
-    nar_matches,
     parse_nar_key,
 )
 
@@ -96,6 +102,8 @@ _BASE32 = frozenset("0123456789abcdfghijklmnpqrsvwxyz")
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
 MAX_LOG = 64 << 20
 """Largest build log passed on (the cache server accepts logs up to the same size)."""
+MAX_PASSED_THROUGH = 256
+"""NARs remembered as streamed through (for the once-per-NAR warning and the status)."""
 _NARINFO_OK = Metrics.key("nixd_proxy_requests_total", kind="narinfo", status="200")
 _LOCAL_NARINFO_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="narinfo")
 _LOCAL_NAR_HIT = Metrics.key("nixd_proxy_local_hits_total", kind="nar")
@@ -248,6 +256,13 @@ class Proxy:
         self.prefetch = Prefetcher(self, metrics)
         nursery.start_soon(self.prefetch.run)
         self._set_upstreams(config.upstreams)
+
+        # NARs streamed through without being kept (the store could not hold them).
+        self.passing_through = 0
+        """Pass-through transfers in flight."""
+        self.passed_through: OrderedDict[str, int] = OrderedDict()
+        """Recent NARs that did not fit (key -> FileSize or -1), to warn once per NAR.
+        (Not in the status, which any local user may read: the WARNING names them.)"""
 
     # -- upstreams ---------------------------------------------------------------------
 
@@ -511,6 +526,7 @@ class Proxy:
                 raise NotFound(f"{key}: not the file the trusted narinfo names")
             if await self._serve_local_nar(key, request, resp, head):
                 return
+            expected = expected_raw(resolved.info)
             if not head and fetches_whole(resolved.info):
                 data = await self._fetch_small(key, resolved)
                 self.metrics.inc("nixd_proxy_sent_bytes_total", len(data), source="upstream")
@@ -524,7 +540,21 @@ class Proxy:
                 await resp.start(200, headers)
                 await resp.end()
                 return
-            download = self.downloads.get(key) or self._start_download(key, resolved)
+            download = self.downloads.get(key)
+            if download is None:
+                size = expected[1] if expected is not None else None
+                if size is not None and not self.store.can_hold(size):
+                    why = "larger than the store's cap or its free space"
+                    await self._serve_passthrough(resolved, request, resp, head, why=why)
+                    return
+                try:
+                    download = self._start_download(key, resolved)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    why = f"no temp file could be made: {exc.strerror}"
+                    await self._serve_passthrough(resolved, request, resp, head, why=why)
+                    return
         else:
             self.metrics.inc("nixd_proxy_singleflight_joins_total")
         await self._serve_download(download, request, resp, head)
@@ -608,7 +638,8 @@ class Proxy:
         path, size = found
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except FileNotFoundError:  # the index is trusted at start: found out here
+            self.store.drop_missing(key)
             return False
         try:
             self.metrics.inc("nixd_proxy_local_hits_total", kind="nar")
@@ -641,6 +672,7 @@ class Proxy:
             self.metrics,
             resumes=self.config.resumes,
             resume_delay=self.config.resume_delay,
+            make_room=self.store.make_room,
         )
         self.downloads[key] = download
         if self.downloads_idle.is_set():
@@ -651,23 +683,8 @@ class Proxy:
     async def _run_download(self, download: Download, resolved: Resolved) -> None:
         key = download.key
         try:
-            await download.run()
+            await download.run()  # verified inline: FileHash and the signed NarHash/NarSize
             if download.state is not State.OK:
-                return
-            try:
-                ok = download.nar_verified or await trio.to_thread.run_sync(
-                    nar_matches, download.temp, download.info
-                )
-            except OSError as exc:
-                log.warning("could not verify %s: %s", key, exc)
-                ok = False
-            if not ok:
-                self.metrics.inc("nixd_proxy_verification_failures_total", stage="nar")
-                log.warning(
-                    "upstream %s: %s does not decompress to the signed NarHash/NarSize; not kept",
-                    download.upstream.name,
-                    key,
-                )
                 return
             try:
                 self.store.admit(
@@ -689,12 +706,20 @@ class Proxy:
         try:
             fd = download.open_reader()
         except FileNotFoundError:
+            if isinstance(download.error, NoRoom):
+                why = "the store's filesystem is full"
+                await self._serve_passthrough(download, request, resp, head, why=why)
+                return
             raise download.error or NotFound(download.key) from None
         try:
             while download.state is State.STARTING:
                 await download.wait_changed()
             if download.state is State.FAILED:
                 assert download.error is not None
+                if isinstance(download.error, NoRoom):
+                    why = "the store's filesystem is full"
+                    await self._serve_passthrough(download, request, resp, head, why=why)
+                    return
                 raise download.error
             size = download.size
             # Without a known size there is no range to check a request against: the
@@ -714,6 +739,11 @@ class Proxy:
             download.reader_at(resp, pos)
             while True:
                 if download.failed:
+                    if isinstance(download.error, NoRoom):
+                        # Carry on from here with a fetch of this reader's own.
+                        why = "the store's filesystem filled up while downloading it"
+                        await self._pass_through(download, resp, why=why, start=pos, stop=stop)
+                        break
                     resp.abort(f"{download.key}: {download.error}")
                 limit = download.servable()
                 if stop is not None:
@@ -735,6 +765,76 @@ class Proxy:
             download.reader_at(resp, None)
             os.close(fd)
 
+    async def _serve_passthrough(
+        self,
+        source: Resolved | Download,
+        request: Request,
+        resp: Responder,
+        head: bool,
+        *,
+        why: str,
+    ) -> None:
+        """A whole answer (Range too) streamed from the upstream and not kept."""
+        expected = expected_raw(source.info)
+        size = expected[1] if expected is not None else None
+        rng = parse_range(request.headers.get(b"range"), size) if size is not None else None
+        start, stop = (rng.start, rng.stop) if rng is not None else (0, size)
+        headers = [*NAR_HEADERS]
+        if stop is not None:
+            headers.append((b"content-length", str(stop - start).encode()))
+        if rng is not None:
+            headers.append((b"content-range", rng.content_range))
+        await resp.start(206 if rng is not None else 200, headers)
+        if not head:
+            await self._pass_through(source, resp, why=why, start=start, stop=stop)
+        await resp.end()
+
+    async def _pass_through(
+        self,
+        source: Resolved | Download,
+        resp: Responder,
+        *,
+        why: str,
+        start: int,
+        stop: int | None,
+    ) -> None:
+        """Send file bytes ``[start, stop)`` of a NAR the store cannot hold to ``resp``
+        (started), fetched for this reader alone and verified just the same.
+
+        One upstream fetch per reader: sharing one among readers of different speeds
+        would need either unbounded buffering or the pace of the slowest reader.
+        """
+        key, info, upstream = source.key, source.info, source.upstream
+        assert upstream is not None
+        if key not in self.passed_through:
+            log.warning(
+                "proxy store cannot hold %s (%s bytes): %s; streaming it through to Nix "
+                "without keeping it",
+                key, info.file_size if info.file_size is not None else "unknown", why,
+            )  # fmt: skip
+        self.passed_through[key] = info.file_size if info.file_size is not None else -1
+        self.passed_through.move_to_end(key)
+        while len(self.passed_through) > MAX_PASSED_THROUGH:
+            self.passed_through.popitem(last=False)
+        self.metrics.inc("nixd_proxy_passthrough_total")
+        transfer = PassThrough(
+            key,
+            info,
+            upstream,
+            self.metrics,
+            sender=resp,
+            start=start,
+            stop=stop,
+            resumes=self.config.resumes,
+            resume_delay=self.config.resume_delay,
+        )
+        self.passing_through += 1
+        try:
+            await transfer.run()
+        finally:
+            self.passing_through -= 1
+            self.metrics.inc("nixd_proxy_sent_bytes_total", transfer.sent, source="upstream")
+
     # -- status ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -748,6 +848,9 @@ class Proxy:
             "misses": int(m.total("nixd_proxy_misses_total")),
             "verification_failures": int(m.total("nixd_proxy_verification_failures_total")),
             "downloads_in_flight": len(self.downloads),
+            "store_free_bytes": self.store.free_bytes(),
+            "passthrough_total": int(m.total("nixd_proxy_passthrough_total")),
+            "passthrough_in_flight": self.passing_through,
             "upstreams": [u.status() for u in self.upstreams],
         }
 
@@ -826,6 +929,7 @@ async def serve_proxy(
             front = await nursery.start(serve_front, listeners, proxy.handle, shutdown)
             url = front.urls[0]
             log.info("proxy listening on %s with %d upstream(s)", url, len(proxy.upstreams))
+            nursery.start_soon(store.reconcile)  # after start: never holds up a request
             task_status.started(ProxyHandle(proxy, url, front, shutdown))
             await trio.sleep_forever()
     finally:

@@ -5,15 +5,18 @@ Trust has two steps, because a narinfo's signature covers the *uncompressed* NAR
 
 1. A narinfo is served only if it names the requested store path and carries a valid
    signature by a key trusted for the upstream that sent it (:func:`check_narinfo`).
-2. While a NAR streams to Nix, its bytes are hashed and compared with ``FileHash`` /
-   ``FileSize`` (for ``Compression: none`` those are ``NarHash``/``NarSize``); on a
-   mismatch the transfer to Nix is cut. The signature does not cover ``FileHash``, so
-   before the file enters the local store :func:`nar_matches` decompresses it (in a worker
-   thread) and checks ``NarHash``/``NarSize`` against the signed narinfo.
+2. A NAR file is checked in one pass as it arrives by a :class:`NarVerifier`: its bytes
+   are hashed against ``FileHash``/``FileSize`` (unsigned: they only say what the upstream
+   meant to send), and at the same time decompressed and hashed against the signed
+   ``NarHash``/``NarSize``. The proxy releases the last byte of a NAR to Nix, and keeps
+   the file, only once :meth:`NarVerifier.finish` passed; a decompressed stream longer
+   than ``NarSize`` (a decompression bomb) is cut as soon as it passes it. The file is
+   never read a second time.
 
 Small NARs (a few KiB, most of a typical closure) are fetched whole into memory instead and
-checked by :func:`check_small_nar` inline, before a byte goes to Nix: decompressing and
-hashing them takes microseconds, less than handing them to a worker thread would.
+checked by :func:`check_small_nar` (the same verifier, fed once) inline, before a byte goes
+to Nix: decompressing and hashing them takes microseconds, less than handing them to a
+worker thread would.
 """
 
 from __future__ import annotations
@@ -21,18 +24,16 @@ from __future__ import annotations
 import bz2
 import hashlib
 import lzma
-import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
+import brotli
 import zstandard
 
 from nixd.errors import FormatError, IntegrityError
 from nixd.nix import base32
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
-
-READ_SIZE = 1 << 20
 
 EXTENSIONS = {"none": "", "xz": ".xz", "zstd": ".zst", "bzip2": ".bz2", "br": ".br"}
 """File name suffix after ``.nar`` per compression, as Nix names NARs."""
@@ -92,100 +93,207 @@ def expected_raw(info: NarInfo) -> tuple[bytes, int] | None:
     return None
 
 
-class _Decompressor(Protocol):
-    def decompress(self, data: bytes) -> bytes: ...
-
-
-def _decompressor(compression: str) -> _Decompressor | None:
-    if compression == "zstd":
-        return zstandard.ZstdDecompressor().decompressobj()
-    if compression == "xz":
-        return lzma.LZMADecompressor()
-    if compression == "bzip2":
-        return bz2.BZ2Decompressor()
-    return None
-
-
 def can_verify(compression: str) -> bool:
-    return compression == "none" or _decompressor(compression) is not None
+    return compression in _STREAMS or compression == "none"
 
 
-def nar_matches(path: str | os.PathLike[str], info: NarInfo) -> bool:
-    """Decompress the file at ``path`` and compare with the signed NarHash/NarSize.
+OUT_BLOCK = 1 << 20
+"""Most decompressed bytes produced per step: what bounds a decompression bomb's memory."""
 
-    Blocking and CPU-bound: run it with ``trio.to_thread.run_sync``. False also for a
-    compression this build cannot decompress (such NARs are served but never kept).
+
+class _Sink:
+    """Where decompressed NAR bytes go: hashed and counted, cut past NarSize."""
+
+    __slots__ = ("limit", "sha", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.limit = limit
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise _Overlong
+        self.sha.update(data)
+        return len(data)
+
+
+class _Overlong(Exception):
+    """The decompressed NAR passed its signed NarSize (raised from inside a decompressor)."""
+
+
+class _Stream(Protocol):
+    def feed(self, data: bytes | memoryview) -> None: ...
+    def complete(self) -> bool: ...
+
+
+class _Zstd:
+    """zstd through ``stream_writer``: it hands the sink at most ``OUT_BLOCK`` bytes at a
+    time, so a bomb is cut at NarSize + one block, never expanded in memory. Concatenated
+    frames decode as one stream, as the ``zstd`` tool does. Whether the last frame was
+    complete is not tracked: a truncated frame yields fewer bytes than NarSize."""
+
+    def __init__(self, sink: _Sink) -> None:
+        self._writer = zstandard.ZstdDecompressor().stream_writer(
+            sink,  # type: ignore[arg-type]  # only its write() is called
+            write_size=OUT_BLOCK,
+            write_return_read=True,
+        )
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._writer.write(data)
+
+    def complete(self) -> bool:
+        return True
+
+
+class _Lzma:
+    """xz or bzip2 through the stdlib decompressors, ``max_length`` bounded; concatenated
+    streams are read one after the other (as ``xz -d`` and ``bzip2 -d`` do), and the last
+    one must be complete."""
+
+    def __init__(self, sink: _Sink, factory: Callable[[], lzma.LZMADecompressor]) -> None:
+        self._sink = sink
+        self._factory = factory
+        self._decomp = factory()
+        self._started = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        chunk = bytes(data)
+        while chunk:
+            decomp = self._decomp
+            if decomp.eof:
+                decomp = self._decomp = self._factory()
+            self._started = True
+            self._sink.write(decomp.decompress(chunk, max_length=OUT_BLOCK))
+            while not decomp.eof and not decomp.needs_input:
+                self._sink.write(decomp.decompress(b"", max_length=OUT_BLOCK))
+            chunk = decomp.unused_data if decomp.eof else b""
+
+    def complete(self) -> bool:
+        return self._started and self._decomp.eof
+
+
+class _Brotli:
+    """brotli through the ``Brotli`` package, its output limited per call the same way."""
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+        self._decomp = brotli.Decompressor()
+
+    def feed(self, data: bytes | memoryview) -> None:
+        decomp = self._decomp
+        if decomp.is_finished():
+            raise ValueError("data after the end of the brotli stream")
+        self._sink.write(decomp.process(data, output_buffer_limit=OUT_BLOCK))
+        while not decomp.can_accept_more_data():
+            self._sink.write(decomp.process(b"", output_buffer_limit=OUT_BLOCK))
+
+    def complete(self) -> bool:
+        return bool(self._decomp.is_finished())
+
+
+_STREAMS: dict[str, Callable[[_Sink], _Stream]] = {
+    "zstd": _Zstd,
+    "br": _Brotli,
+    "xz": lambda sink: _Lzma(sink, lzma.LZMADecompressor),
+    "bzip2": lambda sink: _Lzma(sink, bz2.BZ2Decompressor),  # type: ignore[arg-type]
+}
+
+_DECOMPRESS_ERRORS = (
+    zstandard.ZstdError,
+    lzma.LZMAError,
+    brotli.error,
+    OSError,
+    EOFError,
+    ValueError,
+)
+
+
+class NarVerifier:
+    """Checks a NAR file incrementally, in whatever chunks it arrives.
+
+    :meth:`feed` hashes the file bytes (FileHash/FileSize, when the narinfo gives them),
+    decompresses them and hashes the NAR (NarHash/NarSize, signed); :meth:`finish` says
+    whether all of it matched. Overlong input (past FileSize) and overlong output (past
+    NarSize: a decompression bomb) raise at once, in the chunk that crossed the line.
+    The state lives in the object, so a download resumed with ``Range`` feeds the same
+    verifier from where it was cut. Pure computation: sha256, zstd, lzma and bz2 release
+    the GIL on large buffers, so :meth:`feed` is meant for a worker thread.
     """
-    sha = hashlib.sha256()
-    size = 0
-    if info.compression == "none":
-        with open(path, "rb") as f:
-            while chunk := f.read(READ_SIZE):
-                sha.update(chunk)
-                size += len(chunk)
-                if size > info.nar_size:
-                    return False
-        return size == info.nar_size and sha.digest() == info.nar_hash.digest
-    if info.compression == "zstd":
-        with open(path, "rb") as f:
-            reader = zstandard.ZstdDecompressor().stream_reader(f, read_size=READ_SIZE)
-            try:
-                while chunk := reader.read(READ_SIZE):
-                    sha.update(chunk)
-                    size += len(chunk)
-                    if size > info.nar_size:
-                        return False
-            except zstandard.ZstdError:
-                return False
-        return size == info.nar_size and sha.digest() == info.nar_hash.digest
-    decomp = _decompressor(info.compression)
-    if decomp is None:
-        return False
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(READ_SIZE):
-                out = decomp.decompress(chunk)
-                sha.update(out)
-                size += len(out)
-                if size > info.nar_size:
-                    return False
-    except (OSError, ValueError, EOFError, lzma.LZMAError):
-        return False
-    return size == info.nar_size and sha.digest() == info.nar_hash.digest
 
+    def __init__(self, info: NarInfo, key: str) -> None:
+        self.key = key
+        self.info = info
+        expected = expected_raw(info)
+        self.file_digest = expected[0] if expected else None
+        self.file_size = expected[1] if expected else None
+        self.received = 0
+        """File bytes fed so far."""
+        self._nar = _Sink(info.nar_size)
+        factory = _STREAMS.get(info.compression)
+        if factory is None and info.compression != "none":
+            raise IntegrityError(f"{key}: cannot verify {info.compression} NARs")
+        # Uncompressed: the file is the NAR, so one hash serves FileHash and NarHash.
+        self._stream = factory(self._nar) if factory is not None else None
+        self._file_sha = hashlib.sha256() if self._stream is not None else self._nar.sha
+        self._broken: str | None = None
+        """Why the file stopped decompressing (reported by :meth:`finish`, see there)."""
 
-def nar_bytes_match(data: bytes, info: NarInfo) -> bool:
-    """:func:`nar_matches` for a file held in memory (small NARs; runs inline)."""
-    limit = info.nar_size + 1  # bounds what a decompression bomb can make us allocate
-    try:
-        if info.compression == "none":
-            nar = data
-        elif info.compression == "zstd":
-            nar = zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
-        elif info.compression == "xz":
-            nar = lzma.LZMADecompressor().decompress(data, max_length=limit)
-        elif info.compression == "bzip2":
-            nar = bz2.BZ2Decompressor().decompress(data, max_length=limit)
-        else:
-            return False
-    except (OSError, ValueError, EOFError, lzma.LZMAError, zstandard.ZstdError):
-        return False
-    return len(nar) == info.nar_size and hashlib.sha256(nar).digest() == info.nar_hash.digest
+    def feed(self, data: bytes | memoryview) -> None:
+        """Take the next file bytes; IntegrityError as soon as they cannot match."""
+        n = len(data)
+        if not n:
+            return
+        if self.file_size is not None and self.received + n > self.file_size:
+            raise IntegrityError(f"{self.key}: upstream sent more than {self.file_size} bytes")
+        self.received += n
+        try:
+            if self._stream is None:
+                self._nar.write(data)
+                return
+            self._file_sha.update(data)
+            if self._broken is None:
+                self._stream.feed(data)
+        except _Overlong:
+            raise IntegrityError(
+                f"{self.key}: decompresses to more than the signed NarSize "
+                f"({self.info.nar_size} bytes)"
+            ) from None
+        except _DECOMPRESS_ERRORS as exc:
+            # Not raised yet: with a FileHash to check, a file damaged in transit is
+            # reported as such at the end (the clearer cause), not as a bad stream.
+            self._broken = f"does not decompress as {self.info.compression}: {exc}"
+            if self.file_digest is None:
+                raise IntegrityError(f"{self.key}: {self._broken}") from None
+
+    def finish(self) -> None:
+        """Raise IntegrityError unless the file fed so far is the one the narinfo names."""
+        if self.file_size is not None and self.received != self.file_size:
+            raise IntegrityError(
+                f"{self.key}: upstream sent {self.received} bytes, the narinfo says "
+                f"{self.file_size}"
+            )
+        if self.file_digest is not None and self._file_sha.digest() != self.file_digest:
+            raise IntegrityError(f"{self.key}: file hash does not match the narinfo")
+        if self._broken is not None:
+            raise IntegrityError(f"{self.key}: {self._broken}")
+        if self._stream is not None and not self._stream.complete():
+            raise IntegrityError(f"{self.key}: the {self.info.compression} stream is truncated")
+        nar = self._nar
+        if nar.size != self.info.nar_size or nar.sha.digest() != self.info.nar_hash.digest:
+            raise IntegrityError(f"{self.key}: NAR does not match the signed NarHash/NarSize")
 
 
 def check_small_nar(data: bytes, info: NarInfo, key: str) -> None:
     """Raise :class:`IntegrityError` unless ``data`` is the file the signed narinfo names.
 
-    Checks FileSize/FileHash (what the upstream must have sent) and then the signed
-    NarHash/NarSize of the decompressed NAR.
+    The same :class:`NarVerifier` as for streamed NARs, fed the whole file at once;
+    small NARs must come with a FileHash/FileSize (the short path relies on the size).
     """
-    expected = expected_raw(info)
-    if expected is None:
+    if expected_raw(info) is None:
         raise IntegrityError(f"{key}: the narinfo gives no file hash to check a small NAR by")
-    digest, size = expected
-    if len(data) != size:
-        raise IntegrityError(f"{key}: upstream sent {len(data)} bytes, the narinfo says {size}")
-    if hashlib.sha256(data).digest() != digest:
-        raise IntegrityError(f"{key}: file hash does not match the narinfo")
-    if not nar_bytes_match(data, info):
-        raise IntegrityError(f"{key}: NAR does not match the signed NarHash/NarSize")
+    verifier = NarVerifier(info, key)
+    verifier.feed(data)
+    verifier.finish()

@@ -149,10 +149,23 @@ def test_lru_eviction_and_restart_recovery(tmp_path: Path) -> None:
     (tmp_path / "s" / "tmp" / "left.part").write_bytes(b"partial")
     (tmp_path / "s" / "nar" / keys[1]).write_bytes(b"orphan")
     os.unlink(tmp_path / "s" / "nar" / keys[2])
+    # The index is trusted at start (no file is stat'ed), tmp/ is emptied at once, and
+    # the reconciliation runs after start.
     store = LocalStore(tmp_path / "s", 3000, Metrics())
+    assert os.listdir(tmp_path / "s" / "tmp") == []
+    assert set(store.nar_keys()) == {keys[0], keys[2], keys[3]}
+    trio.run(store.reconcile)
     assert set(store.nar_keys()) == {keys[0], keys[3]}
     assert store.total_bytes == 2000
-    assert os.listdir(tmp_path / "s" / "tmp") == []
     assert sorted(os.listdir(tmp_path / "s" / "nar")) == sorted([keys[0], keys[3]])
     assert store.narinfo(keys[0][:32]) == b"narinfo 0"
+    store.close()
+
+    # A file that goes missing is found out when it is served: the row is dropped.
+    os.unlink(tmp_path / "s" / "nar" / keys[3])
+    store = LocalStore(tmp_path / "s", 3000, Metrics())
+    assert store.small_nar(keys[3]) is None
+    assert set(store.nar_keys()) == {keys[0]}
+    assert store.narinfo(keys[3][:32]) is None
+    assert store.total_bytes == 1000
     store.close()
