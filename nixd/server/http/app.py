@@ -159,7 +159,9 @@ class CacheApp:
         # The pages sit on top of the device service (web imports device, never back).
         self._pages = WebPages(services.device) if services.device is not None else None
         self._tokens: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
-        self._narinfos: OrderedDict[tuple[PathInfo, tuple[str, ...]], bytes] = OrderedDict()
+        self._narinfos: OrderedDict[tuple[int, tuple[str, ...]], tuple[PathInfo, bytes]] = (
+            OrderedDict()
+        )
         self._keys_checked = 0.0
         self._signers: list[Any] = []
         self._signer_names: tuple[str, ...] = ()
@@ -551,12 +553,19 @@ class CacheApp:
             self._signers = self.s.keys.narinfo.signing_keys()
             self._signer_names = tuple(k.name for k in self._signers)
         signers = self._signers
-        # Keyed by the whole record: two slices may hold one store path with different
-        # metadata, and each must get its own narinfo.
-        key = (info, self._signer_names)
+        # Pre-rendered and signed per record (a record is one slice's path: two slices
+        # may hold one store path with different metadata, and each gets its own) and
+        # key set. Keyed by the record object, checked with `is`: the store hands out
+        # one object per record until the database changes, and any upload, replace or
+        # delete changes it, so a changed record is a new object and its stale text is
+        # never found again (it ages out of the LRU); a key rotation clears it all.
+        # A hit costs no hashing of the record and no SQLite query; the visibility
+        # decision before it still runs on every request.
+        key = (id(info), self._signer_names)
         cached = self._narinfos.get(key)
-        if cached is not None:
-            return cached
+        if cached is not None and cached[0] is info:
+            self._narinfos.move_to_end(key)
+            return cached[1]
         ni = NarInfo(
             store_path=StorePath(info.hash_part, info.name),
             url=info.nar.url,
@@ -576,7 +585,7 @@ class CacheApp:
         body = ni.render().encode()
         if len(self._narinfos) >= _NARINFO_CACHE_MAX:
             self._narinfos.popitem(last=False)
-        self._narinfos[key] = body
+        self._narinfos[key] = (info, body)
         return body
 
     async def _send_narinfo(self, send: Send, info: PathInfo, head: bool) -> None:
