@@ -159,7 +159,8 @@ async def test_the_cache_serves_its_nars_with_sendfile(
     front, port = await serve_front(nursery, spy)
     auth = {"authorization": f"Bearer {await env.access(env.member)}"}
     async with env.client(auth=env.member, basic=True) as local:
-        info = NarInfo.parse((await local.get(f"/cache/{HASH_A}.narinfo")).text)
+        text = (await local.get(f"/cache/{HASH_A}.narinfo")).text
+        info = NarInfo.parse(text)
         whole = (await local.get(f"/cache/{info.url}")).content
     assert hashlib.sha256(whole).digest() == info.file_hash.digest  # type: ignore[union-attr]
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=auth) as c:
@@ -173,5 +174,14 @@ async def test_the_cache_serves_its_nars_with_sendfile(
         assert tail.status_code == 206 and tail.content == whole[-7:]
         head = await c.head(f"/cache/{info.url}")
         assert head.content == b"" and head.headers["content-length"] == str(len(whole))
-        assert (await c.get(f"/cache/{HASH_A}.narinfo")).status_code == 200
+        # The narinfo answer is kept ready as bytes (the front's "prepared" extension).
+        sent.clear()
+        r = await c.get(f"/cache/{HASH_A}.narinfo")
+        assert r.status_code == 200 and r.text == text
+        assert r.headers["content-type"] == "text/x-nix-narinfo"
+        assert sent == ["nixd.http.response.prepared"]
+        head = await c.head(f"/cache/{HASH_A}.narinfo")
+        assert head.content == b"" and head.headers["content-length"] == str(len(r.content))
+        close = await c.get(f"/cache/{HASH_A}.narinfo", headers={"connection": "close"})
+        assert close.text == text and close.headers["connection"] == "close"
     front.shutdown()

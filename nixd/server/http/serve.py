@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 BODY_CHUNK = 1 << 20
 ZEROCOPY = "http.response.zerocopysend"
+PREPARED = "nixd.http.response.prepared"
 LIMITS = Limits(max_body_bytes=64 * 1024**3 + (64 << 20))
 """The server's bounds: nixd.http's defaults (see :class:`~nixd.http.limits.Limits`), with
 bodies up to the largest upload the store takes (``storage.max_upload_bytes``' default,
@@ -273,7 +274,7 @@ class HttpFront:
             "headers": request.head.fields,
             "client": conn.peer,
             "server": conn.local,
-            "extensions": {ZEROCOPY: {}},
+            "extensions": {ZEROCOPY: {}, PREPARED: {}},
         }
         response = _AsgiResponse(resp)
 
@@ -299,6 +300,12 @@ class _AsgiResponse:
     (:meth:`~nixd.http.serve.Responder.send_file`), in blocks, each waiting for the socket
     to drain (backpressure); a client that goes away ends that request only. The file
     stays the app's to close.
+
+    ``nixd.http.response.prepared`` (this front's own) carries ``status`` and ``data``, a
+    whole response kept ready as bytes (status line, headers with ``Content-Length``,
+    the body unless the request is HEAD), sent instead of start + body in one write
+    (:meth:`~nixd.http.serve.Responder.send_prepared`, which adds ``connection: close``
+    when the connection is to close). The cache app keeps its narinfo answers so.
     """
 
     __slots__ = ("_headers", "_resp", "_status")
@@ -329,6 +336,11 @@ class _AsgiResponse:
                 await resp.end()
         elif kind == ZEROCOPY:
             await self._zerocopy(message)
+        elif kind == PREPARED:
+            if self._status is not None or resp.started:
+                raise ResponseStateError(f"{PREPARED} after the response started")
+            self._status = int(message["status"])
+            await resp.send_prepared(self._status, bytes(message["data"]))
 
     async def _zerocopy(self, message: Message) -> None:
         resp = self._resp

@@ -129,7 +129,27 @@ MIGRATIONS: list[Migration] = [
     """,
     # 2: names unique regardless of case; slice priorities; what each org trusts.
     _migrate_tenancy,
+    # 3: when each keyring was last changed (see note_key_change).
+    """
+    CREATE TABLE key_changes (keyring TEXT PRIMARY KEY, changed REAL NOT NULL);
+    """,
 ]
+
+
+def note_key_change(conn: sqlite3.Connection, keyring: str) -> None:
+    """Record that ``keyring``'s file was replaced (``nixd-server key rotate``).
+
+    Why in the database: every server process already notices any commit by another
+    process on its next request at the cost of a memory read (``PRAGMA data_version``
+    through the mapped wal-index), so this commit makes each of them re-read the key
+    files at once, and they need not ``stat`` them on every request.
+    """
+    with transaction(conn, durable=True):
+        conn.execute(
+            "INSERT OR REPLACE INTO key_changes (keyring, changed) VALUES (?, ?)",
+            (keyring, time.time()),
+        )
+
 
 _SCHEMA_VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_versions (
