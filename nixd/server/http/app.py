@@ -39,14 +39,25 @@ signs with its own keys.
 **Hot path.** Every URL is dispatched by hand (a dozen fixed routes do not need a router,
 and Starlette's per-request middleware stack cost more than the rest of a narinfo answer):
 parse the Authorization header; a verified token is remembered until it expires (an API
-token used directly, until the database changes); the slices holding a path are remembered
-until the database changes (``PRAGMA data_version``); policy decisions are memoized per
-identity and policy object; signed narinfos per path and key set (the signing keys looked
-up at most once a second). Request ids come from a counter, not from the kernel's random
-source. What remains per request is the audit line, built by
+token used directly, until the database changes); the key files are re-read when the
+database changes (``key rotate`` commits there) or a second has passed, not ``stat``'ed
+per request; the slices holding a path are remembered until the database changes
+(``PRAGMA data_version``); policy decisions are memoized per identity and policy object
+(and a cold one looks only at the rules its index finds); a narinfo is rendered and
+signed once per record and key set and kept, with its whole HTTP answer, as bytes (one
+write through the front's ``prepared`` extension). The visibility decision and its
+audit line still happen on every request. Request ids come from a counter, not from the
+kernel's random source. The audit line is built by
 :func:`nixd.server.access.audit.event_body`: with ``audit.durable_reads`` (the default) the answer
 waits for its fsync, shared by every request in flight (group commit); without it, an
-allowed read's line is queued and the answer goes out at once.
+allowed read's line is queued and the answer goes out at once. NAR blobs go from the
+page cache to the socket with ``sendfile`` (the ASGI zero-copy send extension).
+
+Measured with ``bench/server_bench.py`` (2 busy cores, 1 worker, durable audit, wrk
+-c32, nginx in the same run): narinfo hit 5.5k req/s, p50 5 ms, p99 19 ms (nginx's p99
+on the same machine: 7 ms), 141 CPU-us/req (app ~55, the HTTP/1.1 front and the audit
+writer the rest); a miss with 50k paths in the database 4.9k req/s at 157 CPU-us/req;
+NAR send 0.17 CPU-s/GiB (nginx 0.09).
 """
 
 from __future__ import annotations
