@@ -1,25 +1,32 @@
 """Benchmark of nixd-server against nginx serving the very same cache as static files.
 
 One run measures both, interleaved, and prints ratios (server / nginx), because absolute
-numbers on a shared 2-core machine swing by ±30%:
+numbers on a shared 2-core machine swing by ±30%. By default (``MEASURE=nar,hit,miss``):
 
-1. curl download throughput of the big NAR (server with auth, nginx without);
-2. ``nix copy --from`` of one big path (1 GiB by default) into a fresh chroot store;
-3. ``nix copy --from`` of a 300-path closure;
-4. narinfo requests/s and p99 with ``wrk -t2 -c32`` (server: Bearer token, policy, audit).
+1. NAR send: curl downloads of the big NAR, CPU seconds of each server process tree per
+   GiB sent (server with auth, policy and audit; nginx with sendfile);
+2. narinfo hit: ``wrk -t2 -c32`` on one path's narinfo (server: Bearer token, policy,
+   durable audit): req/s, p50, p99, CPU-us per request;
+3. narinfo miss: the same with a random hash on every request (wrk Lua), with
+   ``--paths`` (default 50,000) records in the server's database, so every miss is a
+   real SQLite lookup in a database of that size, not a cached answer.
+
+``MEASURE`` may add ``big`` (``nix copy --from`` of one big path, 1 GiB by default) and
+``closure`` (``nix copy --from`` of a 300-path closure).
 
 Setup (kept in BENCH_DIR, reused by later runs): a source chroot store with a random big
 path and the closure; ``nixd-server init`` with a project and tokens; everything uploaded
-with ``nix copy --to`` the slice URL; the static copy for nginx made of the server's own
-signed narinfos and hard links to its blob files. Nothing leaves 127.0.0.1; every process
-started here is stopped by its PID.
+with ``nix copy --to`` the slice URL; ``--paths`` synthetic records (fake NARs, never
+downloaded) added to the same slice with SQL; the static copy for nginx made of the
+server's own signed narinfos and hard links to its blob files. Nothing leaves 127.0.0.1;
+every process started here is stopped by its PID. The server runs in its default
+configuration (``audit.durable_reads = true``, ``server.workers`` as ``init`` wrote it)
+unless DURABLE_READS or WORKERS say otherwise.
 
-    .venv/bin/python bench/server_bench.py          # BIG_MIB=1024 RUNS=3 WRK_DURATION=10s
+    .venv/bin/python bench/server_bench.py [--paths N]   # BIG_MIB=1024 RUNS=3 WRK_DURATION=10s
 
-Environment: BENCH_DIR, BIG_MIB, RUNS, WRK_RUNS, WRK_DURATION, DURABLE_READS (the server's
-``audit.durable_reads``), WORKERS, MEASURE (comma list of curl, big, closure, narinfo; all
-by default). Besides wall time, the CPU seconds each server process tree spent are read from
-``/proc`` around every measurement and printed per request (narinfo, closure).
+Environment: BENCH_DIR, BIG_MIB, RUNS, WRK_RUNS, WRK_DURATION, DURABLE_READS, WORKERS,
+MEASURE (comma list of nar, hit, miss, big, closure).
 """
 
 from __future__ import annotations
@@ -45,8 +52,21 @@ RUNS = int(os.environ.get("RUNS", "3"))
 WRK_RUNS = int(os.environ.get("WRK_RUNS", "2"))
 WRK_DURATION = os.environ.get("WRK_DURATION", "10s")
 DURABLE_READS = os.environ.get("DURABLE_READS", "true")  # the server's audit.durable_reads
-WORKERS = os.environ.get("WORKERS", "1")  # the server's worker processes
-MEASURE = set(os.environ.get("MEASURE", "curl,big,closure,narinfo").split(","))
+WORKERS = os.environ.get("WORKERS", "")  # the server's worker processes; "" = its config
+MEASURE = set(os.environ.get("MEASURE", "nar,hit,miss").split(","))
+NAR_GETS = 4  # big NAR downloads per NAR-send measurement
+MISS_LUA = """
+local chars = "0123456789abcdfghijklmnpqrsvwxyz"
+math.randomseed(os.time())
+request = function()
+  local t = {}
+  for i = 1, 32 do
+    local n = math.random(1, 32)
+    t[i] = chars:sub(n, n)
+  end
+  return wrk.format(nil, wrk.path .. table.concat(t) .. ".narinfo")
+end
+"""
 SMALL_PATHS = 300
 PY = sys.executable
 NIX_CONF = """\
@@ -170,8 +190,9 @@ class Server:
         address = self.state / "run" / "address"
         address.unlink(missing_ok=True)
         with (BENCH / "serve.log").open("ab") as out:
+            workers = ["--workers", WORKERS] if WORKERS else []
             self.proc = subprocess.Popen(
-                [PY, "-m", "nixd.server.cli.main", "serve", str(self.state), "--workers", WORKERS],
+                [PY, "-m", "nixd.server.cli.main", "serve", str(self.state), *workers],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -229,6 +250,64 @@ def upload(server: Server, paths: list[str]) -> None:
         env,
     )
     marker.touch()
+
+
+def add_paths(server: Server, count: int) -> None:
+    """``count`` synthetic records in bench/app (SQL, one transaction), made once.
+
+    Each has its own fake NAR row (never downloaded): what matters is the database's
+    size, so that a narinfo miss is an index lookup in a database of that many paths.
+    """
+    import hashlib  # noqa: PLC0415
+    import sqlite3  # noqa: PLC0415
+
+    marker = BENCH / "synthetic-paths"
+    if marker.exists() and int(marker.read_text()) >= count:
+        return
+    log(f"adding {count} synthetic path records to bench/app")
+    alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
+
+    def nix32(seed: bytes) -> str:
+        digest = hashlib.sha256(seed).digest()
+        return "".join(alphabet[b % 32] for b in digest[:32])
+
+    conn = sqlite3.connect(server.state / "server.db", timeout=60)
+    try:
+        (project_id,) = conn.execute(
+            "SELECT pr.id FROM projects pr JOIN orgs o ON o.id = pr.org_id "
+            "WHERE o.name = 'bench' AND pr.name = 'app'"
+        ).fetchone()
+        now = time.time()
+        nars = []
+        records = []
+        for n in range(count):
+            nar_hash = "sha256:" + nix32(b"nar %d" % n) + "x" * 20
+            nars.append((nar_hash, 1000 + n, nix32(b"file %d" % n) + "zz" * 10, 900 + n, now))
+            records.append(
+                (
+                    project_id,
+                    nix32(b"path %d" % n),
+                    f"synthetic-{n}",
+                    nar_hash,
+                    "",
+                    None,
+                    "x86_64-linux",
+                    None,
+                    "token:bench/bench",
+                    now,
+                )
+            )
+        with conn:
+            conn.executemany("INSERT OR IGNORE INTO nars VALUES (?, ?, ?, ?, ?)", nars)
+            conn.executemany(
+                "INSERT OR IGNORE INTO slice_records (project_id, hash_part, name, nar_hash, "
+                "refs, deriver, system, ca, uploader, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                records,
+            )
+    finally:
+        conn.close()
+    marker.write_text(str(count))
 
 
 def make_static(server: Server, paths: list[str]) -> Path:
@@ -364,22 +443,28 @@ def nix_copy(url: str, netrc: Path | None, key: str, paths: list[str], tag: str)
     return seconds
 
 
-def wrk(url: str, headers: Sequence[str]) -> tuple[float, float, int]:
-    """Requests/s, p99 ms and the number of requests."""
+def wrk(url: str, headers: Sequence[str], script: Path | None = None) -> dict[str, float]:
+    """Requests/s, p50 and p99 in ms, and the number of requests (``count``)."""
     hdr = [a for h in headers for a in ("-H", h)]
-    out = run(["wrk", "-t2", "-c32", f"-d{WRK_DURATION}", "--latency", *hdr, url])
+    lua = ["-s", str(script)] if script else []
+    out = run(["wrk", "-t2", "-c32", f"-d{WRK_DURATION}", "--latency", *lua, *hdr, url])
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     count = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-    ms = float(p99[1]) * scale[p99[2]] if p99 else float("nan")  # type: ignore[index]
-    return rps, ms, count
+    result = {"req/s": rps, "count": float(count)}
+    for pct in ("50", "99"):
+        m = re.search(pct + r"%\s+([\d.]+)(us|ms|s)\b", out)
+        result[f"p{pct} ms"] = float(m[1]) * scale[m[2]] if m else float("nan")
+    return result
 
 
 def main() -> int:
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
         return 0
+    paths = 50_000
+    if "--paths" in sys.argv[1:]:
+        paths = int(sys.argv[sys.argv.index("--paths") + 1])
     BENCH.mkdir(parents=True, exist_ok=True)
     for tool in ("nix", "nginx", "wrk", "curl"):
         if not shutil.which(tool):
@@ -392,10 +477,15 @@ def main() -> int:
     try:
         upload(server, [big, *small])
         static = make_static(server, [big, *small])
+        if paths and MEASURE & {"hit", "miss"}:
+            server.stop()  # the records go in while nobody serves (one big write)
+            add_paths(server, paths)
+            server.start()
         nginx = Nginx(static)
         reader = server.netrc("reader")
         h = Path(big).name[:32]
         big_url = re.search(r"^URL: (\S+)$", (static / f"{h}.narinfo").read_text(), re.MULTILINE)[1]  # type: ignore[index]
+        big_size = (static / big_url).stat().st_size
         targets = {"server": (f"{server.url}/cache", reader), "nginx": (nginx.url, None)}
         assert server.proc is not None
         pids = {"server": server.proc.pid, "nginx": nginx.proc.pid}
@@ -404,12 +494,19 @@ def main() -> int:
         def add(name: str, metric: str, value: float) -> None:
             results[name].setdefault(metric, []).append(value)
 
-        if "curl" in MEASURE:
-            log("curl throughput")
-            for _ in range(RUNS + 2):
+        if "nar" in MEASURE:
+            log(f"NAR send: {NAR_GETS} curl downloads of the {big_size >> 20} MiB NAR per run")
+            for base, net in targets.values():
+                curl_speed(f"{base}/{big_url}", net)  # warm the page cache
+            for _ in range(RUNS):
                 for name, (base, net) in targets.items():
-                    add(name, "curl MiB/s", curl_speed(f"{base}/{big_url}", net))
-        log(f"nix copy of the {BIG_MIB} MiB path and of the {len(small)}-path closure")
+                    cpu = tree_cpu(pids[name])
+                    speeds = [curl_speed(f"{base}/{big_url}", net) for _ in range(NAR_GETS)]
+                    gib = NAR_GETS * big_size / (1 << 30)
+                    add(name, "NAR CPU-s/GiB", (tree_cpu(pids[name]) - cpu) / gib)
+                    add(name, "NAR MiB/s", statistics.median(speeds))
+        if MEASURE & {"big", "closure"}:
+            log(f"nix copy of the {BIG_MIB} MiB path and of the {len(small)}-path closure")
         for _ in range(RUNS if MEASURE & {"big", "closure"} else 0):
             for name, (base, net) in targets.items():
                 if "big" in MEASURE:
@@ -422,50 +519,58 @@ def main() -> int:
                     add(name, "closure CPU us/req", per)
         jwt = server.access_token()
         small_h = Path(small[0]).name[:32]
-        for _ in range(WRK_RUNS if "narinfo" in MEASURE else 0):
-            log("wrk narinfo")
-            for name, (base, _net) in targets.items():
-                hdr = [f"Authorization: Bearer {jwt}"] if name == "server" else []
-                cpu = tree_cpu(pids[name])
-                rps, p99, count = wrk(f"{base}/{small_h}.narinfo", hdr)
-                add(name, "narinfo req/s", rps)
-                add(name, "narinfo p99 ms", p99)
-                add(name, "narinfo CPU us/req", (tree_cpu(pids[name]) - cpu) / count * 1e6)
+        miss_lua = BENCH / "miss.lua"
+        miss_lua.write_text(MISS_LUA)
+        kinds = [k for k in ("hit", "miss") if k in MEASURE]
+        for _ in range(WRK_RUNS if kinds else 0):
+            for kind in kinds:
+                log(f"wrk narinfo {kind}")
+                for name, (base, _net) in targets.items():
+                    hdr = [f"Authorization: Bearer {jwt}"] if name == "server" else []
+                    cpu = tree_cpu(pids[name])
+                    if kind == "hit":
+                        got = wrk(f"{base}/{small_h}.narinfo", hdr)
+                    else:
+                        got = wrk(f"{base}/", hdr, miss_lua)
+                    for metric in ("req/s", "p50 ms", "p99 ms"):
+                        add(name, f"{kind} {metric}", got[metric])
+                    per = (tree_cpu(pids[name]) - cpu) / got["count"] * 1e6
+                    add(name, f"{kind} CPU us/req", per)
     finally:
         if nginx is not None:
             nginx.stop()
         server.stop()
 
     med = {n: {m: statistics.median(v) for m, v in r.items()} for n, r in results.items()}
-    rows = [
-        ("curl NAR download", "curl MiB/s", True, 0.5),
-        (f"nix copy {BIG_MIB} MiB path", "big s", False, 0.9),
-        (f"nix copy {len(small)}-path closure", "closure s", False, 0.7),
-        ("  server CPU us per request", "closure CPU us/req", False, None),
-        ("narinfo req/s (wrk -t2 -c32)", "narinfo req/s", True, None),
-        ("narinfo p99 ms", "narinfo p99 ms", False, None),
-        ("  server CPU us per request", "narinfo CPU us/req", False, None),
+    # (title, metric, higher is better, target for the server)
+    rows: list[tuple[str, str, bool, str]] = [
+        ("NAR send CPU-s/GiB", "NAR CPU-s/GiB", False, "<= 0.4"),
+        ("NAR send MiB/s (curl)", "NAR MiB/s", True, ""),
+        (f"nix copy {BIG_MIB} MiB path s", "big s", False, ""),
+        (f"nix copy {len(small)}-path closure s", "closure s", False, ""),
+        ("  CPU us per request", "closure CPU us/req", False, ""),
     ]
+    for kind, what in (("hit", "narinfo hit"), ("miss", f"narinfo miss ({paths} paths)")):
+        rows += [
+            (f"{what} req/s", f"{kind} req/s", True, ">= 5000" if kind == "hit" else ""),
+            (f"{what} p50 ms", f"{kind} p50 ms", False, ""),
+            (f"{what} p99 ms", f"{kind} p99 ms", False, "< 10" if kind == "hit" else ""),
+            (f"{what} CPU us/req", f"{kind} CPU us/req", False, "<= 120" if kind == "hit" else ""),
+        ]
+    workers = WORKERS or "config default"
     print(
-        f"\nnixd-server ({WORKERS} worker(s), audit.durable_reads = {DURABLE_READS}) vs nginx "
-        "(1 worker) serving a static copy "
-        f"of the same cache; medians of {RUNS} runs ({WRK_RUNS} for wrk)"
+        f"\nnixd-server (workers: {workers}, audit.durable_reads = {DURABLE_READS}) vs nginx "
+        f"(1 worker) serving a static copy of the same cache; wrk -t2 -c32 {WRK_DURATION}; "
+        f"medians of {RUNS} runs ({WRK_RUNS} for wrk)"
     )
-    print(f"{'measure':34} {'nixd-server':>12} {'nginx':>12} {'ratio':>7} {'target':>8}")
+    print(f"{'measure':40} {'nixd-server':>12} {'nginx':>10} {'ratio':>7} {'target':>8}")
     for title, metric, higher_better, target in rows:
         if metric not in med["server"]:
             continue
-        s, n = med["server"][metric], med["nginx"][metric]
-        ratio = s / n if higher_better else n / s
-        tgt = f">= {target}" if target else ""
-        if metric == "narinfo req/s":
-            tgt = ">= 5000/s"
-            ratio = s / n
-        if metric == "narinfo p99 ms":
-            tgt = "< 10 ms"
-            ratio = n / s
-        print(f"{title:34} {s:12.2f} {n:12.2f} {ratio:7.2f} {tgt:>8}")
-    (BENCH / f"results-w{WORKERS}-durable-{DURABLE_READS}.json").write_text(
+        srv, ngx = med["server"][metric], med["nginx"][metric]
+        ratio = (srv / ngx if higher_better else ngx / srv) if srv and ngx else float("nan")
+        print(f"{title:40} {srv:12.2f} {ngx:10.2f} {ratio:7.2f} {target:>8}")
+    (BENCH / f"results-w{WORKERS or 'default'}-durable-{DURABLE_READS}.json").write_text(
         json.dumps(results, indent=2)
     )
     return 0

@@ -66,6 +66,7 @@ never enters the scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -375,6 +376,19 @@ class Responder:
 
     async def _sendfile(self, fd: int, offset: int, count: int) -> None:
         sock = self._sock
+        # trio's streams set TCP_NOTSENT_LOWAT (16 KiB, for latency): each wakeup then
+        # moves little, and a bulk body cost 3-4x the CPU (0.4-0.5 vs 0.13 CPU-s per GiB
+        # over loopback, measured). Lifted for the file body, put back for what follows.
+        lowat = _lift_lowat(sock) if count >= _BULK else None
+        try:
+            await self._sendfile_all(fd, offset, count)
+        finally:
+            if lowat is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(stdsocket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, lowat)
+
+    async def _sendfile_all(self, fd: int, offset: int, count: int) -> None:
+        sock = self._sock
         out = self._fd
         while count:
             try:
@@ -435,6 +449,21 @@ class Responder:
     def abort(self, reason: str) -> None:
         """Cut the connection now (mid-body: the client sees a failed transfer)."""
         raise Abort(reason)
+
+
+_TCP_NOTSENT_LOWAT = getattr(stdsocket, "TCP_NOTSENT_LOWAT", 25)
+_BULK = 1 << 20
+"""File bodies from this size on are sent with TCP_NOTSENT_LOWAT lifted."""
+
+
+def _lift_lowat(sock: trio.socket.SocketType) -> int | None:
+    """Lift TCP_NOTSENT_LOWAT for a bulk send; the previous value, None if not set."""
+    try:
+        before = int(sock.getsockopt(stdsocket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT))
+        sock.setsockopt(stdsocket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 1 << 30)
+    except OSError:
+        return None  # not TCP (a Unix socket) or not Linux: nothing to lift
+    return before
 
 
 async def _wait_writable(sock: trio.socket.SocketType, stall: float) -> None:

@@ -74,9 +74,11 @@ import re
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from nixd.errors import ConfigError
 from nixd.server.access.identity import KINDS, Identity
@@ -326,13 +328,114 @@ def _known_action(action: str) -> str:
     return action
 
 
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _literal_prefix(pattern: str) -> str:
+    """What every string a glob matches starts with: the text before its first wildcard."""
+    found = _GLOB_CHARS.search(pattern)
+    return pattern if found is None else pattern[: found.start()]
+
+
+def _literal_subjects(rule: Rule) -> frozenset[str] | None:
+    """The only identity subjects ``rule`` can match, if its subjects name them literally.
+
+    None when any of its subject patterns accepts other subjects (no ``subject`` key, or
+    a glob with a wildcard).
+    """
+    names: set[str] = set()
+    for subject in rule.subjects:
+        if not subject.subject:
+            return None
+        for glob in subject.subject:
+            if _literal_prefix(glob.pattern) != glob.pattern:
+                return None
+            names.add(glob.pattern)
+    return frozenset(names)
+
+
+@dataclass(frozen=True, slots=True)
+class _ActionIndex:
+    """One action's rules, by position in the policy, found by resource and by subject."""
+
+    by_prefix: dict[str, tuple[int, ...]]
+    """Literal prefix of a resource pattern -> rules with such a pattern."""
+    by_subject: dict[str, tuple[int, ...]]
+    """Literal subject -> rules that can match only literally named subjects."""
+    any_subject: tuple[int, ...]
+    """Rules whose subject patterns accept more than literal names."""
+
+
+def _build_index(rules: Sequence[Rule]) -> dict[str, _ActionIndex]:
+    index: dict[str, _ActionIndex] = {}
+    for action in ACTIONS:
+        by_prefix: dict[str, list[int]] = {}
+        by_subject: dict[str, list[int]] = {}
+        any_subject: list[int] = []
+        for position, rule in enumerate(rules):
+            if action not in rule.actions:
+                continue
+            for prefix in {_literal_prefix(p) for p in rule.resources.patterns}:
+                by_prefix.setdefault(prefix, []).append(position)  # "*": prefix ""
+            names = _literal_subjects(rule)
+            if names is None:
+                any_subject.append(position)
+            else:
+                for name in names:
+                    by_subject.setdefault(name, []).append(position)
+        index[action] = _ActionIndex(
+            {k: tuple(v) for k, v in by_prefix.items()},
+            {k: tuple(v) for k, v in by_subject.items()},
+            tuple(any_subject),
+        )
+    return index
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """An immutable, parsed policy. ``source`` names the file; ``digest`` is its sha256."""
+    """An immutable, parsed policy. ``source`` names the file; ``digest`` is its sha256.
+
+    **Indexed.** A decision does not look at every rule: per action, the rules are
+    indexed by the literal prefix of each resource pattern (the text before its first
+    wildcard; ``*`` is the empty prefix) and by literal subject names. A decision looks
+    up the prefixes of its resource (one dictionary probe per character of the slice
+    name) and the identity's subject, takes the
+    smaller of the two candidate sets and checks only those rules, in policy order, with
+    the same code as before. The index only ever leaves out rules that cannot match, so
+    the answer is the one a scan of every rule gives (a property test holds it to that);
+    what still scales with the rule count is a policy whose rules share both one
+    resource prefix and wildcard subjects (e.g. thousands of ``*`` rules told apart by
+    attribute only).
+    """
 
     rules: tuple[Rule, ...]
     source: str = "<policy>"
     digest: str = ""
+    _index: dict[str, _ActionIndex] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", _build_index(self.rules))
+
+    def candidates(self, identity: Identity, action: str, resource: str) -> Sequence[Rule]:
+        """The rules that may apply to this request, in policy order (a sound superset)."""
+        index = self._index.get(action)
+        if index is None:
+            return ()
+        by_prefix = index.by_prefix
+        from_resource: list[int] = []
+        for end in range(len(resource) + 1):
+            found = by_prefix.get(resource[:end])
+            if found is not None:
+                from_resource.extend(found)
+        from_subject = index.by_subject.get(identity.subject, ())
+        if len(index.any_subject) + len(from_subject) < len(from_resource):
+            chosen = [*index.any_subject, *from_subject]
+        else:
+            chosen = from_resource
+        rules = self.rules
+        return [rules[i] for i in sorted(set(chosen))]
 
     def decide(
         self,
@@ -365,7 +468,7 @@ class Policy:
         public: bool = False,
     ) -> Decision:
         allowed_by: Rule | None = None
-        for rule in self.rules:
+        for rule in self.candidates(identity, action, resource):
             if rule.mismatch(identity, action, resource, source) is not None:
                 continue
             if not rule.allow:
@@ -844,14 +947,20 @@ class PolicyHolder:
         self._digest = self._policy.digest
         self._bad_digest: str | None = None
         self._checked = clock()
+        self._watching = False
         self.last_error: str | None = None
         """Why the file on disk is not in force (None when it is)."""
         log.info("policy %s loaded: %d rules", self.path, len(self._policy.rules))
 
     @property
     def current(self) -> Policy:
-        """The policy in force, after a cheap check for a changed file."""
-        self.maybe_reload()
+        """The policy in force, after a cheap check for a changed file.
+
+        While :meth:`watch` runs, the check is its job (in a worker thread), so a request
+        never reads, hashes or parses the file on the event loop.
+        """
+        if not self._watching:
+            self.maybe_reload()
         return self._policy
 
     def _read(self) -> bytes | None:
@@ -912,23 +1021,45 @@ class PolicyHolder:
         return False
 
     async def watch(self) -> None:
-        """Reload whenever the file changes; runs until cancelled (start it in a nursery)."""
+        """Reload whenever the file changes; runs until cancelled (start it in a nursery).
+
+        Every reload (read, sha256, parse: milliseconds for a large policy) runs in a
+        worker thread, one at a time; the event loop only swaps the finished
+        :class:`Policy` in (one reference assignment). Besides the file system's
+        events, the file is checked every ``interval`` seconds, as :attr:`current` would.
+        """
         import watchfiles  # noqa: PLC0415 (only the server's watcher needs it)
 
         target = self.path.resolve()
         directory = target.parent
+        lock = trio.Lock()
+
+        async def reload() -> None:
+            async with lock:
+                self._checked = self._clock()
+                await trio.to_thread.run_sync(self.reload)
 
         def _ours(_change: watchfiles.Change, changed: str) -> bool:
             return Path(changed).name == target.name
 
-        # rust_timeout bounds how long a cancel waits for the watcher thread to notice.
-        async for _changes in watchfiles.awatch(
-            directory,
-            watch_filter=_ours,
-            debounce=200,
-            step=50,
-            rust_timeout=_WATCH_POLL_MS,
-            recursive=False,
-        ):
-            self._checked = self._clock()
-            self.reload()
+        async def poll() -> None:
+            while True:
+                await trio.sleep(self.interval)
+                await reload()
+
+        self._watching = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                # rust_timeout bounds how long a cancel waits for the watcher thread.
+                async for _changes in watchfiles.awatch(
+                    directory,
+                    watch_filter=_ours,
+                    debounce=200,
+                    step=50,
+                    rust_timeout=_WATCH_POLL_MS,
+                    recursive=False,
+                ):
+                    await reload()
+        finally:
+            self._watching = False

@@ -38,6 +38,7 @@ from nixd.server.storage.db import (
     get_org,
     get_project,
     list_projects,
+    note_key_change,
     open_db,
     set_project_public,
     split_slice,
@@ -404,11 +405,21 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 2
 
 
+def _note_key_change(config: ServerConfig, keyring: str) -> None:
+    """Tell running servers (after the file was replaced) to re-read the keys now."""
+    conn = open_db(config.database_path)
+    try:
+        note_key_change(conn, keyring)
+    finally:
+        conn.close()
+
+
 def cmd_key_rotate(args: argparse.Namespace) -> int:
     config = ServerConfig.load(args.state_dir)
     keys = ServerKeys.load(config.state_dir)
     if args.tokens:
         new = keys.jwt.rotate(retain_for=float(args.grace if args.grace is not None else 86400))
+        _note_key_change(config, "jwt")
         _audit(config, "admin:key.rotate", "*", keyring="jwt", kid=new.kid)
         print(f"token signing key rotated; new kid {new.kid}")
         return 0
@@ -418,6 +429,7 @@ def cmd_key_rotate(args: argparse.Namespace) -> int:
         else (0.0 if args.grace == "0" else 30 * 86400.0)
     )
     secret = keys.narinfo.rotate(args.name, grace=grace)
+    _note_key_change(config, "narinfo")
     _audit(config, "admin:key.rotate", "*", keyring="narinfo", key=secret.name)
     print(f"narinfo signing key rotated; new public key {secret.public().render()}")
     print("published keys: " + " ".join(k.render() for k in keys.narinfo.public_keys()))

@@ -60,6 +60,8 @@ from nixd.server.storage.store import Store
 log = logging.getLogger(__name__)
 
 BODY_CHUNK = 1 << 20
+ZEROCOPY = "http.response.zerocopysend"
+PREPARED = "nixd.http.response.prepared"
 LIMITS = Limits(max_body_bytes=64 * 1024**3 + (64 << 20))
 """The server's bounds: nixd.http's defaults (see :class:`~nixd.http.limits.Limits`), with
 bodies up to the largest upload the store takes (``storage.max_upload_bytes``' default,
@@ -272,6 +274,7 @@ class HttpFront:
             "headers": request.head.fields,
             "client": conn.peer,
             "server": conn.local,
+            "extensions": {ZEROCOPY: {}, PREPARED: {}},
         }
         response = _AsgiResponse(resp)
 
@@ -287,7 +290,23 @@ class HttpFront:
 
 
 class _AsgiResponse:
-    """ASGI send events onto a Responder: one head (sent with the first body), then body."""
+    """ASGI send events onto a Responder: one head (sent with the first body), then body.
+
+    ``http.response.zerocopysend`` (the ASGI zero-copy send extension, offered in every
+    scope's ``extensions``) carries ``file`` (an ``int`` descriptor or an object with
+    ``fileno()``), ``offset`` (default: 0; the spec's default is the file position, and
+    this adapter never reads that), ``count`` (default: to the end of the file) and
+    ``more_body``: the bytes go from the page cache to the socket with ``os.sendfile``
+    (:meth:`~nixd.http.serve.Responder.send_file`), in blocks, each waiting for the socket
+    to drain (backpressure); a client that goes away ends that request only. The file
+    stays the app's to close.
+
+    ``nixd.http.response.prepared`` (this front's own) carries ``status`` and ``data``, a
+    whole response kept ready as bytes (status line, headers with ``Content-Length``,
+    the body unless the request is HEAD), sent instead of start + body in one write
+    (:meth:`~nixd.http.serve.Responder.send_prepared`, which adds ``connection: close``
+    when the connection is to close). The cache app keeps its narinfo answers so.
+    """
 
     __slots__ = ("_headers", "_resp", "_status")
 
@@ -315,6 +334,32 @@ class _AsgiResponse:
                 await resp.send(body)
             if not more:
                 await resp.end()
+        elif kind == ZEROCOPY:
+            await self._zerocopy(message)
+        elif kind == PREPARED:
+            if self._status is not None or resp.started:
+                raise ResponseStateError(f"{PREPARED} after the response started")
+            self._status = int(message["status"])
+            await resp.send_prepared(self._status, bytes(message["data"]))
+
+    async def _zerocopy(self, message: Message) -> None:
+        resp = self._resp
+        file = message["file"]
+        fd = file if isinstance(file, int) else int(file.fileno())
+        offset = int(message.get("offset") or 0)
+        count = message.get("count")
+        if count is None:
+            count = os.fstat(fd).st_size - offset
+        count = int(count)
+        if offset < 0 or count < 0:
+            raise ResponseStateError(f"zerocopysend of {count} bytes at offset {offset}")
+        if not resp.started:
+            if self._status is None:
+                raise ResponseStateError("http.response.zerocopysend before http.response.start")
+            await resp.start(self._status, self._headers)
+        await resp.send_file(fd, offset, count)
+        if not message.get("more_body", False):
+            await resp.end()
 
     def finish(self) -> None:
         """After the app returned: a started head without its end leaves the body short."""

@@ -129,7 +129,27 @@ MIGRATIONS: list[Migration] = [
     """,
     # 2: names unique regardless of case; slice priorities; what each org trusts.
     _migrate_tenancy,
+    # 3: when each keyring was last changed (see note_key_change).
+    """
+    CREATE TABLE key_changes (keyring TEXT PRIMARY KEY, changed REAL NOT NULL);
+    """,
 ]
+
+
+def note_key_change(conn: sqlite3.Connection, keyring: str) -> None:
+    """Record that ``keyring``'s file was replaced (``nixd-server key rotate``).
+
+    Why in the database: every server process already notices any commit by another
+    process on its next request at the cost of a memory read (``PRAGMA data_version``
+    through the mapped wal-index), so this commit makes each of them re-read the key
+    files at once, and they need not ``stat`` them on every request.
+    """
+    with transaction(conn, durable=True):
+        conn.execute(
+            "INSERT OR REPLACE INTO key_changes (keyring, changed) VALUES (?, ?)",
+            (keyring, time.time()),
+        )
+
 
 _SCHEMA_VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_versions (
@@ -179,6 +199,7 @@ def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> sqlite3.Co
             raise DatabaseError(f"{where}: SQLite refused WAL mode (got {mode!r})")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        size_for(conn, where)
         if migrate:
             ensure_schema(conn, component="core", migrations=MIGRATIONS)
     except sqlite3.Error as exc:
@@ -188,6 +209,31 @@ def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> sqlite3.Co
         conn.close()
         raise
     return conn
+
+
+CACHE_MIN = 16 << 20
+CACHE_MAX = 256 << 20
+MMAP_MAX = 1 << 30
+
+
+def size_for(conn: sqlite3.Connection, where: str) -> None:
+    """Size SQLite's page cache and memory map for the database it has.
+
+    Why: SQLite's default cache is 2 MiB, and a server's database with 50k+ paths is
+    tens of MiB, so a narinfo miss (an index lookup nobody cached) read its pages with
+    ``pread`` from the OS each time. The cache gets the file's size (at least
+    :data:`CACHE_MIN`, at most :data:`CACHE_MAX`; memory is only used as pages are
+    read), and reads go through a memory map of up to :data:`MMAP_MAX` (address space,
+    not memory), so a page that is in the OS page cache costs no system call.
+    """
+    try:
+        size = os.stat(where).st_size if where != ":memory:" else 0
+    except OSError:
+        size = 0
+    cache = min(CACHE_MAX, max(CACHE_MIN, size + size // 4))
+    conn.execute(f"PRAGMA cache_size = -{cache // 1024}")
+    conn.execute(f"PRAGMA mmap_size = {MMAP_MAX}")
+    conn.execute("PRAGMA temp_store = MEMORY")
 
 
 @contextmanager
