@@ -82,8 +82,9 @@ async def test_url_credentials_show_in_no_status_metrics_or_log(
     proxy = (await status(daemon))["proxy"]["url"]
     secret = (world_dir / "state" / "proxy-secret").read_text().strip()
     async with httpx.AsyncClient(base_url=proxy, auth=("nixd", secret)) as client:
-        # port 9 refuses: the upstream's error is recorded, with its name
-        assert (await client.get(f"/{'0' * 32}.narinfo")).status_code == 503
+        # port 9 refuses: the upstream's error is recorded, with its name (and Nix is
+        # told "absent, not remembered", nixd.proxy.errors)
+        assert (await client.get(f"/{'0' * 32}.narinfo")).status_code == 404
         metrics = (await client.get("/metrics")).text
     seen = await status(daemon, user="nobody")
     upstream = seen["upstreams"][0]

@@ -269,6 +269,9 @@ async def test_a_failed_queued_push_is_kept_for_later(tmp_path: Path) -> None:
     )
     pusher = Pusher(host)  # type: ignore[arg-type]
     enqueue(host.config.push_queue, [LT], None)
+    # The store made once before two jobs may run nix-store on it at the same moment:
+    # Nix's first-use set-up of a fresh chroot store is not safe against itself.
+    await trio.run_process(["nix-store", "--store", str(tmp_path), "--init"])
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pusher.run)
