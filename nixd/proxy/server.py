@@ -651,8 +651,10 @@ class Proxy:
             await resp.start(206 if rng is not None else 200, headers)
             if not head:
                 pos = start
+                pagecache.read_ahead(fd, pos, 2 * pagecache.BLOCK, size)
                 while pos < stop:  # in blocks, dropping what was sent (see pagecache)
                     n = min(stop - pos, pagecache.BLOCK)
+                    pagecache.read_ahead(fd, pos + 2 * n, pagecache.BLOCK, size)
                     await resp.send_file(fd, pos, n)
                     pagecache.drop_behind(fd, pos, pos + n, size)
                     pos += n
