@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import bz2
+import gc
 import gzip
 import hashlib
 import lzma
 import os
 import sqlite3
 import struct
+import weakref
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,3 +267,29 @@ def test_data_version_sees_every_commit_of_another_connection(
             other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL restarts from zero
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("compression", sorted(COMPRESS))
+@pytest.mark.parametrize("outcome", ["finished", "refused"])
+def test_an_ingest_is_freed_once_done(
+    store: Store, tmp_path: Path, compression: str, outcome: str
+) -> None:
+    """Nothing keeps an upload alive once it is done or refused. The zstd decoder's
+    stream_writer is a C object the cycle collector cannot see into, so a cycle through it
+    (ingest -> decoder -> writer -> sink -> ingest) was never collected: every zstd
+    upload leaked whole."""
+    nar = nar_of(tmp_path, b"hello world\n" * 5_000)
+    data = COMPRESS[compression](nar)
+    ingest = store.begin_nar(compression, max_nar_size=1 << 30, checker=NarParser())
+    if outcome == "finished":
+        ingest.feed(data)
+        ingest.finish()
+    else:
+        with pytest.raises(BadUpload):
+            ingest.feed(data[: len(data) // 2] + b"\xff" * 64)
+            ingest.finish()
+    ingest.discard()
+    gone = weakref.ref(ingest)
+    del ingest
+    gc.collect()
+    assert gone() is None, "the ingest is still referenced after a collection"
