@@ -31,7 +31,9 @@ with the status it really gets)::
     ├── TooLarge                        413 too_large            an upload past the limit
     ├── UnsupportedCompression          415 unsupported_compression
     ├── Throttled                       429 too_many_requests    with Retry-After (sign-in, codes)
-    └── AuditError                      503 audit_unavailable    no line, no answer (access.audit)
+    ├── AuditError                      503 audit_unavailable    no line, no answer (access.audit)
+    └── StorageFull                     507 insufficient_storage the disk (or quota) is full: the
+                                                                 upload is dropped, Nix retries
 
 Errors that are not ServerErrors are answered by their :mod:`nixd.errors` base (the
 classes in the rooms the server's HTTP layer does not own, and dependencies' errors after
@@ -172,6 +174,17 @@ class Throttled(ServerError):
 
     def headers(self) -> dict[str, str]:
         return {"retry-after": str(self.retry_after_seconds)}
+
+
+class StorageFull(ServerError):
+    """The server's disk or quota is full (ENOSPC, EDQUOT) while it stores an upload.
+
+    The upload's temp file is removed and nothing is recorded; 507 is a 5xx, which Nix
+    retries, and the answer names the cause instead of looking like a fault of the bytes.
+    """
+
+    status = 507
+    code = "insufficient_storage"
 
 
 _FOREIGN: tuple[tuple[type[BaseException], int, str], ...] = (

@@ -10,6 +10,7 @@ import lzma
 import os
 import sqlite3
 import struct
+import subprocess
 import weakref
 import zlib
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import zstandard
 
 from nixd.nix import base32
 from nixd.nix.nar import NarParser, dump
-from nixd.server.errors import BadUpload, TooLarge, UnsupportedCompression
+from nixd.server.errors import BadUpload, StorageFull, TooLarge, UnsupportedCompression, answer_of
 from nixd.server.storage.db import create_org, create_project, open_db
 from nixd.server.storage.store import PathInfo, Store, compression_of
 
@@ -293,3 +294,42 @@ def test_an_ingest_is_freed_once_done(
     del ingest
     gc.collect()
     assert gone() is None, "the ingest is still referenced after a collection"
+
+
+def test_a_full_disk_refuses_the_upload_as_such_and_keeps_nothing(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    """ENOSPC while an upload is written is a 507 that says so, not an internal error or
+    a complaint about the bytes; the temp file goes, and once there is room the same
+    upload is stored."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        store = Store.open(conn, small / "blobs")
+        nar = nar_of(tmp_path, os.urandom(3 << 20))
+        data = COMPRESS["zstd"](nar)
+        ingest = store.begin_nar("zstd", max_nar_size=1 << 30, checker=NarParser())
+        with pytest.raises(StorageFull) as caught:
+            for i in range(0, len(data), 1 << 16):
+                ingest.feed(data[i : i + (1 << 16)])
+            ingest.finish()
+        ingest.discard()
+        assert answer_of(caught.value) == (507, "insufficient_storage")
+        assert "no room" in str(caught.value)
+        assert not list(store.tmp.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    roomy = Store.open(conn, tmp_path / "blobs")
+    ingest = roomy.begin_nar("zstd", max_nar_size=1 << 30, checker=NarParser())
+    ingest.feed(data)
+    stored = roomy.commit_nar(
+        ingest, ingest.finish(), create_project(conn, "acme", "app"), "nar/x.nar.zst"
+    )
+    assert stored.nar_size == len(nar)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import errno
 import hashlib
 import lzma
 import mmap
@@ -40,7 +41,7 @@ import struct
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol, cast
@@ -50,7 +51,7 @@ import zstandard
 from nixd.errors import FormatError, NixdError
 from nixd.nix import base32
 from nixd.nix.hashes import Hash
-from nixd.server.errors import BadUpload, TooLarge, UnsupportedCompression
+from nixd.server.errors import BadUpload, StorageFull, TooLarge, UnsupportedCompression
 from nixd.server.storage.db import (
     Migration,
     Project,
@@ -524,6 +525,18 @@ class _HashingFile:
         self._f.flush()
 
 
+@contextlib.contextmanager
+def _full_disk_refused() -> Iterator[None]:
+    """A full disk or quota while an upload is written: :class:`StorageFull` (a 507 that
+    says so), not an OSError answered as an internal error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"no room to store the upload: {exc.strerror}") from exc
+        raise
+
+
 class NarIngest:
     """One NAR upload in progress: feed compressed bytes, get NarHash/NarSize and a blob.
 
@@ -568,10 +581,15 @@ class NarIngest:
         self._zw.write(data)
 
     def feed(self, data: bytes) -> None:
-        self._decoder.feed(data, self._nar_bytes)
+        with _full_disk_refused():
+            self._decoder.feed(data, self._nar_bytes)
 
     def finish(self) -> tuple[Hash, int, str, int]:
         """End of the upload: NarHash, NarSize, FileHash (base32) and FileSize; fsynced."""
+        with _full_disk_refused():
+            return self._finish()
+
+    def _finish(self) -> tuple[Hash, int, str, int]:
         self._decoder.finish(self._nar_bytes)
         if self._checker is not None:
             try:
