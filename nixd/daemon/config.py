@@ -5,7 +5,8 @@ The file (``/etc/nixd/config.toml`` by default) has four sections, all optional:
     [daemon]   control_socket, state_dir, control_group, shutdown_grace, log_level
     [server]   url, trusted_keys            (the nixd cache server; its keys are pinned at login)
     [proxy]    listen, store_dir, store_max_bytes, negative_ttl, prefetch,
-               prefetch_concurrency, [[proxy.upstreams]]
+               prefetch_concurrency, offline_after, offline_probe, token_wait,
+               [[proxy.upstreams]]
                (url, priority, trusted_keys, auth, netrc_file, foreign_urls)
     [nix]      nix_conf, fragment, netrc, additional_netrc_sources, restart_nix_daemon,
                nix_daemon_unit        (restarted over the system D-Bus when the fragment changes),
@@ -114,6 +115,12 @@ class ProxySection:
     #: fetch the narinfos and small NARs of a closure ahead of Nix (nixd.proxy.prefetch)
     prefetch: bool = True
     prefetch_concurrency: int = 8
+    #: failed connects in a row after which an upstream is offline (answered at once)
+    offline_after: int = 2
+    #: seconds between two tries of an offline upstream
+    offline_probe: float = 2.0
+    #: seconds a request waits for a token being renewed before it is answered 503
+    token_wait: float = 5.0
     upstreams: tuple[UpstreamSection, ...] = ()
 
 
@@ -263,6 +270,18 @@ def _prefetch_concurrency(v: int) -> str | None:
     return f"must be between 1 and {MAX_PREFETCH_CONCURRENCY}"
 
 
+def _offline_after(v: int) -> str | None:
+    return None if 1 <= v <= 1000 else "must be between 1 and 1000"
+
+
+def _offline_probe(v: float) -> str | None:
+    return None if 0 < v <= 3600 else "must be more than 0 and at most 3600 (seconds)"
+
+
+def _token_wait(v: float) -> str | None:
+    return None if 0 <= v <= 300 else "must be between 0 and 300 (seconds)"
+
+
 def _http_url(v: str) -> str | None:
     try:
         origin_of(v)
@@ -373,6 +392,9 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         negative_ttl=p.get("negative_ttl", float, 30.0, _non_negative),
         prefetch=p.get("prefetch", bool, True),
         prefetch_concurrency=p.get("prefetch_concurrency", int, 8, _prefetch_concurrency),
+        offline_after=p.get("offline_after", int, 2, _offline_after),
+        offline_probe=p.get("offline_probe", float, 2.0, _offline_probe),
+        token_wait=p.get("token_wait", float, 5.0, _token_wait),
         upstreams=tuple(upstreams),
     )
     p.finish()

@@ -246,6 +246,16 @@ class Daemon:
                 )
             )
         upstreams.extend(upstream_config(u) for u in c.proxy.upstreams)
+        # How an unreachable upstream and a token being renewed are met: the same for all.
+        upstreams = [
+            dataclasses.replace(
+                u,
+                offline_after=c.proxy.offline_after,
+                offline_probe=c.proxy.offline_probe,
+                token_wait=c.proxy.token_wait,
+            )
+            for u in upstreams
+        ]
         return ProxyConfig(
             listen_host=c.proxy.listen_host,
             listen_port=c.proxy.listen_port,

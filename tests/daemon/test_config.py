@@ -6,9 +6,13 @@ import grp
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
+from nixd.auth.token import TokenMethod
 from nixd.daemon.config import DEFAULT_CONTROL_SOCKET, Config, load_config
+from nixd.daemon.main import Daemon
+from nixd.daemon.state import LoginState
 from nixd.errors import ConfigError
 
 KEY = "6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
@@ -30,6 +34,9 @@ store_max_bytes = 1048576
 negative_ttl = 5
 prefetch = false
 prefetch_concurrency = 4
+offline_after = 3
+offline_probe = 1.5
+token_wait = 0
 
 [[proxy.upstreams]]
 url = "https://cache.nixos.org"
@@ -67,6 +74,8 @@ def test_full_config(tmp_path: Path) -> None:
     assert (config.proxy.listen_host, config.proxy.listen_port) == ("127.0.0.1", 0)
     assert config.proxy.negative_ttl == 5.0
     assert (config.proxy.prefetch, config.proxy.prefetch_concurrency) == (False, 4)
+    assert (config.proxy.offline_after, config.proxy.offline_probe) == (3, 1.5)
+    assert config.proxy.token_wait == 0.0
     assert [u.url for u in config.proxy.upstreams] == [
         "https://cache.nixos.org",
         "https://private.example/cache",
@@ -116,6 +125,11 @@ def test_frozen(tmp_path: Path) -> None:
         ("[proxy]\nstore_max_bytes = true\n", "proxy.store_max_bytes", "expected int"),
         ("[proxy]\nprefetch_concurrency = 0\n", "proxy.prefetch_concurrency", "between 1 and"),
         ("[proxy]\nprefetch = 'yes'\n", "proxy.prefetch", "expected bool"),
+        ("[proxy]\noffline_after = 0\n", "proxy.offline_after", "between 1 and"),
+        ("[proxy]\noffline_probe = 0\n", "proxy.offline_probe", "more than 0"),
+        ("[proxy]\noffline_probe = inf\n", "proxy.offline_probe", "at most 3600"),
+        ("[proxy]\ntoken_wait = -1\n", "proxy.token_wait", "between 0 and"),
+        ("[proxy]\ntoken_wait = nan\n", "proxy.token_wait", "between 0 and"),
         ("[[proxy.upstreams]]\npriority = 1\n", "proxy.upstreams[0].url", "required"),
         (
             "[[proxy.upstreams]]\nurl = 'http://a'\n"
@@ -240,3 +254,20 @@ def test_the_readme_config_example_loads(tmp_path: Path) -> None:
     }
     assert sections == {"daemon", "server", "proxy", "proxy.upstreams", "nix", "push"}
     assert config.push.to == "acme/app" and config.nix.nix_conf_managed_by == "auto"
+
+
+async def test_the_offline_and_token_settings_reach_every_upstream(tmp_path: Path) -> None:
+    """[proxy] offline_after, offline_probe and token_wait are what the proxy gets for
+    each upstream, the configured ones and the server's own (logged in)."""
+    config = load_config(write(tmp_path, FULL.format(d=tmp_path, key=KEY)))
+    async with httpx.AsyncClient() as http:
+        daemon = Daemon(config, http)
+        daemon.login_state = LoginState(
+            server_url="http://127.0.0.1:8080",
+            method=TokenMethod("a-token"),
+            pinned_keys=(f"k-1:{KEY}",),
+        )
+        upstreams = daemon.proxy_config().upstreams
+    assert [u.auth for u in upstreams] == ["nixd", "none", "netrc"]
+    for u in upstreams:
+        assert (u.offline_after, u.offline_probe, u.token_wait) == (3, 1.5, 0.0)
