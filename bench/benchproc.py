@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchdata import NIX_CONF
+from benchdata import NixEnv
 
 TICK = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent
@@ -445,24 +445,13 @@ class CopyResult:
     """CPU seconds of the nix process (all threads), from wait4."""
 
 
-class NixClient:
+class NixClient(NixEnv):
     """``nix copy --from URL`` into a fresh chroot store with a fresh narinfo cache."""
 
     def __init__(self, root: Path, trusted_keys: list[str], netrc: Path) -> None:
-        self.root = root
-        (root / "etc").mkdir(parents=True, exist_ok=True)
-        (root / "etc" / "nix.conf").write_text(NIX_CONF)
-        (root / "home").mkdir(exist_ok=True)
+        super().__init__(root)
         self.keys = " ".join(trusted_keys)
         self.netrc = netrc
-        self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "NIX_CONF_DIR": str(root / "etc"),
-            "NIX_USER_CONF_FILES": str(root / "etc" / "nix.conf"),
-            "XDG_CACHE_HOME": str(root / "xdg"),
-            "HOME": str(root / "home"),
-            "NIX_REMOTE": "",
-        }
 
     def clean(self) -> None:
         for d in ("dst", "xdg"):

@@ -643,12 +643,8 @@ class Proxy:
             return False
         try:
             self.metrics.inc("nixd_proxy_local_hits_total", kind="nar")
-            rng = parse_range(request.headers.get(b"range"), size)
-            start, stop = (rng.start, rng.stop) if rng is not None else (0, size)
-            headers = [*NAR_HEADERS, (b"content-length", str(stop - start).encode())]
-            if rng is not None:
-                headers.append((b"content-range", rng.content_range))
-            await resp.start(206 if rng is not None else 200, headers)
+            start, end = await _start_nar_answer(request, resp, size)
+            stop = size if end is None else end  # the size is known: never None
             if not head:
                 pos = start
                 pagecache.read_ahead(fd, pos, 2 * pagecache.BLOCK, size)
@@ -723,17 +719,7 @@ class Proxy:
                     await self._serve_passthrough(download, request, resp, head, why=why)
                     return
                 raise download.error
-            size = download.size
-            # Without a known size there is no range to check a request against: the
-            # whole file (and no Content-Length: the body ends with the connection).
-            rng = parse_range(request.headers.get(b"range"), size) if size is not None else None
-            start, stop = (rng.start, rng.stop) if rng is not None else (0, size)
-            headers = [*NAR_HEADERS]
-            if stop is not None:
-                headers.append((b"content-length", str(stop - start).encode()))
-            if rng is not None:
-                headers.append((b"content-range", rng.content_range))
-            await resp.start(206 if rng is not None else 200, headers)
+            start, stop = await _start_nar_answer(request, resp, download.size)
             if head:
                 await resp.end()
                 return
@@ -779,14 +765,7 @@ class Proxy:
         """A whole answer (Range too) streamed from the upstream and not kept."""
         expected = expected_raw(source.info)
         size = expected[1] if expected is not None else None
-        rng = parse_range(request.headers.get(b"range"), size) if size is not None else None
-        start, stop = (rng.start, rng.stop) if rng is not None else (0, size)
-        headers = [*NAR_HEADERS]
-        if stop is not None:
-            headers.append((b"content-length", str(stop - start).encode()))
-        if rng is not None:
-            headers.append((b"content-range", rng.content_range))
-        await resp.start(206 if rng is not None else 200, headers)
+        start, stop = await _start_nar_answer(request, resp, size)
         if not head:
             await self._pass_through(source, resp, why=why, start=start, stop=stop)
         await resp.end()
@@ -855,6 +834,26 @@ class Proxy:
             "passthrough_in_flight": self.passing_through,
             "upstreams": [u.status() for u in self.upstreams],
         }
+
+
+async def _start_nar_answer(
+    request: Request, resp: Responder, size: int | None
+) -> tuple[int, int | None]:
+    """Start the answer for a NAR file of ``size`` bytes, honouring ``Range`` (see the
+    module docstring); the file bytes ``[start, stop)`` the body is to carry.
+
+    Without a known size there is no range to check a request against: the whole file,
+    and no Content-Length (the body ends with the connection; ``stop`` is None).
+    """
+    rng = parse_range(request.headers.get(b"range"), size) if size is not None else None
+    start, stop = (rng.start, rng.stop) if rng is not None else (0, size)
+    headers = [*NAR_HEADERS]
+    if stop is not None:
+        headers.append((b"content-length", str(stop - start).encode()))
+    if rng is not None:
+        headers.append((b"content-range", rng.content_range))
+    await resp.start(206 if rng is not None else 200, headers)
+    return start, stop
 
 
 def _decide(results: list[object]) -> tuple[bool, int | None]:

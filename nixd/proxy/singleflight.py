@@ -10,7 +10,7 @@ late or resumes with ``Range`` just starts further in, and the bytes reach Nix w
 The tail rule is what makes "abort on mismatch" work: while the download is not yet
 verified, readers may send everything but the last byte written (:meth:`Download.servable`).
 Every batch of bytes from the upstream goes to a worker thread that writes it to the temp
-file and feeds it to the download's :class:`~nixd.proxy.verify.NarVerifier` (FileHash and,
+file and feeds it to the download's :class:`~nixd.proxy.verify.NarVerifier` (FileSize and,
 decompressed, the signed NarHash/NarSize: one pass, the file is never read again). Only
 when the whole file has been received and the verifier passed does the last byte go out;
 on a mismatch, a short or overlong body (or decompressed stream), or an upstream failure,
@@ -25,21 +25,21 @@ meanwhile. Measured with ``bench/verify_cost.py`` (a 1 GiB NAR, 420 MiB of zstd,
 batches; 2 cores, load 3-4 from other work; best of 3 interleaved rounds, process CPU):
 per-batch ``to_thread`` 3.52 CPU-s per GiB of file (1.44 per GiB of NAR), a worker thread
 fed through a queue 3.98 (1.63), the same work inline on the loop 4.04 (1.66); at 256 MiB,
-3.65 / 3.77 / 3.08. The hand-off costs less than the noise; the work itself (two sha256,
-zstd, the write into fresh page cache) is the bill, and off the loop it no longer holds
-up other requests.
+3.65 / 3.77 / 3.08 (then with two sha256 a batch; a compressed file's FileHash is no
+longer computed, see :mod:`nixd.proxy.verify`). The hand-off costs less than the noise;
+the work itself (sha256, zstd, the write into fresh page cache) is the bill, and off the
+loop it no longer holds up other requests.
 
 Resuming: when the upstream goes away mid-body (a server restart, a reset connection, a
 read timeout), the download does not fail. It asks again from the first byte it lacks
-(``Range: bytes=<written>-``), after a short backoff, up to ``resumes`` times; the hash
-state carries on, so the FileHash still covers every byte of the file, whichever answer
-brought it. An upstream that ignores ``Range`` and resends the whole file is fine too:
-the part already received is skipped. Readers meanwhile just wait for more bytes, so a
-Nix request in flight sees a pause, not a failure; and a Nix that did lose its
-connection and retries with its own ``Range`` tails the same download from its offset.
-The verifier's state carries on across resumes the same way. Only a failure before the
-first byte is left to Nix's own retry (no state worth keeping), and integrity failures are
-never retried.
+(``Range: bytes=<written>-``), after a short backoff, up to ``resumes`` times; the
+verifier's state carries on, so the signed NarHash still covers every byte of the file,
+whichever answer brought it. An upstream that ignores ``Range`` and resends the whole
+file is fine too: the part already received is skipped. Readers meanwhile just wait for
+more bytes, so a Nix request in flight sees a pause, not a failure; and a Nix that did
+lose its connection and retries with its own ``Range`` tails the same download from its
+offset. Only a failure before the first byte is left to Nix's own retry (no state worth
+keeping), and integrity failures are never retried.
 
 Full disk: a write that fails with ENOSPC/EDQUOT asks the store to evict (``make_room``)
 and is retried; when nothing more can go, the download fails with :class:`NoRoom` and
@@ -59,6 +59,7 @@ window is served from disk.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import inspect
@@ -106,7 +107,7 @@ class NoRoom(Exception):
     """
 
 
-class _Transfer:
+class _Transfer(abc.ABC):
     """Fetch one NAR file from the upstream, resuming when cut, verified in one pass.
 
     Subclasses say what becomes of each verified batch (:meth:`_take`).
@@ -159,7 +160,7 @@ class _Transfer:
                 )  # fmt: skip
                 await trio.sleep(delay)
         self.metrics.inc("nixd_proxy_upstream_bytes_total", self.written)
-        self.verifier.finish()  # IntegrityError unless FileHash and the signed NarHash match
+        self.verifier.finish()  # IntegrityError unless FileSize and the signed NarHash match
         self.state = State.OK
 
     async def _receive(self) -> None:
@@ -197,15 +198,15 @@ class _Transfer:
             if skip:
                 raise UpstreamError(f"{self.key}: upstream resent fewer bytes than it had sent")
 
-    def _started(self) -> None:
+    def _started(self) -> None:  # noqa: B027 - an optional hook; doing nothing is right
         """The upstream answered: bytes are coming."""
 
+    @abc.abstractmethod
     async def _take(self, chunk: bytes | memoryview) -> None:
         """Verify ``chunk`` (the next file bytes) and pass it on; advance ``written``.
 
         ``chunk`` may be a view of a buffer the upstream reader reuses once this returns.
         """
-        raise NotImplementedError
 
 
 class Download(_Transfer):
