@@ -64,7 +64,7 @@ _HELP = {
     ),
     "nixd_proxy_verified_bytes_total": (
         "counter",
-        "NAR file bytes verified as they arrived (FileHash and the signed NarHash).",
+        "NAR file bytes verified as they arrived (FileSize and the signed NarHash).",
     ),
     "nixd_proxy_passthrough_total": (
         "counter",

@@ -24,19 +24,19 @@ Model (DESIGN.md, "Security model"):
   ``Range`` is read by :func:`nixd.http.parse_range`: a range it does not serve (malformed,
   several, past the end, numbers beyond any file) is answered with the whole file, a 200,
   never a 416 a plain GET would not have got.
-  A download is verified as it arrives (FileHash and, decompressed, the signed
-  NarHash/NarSize, in worker threads); its last byte goes to Nix and the file enters the
-  :class:`LocalStore` only once both matched. When the store cannot hold a NAR (larger
-  than its cap or the free space of its disk, even after evicting, or the disk fills up
-  mid-download), each request streams it from the upstream through to Nix, verified the
-  same, and nothing is kept (:meth:`Proxy._pass_through`; WARNING once per NAR, counted in
-  the status). A download the upstream cuts resumes from it with ``Range``; Nix's own
-  ``Range`` retry (Nix 2.8 asks again from the offset it has after a cut transfer) tails
-  the same download, so it is served from the bytes already received rather than refused
-  while the upstream is away.
+  A download is verified as it arrives (FileSize and, decompressed, the signed
+  NarHash/NarSize, in worker threads; :mod:`nixd.proxy.verify`); its last byte goes to Nix
+  and the file enters the :class:`LocalStore` only once both matched. When the store
+  cannot hold a NAR (larger than its cap or the free space of its disk, even after
+  evicting, or the disk fills up mid-download), each request streams it from the upstream
+  through to Nix, verified the same, and nothing is kept (:meth:`Proxy._pass_through`;
+  WARNING once per NAR, counted in the status). A download the upstream cuts resumes from
+  it with ``Range``; Nix's own ``Range`` retry (Nix 2.8 asks again from the offset it has
+  after a cut transfer) tails the same download, so it is served from the bytes already
+  received rather than refused while the upstream is away.
   NARs whose FileSize is at most :data:`~nixd.proxy.localstore.SMALL` take a short path:
   fetched whole over a kept-alive connection (one fetch shared by concurrent requests),
-  checked inline (FileHash, then the signed NarHash) before any byte goes to Nix, kept, and
+  checked inline (FileSize, then the signed NarHash) before any byte goes to Nix, kept, and
   answered with one write; warm hits on them come from memory.
 - ``log/<drv basename>`` (``nix log``): asked of the upstreams in priority order, each with
   its own credential; the first 200 is passed on, at most :data:`MAX_LOG` bytes. Build logs
@@ -681,7 +681,7 @@ class Proxy:
     async def _run_download(self, download: Download, resolved: Resolved) -> None:
         key = download.key
         try:
-            await download.run()  # verified inline: FileHash and the signed NarHash/NarSize
+            await download.run()  # verified inline: FileSize and the signed NarHash/NarSize
             if download.state is not State.OK:
                 return
             try:
