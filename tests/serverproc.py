@@ -15,6 +15,9 @@ Restarts keep the port. Two ways, chosen per server:
 - ``hold=False`` (default): a restart binds ``host:port`` again. While the server is
   down the port is closed and connections are refused, for tests of an unreachable
   server.
+- ``activated=True``: held as with ``hold``, but passed the way systemd's socket
+  activation does (``LISTEN_FDS=1``, the socket at fd 3, ``LISTEN_PID`` the server's own
+  pid), with no ``--listen``: the server must find it by itself.
 
 Other helpers: :data:`SERVER_CLI` runs ``nixd-server`` from this tree; :func:`server_cli`
 runs one command and checks it.
@@ -63,6 +66,7 @@ class ServerProcess:
     state_dir: Path
     host: str = "127.0.0.1"
     hold: bool = False
+    activated: bool = False
     workers: int = 1
     extra_listen: Sequence[str] = ()
     log_path: Path | None = None
@@ -93,7 +97,7 @@ class ServerProcess:
         return path.read_text(errors="replace") if path and path.exists() else ""
 
     def _listen_args(self) -> tuple[list[str], tuple[int, ...]]:
-        if self.hold:
+        if self.hold or self.activated:
             if self._held is None:
                 family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
                 held = socket.socket(family, socket.SOCK_STREAM)
@@ -103,7 +107,7 @@ class ServerProcess:
                 self._held = held
                 self._port = int(held.getsockname()[1])
             fd = self._held.fileno()
-            return [f"fd://{fd}"], (fd,)
+            return ([] if self.activated else [f"fd://{fd}"]), (fd,)
         host = f"[{self.host}]" if ":" in self.host else self.host
         return [f"{host}:{self._port}"], ()
 
@@ -117,9 +121,12 @@ class ServerProcess:
         address.unlink(missing_ok=True)
         log_path = self.log_path or self.state_dir / "serve.log"
         self.log_path = log_path
+        command = [*SERVER_CLI, "serve", str(self.state_dir), *args]
+        if self.activated:
+            command = [sys.executable, "-c", _ACTIVATE, str(fds[0]), *command]
         with log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [*SERVER_CLI, "serve", str(self.state_dir), *args],
+                command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
@@ -169,11 +176,24 @@ class ServerProcess:
             self._held = None
 
 
+_ACTIVATE = (
+    "import os, sys\n"
+    "fd = int(sys.argv[1])\n"
+    "os.dup2(fd, 3)\n"
+    "if fd != 3: os.close(fd)\n"
+    "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES='http')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+"""What systemd does between fork and exec for a socket-activated service (exec keeps
+the pid, so ``LISTEN_PID`` is the server's)."""
+
+
 def start_server(
     state_dir: Path,
     *,
     host: str = "127.0.0.1",
     hold: bool = False,
+    activated: bool = False,
     workers: int = 1,
     extra_listen: Sequence[str] = (),
     log_path: Path | None = None,
@@ -181,7 +201,8 @@ def start_server(
 ) -> ServerProcess:
     """A started :class:`ServerProcess` for an initialized state directory."""
     server = ServerProcess(
-        state_dir, host=host, hold=hold, workers=workers, extra_listen=extra_listen,
+        state_dir, host=host, hold=hold, activated=activated, workers=workers,
+        extra_listen=extra_listen,
         log_path=log_path, env=dict(env or {}),
     )  # fmt: skip
     try:

@@ -6,7 +6,7 @@ the next process instead of being refused. How each way of running the daemon ge
 
 - **systemd**: the socket units (``nixd.socket``, ``nixd-proxy.socket``) own the
   sockets; ``systemctl restart nixd`` stops the process while systemd keeps listening,
-  and hands the same sockets to the next one (``LISTEN_FDS``, :mod:`nixd.daemon.systemd`).
+  and hands the same sockets to the next one (``LISTEN_FDS``, :mod:`nixd.systemd`).
 - **launchd**: the plist's ``Sockets`` entry (``proxy``) plays the same part; the daemon
   takes the socket with ``launch_activate_socket`` (:func:`launchd_sockets`).
 - **neither** (a shell, a container, runit, OpenRC): ``nixd daemon --restart`` or

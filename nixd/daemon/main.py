@@ -40,12 +40,12 @@ import httpx
 import trio
 import watchfiles
 
-from nixd import __version__
+from nixd import __version__, systemd
 from nixd.auth import methods
 from nixd.auth.methods import LoginMethod
 from nixd.auth.model import AccessToken
 from nixd.auth.token import exchange_json, fetch_cache_keys, fetch_token_status
-from nixd.daemon import dbus, handoff, systemd
+from nixd.daemon import dbus, handoff
 from nixd.daemon.config import Config, load_config, upstream_config
 from nixd.daemon.control import (
     ApiError,

@@ -5,7 +5,8 @@ relative to it. The file is nested by section and every key is known: an unknown
 wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``file:key``::
 
     [server]
-    listen = ["127.0.0.1:8080"]     # host:port, [v6]:port, or fd://N (socket activation)
+    listen = ["127.0.0.1:8080"]     # host:port, [v6]:port, or fd://N; sockets passed by
+                                    # socket activation (LISTEN_FDS) take its place
     graceful_timeout = 10.0         # seconds in-flight NAR streams get on shutdown
     address_file = "run/address"    # where `serve` writes the bound address ("" = none)
     workers = 1                     # processes accepting on the same sockets

@@ -42,7 +42,7 @@ def test_exec_passes_the_sockets_as_systemd_does(tmp_path: Path) -> None:
         port = listener.getsockname()[1]
         program = (
             "import os, socket, json;"
-            "from nixd.daemon import systemd, handoff;"
+            "from nixd import systemd; from nixd.daemon import handoff;"
             "s = systemd.listen_fds();"
             "print(json.dumps({k: [x.getsockname()[1] for x in v] for k, v in s.items()}),"
             " handoff.generation(), os.getpid())"

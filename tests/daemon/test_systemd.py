@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nixd.daemon import systemd
+from nixd import systemd
 from nixd.daemon.control import Peer, may_administer
 
 

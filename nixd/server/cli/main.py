@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nixd import __version__
+from nixd import __version__, systemd
 from nixd.cliutil import run_command
 from nixd.errors import ConfigError
 from nixd.server.access.audit import AuditLog, verify
@@ -191,6 +191,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from nixd.server.http.serve import run  # noqa: PLC0415 - only serve needs the HTTP front
 
     config = ServerConfig.load(args.state_dir)
+    journal = systemd.journald_handler()
+    if journal is not None:  # under systemd: lines keep their priority in the journal
+        root = logging.getLogger()
+        for old in list(root.handlers):
+            root.removeHandler(old)
+        root.addHandler(journal)
     run(config, listen=args.listen or None, workers=args.workers or 0)
     return 0
 
@@ -499,9 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.dedent(
             """\
             Serve the cache. ADDR is host:port ([v6]:port), port 0 for any free port, or
-            fd://N for a socket passed by systemd; repeat --listen for several. The bound
-            URLs are logged and written to server.address_file (default run/address).
-            On SIGTERM downloads in flight get server.graceful_timeout seconds to finish.
+            fd://N for an inherited socket; repeat --listen for several. Sockets passed by
+            systemd's socket activation (LISTEN_FDS, systemd/nixd-server.socket) are
+            served in place of server.listen. The bound URLs are logged and written to
+            server.address_file (default run/address); under systemd (Type=notify) the
+            first process sends READY=1 once every worker serves, and STOPPING=1 on
+            SIGTERM. On SIGTERM downloads in flight get server.graceful_timeout seconds to
+            finish.
             """
         ),
     )

@@ -30,7 +30,7 @@ import logging
 import os
 import signal
 import socket as stdsocket
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,9 @@ from urllib.parse import unquote_to_bytes
 
 import trio
 
+from nixd import systemd
 from nixd.bounds import parse_uint
-from nixd.errors import ConfigError, FormatError
+from nixd.errors import ConfigError, FormatError, NixdError
 from nixd.http.errors import ResponseStateError
 from nixd.http.limits import Limits
 from nixd.http.serve import ClientDisconnected, HttpServer, Request, Responder, serve_http
@@ -104,29 +105,61 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
 def run(config: ServerConfig, *, listen: Sequence[str] | None = None, workers: int = 0) -> None:
     """The ``nixd-server serve`` process tree: bind, fork ``workers - 1`` more, serve.
 
-    The sockets are bound (and the address file written) before forking, so every worker
-    accepts on the same listening sockets and the kernel spreads connections over them.
-    Workers share the database (WAL), the blob directory and the audit log (the audit log
-    takes an ``flock`` per batch); their caches notice each other's commits through
-    ``PRAGMA data_version``. SIGTERM to the first process stops the others after it.
+    The sockets are bound (or taken from socket activation, :func:`listening_sockets`)
+    before forking, so every worker accepts on the same listening sockets and the kernel
+    spreads connections over them. Workers share the database (WAL), the blob directory
+    and the audit log (the audit log takes an ``flock`` per batch); their caches notice
+    each other's commits through ``PRAGMA data_version``. SIGTERM to the first process
+    stops the others after it.
+
+    **Readiness.** The first process is the one systemd started (``MAINPID``; the unit
+    says ``NotifyAccess=main``), so it alone talks to systemd: each other worker writes a
+    byte to a pipe once its listeners are served, and the first process writes the
+    address file and sends ``READY=1`` only when it is serving and every worker has
+    reported. A worker that dies before reporting closes its end of the pipe: the server
+    then stops with an error instead of running short of a worker. ``STOPPING=1`` goes
+    out when the first process begins to shut down.
     """
     count = workers or config.server.workers
-    sockets = bind_sockets(list(listen or config.server.listen))
+    sockets = listening_sockets(config, listen)
     children: list[int] = []
-    for _ in range(count - 1):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 0
-            try:
-                trio.run(partial(serve, config, sockets=sockets, write_address=False))
-            except BaseException:
-                log.exception("worker %d failed", os.getpid())
-                code = 1
-            os._exit(code)
-        children.append(pid)
+    ready_r, ready_w = os.pipe()
     try:
-        trio.run(partial(serve, config, sockets=sockets))
+        for _ in range(count - 1):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                code = 0
+                try:
+                    os.close(ready_r)
+                    trio.run(
+                        partial(
+                            serve,
+                            config,
+                            sockets=sockets,
+                            write_address=False,
+                            ready=partial(_report_ready, ready_w),
+                        )
+                    )
+                except BaseException:
+                    log.exception("worker %d failed", os.getpid())
+                    code = 1
+                os._exit(code)
+            children.append(pid)
+        os.close(ready_w)
+        ready_w = -1
+        trio.run(
+            partial(
+                serve,
+                config,
+                sockets=sockets,
+                ready=partial(_await_workers, ready_r, count - 1),
+                notify=True,
+            )
+        )
     finally:
+        for fd in (ready_r, ready_w):
+            if fd >= 0:
+                os.close(fd)
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -135,17 +168,69 @@ def run(config: ServerConfig, *, listen: Sequence[str] | None = None, workers: i
                 os.waitpid(pid, 0)
 
 
+def listening_sockets(config: ServerConfig, listen: Sequence[str] | None) -> list[stdsocket.socket]:
+    """What ``serve`` accepts on: systemd's sockets (``LISTEN_FDS``), else the config's.
+
+    Sockets passed by socket activation (every name: the shipped ``nixd-server.socket``
+    passes one, a drop-in may add more) take the place of ``server.listen``, whose
+    addresses would otherwise collide with them; ``--listen`` addresses are bound as
+    well. A passed descriptor that is not a listening stream socket is a config error.
+    """
+    activated = [sock for group in systemd.listen_fds().values() for sock in group]
+    for sock in activated:
+        if sock.type != stdsocket.SOCK_STREAM or not sock.getsockopt(
+            stdsocket.SOL_SOCKET, stdsocket.SO_ACCEPTCONN
+        ):
+            raise ConfigError(
+                f"socket activation passed fd {sock.fileno()}, which is not a listening "
+                "stream socket (ListenStream= in the .socket unit)"
+            )
+    if activated:
+        log.info("socket activation: serving %d socket(s) passed by systemd", len(activated))
+        return activated + bind_sockets(list(listen or ()))
+    return bind_sockets(list(listen or config.server.listen))
+
+
+async def _report_ready(fd: int, urls: Sequence[str]) -> None:
+    """A worker's listeners are served: one byte to the first process, then the pipe closes."""
+    del urls
+    os.write(fd, b".")
+    os.close(fd)
+
+
+async def _await_workers(fd: int, count: int, urls: Sequence[str]) -> None:
+    """Wait for ``count`` workers' bytes; a worker that died first is a startup failure."""
+    del urls
+    stream = trio.lowlevel.FdStream(os.dup(fd))
+    async with stream:
+        seen = 0
+        while seen < count:
+            chunk = await stream.receive_some(count - seen)
+            if not chunk:
+                raise NixdError(
+                    f"{count - seen} of {count} other worker(s) exited before serving; "
+                    "see their errors above"
+                )
+            seen += len(chunk)
+
+
 async def serve(
     config: ServerConfig,
     *,
     listen: Sequence[str] | None = None,
     sockets: Sequence[stdsocket.socket] | None = None,
     write_address: bool = True,
+    ready: Callable[[list[str]], Awaitable[None]] | None = None,
+    notify: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation); ``started`` gets the bound URLs.
 
     Binds ``listen`` (default ``server.listen``) unless bound ``sockets`` are given.
+    Once every listener is served, ``ready`` is awaited (:func:`run` waits there for the
+    other workers), then the address file is written, systemd is told ``READY=1`` (with
+    ``notify``) and ``started`` is called; ``notify`` also sends ``STOPPING=1`` when the
+    shutdown begins.
     """
     own = sockets is None
     if sockets is None:
@@ -167,12 +252,16 @@ async def serve(
         async with trio.open_nursery() as nursery:
             services.durable_reads = config.audit.durable_reads
             services.background = nursery
-            nursery.start_soon(_watch_signals, front)
+            nursery.start_soon(_watch_signals, front, notify)
             nursery.start_soon(services.policy.watch)
             urls = await nursery.start(front.serve, listeners)
+            if ready is not None:
+                await ready(urls)
             log.info("serving on %s (pid %d)", ", ".join(urls), os.getpid())
             if write_address and config.address_path is not None:
                 _write_address(config.address_path, urls)
+            if notify:
+                systemd.notify("READY=1", f"STATUS=serving on {', '.join(urls)}")
             task_status.started(urls)
             await front.finished.wait()
             nursery.cancel_scope.cancel()
@@ -367,12 +456,18 @@ class _AsgiResponse:
             raise ResponseStateError("the app sent http.response.start but no body")
 
 
-async def _watch_signals(front: HttpFront) -> None:
+async def _watch_signals(front: HttpFront, notify: bool) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # Kept open until the server is done: a second SIGTERM (the first worker passes
+        # systemd's on to the others, which may have had one already) must not kill a
+        # worker that is still letting its downloads finish.
         async for signum in signals:
+            if front.stopping:
+                continue
             log.info("received %s: shutting down", signal.Signals(signum).name)
+            if notify:
+                systemd.notify("STOPPING=1", "STATUS=shutting down")
             front.shutdown()
-            return
 
 
 def _write_address(path: Path, urls: Sequence[str]) -> None:

@@ -1,4 +1,7 @@
-"""What the daemon tells systemd, and what systemd hands the daemon.
+"""What nixd's services tell systemd, and what systemd hands them.
+
+Shared by the daemon (:mod:`nixd.daemon.main`) and the cache server's ``serve``
+(:mod:`nixd.server.http.serve`), so it sits at the package root, which both may import.
 
 - :func:`notify` sends ``READY=1`` / ``STATUS=...`` / ``WATCHDOG=1`` / ``STOPPING=1`` as one
   datagram to ``$NOTIFY_SOCKET`` (the sd_notify protocol; a path or an ``@abstract`` name).
