@@ -10,6 +10,8 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     graceful_timeout = 10.0         # seconds in-flight NAR streams get on shutdown
     address_file = "run/address"    # where `serve` writes the bound address ("" = none)
     workers = 1                     # processes accepting on the same sockets
+    metrics = "loopback"            # who may read /metrics: "loopback", "public" or "off"
+    access_log = true               # one line per request (logger nixd.server.http.access)
 
     [storage]
     database = "server.db"          # SQLite (WAL): narinfos, slices, credentials, keys
@@ -88,6 +90,12 @@ class ServerSection:
     graceful_timeout: float = 10.0
     address_file: str = "run/address"
     workers: int = 1
+    metrics: str = "loopback"
+    access_log: bool = True
+
+
+METRICS_ACCESS = ("loopback", "public", "off")
+"""Who may read ``/metrics`` (:mod:`nixd.server.http.ops` says why loopback is the default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +343,10 @@ def _check(config: ServerConfig, source: str) -> None:
         raise ConfigError(f"{source}:server.listen: needs at least one address")
     if not 1 <= config.server.workers <= 64:
         raise ConfigError(f"{source}:server.workers: must be between 1 and 64")
+    if config.server.metrics not in METRICS_ACCESS:
+        raise ConfigError(
+            f"{source}:server.metrics: must be one of {', '.join(map(repr, METRICS_ACCESS))}"
+        )
     if config.server.graceful_timeout < 0:
         raise ConfigError(f"{source}:server.graceful_timeout: must not be negative")
     if not 1 <= config.storage.zstd_level <= 22:
@@ -385,6 +397,14 @@ address_file = "{d.server.address_file}"
 # processes serving the same sockets (one per core is plenty; they share the database,
 # the blobs and the audit log)
 workers = {d.server.workers}
+# who may read the Prometheus /metrics: "loopback" (a peer on 127.0.0.1/::1 whose request
+# carries no Forwarded/X-Forwarded-For/X-Real-IP header, i.e. not through a reverse proxy
+# that adds one), "public" (anyone), "off" (nobody; nothing is counted). They hold no
+# slice or path names, but they do show traffic. /healthz and /readyz are always open.
+metrics = "{d.server.metrics}"
+# one line per request on the server's log (the journal under systemd): request id,
+# method, path without query, status, bytes, duration, identity kind, peer; never a header
+access_log = {str(d.server.access_log).lower()}
 
 [storage]
 database = "{d.storage.database}"

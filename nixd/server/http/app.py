@@ -13,6 +13,7 @@ URL space (NIX-PROTOCOL.md has what the real client does with each answer)::
     GET  /api/v1/token/status                who am I, until when
     GET  /api/v1/cache/keys                  narinfo public keys, for pinning
     GET  /.well-known/jwks.json              access-token verification keys
+    GET  /healthz, /readyz, /metrics         live, ready, Prometheus (:mod:`.ops`)
 
 **Views.** A view of organization O (see the tenancy model in :mod:`nixd.server`) asks
 the slices holding a path in its trust order — O's own by priority, the record that came
@@ -104,6 +105,8 @@ from nixd.server.errors import (
     Unauthenticated,
     into_client,
 )
+from nixd.server.http.ops import PATHS as OPS_PATHS
+from nixd.server.http.ops import OpsRoutes, count_storage_error
 from nixd.server.login.device import DeviceService
 from nixd.server.login.exchange import Exchanger, ExchangeRejected
 from nixd.server.login.web import WebPages
@@ -154,6 +157,8 @@ class Services:
     """Exchange kinds other than ``token`` (:mod:`nixd.server.login.exchange`), by kind."""
     device: DeviceService | None = None
     """Interactive login: ``/api/v1/device/*`` and the ``/device`` pages."""
+    ops: OpsRoutes | None = None
+    """``/healthz``, ``/readyz``, ``/metrics`` (:mod:`nixd.server.http.ops`)."""
 
 
 @dataclass
@@ -205,6 +210,7 @@ class CacheApp:
             request_id=f"{self._request_prefix}{next(self._request_numbers):06x}",
             source_ip=client[0] if client else "",
         )
+        scope["nixd.ctx"] = ctx  # for the access log line (nixd.server.http.ops.Observed)
         path: str = scope["path"]
         as_json = not path.startswith("/cache/")
         try:
@@ -212,6 +218,8 @@ class CacheApp:
                 await self._cache(ctx, scope, receive, send, path[len("/cache/") :])
             elif path.startswith("/api/v1/") or path == "/.well-known/jwks.json":
                 await self._api(ctx, scope, receive, send, path)
+            elif path in OPS_PATHS and self.s.ops is not None:
+                await self.s.ops.handle(scope, send, path)
             elif (path == "/device" or path.startswith("/device/")) and self.s.device:
                 assert self._pages is not None
                 await self._pages.handle(
@@ -225,6 +233,8 @@ class CacheApp:
             else:
                 raise NotFound()
         except Exception as exc:
+            if self.s.ops is not None:
+                count_storage_error(self.s.ops.metrics != "off", exc)
             status, headers, body = into_client(exc, request_id=ctx.request_id, as_json=as_json)
             await _respond(send, status, body, headers, head=scope["method"] == "HEAD")
 

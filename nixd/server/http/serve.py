@@ -53,8 +53,10 @@ from nixd.server.access.tokens import TokenIssuer
 from nixd.server.asgi import Message
 from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp, Services
+from nixd.server.http.ops import Observed, OpsRoutes
 from nixd.server.login.device import DeviceService, RefreshExchanger
 from nixd.server.login.exchangers import open_exchangers
+from nixd.server.metrics import disable_multiprocess, enable_multiprocess
 from nixd.server.storage.db import open_db
 from nixd.server.storage.store import Store
 
@@ -89,6 +91,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
         stack.callback(audit.close)
         device = DeviceService(conn, issuer=issuer, audit=audit, settings=config.device)
         yield Services(
+            ops=OpsRoutes(store, metrics=config.server.metrics),
             store=store,
             credentials=CredentialStore(conn),
             issuer=issuer,
@@ -123,6 +126,11 @@ def run(config: ServerConfig, *, listen: Sequence[str] | None = None, workers: i
     count = workers or config.server.workers
     sockets = listening_sockets(config, listen)
     children: list[int] = []
+    # Several workers count into one directory of value files, made for this run and
+    # removed after it (nixd.server.metrics); one worker counts in memory.
+    values = enable_multiprocess() if count > 1 and config.server.metrics != "off" else None
+    if values is not None:
+        log.info("metrics of %d workers in %s", count, values)
     ready_r, ready_w = os.pipe()
     try:
         for _ in range(count - 1):
@@ -166,6 +174,8 @@ def run(config: ServerConfig, *, listen: Sequence[str] | None = None, workers: i
         for pid in children:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        if values is not None:
+            disable_multiprocess(values)
 
 
 def listening_sockets(config: ServerConfig, listen: Sequence[str] | None) -> list[stdsocket.socket]:
@@ -246,9 +256,12 @@ async def serve(
             LIMITS,
             max_body_bytes=max(LIMITS.max_body_bytes, config.storage.max_upload_bytes + (64 << 20)),
         )
-        front = HttpFront(
-            CacheApp(services), graceful_timeout=config.server.graceful_timeout, limits=limits
-        )
+        app: Any = CacheApp(services)
+        if config.server.metrics != "off" or config.server.access_log:
+            app = Observed(
+                app, metrics=config.server.metrics != "off", access_log=config.server.access_log
+            )
+        front = HttpFront(app, graceful_timeout=config.server.graceful_timeout, limits=limits)
         async with trio.open_nursery() as nursery:
             services.durable_reads = config.audit.durable_reads
             services.background = nursery

@@ -33,12 +33,14 @@ import bz2
 import contextlib
 import errno
 import hashlib
+import logging
 import lzma
 import mmap
 import os
 import sqlite3
 import struct
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +63,8 @@ from nixd.server.storage.db import (
     project_from_row,
     transaction,
 )
+
+log = logging.getLogger(__name__)
 
 STORE_MIGRATIONS: list[Migration] = [
     # 1: NARs, paths, which slices hold them, upload aliases, build logs.
@@ -800,6 +804,33 @@ class Store:
                 self._trust.clear()
             self._trust[org] = cached
         return cached
+
+    def check(self) -> list[str]:
+        """The parts of the storage that do not answer now: [] when ready.
+
+        The readiness hook behind ``/readyz`` (:mod:`nixd.server.http.ops`); every backend
+        implements it for its parts. ``"database"``: a trivial query that must read the
+        database (the schema page), so a database that cannot be read fails it.
+        ``"blobs"``: the blob directory's ``tmp/`` takes a new file and lets it go (what
+        every upload does first), so a missing, moved or read-only blob directory fails
+        it. Causes (paths, errors) are logged here at WARNING and never returned: the
+        answer goes to anyone. Called from a worker thread, so it may block (an SQLite
+        connection serializes its own use).
+        """
+        failed = []
+        try:
+            self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("readiness: the database does not answer: %s", exc)
+            failed.append("database")
+        probe = self.tmp / f"ready-{os.getpid()}-{threading.get_ident()}"
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            log.warning("readiness: the blob directory %s does not answer: %s", self.blobs, exc)
+            failed.append("blobs")
+        return failed
 
     def stats(self) -> dict[str, int]:
         q = self.conn.execute
