@@ -52,9 +52,10 @@ Policy
     policy.Policy.decide`) serves requests and ``nixd-server policy explain``.
 
 Rooms
-    ``http/`` (routes as an ASGI app, the HTTP/1.1 front), ``access/`` (identity, policy,
-    audit, credentials, access tokens, keys), ``login/`` (exchanges: OIDC, AWS, device
-    code, accounts, web pages), ``storage/`` (SQLite metadata and blobs), ``cli/`` (one
-    module per command group). Imports run cli → http → access, login → storage; the
-    room root holds config, errors and the ASGI types that every room shares.
+    ``http/`` (routes as an ASGI app, the HTTP/1.1 front, and ``ops``: health, readiness,
+    metrics and the access log), ``access/`` (identity, policy, audit, credentials, access
+    tokens, keys), ``login/`` (exchanges: OIDC, AWS, device code, accounts, web pages),
+    ``storage/`` (SQLite metadata and blobs), ``cli/`` (one module per command group).
+    Imports run cli → http → access, login → storage; the room root holds config, errors,
+    the metrics every room may count into and the ASGI types that every room shares.
 """

@@ -146,6 +146,7 @@ def test_health_and_readiness_follow_the_blob_directory(
     url = served.url
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{url}/readyz").json() == {"status": "ready"}
+    _, member = server_state.token("acme", "ci", fast=True)  # (admin commands make blobs/)
     blobs = server_state.path / "blobs"
     moved = server_state.path / "blobs.away"
     blobs.rename(moved)
@@ -155,12 +156,21 @@ def test_health_and_readiness_follow_the_blob_directory(
         assert r.json() == {"status": "unready", "failed": ["blobs"]}
         assert str(server_state.path) not in r.text
         assert httpx.get(f"{url}/healthz").status_code == 200  # alive all the same
+        compressed = lzma.compress(b"not even a NAR")
+        nar_url, _ = client_narinfo(HASH_A, b"not even a NAR", compressed)
+        refused = httpx.put(
+            f"{url}/cache/acme/app/{nar_url}",
+            content=compressed,
+            headers={"authorization": f"Bearer {member}"},
+        )
+        assert refused.status_code >= 500, refused.text  # an upload has nowhere to go
     finally:
         moved.rename(blobs)
     assert _wait_for(f"{url}/readyz", 200).json() == {"status": "ready"}
     assert "readiness: the blob directory" in served.log()  # the cause: logged, not answered
     scrape = httpx.get(f"{url}/metrics").text
-    assert 'nixd_server_storage_errors_total{backend="blobs",error="unready"}' in scrape
+    assert _sample(scrape, "nixd_server_storage_errors_total", backend="blobs", error="unready")
+    assert _sample(scrape, "nixd_server_storage_errors_total", backend="blobs", error="failed")
 
 
 # -- metrics ---------------------------------------------------------------------------

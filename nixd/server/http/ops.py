@@ -34,6 +34,12 @@ its query (a token in a query string never reaches the log; non-printable bytes 
 ``\\xNN``; at most 256 bytes, then ``…``), status (``cut`` after it when the connection
 was cut mid-answer), body bytes sent, duration, the identity kind (``-`` before one was
 looked at), the peer address. No header is ever logged, so neither is Authorization.
+
+Measured with ``bench/server_bench.py`` (narinfo hit, 1 worker, durable audit, wrk -c32,
+2,000 paths; CPU-µs per request, interleaved runs): both off 86 and 88, metrics on 84,
+metrics and access log on 97 and 107. The counting (children kept per label set, no
+label lookup) is within the noise; the log line is ~7 µs of :mod:`logging` in
+isolation (record, format, write), which is why it can be turned off.
 """
 
 from __future__ import annotations
