@@ -207,8 +207,15 @@ def test_metrics_count_every_worker_by_route_template(
     assert httpx.get(f"{url}/cache/acme/app/{nar_url[1]}", headers=auth).status_code == 200
     missing = "1" * 32
     assert httpx.get(f"{url}/cache/acme/app/{missing}.narinfo", headers=auth).status_code == 404
-    text = httpx.get(f"{url}/metrics").text
     narinfo = "/cache/{org}/{project}/*.narinfo"
+    # a request is counted just after its answer went out: scrape until the last one is in
+    deadline = time.monotonic() + HANG_GUARD
+    while True:
+        text = httpx.get(f"{url}/metrics").text
+        counted = _sample(text, "nixd_server_request_duration_seconds_count", route=narinfo)
+        if counted >= hits + 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert _sample(text, "nixd_server_requests_total", route=narinfo, status="200") == hits + 2
     assert _sample(text, "nixd_server_requests_total", route=narinfo, status="404") == 1
     assert _sample(text, "nixd_server_requests_total", route=narinfo, method="PUT") == 1
@@ -254,8 +261,16 @@ def test_metrics_off_and_forwarded_requests(server_state: ServerState) -> None:
 # -- access log ------------------------------------------------------------------------
 
 
-def _access_lines(server: ServerProcess) -> list[str]:
-    return [line for line in server.log().splitlines() if "nixd.server.http.access:" in line]
+def _access_lines(server: ServerProcess, *, until: str | None = None) -> list[str]:
+    """The access log lines so far; with ``until``, once one matches it (a line is written
+    just after its answer is sent, so a client can read the answer first)."""
+    deadline = time.monotonic() + HANG_GUARD
+    while True:
+        lines = [line for line in server.log().splitlines() if "nixd.server.http.access:" in line]
+        if until is None or any(re.search(until, line) for line in lines):
+            return lines
+        assert time.monotonic() < deadline, f"no access line matching {until!r}"
+        time.sleep(0.05)
 
 
 def test_access_log_has_no_secret_and_survives_hostile_paths(
@@ -283,7 +298,7 @@ def test_access_log_has_no_secret_and_survives_hostile_paths(
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 ")
     assert httpx.get(f"{url}/healthz").status_code == 200  # still serving
-    lines = _access_lines(served)
+    lines = _access_lines(served, until=r" [0-9a-f]{12} GET /healthz 200 ")
     log = "\n".join(lines)
     assert member not in served.log() and member[5:20] not in served.log()
     assert secret_query not in served.log() and "sekrit-cookie" not in served.log()
@@ -307,5 +322,5 @@ def test_access_log_off(server_state: ServerState) -> None:
         assert httpx.get(f"{server.url}/healthz").status_code == 200
         assert httpx.get(f"{server.url}/metrics").status_code == 200  # metrics still count
     finally:
-        server.close()
+        server.close()  # stopped: every line it would write is written
     assert _access_lines(server) == []
