@@ -21,7 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
+from nixd.errors import NixdError
+from nixd.server.http.serve import _await_workers, _report_ready
 from tests.server.conftest import ServerState
 from tests.serverproc import _ACTIVATE, SERVER_CLI, start_server
 
@@ -144,7 +147,7 @@ def test_socket_activated_ready_then_stopping(
         server.proc.send_signal(signal.SIGTERM)
         stopping = _notifications(notify_socket, "STOPPING=1")
         assert {pid for pid, _ in stopping} == {main}
-        assert server.stop() == 0
+        assert server.proc.wait(HANG_GUARD) == 0  # one SIGTERM is enough, as from systemd
     finally:
         server.close()
 
@@ -161,3 +164,22 @@ def test_a_passed_socket_that_does_not_listen_is_refused(server_state: ServerSta
     assert proc.returncode != 0
     assert "not a listening stream socket" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_first_process_waits_for_every_worker_and_notices_one_that_died() -> None:
+    """The readiness pipe of :func:`nixd.server.http.serve.run`, with real pipes."""
+    r, w = os.pipe()
+    try:
+        trio.run(_report_ready, os.dup(w), [])
+        trio.run(_report_ready, os.dup(w), [])
+        trio.run(_await_workers, r, 2, [])  # two workers reported
+    finally:
+        os.close(r)
+        os.close(w)
+    r, w = os.pipe()
+    try:
+        trio.run(_report_ready, w, [])  # one reports, then the only write end is gone
+        with pytest.raises(NixdError, match="1 of 2 other worker"):
+            trio.run(_await_workers, r, 2, [])
+    finally:
+        os.close(r)
