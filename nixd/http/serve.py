@@ -33,7 +33,11 @@ timeouts, at most 250 ms):
 - a request body gets ``body_idle_timeout`` between reads; a response write that makes
   no progress for as long cuts the connection too. A small body the handler left
   unread is dropped to keep the connection, within ``head_timeout`` in all (and the
-  connection is evictable meanwhile), so trickling an unwanted body holds nothing;
+  connection is evictable meanwhile), so trickling an unwanted body holds nothing; a
+  larger one, or one the client holds back for a ``100 Continue`` it did not get (a
+  refused upload), ends the connection: the answer says ``connection: close`` and the
+  close lingers like a refusal's (below), so neither the leftover body is ever read as a
+  next request nor a reset destroys the answer;
 - while the handler runs (waiting for an upstream, streaming a NAR) there is none.
 
 A refused head (:class:`~nixd.http.errors.BadRequest`) is answered with its status and
@@ -214,6 +218,16 @@ class Request:
         """Bytes of the body not yet received."""
         return self._reader.body_remaining
 
+    @property
+    def body_left_unread(self) -> bool:
+        """Part of the body is unread and will not be dropped to keep the connection: more
+        than ``DISCARD_MAX``, or held back by the client for a ``100 Continue`` it did not
+        get. An answer now ends the connection (and says ``connection: close``)."""
+        remaining = self._reader.body_remaining
+        return remaining > 0 and (
+            remaining > DISCARD_MAX or (self.head.expect_continue and not self._continued)
+        )
+
     async def receive_body(self, max_bytes: int = 1 << 20) -> bytes:
         """The next piece of the body (at most ``max_bytes``); b"" once it is complete.
 
@@ -255,6 +269,7 @@ class Responder:
         "_fd",
         "_head",
         "_remaining",
+        "_request",
         "_server",
         "_sock",
         "_stall",
@@ -281,6 +296,8 @@ class Responder:
         self._head = head
         self._stall = stall_timeout
         self._remaining: int | None = None
+        self._request: Request | None = None
+        """The request answered, while it is handled: its unread body decides keep-alive."""
         self._chunked = False
         self._until_close = False
         self.keep_alive = keep_alive
@@ -303,6 +320,10 @@ class Responder:
         self.status = status
         if self._server is not None and self._server.draining:
             self.keep_alive = False  # a drain began while the request was handled
+        if self._request is not None and self._request.body_left_unread:
+            # Answered before the body was read (a refused upload): the rest of the body
+            # cannot be told from a next request, so the connection ends, and says so.
+            self.keep_alive = False
 
     async def start(self, status: int, headers: Headers, first: bytes = b"") -> None:
         """Send the status line, ``headers`` and (in the same write) ``first`` body bytes.
@@ -837,6 +858,14 @@ class _Exchange:
             server=self.server,
         )
         request._responder = responder
+        responder._request = request
+        try:
+            return await self._run_handler(request, responder)
+        finally:
+            request._responder = responder._request = None  # no cycle left to collect
+
+    async def _run_handler(self, request: Request, responder: Responder) -> bool:
+        head = request.head
         try:
             await self.handler(request, responder)
         except Abort as exc:
@@ -852,22 +881,27 @@ class _Exchange:
             if not responder.started:
                 responder.keep_alive = False
                 await responder.simple(500, b"internal error\n")
+                await self._close_unread()
             return False  # started: cut, so a short body fails instead of a second head
         if not responder.started:
             log.error("no response to %s; answered 500", _show(request.path))
             responder.keep_alive = False
             await responder.simple(500, b"no response\n")
+            await self._close_unread()
             return False
         if not (responder.complete and responder.keep_alive):
+            if responder.complete:
+                await self._close_unread()
             return False
         remaining = self.reader.body_remaining
         if remaining:
             # The handler answered without reading the body: drop a small one to keep
             # the connection in step; close for a large one, or one the client holds
-            # back for a 100 Continue it never got.
+            # back for a 100 Continue it never got (the answer said connection: close).
             # The drop has ``head_timeout`` in all and the connection is evictable
             # meanwhile: a body nobody wants must not hold a connection by trickling.
-            if remaining > DISCARD_MAX or (head.expect_continue and not request._continued):
+            if request.body_left_unread:
+                await self._close_unread()
                 return False
             request._continued = True
             self.conn.busy = False
@@ -877,6 +911,25 @@ class _Exchange:
             if self.reader.body_remaining:
                 return False
         return True
+
+    async def _close_unread(self) -> None:
+        """Before closing with part of a request body unread: shut the write side and
+        drop what the peer still sends for ``Limits.linger`` seconds (at most 1 MiB).
+
+        Closing a socket with unread bytes in its receive queue sends a reset, and a
+        reset can destroy the answer in the peer's queue before it reads it: a client
+        cut mid-upload sees "connection reset" instead of the 507 that says why. A
+        client that got the answer stops sending and closes (curl: "HTTP error before
+        end of send, stop sending"), which ends the wait at once.
+        """
+        if not self.reader.body_remaining:
+            return
+        self.conn.busy = False  # evictable meanwhile
+        try:
+            self.sock.shutdown(stdsocket.SHUT_WR)
+        except OSError:
+            return
+        await _linger(self.sock, self.limits.linger)
 
     async def _refuse(self, exc: BadRequest) -> None:
         """Answer a refused head, then close without losing the answer (see module doc)."""

@@ -33,7 +33,8 @@ with the status it really gets)::
     ├── Throttled                       429 too_many_requests    with Retry-After (sign-in, codes)
     ├── AuditError                      503 audit_unavailable    no line, no answer (access.audit)
     └── StorageFull                     507 insufficient_storage the disk (or quota) is full: the
-                                                                 upload is dropped, Nix retries
+                                                                 upload is dropped, Nix retries;
+                                                                 the message is shown (operational)
 
 Errors that are not ServerErrors are answered by their :mod:`nixd.errors` base (the
 classes in the rooms the server's HTTP layer does not own, and dependencies' errors after
@@ -72,12 +73,16 @@ class ServerError(NixdError):
     ``status`` and ``code`` are class attributes that a subclass (or, where one class has
     several answers, an instance) sets. For a 4xx, ``str(exc)`` is shown to the client;
     a subclass whose message could tell more than the caller may know sets ``detail``,
-    the fixed text shown instead. A 5xx never shows its message.
+    the fixed text shown instead. A 5xx never shows its message, unless the class is
+    ``operational``: a condition of the server's surroundings (a full disk) rather than a
+    fault, whose message says what to fix and holds nothing of anyone's; it is shown, and
+    logged as one WARNING line without a traceback (a traceback would say "bug").
     """
 
     status: int = 500
     code: str = "internal"
     detail: str | None = None
+    operational: bool = False
 
     def headers(self) -> dict[str, str]:
         """Headers the answer needs besides the body's (``Retry-After`` …)."""
@@ -185,6 +190,7 @@ class StorageFull(ServerError):
 
     status = 507
     code = "insufficient_storage"
+    operational = True
 
 
 _FOREIGN: tuple[tuple[type[BaseException], int, str], ...] = (
@@ -211,13 +217,17 @@ def into_client(
     """Map ``exc`` to ``(status, headers, body)`` (the tree in the module docstring).
 
     A 401 carries ``WWW-Authenticate``, so a client knows to log in; a 5xx says only what
-    kind of fault it was and the request id, and the cause is logged here.
+    kind of fault it was and the request id, and the cause is logged here (an
+    ``operational`` one says its message, logged as a WARNING).
     """
     status, code = answer_of(exc)
     headers = exc.headers() if isinstance(exc, ServerError) else {}
     if status == 401:
         headers["www-authenticate"] = WWW_AUTHENTICATE
-    if status >= 500:
+    if status >= 500 and isinstance(exc, ServerError) and exc.operational:
+        message = f"{str(exc) or code.replace('_', ' ')} (request {request_id})"
+        log.warning("request %s failed: %s", request_id, message)
+    elif status >= 500:
         kind = "configuration error" if isinstance(exc, ConfigError) else "internal error"
         if isinstance(exc, ServerError) and status != 500:
             kind = code.replace("_", " ")

@@ -682,7 +682,7 @@ class CacheApp:
         name: str,
     ) -> None:
         if name.startswith("nar/"):
-            nar = await self._receive_nar(receive, project, name)
+            nar = await self._receive_nar(scope, receive, project, name)
             log.info(
                 "stored NAR %s (%d bytes) for %s as %s",
                 nar.nar_hash,
@@ -703,8 +703,13 @@ class CacheApp:
             raise BadUpload(f"{name!r} is not something this cache stores")
         await _respond(send, 200, b"", {"content-type": "text/plain"})
 
-    async def _receive_nar(self, receive: Receive, project: Project, name: str) -> Any:
+    async def _receive_nar(
+        self, scope: Scope, receive: Receive, project: Project, name: str
+    ) -> Any:
         compression = compression_of(name)
+        length = _content_length(scope)
+        if length:
+            self.s.store.check_room(length)  # before the body: see Store.check_room
         checker = self.s.nar_checker() if self.s.nar_checker is not None else None
         ingest = self.s.store.begin_nar(
             compression, max_nar_size=self.s.max_upload_bytes, checker=checker
@@ -946,6 +951,14 @@ async def _json(
         json.dumps(payload).encode(),
         {"content-type": "application/json", "cache-control": "no-store", **(headers or {})},
     )
+
+
+def _content_length(scope: Scope) -> int:
+    """The request's ``Content-Length`` (0 if none; the front has checked its syntax)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() and len(value) <= 20 else 0
+    return 0
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

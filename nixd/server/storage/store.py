@@ -853,6 +853,28 @@ class Store:
             checker=checker,
         )
 
+    def check_room(self, size: int) -> None:
+        """StorageFull now if an upload of ``size`` bytes cannot fit in the free space.
+
+        The stored file's size is known only once it is written, so the body's is the
+        estimate (a recompressed compressed NAR is about its size, an uncompressed one at
+        most). Refusing before the body is read matters to the real client: Nix 2.8 does
+        not rewind its upload when it retries (its read offset stays where the failed
+        attempt stopped), so a retry after a refusal mid-body sends the body's tail, seen
+        as "not valid zstd"; a refusal before ``100 Continue`` leaves it unread, and every
+        retry is refused the same clear way.
+        """
+        try:
+            st = os.statvfs(self.tmp)
+        except OSError:
+            return  # the write will tell
+        free = st.f_bavail * st.f_frsize
+        if size > free:
+            raise StorageFull(
+                f"no room to store the upload: it is {size} bytes and the server's "
+                f"storage has {free} bytes free"
+            )
+
     def commit_nar(
         self,
         ingest: NarIngest,
