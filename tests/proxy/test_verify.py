@@ -16,8 +16,7 @@ import logging
 import lzma
 import os
 import random
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from tests.proxy.conftest import Caches, ProxyEnv, nix_copy, proxy_config, upstr
 from tests.proxy.fakecache import FakeCache, Fault
 from tests.proxy.test_realnix import assert_closure_copied
 from tests.realnix import RealNix
+from tests.smallfs import small_filesystem
 
 MiB = 1 << 20
 KEY = SecretKey.generate("verify-test-1")
@@ -359,23 +359,6 @@ async def test_a_corrupt_nar_streamed_through_is_cut(tmp_path: Path) -> None:
             assert length == len(file) and not complete and got == file[: len(got)]
             assert len(got) == len(file) - 1  # everything but the byte held for the verdict
             assert proxy.handle.status()["passthrough_total"] == 1
-
-
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str, options: str = "") -> Iterator[Path]:
-    """A tmpfs of ``size`` at ``path`` (needs CAP_SYS_ADMIN, as root has)."""
-    path.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(path)],
-        capture_output=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 async def test_a_full_filesystem_streams_through_and_evicts_to_make_room(tmp_path: Path) -> None:
