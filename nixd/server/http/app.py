@@ -35,7 +35,9 @@ nothing about whether the slice exists; the rule goes to the audit log.
 temp file (recompressed as zstd); the narinfo PUT that follows is accepted only if its
 NarHash/NarSize are those of the NAR the same slice uploaded under its URL. Client
 signatures, URL, Compression and FileHash are dropped: the server serves its own file and
-signs with its own keys.
+signs with its own keys. An upload whose ``Content-Length`` exceeds the free space is
+refused 507 before its body is asked for (no ``100 Continue``): Nix 2.8 does not rewind an
+upload it retries, so only a refusal that read none of the body leaves its retries whole.
 
 **Hot path.** Every URL is dispatched by hand (a dozen fixed routes do not need a router,
 and Starlette's per-request middleware stack cost more than the rest of a narinfo answer):

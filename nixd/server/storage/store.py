@@ -25,6 +25,11 @@ The model:
 Reads are small indexed SELECTs on the event loop's own connection (WAL, so writers never
 block them). The CPU-heavy part of an upload (decompress, hash, parse, recompress) runs in a
 worker thread in ~1 MiB batches, so one NAR never sits in memory whole.
+
+A full disk (or quota) is :class:`~nixd.server.errors.StorageFull`, a 507 that says so:
+an upload whose length exceeds the free space is refused before its body is read
+(:meth:`Store.check_room`), one that fills the disk while it is written is dropped with
+its temp file; nothing partial is recorded.
 """
 
 from __future__ import annotations
