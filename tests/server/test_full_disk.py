@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import httpx
 import pytest
 import zstandard
 
+from nixd.server.config import ServerConfig
 from tests.realnix import RealNix
 from tests.server.appenv import make_nar
 from tests.server.conftest import ServerState
@@ -55,6 +57,18 @@ def acme(server_state: ServerState) -> ServerState:
 
 def _stored(blobs: Path) -> list[Path]:
     return sorted(p for p in blobs.rglob("*") if p.is_file())
+
+
+def _rows(state: ServerState) -> tuple[int, int, int]:
+    """(NARs, upload aliases, slice records) in the server's database."""
+    db = sqlite3.connect(ServerConfig.load(state.path).database_path)
+    try:
+        return tuple(  # type: ignore[return-value]
+            db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("nars", "upload_aliases", "slice_records")
+        )
+    finally:
+        db.close()
 
 
 def _no_room_warnings(log: str) -> list[str]:
@@ -90,6 +104,7 @@ def test_nix_copy_to_a_full_disk_says_507_and_keeps_nothing_until_there_is_room(
 
         # Nothing partial: no blob, no temp file, no record; the server serves on.
         assert _stored(small_blobs) == []
+        assert _rows(acme) == (0, 0, 0)
         hash_part = Path(path).name.split("-")[0]
         auth = {"authorization": f"Bearer {writer}"}
         narinfo = httpx.get(f"{server.url}/cache/acme/app/{hash_part}.narinfo", headers=auth)
@@ -104,7 +119,9 @@ def test_nix_copy_to_a_full_disk_says_507_and_keeps_nothing_until_there_is_room(
         r = copy_from(real_nix, f"{server.url}/cache/", net, key, dest, path)
         assert r.returncode == 0, r.stderr.decode(errors="replace")
         assert real_nix.real_path(path, dest).read_bytes() == source.read_bytes()
-        assert [p.parent.name for p in _stored(small_blobs)] != ["tmp"]
+        (blob,) = _stored(small_blobs)  # one blob, no temp file left
+        assert blob.suffix == ".zst" and blob.parent.name != "tmp"
+        assert _rows(acme) == (1, 1, 1)
 
 
 # -- raw sockets ------------------------------------------------------------------------
