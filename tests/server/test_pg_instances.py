@@ -1,0 +1,90 @@
+"""Two ``nixd-server serve`` instances on one PostgreSQL: what one changes, the other
+applies on its very next request.
+
+Each instance has its own state directory (its address file and audit log) with the same
+config and keys (copied, as a deployment would ship them); both use one database and one
+blob directory. An
+API token revoked through instance A's admin command is refused by instance B on the next
+request, both used directly and as the credential behind an exchanged access token;
+an upload to A is served by B.
+"""
+
+from __future__ import annotations
+
+import lzma
+import shutil
+from pathlib import Path
+
+import httpx
+import zstandard
+
+from nixd.nix.narinfo import NarInfo
+from nixd.server.config import CONFIG_NAME
+from tests.server.appenv import HASH_A, client_narinfo, make_nar
+from tests.server.conftest import ServerState, init_state
+from tests.serverproc import running_server
+
+ROUNDS = 8
+
+
+def _statuses(url: str, headers: dict[str, str], path: str) -> set[int]:
+    return {httpx.get(f"{url}{path}", headers=headers).status_code for _ in range(ROUNDS)}
+
+
+def _twins(tmp_path: Path, pg_database: str) -> tuple[ServerState, ServerState]:
+    a = init_state(tmp_path / "a", pg_database)
+    shutil.copytree(
+        a.path, tmp_path / "b", ignore=shutil.ignore_patterns("run", "audit.log*", "blobs")
+    )
+    # Blobs are shared too (here one directory; in a deployment, the bucket).
+    config = tmp_path / "b" / CONFIG_NAME
+    text = config.read_text()
+    assert 'blobs = "blobs"' in text
+    config.write_text(text.replace('blobs = "blobs"', f'blobs = "{a.path / "blobs"}"'))
+    return a, ServerState(tmp_path / "b", a.admin_token, a.public_key)
+
+
+def test_a_revocation_on_one_instance_is_refused_by_the_other(
+    tmp_path: Path, pg_database: str
+) -> None:
+    a, b = _twins(tmp_path, pg_database)
+    a.admin("project", "create", "acme/app")
+    cred_id, api = a.token("acme", "laptop", fast=True)
+    with running_server(a.path) as server_a, running_server(b.path) as server_b:
+        access = httpx.post(
+            f"{server_a.url}/api/v1/token/exchange", json={"kind": "token", "token": api}
+        ).json()["access_token"]
+        bearer = {"authorization": f"Bearer {access}"}
+        direct = {"authorization": f"Bearer {api}"}
+        missing = f"/cache/{'0' * 32}.narinfo"
+        assert _statuses(server_b.url, bearer, "/api/v1/token/status") == {200}
+        assert _statuses(server_b.url, direct, missing) == {404}  # allowed, not there
+        a.cli("token", "revoke", cred_id)
+        assert _statuses(server_b.url, bearer, "/api/v1/token/status") == {401}
+        assert _statuses(server_b.url, direct, missing) == {401}
+        assert _statuses(server_a.url, bearer, "/api/v1/token/status") == {401}
+
+
+def test_an_upload_to_one_instance_is_served_by_the_other(tmp_path: Path, pg_database: str) -> None:
+    a, b = _twins(tmp_path, pg_database)
+    a.admin("project", "create", "acme/app")
+    _, member = a.token("acme", "ci", fast=True)
+    nar = make_nar(tmp_path / "nar", b"shared by two instances\n")
+    compressed = lzma.compress(nar)
+    url, text = client_narinfo(HASH_A, nar, compressed)
+    auth = {"authorization": f"Bearer {member}"}
+    with running_server(a.path) as server_a, running_server(b.path) as server_b:
+        # B has seen the path missing (and may cache that) before A gets it.
+        assert httpx.get(f"{server_b.url}/cache/{HASH_A}.narinfo", headers=auth).status_code == 404
+        r = httpx.put(f"{server_a.url}/cache/acme/app/{url}", content=compressed, headers=auth)
+        assert r.status_code == 200, r.text
+        r = httpx.put(
+            f"{server_a.url}/cache/acme/app/{HASH_A}.narinfo", content=text.encode(), headers=auth
+        )
+        assert r.status_code == 200, r.text
+        got = httpx.get(f"{server_b.url}/cache/{HASH_A}.narinfo", headers=auth)
+        assert got.status_code == 200, got.text
+        served = NarInfo.parse(got.text)
+        nar_got = httpx.get(f"{server_b.url}/cache/{served.url}", headers=auth)
+        assert nar_got.status_code == 200
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(nar_got.content) == nar
