@@ -6,7 +6,7 @@ config and keys (copied, as a deployment would ship them); both use one database
 blob directory. An
 API token revoked through instance A's admin command is refused by instance B on the next
 request, both used directly and as the credential behind an exchanged access token;
-an upload to A is served by B.
+an upload to A is served by B; the real Nix copies a closure to A and from B.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import zstandard
 
 from nixd.nix.narinfo import NarInfo
 from nixd.server.config import CONFIG_NAME
+from tests.realnix import RealNix
 from tests.server.appenv import HASH_A, client_narinfo, make_nar
 from tests.server.conftest import ServerState, init_state
+from tests.server.test_nix_e2e import build_closure, closure, copy_from, copy_to, exchange, netrc
 from tests.serverproc import running_server
 
 ROUNDS = 8
@@ -88,3 +90,31 @@ def test_an_upload_to_one_instance_is_served_by_the_other(tmp_path: Path, pg_dat
         nar_got = httpx.get(f"{server_b.url}/cache/{served.url}", headers=auth)
         assert nar_got.status_code == 200
         assert zstandard.ZstdDecompressor().decompressobj().decompress(nar_got.content) == nar
+
+
+def test_nix_copies_to_one_instance_and_from_the_other(
+    tmp_path: Path, pg_database: str, real_nix: RealNix
+) -> None:
+    a, b = _twins(tmp_path, pg_database)
+    a.admin("project", "create", "acme/app")
+    _, writer = a.token("acme", "ci", fast=True)
+    with running_server(a.path) as server_a, running_server(b.path) as server_b:
+        top = build_closure(real_nix)
+        paths = closure(real_nix, top)
+        up = copy_to(
+            real_nix, f"{server_a.url}/cache/acme/app", netrc(tmp_path / "netrc-w", 0, writer), top
+        )
+        assert up.returncode == 0, up.stderr
+        access = exchange(server_b.url, writer)
+        dest = tmp_path / "dest"
+        down = copy_from(
+            real_nix,
+            f"{server_b.url}/cache/",
+            netrc(tmp_path / "netrc-r", 0, access),
+            a.public_key,
+            dest,
+            top,
+        )
+        assert down.returncode == 0, down.stderr
+        for p in paths:
+            assert real_nix.real_path(p, dest).read_bytes() == real_nix.real_path(p).read_bytes()
