@@ -4,9 +4,11 @@ when the database is newer than the code; and the PostgreSQL connection layer's 
 from __future__ import annotations
 
 import json
+import lzma
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nixd.errors import ConfigError
@@ -14,7 +16,9 @@ from nixd.server.cli.migrate import COMPONENTS
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
 from nixd.server.storage import db
 from nixd.server.storage.sql import placeholders, postgres_ddl
-from tests.serverproc import SERVER_CLI, server_cli
+from tests.server.appenv import HASH_A, client_narinfo, make_nar
+from tests.server.conftest import init_state
+from tests.serverproc import SERVER_CLI, running_server, server_cli
 
 BOTH_BACKENDS = True
 
@@ -112,3 +116,33 @@ def test_a_password_in_the_config_is_refused(tmp_path: Path) -> None:
         render_default(database="postgresql://nixd:hunter2@db.example/nixd")
     with pytest.raises(ConfigError, match="does not belong in the config file"):
         render_default(database="postgresql:///nixd?password=hunter2")
+
+
+def test_a_single_box_moves_to_postgresql(tmp_path: Path, pg_database: str) -> None:
+    """``migrate --copy-from``: the SQLite server's orgs, slices, paths and tokens, on
+    PostgreSQL; the same token reads the same narinfo from a server on the copy."""
+    old = init_state(tmp_path / "old")
+    old.admin("project", "create", "acme/app")
+    _, member = old.token("acme", "ci", fast=True)
+    nar = make_nar(tmp_path / "nar", b"moved house\n")
+    compressed = lzma.compress(nar)
+    url, text = client_narinfo(HASH_A, nar, compressed)
+    auth = {"authorization": f"Bearer {member}"}
+    with running_server(old.path) as server:
+        r = httpx.put(f"{server.url}/cache/acme/app/{url}", content=compressed, headers=auth)
+        assert r.status_code == 200, r.text
+        r = httpx.put(f"{server.url}/cache/acme/app/{HASH_A}.narinfo", content=text, headers=auth)
+        assert r.status_code == 200, r.text
+        before = httpx.get(f"{server.url}/cache/{HASH_A}.narinfo", headers=auth).text
+    config = old.path / CONFIG_NAME
+    config.write_text(config.read_text().replace('"server.db"', f'"{pg_database}"'))
+    out = server_cli("migrate", str(old.path), "--copy-from", str(old.path / "server.db")).stdout
+    assert "slice_records        1" in out and "credentials          2" in out, out
+    with running_server(old.path) as server:
+        after = httpx.get(f"{server.url}/cache/{HASH_A}.narinfo", headers=auth)
+        assert after.status_code == 200 and after.text == before
+        old.admin("project", "create", "acme/new")  # identities continue past the copy
+    again = server_cli(
+        "migrate", str(old.path), "--copy-from", str(old.path / "server.db"), check=False
+    )
+    assert again.returncode != 0 and "not empty" in again.stderr
