@@ -220,20 +220,33 @@ class PgConnection:
         return Rows(rows, cur.rowcount)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
-        """Run one statement (in the thread's transaction if it has one) and fetch its rows."""
+        """Run one statement (in the thread's transaction if it has one) and fetch its rows.
+
+        Outside a transaction, a read that finds its pooled connection broken (the server
+        restarted, a failover) is tried once more on a fresh one; a write is not (it may
+        have committed), and its error goes to the caller.
+        """
         pinned = getattr(self._local, "conn", None)
         if pinned is not None:
             return self._run(pinned, sql, params)
-        try:
-            with self._pool.connection() as conn:
-                rows = self._run(conn, sql, params)
-                if _WRITES.match(sql):
-                    conn.execute("SELECT nextval('nixd_data_version')")
-        except Exception as exc:
-            if _from_driver(exc):
-                raise _mapped(exc) from exc
-            raise
-        return rows
+        write = _WRITES.match(sql) is not None
+        for attempt in range(1 if write else 2):
+            try:
+                with self._pool.connection() as conn:
+                    try:
+                        rows = self._run(conn, sql, params)
+                    except OperationalError:
+                        if write or attempt or not conn.broken:
+                            raise
+                        continue  # the pool drops the broken connection on the way out
+                    if write:
+                        conn.execute("SELECT nextval('nixd_data_version')")
+                    return rows
+            except Exception as exc:
+                if _from_driver(exc):
+                    raise _mapped(exc) from exc
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
         with self.transaction():
