@@ -1,4 +1,4 @@
-"""Content storage of the cache server: NAR blobs on disk, metadata in SQLite.
+"""Content storage of the cache server: NAR blobs on disk, metadata in SQLite or PostgreSQL.
 
 The model:
 
