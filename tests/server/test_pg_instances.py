@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import lzma
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ import zstandard
 
 from nixd.nix.narinfo import NarInfo
 from nixd.server.config import CONFIG_NAME
+from nixd.server.storage import db
 from tests.realnix import RealNix
 from tests.server.appenv import HASH_A, client_narinfo, make_nar
 from tests.server.conftest import ServerState, init_state
@@ -118,3 +120,44 @@ def test_nix_copies_to_one_instance_and_from_the_other(
         assert down.returncode == 0, down.stderr
         for p in paths:
             assert real_nix.real_path(p, dest).read_bytes() == real_nix.real_path(p).read_bytes()
+
+
+def test_the_same_uploads_racing_on_two_instances_end_as_one(
+    tmp_path: Path, pg_database: str
+) -> None:
+    """Each path PUT to both instances at the same moment (NAR, then narinfo): every PUT
+    succeeds, and there is one NAR record, one blob file and one slice record per path."""
+    a, b = _twins(tmp_path, pg_database)
+    a.admin("project", "create", "acme/app")
+    _, member = a.token("acme", "ci", fast=True)
+    auth = {"authorization": f"Bearer {member}"}
+    count = 6
+    uploads = []
+    for n in range(count):
+        nar = make_nar(tmp_path / f"nar{n}", f"raced {n}\n".encode() * 1000)
+        compressed = lzma.compress(nar)
+        hash_part = f"{n:032d}".replace("0", "a")
+        uploads.append((hash_part, compressed, *client_narinfo(hash_part, nar, compressed)))
+    with running_server(a.path) as server_a, running_server(b.path) as server_b:
+
+        def put(target: tuple[str, str, bytes]) -> int:
+            base, path, body = target
+            return httpx.put(f"{base}{path}", content=body, headers=auth, timeout=60).status_code
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for hash_part, compressed, url, text in uploads:
+                nar_put = (f"/cache/acme/app/{url}", compressed)
+                info_put = (f"/cache/acme/app/{hash_part}.narinfo", text.encode())
+                for path, body in (nar_put, info_put):
+                    both = [(server_a.url, path, body), (server_b.url, path, body)]
+                    statuses = list(pool.map(put, both))
+                    assert statuses == [200, 200], (path, statuses)
+    conn = db.open_db(pg_database)
+    try:
+        nars = conn.execute("SELECT count(*) FROM nars").fetchone()[0]
+        records = conn.execute("SELECT count(*) FROM slice_records").fetchone()[0]
+    finally:
+        conn.close()
+    assert (nars, records) == (count, count)
+    assert len(list((a.path / "blobs").glob("*/*.nar.zst"))) == count
+    assert not list((a.path / "blobs" / "tmp").iterdir())
