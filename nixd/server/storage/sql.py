@@ -21,9 +21,15 @@ CONFLICT``, ``RETURNING``, plain types. :class:`PgConnection` offers the part of
   commits use the server's setting.
 - :meth:`PgConnection.data_version` is SQLite's ``PRAGMA data_version`` for PostgreSQL:
   the ``nixd_data_version`` sequence, advanced after every commit (before the committing
-  call returns), read once per request by :meth:`~nixd.server.storage.store.Store.sync`.
-  Every in-process cache keyed on it (narinfo holders, revocations, keys) so sees a
-  commit by any other instance on its next request.
+  call returns) together with a ``NOTIFY nixd_data_version``. Each process LISTENs on a
+  connection of its own, and :meth:`~nixd.server.storage.store.Store.sync` (once per
+  request) reads that connection's socket without blocking: a request costs no round
+  trip unless something was committed, then one. Every in-process cache keyed on the
+  version (narinfo holders, revocations, keys) so sees a commit by any other instance
+  as soon as PostgreSQL delivered the notification — it does so at the commit, so the
+  window is the delivery (well under a millisecond on one host), not a polling period.
+  Without a listening connection (it failed or was cut) every request reads the
+  sequence, which is exact, until a new listener is up.
 
 Errors come out as the :mod:`sqlite3` (DB-API) classes re-exported here —
 :data:`IntegrityError` for a constraint, :data:`OperationalError` for an unreachable
@@ -40,11 +46,14 @@ function by :func:`bootstrap`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import logging
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -63,7 +72,14 @@ LOCK_TIMEOUT_MS = 5_000
 """How long a writer waits for the lock (SQLite's busy timeout): then OperationalError."""
 POOL_MAX = 4
 """Connections per server process: the loop thread and a few worker threads."""
+RELISTEN_S = 5.0
+"""How often a process without a listening connection tries to open one again."""
+_CHANNEL = "nixd_data_version"
+_VERSION = "SELECT last_value FROM nixd_data_version"
+_BUMP = f"SELECT nextval('nixd_data_version'); NOTIFY {_CHANNEL}"
+"""Run after every commit: the version moves, and every listening process hears of it."""
 _savepoints = itertools.count()
+log = logging.getLogger(__name__)
 _WRITES = re.compile(r"\s*(INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER)\b", re.IGNORECASE)
 
 
@@ -202,6 +218,9 @@ class PgConnection:
         except Exception as exc:
             self._pool.close()
             raise _mapped(exc) from exc
+        self._listener: psycopg.Connection[Any] | None = None
+        self._version: int | None = None
+        self._relisten_at = 0.0
 
     @staticmethod
     def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -240,7 +259,7 @@ class PgConnection:
                             raise
                         continue  # the pool drops the broken connection on the way out
                     if write:
-                        conn.execute("SELECT nextval('nixd_data_version')")
+                        conn.execute(_BUMP)
                     return rows
             except Exception as exc:
                 if _from_driver(exc):
@@ -283,20 +302,62 @@ class PgConnection:
                 local.conn = None
                 # The version moves only once the commit is visible, before the caller
                 # is told it is done: a reader seeing the new version sees the change.
-                self._run(conn, "COMMIT; SELECT nextval('nixd_data_version')", ())
+                self._run(conn, f"COMMIT; {_BUMP}", ())
         except Exception as exc:
             if _from_driver(exc):
                 raise _mapped(exc) from exc
             raise
 
     def data_version(self) -> int:
-        """Changes whenever any connection, of any process, committed (see the docstring)."""
-        return int(self.execute("SELECT last_value FROM nixd_data_version").fetchone()[0])
+        """Changes whenever any connection, of any process, committed (see the docstring).
+
+        Read from the database only when a ``nixd_data_version`` notification arrived on
+        the listening connection since the last call (a non-blocking read of its socket,
+        a few µs), or whenever there is no listening connection (then every call is a
+        round trip, and a new listener is tried every :data:`RELISTEN_S` seconds).
+        """
+        if self._listener is not None:
+            try:
+                pgconn = self._listener.pgconn
+                pgconn.consume_input()
+                notified = False
+                while pgconn.notifies() is not None:
+                    notified = True
+                if not notified and self._version is not None:
+                    return self._version
+            except Exception as exc:  # the listener is gone: round trips until it is back
+                if not _from_driver(exc):
+                    raise
+                self._drop_listener()
+        elif time.monotonic() >= self._relisten_at:
+            self._listen()
+        self._version = int(self.execute(_VERSION).fetchone()[0])
+        return self._version
+
+    def _listen(self) -> None:
+        """Open the connection notifications of commits arrive on (LISTEN before reading)."""
+        import psycopg  # noqa: PLC0415
+
+        self._relisten_at = time.monotonic() + RELISTEN_S
+        self._version = None  # read afresh after LISTEN: no commit falls in between
+        try:
+            self._listener = psycopg.connect(self.url, autocommit=True)
+            self._listener.execute(f"LISTEN {_CHANNEL}")
+        except psycopg.Error as exc:
+            log.warning("no change notifications from the database (%s): polling", exc)
+            self._drop_listener()
+
+    def _drop_listener(self) -> None:
+        listener, self._listener, self._version = self._listener, None, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                listener.close()
 
     def commit(self) -> None:
         """Nothing to do: outside :meth:`transaction` every statement commits itself."""
 
     def close(self) -> None:
+        self._drop_listener()
         self._pool.close()
 
 

@@ -636,10 +636,11 @@ class Store:
         """Learn whether another process committed, once per request (PostgreSQL only).
 
         SQLite's :meth:`data_version` costs a memory read, so it is asked afresh each
-        time; PostgreSQL's is a round trip (the ``nixd_data_version`` sequence), read here
-        at the start of each request and answered from memory for the rest of it. A
-        commit acknowledged before the request began is therefore seen by it, on every
-        instance sharing the database.
+        time; PostgreSQL's is asked here at the start of each request and answered from
+        memory for the rest of it. It costs a non-blocking read of the listening
+        connection's socket, and a round trip only when a commit was announced there
+        (:meth:`nixd.server.storage.sql.PgConnection.data_version`), so a commit on any
+        instance is seen by the first request after PostgreSQL delivered its notice.
         """
         if self._pg is not None:
             self._version = self._pg.data_version()
