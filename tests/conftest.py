@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pgcluster import pg_cluster, pg_database  # noqa: F401 - fixtures for every test
 from tests.realnix import RealNix, nix_available
 
 _realnix_passed = 0

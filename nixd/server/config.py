@@ -14,7 +14,11 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     access_log = true               # one line per request (logger nixd.server.http.access)
 
     [storage]
-    database = "server.db"          # SQLite (WAL): narinfos, slices, credentials, keys
+    database = "server.db"          # SQLite (WAL): narinfos, slices, credentials, keys;
+                                    # or PostgreSQL, a libpq URL without a password:
+                                    # "postgresql://nixd@db.example/nixd" or
+                                    # "postgresql:///nixd?host=/run/postgresql" (peer auth);
+                                    # passwords from PGPASSFILE/~/.pgpass or PGPASSWORD
     blobs = "blobs"                 # NAR files, zstd, named by their FileHash
     zstd_level = 3
     max_upload_bytes = 68719476736  # largest NAR (uncompressed) accepted by a PUT
@@ -73,7 +77,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from nixd.errors import ConfigError
 
@@ -201,7 +205,15 @@ class ServerConfig:
 
     @property
     def database_path(self) -> Path:
+        """The SQLite file (meaningless when :attr:`database` is a PostgreSQL URL)."""
         return self.path(self.storage.database)
+
+    @property
+    def database(self) -> str | Path:
+        """What :func:`nixd.server.storage.db.open_db` opens: a PostgreSQL URL or a file."""
+        if self.storage.database.startswith(POSTGRES_SCHEMES):
+            return self.storage.database
+        return self.database_path
 
     @property
     def blobs_path(self) -> Path:
@@ -338,6 +350,23 @@ def _check_url(url: str, where: str) -> None:
     raise ConfigError(f"{where}: must be an https:// URL (plain http only on loopback)")
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _check_database_url(value: str, where: str) -> None:
+    """A PostgreSQL URL must not carry a password: the config file is no place for one."""
+    if not value.startswith(POSTGRES_SCHEMES):
+        return
+    parts = urlsplit(value)
+    query = parse_qs(parts.query)
+    if parts.password is not None or "password" in query:
+        raise ConfigError(
+            f"{where}: a password does not belong in the config file; use a password file "
+            "(PGPASSFILE or ~/.pgpass), PGPASSWORD in the service's environment, or peer "
+            "authentication over a Unix socket (postgresql:///DBNAME?host=/run/postgresql)"
+        )
+
+
 def _check(config: ServerConfig, source: str) -> None:
     if not config.server.listen:
         raise ConfigError(f"{source}:server.listen: needs at least one address")
@@ -353,6 +382,7 @@ def _check(config: ServerConfig, source: str) -> None:
         raise ConfigError(f"{source}:storage.zstd_level: must be between 1 and 22")
     if config.storage.max_upload_bytes <= 0:
         raise ConfigError(f"{source}:storage.max_upload_bytes: must be positive")
+    _check_database_url(config.storage.database, f"{source}:storage.database")
     if config.tokens.access_ttl <= 0:
         raise ConfigError(f"{source}:tokens.access_ttl: must be positive")
     for key in (
@@ -381,9 +411,12 @@ def _check(config: ServerConfig, source: str) -> None:
         raise ConfigError(f"{source}:device.public_url: must be an http(s):// URL")
 
 
-def render_default(listen: str = "127.0.0.1:8080") -> str:
+def render_default(listen: str = "127.0.0.1:8080", *, database: str | None = None) -> str:
     """The config ``nixd-server init`` writes: every key, with its default."""
     d = ServerConfig(state_dir=Path())
+    if database is not None:
+        _check_database_url(database, "--database")
+        d = replace(d, storage=replace(d.storage, database=database))
     return f"""\
 # nixd-server configuration; paths are relative to this directory.
 
@@ -407,6 +440,8 @@ metrics = "{d.server.metrics}"
 access_log = {str(d.server.access_log).lower()}
 
 [storage]
+# SQLite file, or PostgreSQL: "postgresql://USER@HOST/DB" (password from PGPASSFILE,
+# ~/.pgpass or PGPASSWORD, never here) or "postgresql:///DB?host=/run/postgresql"
 database = "{d.storage.database}"
 blobs = "{d.storage.blobs}"
 zstd_level = {d.storage.zstd_level}

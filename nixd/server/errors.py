@@ -46,6 +46,9 @@ translation)::
     ConfigError                         500 configuration_error  never the client's to fix
     StoreError                          500 internal             (storage.store) opening the store
     DatabaseError                       500 internal             (storage.db) the database failed
+    sqlite3.OperationalError            503 database_unavailable the metadata database is out of
+                                                                 reach or locked past its timeout
+                                                                 (either engine: storage.sql)
     PathConflict                        500 internal             (storage.store) the app answers
                                                                  it as Conflict before it gets here
     anything else                       500 internal
@@ -59,6 +62,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 
 from nixd.errors import AuthError, ConfigError, FormatError, NixdError, TokenExpired
 
@@ -198,6 +202,7 @@ _FOREIGN: tuple[tuple[type[BaseException], int, str], ...] = (
     (TokenExpired, 401, "token_expired"),
     (AuthError, 401, "invalid_credential"),
     (ConfigError, 500, "configuration_error"),
+    (sqlite3.OperationalError, 503, "database_unavailable"),
 )
 
 
@@ -229,7 +234,7 @@ def into_client(
         log.warning("request %s failed: %s", request_id, message)
     elif status >= 500:
         kind = "configuration error" if isinstance(exc, ConfigError) else "internal error"
-        if isinstance(exc, ServerError) and status != 500:
+        if (isinstance(exc, ServerError) or status == 503) and status != 500:
             kind = code.replace("_", " ")
         log.error("request %s failed: %s", request_id, kind, exc_info=exc)
         message = f"{kind} (request {request_id})"

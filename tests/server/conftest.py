@@ -1,5 +1,10 @@
 """Fixtures that run the real ``nixd-server`` as a process on loopback.
 
+``metadata`` is the metadata backend a test runs on: ``"sqlite"`` unless its module sets
+``BOTH_BACKENDS = True``, which runs each of its tests that use it (through ``database``,
+``server_state``, ``env`` ...) once on SQLite and once on a fresh PostgreSQL database of
+the session's throwaway cluster (:mod:`tests.pgcluster`).
+
 ``server_state`` is an initialized state directory (org ``acme`` with its admin token);
 ``server`` runs ``nixd-server serve`` on it with the shared launcher
 (:mod:`tests.serverproc`: port 0, the bound URL from the address file, stopped in
@@ -68,11 +73,35 @@ class ServerState:
         return data["id"], data["token"]
 
 
-def init_state(state: Path) -> ServerState:
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "metadata" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_BACKENDS", False):
+        metafunc.parametrize("metadata", BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def metadata(request: pytest.FixtureRequest) -> str:
+    """The metadata backend of this test (see the module docstring)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def database(metadata: str, tmp_path: Path, request: pytest.FixtureRequest) -> str | Path:
+    """What ``open_db`` opens for this test: an SQLite file or a fresh PostgreSQL database."""
+    if metadata == "postgresql":
+        return str(request.getfixturevalue("pg_database"))
+    return tmp_path / "server.db"
+
+
+def init_state(state: Path, database: str | None = None) -> ServerState:
     """``nixd-server init STATE --org acme`` in this process."""
     out = io.StringIO()
+    extra = ["--database", database] if database else []
     with contextlib.redirect_stdout(out):
-        assert cli_main(["init", str(state), "--org", "acme", "--listen", "127.0.0.1:0"]) == 0
+        argv = ["init", str(state), "--org", "acme", "--listen", "127.0.0.1:0", *extra]
+        assert cli_main(argv) == 0
     token = re.search(r"^\s+(nixd_\S+)$", out.getvalue(), re.MULTILINE)
     key = re.search(r"narinfo public key:\s+(\S+)", out.getvalue())
     assert token and key, out.getvalue()
@@ -80,8 +109,8 @@ def init_state(state: Path) -> ServerState:
 
 
 @pytest.fixture
-def server_state(tmp_path: Path) -> ServerState:
-    return init_state(tmp_path / "server")
+def server_state(tmp_path: Path, database: str | Path) -> ServerState:
+    return init_state(tmp_path / "server", database if isinstance(database, str) else None)
 
 
 @pytest.fixture

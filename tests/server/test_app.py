@@ -22,6 +22,8 @@ from nixd.nix.signing import PublicKey
 from nixd.server.access.audit import verify
 from tests.server.appenv import HASH_A, HASH_B, Env, client_narinfo, make_nar, upload
 
+BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
+
 
 @pytest.fixture
 async def uploaded(env: Env, tmp_path: Path) -> AsyncIterator[bytes]:

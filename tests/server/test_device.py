@@ -27,6 +27,8 @@ from nixd.server.login.accounts import hash_password, verify_password
 from nixd.server.login.device import GRANT_TYPE, USER_CODE_ALPHABET, DeviceService
 from tests.server.conftest import ServerState
 
+BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
+
 PASSWORD = "correct horse battery"
 
 

@@ -28,7 +28,7 @@ from nixd.server.access.identity import Identity
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.tokens import TokenIssuer
 from tests.realnix import RealNix
-from tests.server.conftest import ServerState
+from tests.server.conftest import BACKENDS, ServerState
 from tests.serverproc import start_server
 
 CLOSURE = """
@@ -115,6 +115,7 @@ def acme(server_state: ServerState) -> ServerState:
     return server_state
 
 
+@pytest.mark.parametrize("metadata", BACKENDS, indirect=True)  # SQLite and PostgreSQL
 def test_copy_to_slice_and_from_unified(
     acme: ServerState, real_nix: RealNix, tmp_path: Path
 ) -> None:

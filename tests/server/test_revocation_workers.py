@@ -15,6 +15,7 @@ from tests.server.conftest import ServerState
 from tests.serverproc import start_server
 
 ROUNDS = 16
+BOTH_BACKENDS = True  # workers on one SQLite file, and on one PostgreSQL
 
 
 def _statuses(url: str, token: str, path: str) -> set[int]:

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import struct
 import subprocess
+import time
 import weakref
 import zlib
 from collections.abc import Iterator
@@ -25,20 +26,22 @@ import zstandard
 from nixd.nix import base32
 from nixd.nix.nar import NarParser, dump
 from nixd.server.errors import BadUpload, StorageFull, TooLarge, UnsupportedCompression, answer_of
-from nixd.server.storage.db import create_org, create_project, open_db
+from nixd.server.storage.db import Connection, create_org, create_project, open_db
 from nixd.server.storage.store import PathInfo, Store, compression_of
+
+BOTH_BACKENDS = True
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    c = open_db(tmp_path / "server.db")
+def conn(database: str | Path) -> Iterator[Connection]:
+    c = open_db(database)
     create_org(c, "acme")
     yield c
     c.close()
 
 
 @pytest.fixture
-def store(conn: sqlite3.Connection, tmp_path: Path) -> Store:
+def store(conn: Connection, tmp_path: Path) -> Store:
     return Store.open(conn, tmp_path / "blobs")
 
 
@@ -77,7 +80,7 @@ COMPRESS = {
 
 @pytest.mark.parametrize("compression", sorted(COMPRESS))
 def test_ingest_decompresses_hashes_and_stores_zstd(
-    store: Store, conn: sqlite3.Connection, tmp_path: Path, compression: str
+    store: Store, conn: Connection, tmp_path: Path, compression: str
 ) -> None:
     project = create_project(conn, "acme", "app")
     nar = nar_of(tmp_path, b"hello world\n" * 50_000)
@@ -97,7 +100,7 @@ def test_ingest_decompresses_hashes_and_stores_zstd(
     assert not list(store.tmp.iterdir())
 
 
-def test_same_nar_is_stored_once(store: Store, conn: sqlite3.Connection, tmp_path: Path) -> None:
+def test_same_nar_is_stored_once(store: Store, conn: Connection, tmp_path: Path) -> None:
     a = create_project(conn, "acme", "a")
     b = create_project(conn, "acme", "b")
     nar = nar_of(tmp_path, b"same")
@@ -181,7 +184,7 @@ def test_a_bad_lzip_trailer_is_refused(store: Store, tmp_path: Path) -> None:
     ("compress", "method"), [(gzip.compress, "gzip"), (lambda b: b"\x1f\x9d\x90" + b, "compress")]
 )
 def test_a_plain_nar_name_is_told_apart_by_its_first_bytes(
-    store: Store, conn: sqlite3.Connection, tmp_path: Path, compress: Any, method: str
+    store: Store, conn: Connection, tmp_path: Path, compress: Any, method: str
 ) -> None:
     """Nix 2.8 names gzip, lzma and compress uploads ``.nar``: the magic decides."""
     nar = nar_of(tmp_path, b"sniffed\n" * 1000)
@@ -217,9 +220,7 @@ def test_compression_of_names() -> None:
         compression_of("nar/abc.tar")
 
 
-def test_paths_slices_and_dropped_aliases(
-    store: Store, conn: sqlite3.Connection, tmp_path: Path
-) -> None:
+def test_paths_slices_and_dropped_aliases(store: Store, conn: Connection, tmp_path: Path) -> None:
     app = create_project(conn, "acme", "app")
     other = create_project(conn, "acme", "other", public=True)
     ingest = store.begin_nar("none", max_nar_size=1 << 20, checker=None)
@@ -248,8 +249,34 @@ def test_paths_slices_and_dropped_aliases(
 
 
 def test_data_version_sees_every_commit_of_another_connection(
-    store: Store, conn: sqlite3.Connection, tmp_path: Path
+    store: Store, conn: Connection, database: str | Path
 ) -> None:
+    if not isinstance(conn, sqlite3.Connection):
+        # PostgreSQL: every commit is announced (NOTIFY) to each process's listening
+        # connection; a request learns of it from that socket, without a query otherwise.
+        statements: list[str] = []
+        run = conn._run
+        conn._run = lambda c, sql, params: statements.append(sql) or run(c, sql, params)  # type: ignore[method-assign]
+        store.sync()
+        first = store.data_version()
+        before = len(statements)
+        for _ in range(100):
+            store.sync()
+        assert store.data_version() == first and len(statements) == before
+        other = open_db(database)
+        try:
+            seen = {first}
+            for n in range(20):
+                create_org(other, f"org{n}")
+                deadline = time.monotonic() + 30  # a hang guard, not a timing assertion
+                while store.data_version() in seen and time.monotonic() < deadline:
+                    store.sync()  # what each request does first
+                version = store.data_version()
+                assert version not in seen  # every commit of another process is noticed
+                seen.add(version)
+        finally:
+            other.close()
+        return
     pragmas: list[str] = []
     conn.set_trace_callback(lambda sql: pragmas.append(sql) if "data_version" in sql else None)
     first = store.data_version()
@@ -297,7 +324,7 @@ def test_an_ingest_is_freed_once_done(
 
 
 def test_a_full_disk_refuses_the_upload_as_such_and_keeps_nothing(
-    conn: sqlite3.Connection, tmp_path: Path
+    conn: Connection, tmp_path: Path
 ) -> None:
     """ENOSPC while an upload is written is a 507 that says so, not an internal error or
     a complaint about the bytes; the temp file goes, and once there is room the same

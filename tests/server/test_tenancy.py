@@ -28,6 +28,8 @@ from nixd.server.http.serve import open_services
 from tests.server.appenv import HASH_A, HASH_B, Env, make_nar, upload
 from tests.server.conftest import ServerState
 
+BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
+
 EXTRA_POLICY = """
 [[rule]]
 id = "evil-members"

@@ -24,6 +24,8 @@ from nixd.server.login.throttle import Backoff, source_key
 from tests.server.conftest import ServerState
 from tests.server.test_device import PASSWORD, Env, FakeClock, authorize, csrf_of, poll, sign_in
 
+BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
+
 
 @pytest.fixture
 def env(server_state: ServerState) -> Iterator[Env]:

@@ -37,7 +37,7 @@ from types import MappingProxyType
 from nixd.errors import AuthError, ConfigError
 from nixd.server.access.identity import AttributeValue, Identity
 from nixd.server.errors import ServerError
-from nixd.server.storage.db import check_name, get_org, transaction
+from nixd.server.storage.db import Connection, check_name, get_org, transaction
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class CredentialStore:
     ``clock`` returns Unix seconds; tests pass a fake one.
     """
 
-    def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, conn: Connection, *, clock: Callable[[], float] = time.time) -> None:
         self._conn = conn
         self._clock = clock
 

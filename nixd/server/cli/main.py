@@ -29,6 +29,7 @@ from nixd.server.access.credentials import CredentialStore
 from nixd.server.access.identity import KINDS, Identity
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.policy import load_policy
+from nixd.server.cli.migrate import register as register_migrate
 from nixd.server.cli.users import register_cli as register_user_cli
 from nixd.server.cli.views import register as register_view_cli
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
@@ -151,14 +152,14 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError(f"{state / CONFIG_NAME}: already initialized")
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     state.chmod(0o700)
-    (state / CONFIG_NAME).write_text(render_default(args.listen))
+    (state / CONFIG_NAME).write_text(render_default(args.listen, database=args.database))
     config = ServerConfig.load(state)
     policy_text = default_policy(args.org)
     load_policy_text(policy_text, str(config.policy_path))
     config.policy_path.write_text(policy_text)
     key_name = args.key_name or f"{args.org}-cache-1"
     keys = ServerKeys.init(state, key_name)
-    conn = open_db(config.database_path)
+    conn = open_db(config.database)
     try:
         Store.open(conn, config.blobs_path)
         create_org(conn, args.org)
@@ -203,7 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> tuple[ServerConfig, Any]:
     config = ServerConfig.load(args.state_dir)
-    conn = open_db(config.database_path)
+    conn = open_db(config.database)
     Store.open(conn, config.blobs_path)
     return config, conn
 
@@ -354,9 +355,9 @@ def _is_public(config: ServerConfig, resource: str) -> bool:
         org, name = split_slice(resource)
     except ConfigError:
         return False  # a glob or a bare org names no project
-    if not config.database_path.exists():
+    if not isinstance(config.database, str) and not config.database_path.exists():
         return False
-    conn = open_db(config.database_path)
+    conn = open_db(config.database)
     try:
         project = get_project(conn, org, name)
     finally:
@@ -413,7 +414,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def _note_key_change(config: ServerConfig, keyring: str) -> None:
     """Tell running servers (after the file was replaced) to re-read the keys now."""
-    conn = open_db(config.database_path)
+    conn = open_db(config.database)
     try:
         note_key_change(conn, keyring)
     finally:
@@ -496,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org", default="main", help="the first organization (default: main)")
     p.add_argument("--listen", default="127.0.0.1:8080", help="address in config.toml")
     p.add_argument("--key-name", help="narinfo signing key name (default: ORG-cache-1)")
+    p.add_argument(
+        "--database",
+        help="[storage] database: an SQLite file (default server.db) or a PostgreSQL URL "
+        "without a password (postgresql://USER@HOST/DB, postgresql:///DB?host=/SOCKET/DIR)",
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser(
@@ -567,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_org_create)
 
     register_user_cli(sub, _state, _open, _audit)
+    register_migrate(sub, _state)
 
     project = sub.add_parser("project", help="projects (cache slices)").add_subparsers(
         dest="project_command", metavar="ACTION", required=True

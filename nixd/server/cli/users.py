@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 from nixd.errors import ConfigError
 from nixd.server.login.accounts import AccountStore, read_new_password
 from nixd.server.login.device import revoke_refresh
+from nixd.server.storage.db import Connection
 
 
 def register_cli(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     add_state: Callable[[argparse.ArgumentParser], None],
-    open_state: Callable[[argparse.Namespace], tuple[Any, sqlite3.Connection]],
+    open_state: Callable[[argparse.Namespace], tuple[Any, Connection]],
     audit: Callable[..., None],
 ) -> None:
     """``nixd-server user add|disable|logout``; the password never comes from argv."""

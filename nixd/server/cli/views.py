@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 from nixd.errors import ConfigError
 from nixd.server.storage.db import (
+    Connection,
     get_org,
     list_projects,
     org_trust,
@@ -24,11 +24,11 @@ from nixd.server.storage.db import (
     split_slice,
 )
 
-OpenState = Callable[[argparse.Namespace], tuple[Any, sqlite3.Connection]]
+OpenState = Callable[[argparse.Namespace], tuple[Any, Connection]]
 Audit = Callable[..., None]
 
 
-def view_order(conn: sqlite3.Connection, org: str) -> list[dict[str, Any]]:
+def view_order(conn: Connection, org: str) -> list[dict[str, Any]]:
     """The slices ``org``'s view asks, in order (before each reader's own permissions)."""
     if get_org(conn, org) is None:
         raise ConfigError(f"organization {org!r} does not exist")

@@ -216,6 +216,7 @@ class CacheApp:
         path: str = scope["path"]
         as_json = not path.startswith("/cache/")
         try:
+            self.s.store.sync()  # PostgreSQL: other instances' commits (SQLite: nothing)
             if path.startswith("/cache/"):
                 await self._cache(ctx, scope, receive, send, path[len("/cache/") :])
             elif path.startswith("/api/v1/") or path == "/.well-known/jwks.json":

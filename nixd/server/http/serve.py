@@ -75,7 +75,7 @@ body itself, so this is only the framing's ceiling."""
 @contextlib.contextmanager
 def open_services(config: ServerConfig) -> Iterator[Services]:
     """Everything the app needs, opened from the state directory; closed on exit."""
-    conn = open_db(config.database_path)
+    conn = open_db(config.database)
     with contextlib.ExitStack() as stack:
         stack.callback(conn.close)
         store = Store.open(conn, config.blobs_path, zstd_level=config.storage.zstd_level)

@@ -39,7 +39,14 @@ import trio
 from nixd.errors import AuthError, ConfigError
 from nixd.server.access.identity import Identity
 from nixd.server.errors import ServerError
-from nixd.server.storage.db import Migration, check_name, ensure_schema, get_org, transaction
+from nixd.server.storage.db import (
+    Connection,
+    Migration,
+    check_name,
+    ensure_schema,
+    get_org,
+    transaction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +181,7 @@ def _account(row: tuple[object, ...]) -> Account:
 class AccountStore:
     """Accounts in the server database (synchronous, short queries; scrypt off-thread)."""
 
-    def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, conn: Connection, *, clock: Callable[[], float] = time.time) -> None:
         self._conn = conn
         self._clock = clock
         ensure_schema(conn, component="accounts", migrations=MIGRATIONS)
@@ -190,15 +197,15 @@ class AccountStore:
                 found = get_org(self._conn, org)
                 if found is None:
                     raise ConfigError(f"organization {org!r} does not exist")
-                cur = self._conn.execute(
-                    "INSERT INTO accounts (org_id, name, password, created) VALUES (?, ?, ?, ?)",
+                row = self._conn.execute(
+                    "INSERT INTO accounts (org_id, name, password, created) VALUES (?, ?, ?, ?)"
+                    " RETURNING id",
                     (found.id, name, hashed, now),
-                )
+                ).fetchone()
         except sqlite3.IntegrityError as exc:
             raise ConfigError(f"a user named {name!r} already exists") from exc
-        assert cur.lastrowid is not None
         log.info("created user %s in %s", name, org)
-        return Account(cur.lastrowid, org, name, now, None)
+        return Account(int(row[0]), org, name, now, None)
 
     def disabled_names(self) -> set[str]:
         """Names of disabled accounts (their unexpired access tokens are refused at once)."""

@@ -81,7 +81,7 @@ from nixd.server.errors import BadRequest, ServerError, Throttled
 from nixd.server.login.accounts import Account, AccountStore
 from nixd.server.login.exchange import ExchangeRejected
 from nixd.server.login.throttle import Backoff, Throttle, source_key
-from nixd.server.storage.db import Migration, ensure_schema, transaction
+from nixd.server.storage.db import Connection, Migration, ensure_schema, transaction
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class DeviceService:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         *,
         issuer: TokenIssuer,
         audit: AuditLog,
@@ -790,7 +790,7 @@ class RefreshExchanger:
         }
 
 
-def revoke_refresh(conn: sqlite3.Connection, account: Account, *, now: float | None = None) -> int:
+def revoke_refresh(conn: Connection, account: Account, *, now: float | None = None) -> int:
     """Revoke every live refresh credential of ``account`` (``nixd-server user logout``)."""
     ensure_schema(conn, component="device", migrations=MIGRATIONS)
     with transaction(conn, durable=True):

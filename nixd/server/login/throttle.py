@@ -40,12 +40,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
-import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from nixd.server.errors import Throttled
-from nixd.server.storage.db import Migration, ensure_schema, transaction
+from nixd.server.storage.db import Connection, Migration, ensure_schema, transaction
 
 MIGRATIONS: list[Migration] = [
     # 1: failure counts per throttled key.
@@ -100,7 +99,7 @@ def _digest(key: str) -> bytes:
 class Throttle:
     """Failure counts in the server database (synchronous, short statements)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._busy: set[str] = set()
         ensure_schema(conn, component="throttle", migrations=MIGRATIONS)

@@ -60,7 +60,7 @@ from nixd.server.errors import BadRequest, Throttled
 from nixd.server.login.accounts import Account, SignInRejected
 from nixd.server.login.device import DeviceService
 from nixd.server.login.throttle import source_key
-from nixd.server.storage.db import Migration, ensure_schema, transaction
+from nixd.server.storage.db import Migration, ensure_schema, is_sqlite, transaction
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class WebPages:
         with transaction(self._conn):
             # Whoever comes first (several workers start at once) sets the key for all.
             self._conn.execute(
-                "INSERT OR IGNORE INTO web_keys (id, key) VALUES (1, ?)",
+                "INSERT INTO web_keys (id, key) VALUES (1, ?) ON CONFLICT DO NOTHING",
                 (secrets.token_bytes(32),),
             )
         self._key = bytes(self._conn.execute("SELECT key FROM web_keys").fetchone()[0])
@@ -210,11 +210,14 @@ class WebPages:
                 " VALUES (?, ?, ?, ?, ?)",
                 (_hash(sid), csrf, account.id, now, now + SIGNED_IN_TTL),
             )
-            # Each sign-in is a row: keep the newest few per account.
+            # Each sign-in is a row: keep the newest few per account. Among sessions of one
+            # instant the later insert wins: SQLite's rowid, PostgreSQL's row position
+            # (ctid: insertion order in a table that only ever has rows deleted).
+            order = "rowid" if is_sqlite(self._conn) else "ctid"
             self._conn.execute(
-                "DELETE FROM web_sessions WHERE account_id = ? AND id_hash NOT IN"
+                "DELETE FROM web_sessions WHERE account_id = ? AND id_hash NOT IN"  # noqa: S608
                 " (SELECT id_hash FROM web_sessions WHERE account_id = ?"
-                " ORDER BY created DESC, rowid DESC LIMIT ?)",
+                f" ORDER BY created DESC, {order} DESC LIMIT ?)",
                 (account.id, account.id, self.device.settings.sessions_per_account),
             )
         return Session(sid, csrf, account, new=True)

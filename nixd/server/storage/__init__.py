@@ -1,6 +1,11 @@
-"""What the server keeps: metadata in SQLite (:mod:`.db`); blobs and slice records (:mod:`.store`).
+"""What the server keeps: metadata (:mod:`.db`, on SQLite or PostgreSQL through :mod:`.sql`);
+blobs and slice records (:mod:`.store`).
 
 Slice records are per (slice, store path) and never shared; NAR bytes are shared by
 NarHash. Schema changes are append-only migrations applied when the server opens the
-database, so an upgrade needs no separate step.
+database, so an upgrade needs no separate step (``nixd-server migrate`` applies them ahead,
+for several instances on one PostgreSQL). The SQL is written once for both engines; the
+PostgreSQL connection keeps SQLite's semantics (one writer at a time, a data version that
+changes on every commit, seen by every process), so the code above it does not know which
+engine it runs on.
 """

@@ -1,6 +1,8 @@
-"""The cache server's SQLite metadata: connection setup, schema migrations, orgs and projects.
+"""The cache server's metadata: connection setup, schema migrations, orgs and projects.
 
-One database file in the state directory holds all server metadata: organizations,
+One database holds all server metadata — by default an SQLite file in the state
+directory, or a PostgreSQL database (``[storage] database = "postgresql://..."``, through
+:class:`nixd.server.storage.sql.PgConnection`, which runs the same SQL): organizations,
 their projects (the *slices* paths are pushed to), API credentials, and the store's
 narinfo/NAR tables. NAR bytes live in files next to it, never in SQLite.
 
@@ -36,6 +38,17 @@ Migrations
 
     ``PRAGMA user_version`` mirrors the core version so ``sqlite3 server.db 'PRAGMA
     user_version'`` tells an operator what they have.
+
+    On PostgreSQL the same migrations run, with their column types mapped
+    (:func:`nixd.server.storage.sql.postgres_ddl`); a migration that cannot be written
+    for both engines is a :class:`Dialects` pair. The version check and the migrations
+    run in one transaction holding the write lock (an advisory lock), so concurrent
+    ``nixd-server migrate``/``serve`` processes apply each migration exactly once.
+
+SQL
+    Statements are written for both engines: ``?`` placeholders, ``INSERT ... ON
+    CONFLICT``, ``RETURNING``, no ``rowid``/``PRAGMA`` outside SQLite-only code. Constraint
+    violations are caught as :data:`nixd.server.storage.sql.IntegrityError`.
 """
 
 from __future__ import annotations
@@ -50,20 +63,44 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from nixd.errors import ConfigError, NixdError
+from nixd.server.storage.sql import PgConnection, bootstrap, is_postgres, postgres_ddl
 
 log = logging.getLogger(__name__)
 
-Migration = str | Callable[[sqlite3.Connection], None]
-"""An SQL script (several statements allowed) or a function run inside the transaction."""
+Connection: TypeAlias = sqlite3.Connection | PgConnection
+"""An open metadata database: SQLite's connection or the PostgreSQL pool."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dialects:
+    """A migration written separately for each engine (when one text cannot serve both)."""
+
+    sqlite: str | Callable[[Connection], None]
+    postgresql: str | Callable[[Connection], None]
+
+
+Migration = str | Callable[[Connection], None] | Dialects
+"""An SQL script (several statements allowed), a function run inside the transaction, or
+one of each per engine."""
+
+
+def is_sqlite(conn: Connection) -> bool:
+    return isinstance(conn, sqlite3.Connection)
+
+
+def ddl(conn: Connection, script: str) -> str:
+    """``script``'s column types for ``conn``'s engine (unchanged on SQLite)."""
+    return script if isinstance(conn, sqlite3.Connection) else postgres_ddl(script)
+
 
 BUSY_TIMEOUT_MS = 5_000
 _savepoints = itertools.count()
 
 
-def _migrate_tenancy(conn: sqlite3.Connection) -> None:
+def _migrate_tenancy(conn: Connection) -> None:
     """Core migration 2: case-insensitive uniqueness, priorities, org trust lists.
 
     A database that already holds two orgs (or two projects of one org) whose names differ
@@ -73,7 +110,7 @@ def _migrate_tenancy(conn: sqlite3.Connection) -> None:
     """
     for table, group in (("orgs", "lower(name)"), ("projects", "org_id, lower(name)")):
         clash = conn.execute(
-            f"SELECT group_concat(name, ', ') FROM {table} "  # noqa: S608 - fixed names
+            f"SELECT min(name) || ', ' || max(name) FROM {table} "  # noqa: S608 - fixed names
             f"GROUP BY {group} HAVING count(*) > 1"
         ).fetchone()
         if clash:
@@ -83,14 +120,20 @@ def _migrate_tenancy(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE UNIQUE INDEX orgs_name_nocase ON orgs(lower(name))")
     conn.execute("CREATE UNIQUE INDEX projects_name_nocase ON projects(org_id, lower(name))")
     conn.execute(
-        f"ALTER TABLE projects ADD COLUMN priority INTEGER NOT NULL DEFAULT {DEFAULT_PRIORITY}"
+        ddl(
+            conn,
+            f"ALTER TABLE projects ADD COLUMN priority INTEGER NOT NULL DEFAULT {DEFAULT_PRIORITY}",
+        )
     )
     conn.execute(
-        """CREATE TABLE org_trust (
+        ddl(
+            conn,
+            """CREATE TABLE org_trust (
             org_id   INTEGER NOT NULL REFERENCES orgs(id) ON DELETE CASCADE,
             position INTEGER NOT NULL,
             project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
-            PRIMARY KEY (org_id, project_id))"""
+            PRIMARY KEY (org_id, project_id))""",
+        )
     )
 
 
@@ -136,7 +179,7 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
-def note_key_change(conn: sqlite3.Connection, keyring: str) -> None:
+def note_key_change(conn: Connection, keyring: str) -> None:
     """Record that ``keyring``'s file was replaced (``nixd-server key rotate``).
 
     Why in the database: every server process already notices any commit by another
@@ -146,7 +189,8 @@ def note_key_change(conn: sqlite3.Connection, keyring: str) -> None:
     """
     with transaction(conn, durable=True):
         conn.execute(
-            "INSERT OR REPLACE INTO key_changes (keyring, changed) VALUES (?, ?)",
+            "INSERT INTO key_changes (keyring, changed) VALUES (?, ?) "
+            "ON CONFLICT (keyring) DO UPDATE SET changed = excluded.changed",
             (keyring, time.time()),
         )
 
@@ -173,12 +217,16 @@ class DatabaseError(NixdError):
     """The metadata database could not be opened, migrated or written."""
 
 
-def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> sqlite3.Connection:
+def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> Connection:
     """Open (creating if needed, mode 0600) the server database and apply core migrations.
 
-    The file holds credential hashes, so it is created owner-only before SQLite touches
-    it; SQLite gives its ``-wal`` and ``-shm`` files the same mode.
+    ``path`` is an SQLite file, or a PostgreSQL URL (``postgresql://...``; see
+    :func:`open_postgres`). The SQLite file holds credential hashes, so it is created
+    owner-only before SQLite touches it; SQLite gives its ``-wal`` and ``-shm`` files the
+    same mode.
     """
+    if is_postgres(path):
+        return open_postgres(str(path), migrate=migrate)
     where = os.fspath(path)
     try:
         if where != ":memory:":
@@ -211,12 +259,37 @@ def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> sqlite3.Co
     return conn
 
 
+def open_postgres(url: str, *, migrate: bool = True) -> PgConnection:
+    """A pool of connections to the PostgreSQL database ``url``, set up and migrated.
+
+    The URL is libpq's, with no password in it: a password comes from ``PGPASSFILE`` /
+    ``~/.pgpass`` or ``PGPASSWORD``, or none is needed (peer authentication on a Unix
+    socket, certificates).
+    """
+    shown = url.split("?", 1)[0]
+    try:
+        conn = PgConnection(url)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"{shown}: cannot connect to the database: {exc}") from exc
+    try:
+        bootstrap(conn)
+        if migrate:
+            ensure_schema(conn, component="core", migrations=MIGRATIONS)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise DatabaseError(f"{shown}: cannot set up the database: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 CACHE_MIN = 16 << 20
 CACHE_MAX = 256 << 20
 MMAP_MAX = 1 << 30
 
 
-def size_for(conn: sqlite3.Connection, where: str) -> None:
+def size_for(conn: Connection, where: str) -> None:
     """Size SQLite's page cache and memory map for the database it has.
 
     Why: SQLite's default cache is 2 MiB, and a server's database with 50k+ paths is
@@ -237,13 +310,18 @@ def size_for(conn: sqlite3.Connection, where: str) -> None:
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection, *, durable: bool = False) -> Iterator[None]:
+def transaction(conn: Connection, *, durable: bool = False) -> Iterator[None]:
     """Run the block in one write transaction; commit on success, roll back on error.
 
     Nested use becomes a savepoint of the outer transaction. ``durable=True`` fsyncs the
     WAL at this commit (for acknowledged admin changes such as a revocation); it has no
-    effect on a nested block, whose durability is the outer one's.
+    effect on a nested block, whose durability is the outer one's. On PostgreSQL see
+    :meth:`nixd.server.storage.sql.PgConnection.transaction` (same guarantees).
     """
+    if not isinstance(conn, sqlite3.Connection):
+        with conn.transaction(durable=durable):
+            yield
+        return
     if conn.in_transaction:
         name = f"sp_{next(_savepoints)}"
         conn.execute(f"SAVEPOINT {name}")
@@ -270,25 +348,29 @@ def transaction(conn: sqlite3.Connection, *, durable: bool = False) -> Iterator[
             conn.execute("PRAGMA synchronous = NORMAL")
 
 
-def schema_version(conn: sqlite3.Connection, component: str) -> int:
+def schema_version(conn: Connection, component: str) -> int:
     """How many of ``component``'s migrations this database has (0 if none)."""
-    conn.execute(_SCHEMA_VERSIONS)
-    row = conn.execute(
-        "SELECT version FROM schema_versions WHERE component = ?", (component,)
-    ).fetchone()
+    if isinstance(conn, sqlite3.Connection) or conn.in_transaction:
+        conn.execute(_SCHEMA_VERSIONS)  # on PostgreSQL only under the write lock
+    query = "SELECT version FROM schema_versions WHERE component = ?"
+    try:
+        row = conn.execute(query, (component,)).fetchone()
+    except sqlite3.DatabaseError:
+        if isinstance(conn, sqlite3.Connection):
+            raise
+        return 0  # PostgreSQL without the table yet
     return int(row[0]) if row else 0
 
 
-def ensure_schema(
-    conn: sqlite3.Connection, *, component: str, migrations: Sequence[Migration]
-) -> int:
+def ensure_schema(conn: Connection, *, component: str, migrations: Sequence[Migration]) -> int:
     """Apply the migrations of ``component`` the database does not have yet; return the version.
 
     Idempotent and safe against a concurrent process doing the same: the version is
     re-read under the write lock. A database newer than ``migrations`` (a downgrade) is
     refused rather than silently used.
     """
-    conn.execute(_SCHEMA_VERSIONS)
+    if isinstance(conn, sqlite3.Connection):
+        conn.execute(_SCHEMA_VERSIONS)
     if schema_version(conn, component) == len(migrations):
         return len(migrations)  # the common case, without taking the write lock
     with transaction(conn):
@@ -301,9 +383,11 @@ def ensure_schema(
         for number in range(have + 1, len(migrations) + 1):
             log.info("applying %s schema migration %d", component, number)
             migration = migrations[number - 1]
+            if isinstance(migration, Dialects):
+                migration = migration.sqlite if is_sqlite(conn) else migration.postgresql
             try:
                 if isinstance(migration, str):
-                    for statement in _split_sql(migration):
+                    for statement in _split_sql(ddl(conn, migration)):
                         conn.execute(statement)
                 else:
                     migration(conn)
@@ -314,7 +398,7 @@ def ensure_schema(
             "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
             (component, len(migrations)),
         )
-        if component == "core":
+        if component == "core" and is_sqlite(conn):
             conn.execute(f"PRAGMA user_version = {len(migrations)}")
     return len(migrations)
 
@@ -379,13 +463,15 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def create_org(conn: sqlite3.Connection, name: str, *, now: float | None = None) -> Org:
+def create_org(conn: Connection, name: str, *, now: float | None = None) -> Org:
     """Create an organization; ConfigError if the name is invalid or taken."""
     check_name("organization", name)
     created = time.time() if now is None else now
     try:
         with transaction(conn, durable=True):
-            cur = conn.execute("INSERT INTO orgs (name, created) VALUES (?, ?)", (name, created))
+            row = conn.execute(
+                "INSERT INTO orgs (name, created) VALUES (?, ?) RETURNING id", (name, created)
+            ).fetchone()
     except sqlite3.IntegrityError as exc:
         row = conn.execute("SELECT name FROM orgs WHERE lower(name) = lower(?)", (name,)).fetchone()
         taken = row[0] if row else name
@@ -394,22 +480,21 @@ def create_org(conn: sqlite3.Connection, name: str, *, now: float | None = None)
             if taken == name
             else f"organization {name!r} would differ from {taken!r} only by case"
         ) from exc
-    assert cur.lastrowid is not None
-    return Org(cur.lastrowid, name, created)
+    return Org(int(row[0]), name, created)
 
 
-def get_org(conn: sqlite3.Connection, name: str) -> Org | None:
+def get_org(conn: Connection, name: str) -> Org | None:
     row = conn.execute("SELECT id, name, created FROM orgs WHERE name = ?", (name,)).fetchone()
     return Org(row[0], row[1], row[2]) if row else None
 
 
-def list_orgs(conn: sqlite3.Connection) -> list[Org]:
+def list_orgs(conn: Connection) -> list[Org]:
     rows = conn.execute("SELECT id, name, created FROM orgs ORDER BY name").fetchall()
     return [Org(r[0], r[1], r[2]) for r in rows]
 
 
 def create_project(
-    conn: sqlite3.Connection,
+    conn: Connection,
     org: str,
     name: str,
     *,
@@ -426,16 +511,16 @@ def create_project(
             found = get_org(conn, org)
             if found is None:
                 raise ConfigError(f"organization {org!r} does not exist")
-            cur = conn.execute(
-                "INSERT INTO projects (org_id, name, public, created) VALUES (?, ?, ?, ?)",
+            row = conn.execute(
+                "INSERT INTO projects (org_id, name, public, created) VALUES (?, ?, ?, ?) "
+                "RETURNING id",
                 (found.id, name, int(public), created),
-            )
+            ).fetchone()
     except sqlite3.IntegrityError as exc:
         raise ConfigError(
             f"project {org}/{name} already exists (project names are compared ignoring case)"
         ) from exc
-    assert cur.lastrowid is not None
-    return Project(cur.lastrowid, org, name, public, created)
+    return Project(int(row[0]), org, name, public, created)
 
 
 _PROJECT_SELECT = (
@@ -450,12 +535,12 @@ def project_from_row(row: Sequence[Any]) -> Project:
     return Project(int(pid), str(org), str(name), bool(public), float(created), int(priority))
 
 
-def get_project(conn: sqlite3.Connection, org: str, name: str) -> Project | None:
+def get_project(conn: Connection, org: str, name: str) -> Project | None:
     row = conn.execute(f"{_PROJECT_SELECT} WHERE o.name = ? AND p.name = ?", (org, name)).fetchone()
     return project_from_row(row) if row else None
 
 
-def list_projects(conn: sqlite3.Connection, org: str | None = None) -> list[Project]:
+def list_projects(conn: Connection, org: str | None = None) -> list[Project]:
     if org is None:
         rows = conn.execute(f"{_PROJECT_SELECT} ORDER BY o.name, p.name").fetchall()
     else:
@@ -465,7 +550,7 @@ def list_projects(conn: sqlite3.Connection, org: str | None = None) -> list[Proj
     return [project_from_row(r) for r in rows]
 
 
-def set_project_public(conn: sqlite3.Connection, org: str, name: str, public: bool) -> Project:
+def set_project_public(conn: Connection, org: str, name: str, public: bool) -> Project:
     """Mark a project readable by anyone (or not); ConfigError if it does not exist."""
     with transaction(conn, durable=True):
         conn.execute(
@@ -479,7 +564,7 @@ def set_project_public(conn: sqlite3.Connection, org: str, name: str, public: bo
     return project
 
 
-def set_project_priority(conn: sqlite3.Connection, org: str, name: str, priority: int) -> Project:
+def set_project_priority(conn: Connection, org: str, name: str, priority: int) -> Project:
     """Set a slice's place in its org's unified view (lower first); ConfigError if absent."""
     if not 0 <= priority <= 1_000_000:
         raise ConfigError(f"priority {priority} is outside 0..1000000")
@@ -495,7 +580,7 @@ def set_project_priority(conn: sqlite3.Connection, org: str, name: str, priority
     return project
 
 
-def org_trust(conn: sqlite3.Connection, org: str) -> list[Project]:
+def org_trust(conn: Connection, org: str) -> list[Project]:
     """The other organizations' slices ``org`` opted in to, in the order they are asked."""
     rows = conn.execute(
         f"{_PROJECT_SELECT} JOIN org_trust t ON t.project_id = p.id "  # noqa: S608
@@ -505,7 +590,7 @@ def org_trust(conn: sqlite3.Connection, org: str) -> list[Project]:
     return [project_from_row(r) for r in rows]
 
 
-def set_org_trust(conn: sqlite3.Connection, org: str, slices: Sequence[str]) -> list[Project]:
+def set_org_trust(conn: Connection, org: str, slices: Sequence[str]) -> list[Project]:
     """Replace ``org``'s trust list with ``slices`` (``other/project``, asked in this order).
 
     Only slices of other organizations belong here (an org's own slices are always asked
@@ -523,7 +608,8 @@ def set_org_trust(conn: sqlite3.Connection, org: str, slices: Sequence[str]) -> 
             if project.org == found.name:
                 raise ConfigError(f"{slice_name} is {org}'s own: own slices are always trusted")
             conn.execute(
-                "INSERT OR IGNORE INTO org_trust (org_id, position, project_id) VALUES (?, ?, ?)",
+                "INSERT INTO org_trust (org_id, position, project_id) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 (found.id, position, project.id),
             )
     return org_trust(conn, org)

@@ -1,4 +1,4 @@
-"""Content storage of the cache server: NAR blobs on disk, metadata in SQLite.
+"""Content storage of the cache server: NAR blobs on disk, metadata in SQLite or PostgreSQL.
 
 The model:
 
@@ -60,6 +60,7 @@ from nixd.nix import base32
 from nixd.nix.hashes import Hash
 from nixd.server.errors import BadUpload, StorageFull, TooLarge, UnsupportedCompression
 from nixd.server.storage.db import (
+    Connection,
     Migration,
     Project,
     ensure_schema,
@@ -627,8 +628,9 @@ class Store:
     Orgs and projects are :mod:`nixd.server.storage.db`'s; this class adds what slices hold.
     """
 
-    def __init__(self, conn: sqlite3.Connection, blobs: Path, *, zstd_level: int = 3) -> None:
+    def __init__(self, conn: Connection, blobs: Path, *, zstd_level: int = 3) -> None:
         self.conn = conn
+        self._pg = None if isinstance(conn, sqlite3.Connection) else conn
         self.blobs = blobs
         self.tmp = blobs / "tmp"
         self.zstd_level = zstd_level
@@ -637,7 +639,20 @@ class Store:
         self._data_version = -1
         self._version = -1
         self._wal_seen = b""
-        self._wal_index = _map_wal_index(conn)
+        self._wal_index = _map_wal_index(conn) if isinstance(conn, sqlite3.Connection) else None
+
+    def sync(self) -> None:
+        """Learn whether another process committed, once per request (PostgreSQL only).
+
+        SQLite's :meth:`data_version` costs a memory read, so it is asked afresh each
+        time; PostgreSQL's is asked here at the start of each request and answered from
+        memory for the rest of it. It costs a non-blocking read of the listening
+        connection's socket, and a round trip only when a commit was announced there
+        (:meth:`nixd.server.storage.sql.PgConnection.data_version`), so a commit on any
+        instance is seen by the first request after PostgreSQL delivered its notice.
+        """
+        if self._pg is not None:
+            self._version = self._pg.data_version()
 
     def data_version(self) -> int:
         """Changes whenever another connection (e.g. an admin command) commits.
@@ -645,7 +660,8 @@ class Store:
         Asked of SQLite (``PRAGMA data_version``: a read transaction, three system calls)
         only when the wal-index header in ``<db>-shm`` changed since the last time; reading
         it is a memory access. The header is read before the pragma, so a commit racing
-        with the check changes the header again and is seen by the next call.
+        with the check changes the header again and is seen by the next call. On
+        PostgreSQL: the version :meth:`sync` last read.
         """
         index = self._wal_index
         if index is not None:
@@ -653,6 +669,10 @@ class Store:
             if header == self._wal_seen:
                 return self._version
             self._wal_seen = header
+        elif self._pg is not None:
+            if self._version < 0:
+                self.sync()
+            return self._version
         self._version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
         return self._version
 
@@ -670,7 +690,7 @@ class Store:
         self._trust.clear()
 
     @classmethod
-    def open(cls, conn: sqlite3.Connection, blobs: Path, *, zstd_level: int = 3) -> Store:
+    def open(cls, conn: Connection, blobs: Path, *, zstd_level: int = 3) -> Store:
         """Use ``conn`` (from :func:`nixd.server.storage.db.open_db`); create the store's tables."""
         try:
             blobs.mkdir(parents=True, exist_ok=True)
@@ -840,9 +860,9 @@ class Store:
     def stats(self) -> dict[str, int]:
         q = self.conn.execute
         return {
-            "nars": q("SELECT count(*) FROM nars").fetchone()[0],
-            "paths": q("SELECT count(*) FROM slice_records").fetchone()[0],
-            "bytes": q("SELECT coalesce(sum(file_size), 0) FROM nars").fetchone()[0],
+            "nars": int(q("SELECT count(*) FROM nars").fetchone()[0]),
+            "paths": int(q("SELECT count(*) FROM slice_records").fetchone()[0]),
+            "bytes": int(q("SELECT coalesce(sum(file_size), 0) FROM nars").fetchone()[0]),
         }
 
     # -- writes -------------------------------------------------------------------------
@@ -905,13 +925,14 @@ class Store:
         now = time.time()
         with transaction(self.conn):
             self.conn.execute(
-                "INSERT OR IGNORE INTO nars(nar_hash, nar_size, file_hash, file_size, created) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO nars(nar_hash, nar_size, file_hash, file_size, created) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (key, nar_size, file_hash, file_size, now),
             )
             self.conn.execute(
-                "INSERT OR REPLACE INTO upload_aliases(project_id, url, nar_hash, created) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT INTO upload_aliases(project_id, url, nar_hash, created) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (project_id, url) DO UPDATE SET "
+                "nar_hash = excluded.nar_hash, created = excluded.created",
                 (project.id, url, key, now),
             )
         return self.nar_by_hash(key) or Nar(key, nar_size, file_hash, file_size)
@@ -937,9 +958,13 @@ class Store:
                     "replace it, which needs cache:admin on the slice"
                 )
             self.conn.execute(
-                "INSERT OR REPLACE INTO slice_records (project_id, hash_part, name, nar_hash, "
+                "INSERT INTO slice_records (project_id, hash_part, name, nar_hash, "
                 "refs, deriver, system, ca, uploader, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (project_id, hash_part) DO UPDATE SET name = excluded.name, "
+                "nar_hash = excluded.nar_hash, refs = excluded.refs, "
+                "deriver = excluded.deriver, system = excluded.system, ca = excluded.ca, "
+                "uploader = excluded.uploader, created = excluded.created",
                 (
                     project.id,
                     info.hash_part,
