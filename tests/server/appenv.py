@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import lzma
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import zstandard
 
 from nixd.nix import base32
 from nixd.nix.hashes import Hash
@@ -61,6 +63,13 @@ def make_nar(tmp: Path, content: bytes) -> bytes:
     return b"".join(dump(tmp / "data"))
 
 
+COMPRESSORS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+    "xz": ("xz", lzma.compress),
+    "zstd": ("zst", zstandard.ZstdCompressor().compress),
+}
+"""Compression name -> (NAR file extension, compressor) for the uploads tests make."""
+
+
 def client_narinfo(
     hash_part: str,
     nar: bytes,
@@ -68,14 +77,15 @@ def client_narinfo(
     *,
     refs: tuple[str, ...] = (),
     nar_hash: bytes | None = None,
+    compression: str = "xz",
 ) -> tuple[str, str]:
-    """(NAR URL, narinfo text) as `nix copy --to` would upload them (xz)."""
+    """(NAR URL, narinfo text) as `nix copy --to` would upload them (xz unless told)."""
     file_hash = base32.encode(hashlib.sha256(compressed).digest())
-    url = f"nar/{file_hash}.nar.xz"
+    url = f"nar/{file_hash}.nar.{COMPRESSORS[compression][0]}"
     info = NarInfo(
         store_path=StorePath(hash_part, "hello"),
         url=url,
-        compression="xz",
+        compression=compression,
         file_hash=Hash("sha256", hashlib.sha256(compressed).digest()),
         file_size=len(compressed),
         nar_hash=Hash("sha256", nar_hash or hashlib.sha256(nar).digest()),
@@ -90,10 +100,19 @@ def client_narinfo(
 
 
 async def upload(
-    c: httpx.AsyncClient, slice_: str, hash_part: str, nar: bytes, **kw: object
+    c: httpx.AsyncClient,
+    slice_: str,
+    hash_part: str,
+    nar: bytes,
+    *,
+    compression: str = "xz",
+    **kw: object,
 ) -> httpx.Response:
-    compressed = lzma.compress(nar)
-    url, text = client_narinfo(hash_part, nar, compressed, **kw)  # type: ignore[arg-type]
+    """The NAR, then its narinfo, as `nix copy --to '...?compression=...'` uploads them."""
+    compressed = COMPRESSORS[compression][1](nar)
+    url, text = client_narinfo(  # type: ignore[arg-type]
+        hash_part, nar, compressed, compression=compression, **kw
+    )
     r = await c.put(
         f"/cache/{slice_}/{url}",
         content=compressed,

@@ -19,13 +19,9 @@ import os
 from pathlib import Path
 
 import pytest
-import zstandard
 
 from nixd.nix import base32
-from nixd.nix.hashes import Hash
-from nixd.nix.narinfo import NarInfo
-from nixd.nix.storepath import StorePath
-from tests.server.appenv import Env, make_nar
+from tests.server.appenv import Env, make_nar, upload
 
 UPLOADS = 200
 WARMUP = 20
@@ -43,36 +39,9 @@ def resident() -> int:
 async def upload_zstd(env: Env, tmp_path: Path, i: int) -> None:
     """One upload as ``nix copy --to '...?compression=zstd'`` makes it: NAR, then narinfo."""
     nar = make_nar(tmp_path / "nar", i.to_bytes(4, "big") + os.urandom(2048) + b"x" * 30_000)
-    file = zstandard.ZstdCompressor().compress(nar)
-    file_hash = hashlib.sha256(file).digest()
-    url = f"nar/{base32.encode(file_hash)}.nar.zst"
     hash_part = base32.encode(hashlib.sha256(b"path %d" % i).digest()[:20])
-    info = NarInfo(
-        store_path=StorePath(hash_part, f"upload-{i}"),
-        url=url,
-        compression="zstd",
-        file_hash=Hash("sha256", file_hash),
-        file_size=len(file),
-        nar_hash=Hash("sha256", hashlib.sha256(nar).digest()),
-        nar_size=len(nar),
-        references=(),
-        deriver=None,
-        system="x86_64-linux",
-        sigs=(),
-        ca=None,
-    )
     async with env.client(auth=env.member) as c:
-        r = await c.put(
-            f"/cache/acme/app/{url}",
-            content=file,
-            headers={"content-type": "application/x-nix-nar"},
-        )
-        assert r.status_code == 200, r.text
-        r = await c.put(
-            f"/cache/acme/app/{hash_part}.narinfo",
-            content=info.render().encode(),
-            headers={"content-type": "text/x-nix-narinfo"},
-        )
+        r = await upload(c, "acme/app", hash_part, nar, compression="zstd")
         assert r.status_code == 200, r.text
 
 
