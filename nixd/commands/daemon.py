@@ -99,7 +99,8 @@ def restart(args: argparse.Namespace) -> int:
             )
             return 0
         if now.get("restart_refusals") != before.get("restart_refusals"):
-            print(f"nixd: {now.get('last_error')}; the daemon keeps running", file=sys.stderr)
+            why = now.get("restart_error") or now.get("last_error")
+            print(f"nixd: {why}; the daemon keeps running", file=sys.stderr)
             return exitcodes.FAILURE
     print(f"nixd: the daemon (pid {pid}) did not restart; see its log", file=sys.stderr)
     return exitcodes.FAILURE

@@ -112,6 +112,9 @@ class Daemon:
         self.nix_problem: str | None = None
         """Why Nix does not use nixd's settings, with what to do; None when it does."""
         self.restart_refusals = 0
+        # why the last restart in place was refused: kept apart from last_error, which
+        # the config watcher may overwrite before ``nixd daemon --restart`` reads it
+        self.restart_error: str | None = None
         """In-place restarts refused (SIGUSR2 with a config or command that would not
         start); ``nixd daemon --restart`` watches it to stop waiting."""
         self.started_at = time.time()
@@ -383,6 +386,7 @@ class Daemon:
             "pid": os.getpid(),
             "generation": handoff.generation(),
             "restart_refusals": self.restart_refusals,
+            "restart_error": self.restart_error,
             "config": c.path,
             "started_at": self.started_at,
             "logged_in": state is not None,
@@ -699,7 +703,8 @@ async def _prepare_handoff(
         return handoff.prepare(named, handoff.restart_command())
     except (ConfigError, OSError) as exc:
         daemon.restart_refusals += 1
-        daemon.last_error = f"restart in place refused: {exc}"
+        daemon.restart_error = f"restart in place refused: {exc}"
+        daemon.last_error = daemon.restart_error
         log.error("restart in place refused, still running: %s", exc)
         return None
 

@@ -168,6 +168,7 @@ async def test_restart_in_place_refused_when_the_config_is_broken(
     await daemon.wait_log("restart in place refused, still running")
     data = await status(daemon.socket)
     assert data["generation"] == 0 and data["restart_refusals"] == 1
+    assert data["restart_error"].startswith("restart in place refused: ")
     daemon.process.send_signal(signal.SIGUSR2)  # the signal itself, the same way
     await daemon.wait_log("restart in place refused, still running", count=2)
     assert (await status(daemon.socket))["restart_refusals"] == 2

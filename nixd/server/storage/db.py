@@ -241,15 +241,7 @@ def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> Connection
     except (OSError, sqlite3.Error) as exc:
         raise DatabaseError(f"{where}: cannot open the database: {exc}") from exc
     try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal" and where != ":memory:":
-            raise DatabaseError(f"{where}: SQLite refused WAL mode (got {mode!r})")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        size_for(conn, where)
-        if migrate:
-            ensure_schema(conn, component="core", migrations=MIGRATIONS)
+        _retry_while_busy(conn, lambda: _set_up(conn, where, migrate=migrate))
     except sqlite3.Error as exc:
         conn.close()
         raise DatabaseError(f"{where}: cannot set up the database: {exc}") from exc
@@ -257,6 +249,44 @@ def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> Connection
         conn.close()
         raise
     return conn
+
+
+def _set_up(conn: sqlite3.Connection, where: str, *, migrate: bool) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal" and where != ":memory:":
+        raise DatabaseError(f"{where}: SQLite refused WAL mode (got {mode!r})")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    size_for(conn, where)
+    if migrate:
+        ensure_schema(conn, component="core", migrations=MIGRATIONS)
+
+
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def _retry_while_busy(conn: sqlite3.Connection, step: Callable[[], None]) -> None:
+    """Run ``step`` (idempotent), again while SQLite says busy, for up to the busy timeout.
+
+    Why: the busy handler does not cover every first-open race. Switching a new file to
+    WAL needs an exclusive lock that SQLite does not wait for, and a statement that read
+    an older snapshot cannot upgrade to a write (``SQLITE_BUSY_SNAPSHOT``), so several
+    processes creating one database at once saw "database is locked" at once. Every step
+    of the set-up is idempotent (pragmas; migrations re-read the version under the lock).
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is None or code & 0xFF not in _BUSY or time.monotonic() > deadline:
+                raise
+            if conn.in_transaction:
+                conn.rollback()
+            time.sleep(0.02)
 
 
 def open_postgres(url: str, *, migrate: bool = True) -> PgConnection:
