@@ -7,6 +7,7 @@
 #
 #   sudo packaging/install.sh                  # from this source tree
 #   sudo packaging/install.sh --wheel nixd-0.1.0-py3-none-any.whl --extras aws
+#   sudo packaging/install.sh --server --extras postgres,s3   # the cache server's units too
 #   sudo packaging/install.sh --uninstall      # config and state stay
 #
 # Run with --help for every option.
@@ -26,6 +27,7 @@ PYTHON="${PYTHON:-python3}"
 DRY_RUN=0
 UNINSTALL=0
 START=1
+SERVER=0
 PIP_ARGS=()
 
 usage() {
@@ -37,7 +39,12 @@ default config. Needs root, except with --root or --dry-run.
 
   --source DIR     build nixd from this source tree (default: $TREE)
   --wheel FILE     install this wheel instead of building one
-  --extras LIST    optional dependency groups to install too, comma-separated (e.g. aws)
+  --extras LIST    optional dependency groups to install too, comma-separated: aws,
+                   postgres (PostgreSQL metadata), s3 (S3 blobs)
+  --server         also install the cache server's units (nixd-server.socket and
+                   .service, Linux only), make its system user nixd-server and its
+                   state directory /var/lib/nixd-server; it is started only once that
+                   directory holds a server (nixd-server init), and restarted on upgrade
   --python PATH    the Python (3.11 or later) for the virtualenv (default: python3)
   --prefix DIR     the virtualenv (default: /opt/nixd)
   --bindir DIR     where the nixd and nixd-server links go (default: /usr/local/bin)
@@ -92,6 +99,7 @@ while (($#)); do
     --pip-arg) PIP_ARGS+=("${2:?--pip-arg needs an argument}") && shift ;;
     --pip-arg=*) PIP_ARGS+=("${1#*=}") ;;
     --no-start) START=0 ;;
+    --server) SERVER=1 ;;
     --dry-run) DRY_RUN=1 ;;
     --uninstall) UNINSTALL=1 ;;
     -h | --help) usage && exit 0 ;;
@@ -119,6 +127,9 @@ Linux) OS=linux ;;
 Darwin) OS=macos ;;
 *) die "$(uname -s) is not supported: this script knows Debian/Ubuntu and macOS" ;;
 esac
+if ((SERVER)) && [ "$OS" != linux ]; then
+    die "--server installs systemd units: Linux only (on macOS run nixd-server serve yourself)"
+fi
 if [ "$OS" = linux ] && ((!UNINSTALL)); then
     if ! grep -qsE '^(ID|ID_LIKE)=.*(debian|ubuntu)' /etc/os-release; then
         warn "this is not Debian or Ubuntu; going on, but only those are tested"
@@ -135,6 +146,8 @@ CONF="$ROOT/etc/nixd/config.toml"
 if [ "$OS" = linux ]; then
     UNITDIR="$ROOT/etc/systemd/system"
     UNITS=(nixd.socket nixd-proxy.socket nixd.service)
+    SERVER_UNITS=(nixd-server.socket nixd-server.service)
+    SERVER_STATE="$ROOT/var/lib/nixd-server"
 else
     PLIST="$ROOT/Library/LaunchDaemons/org.nixd.daemon.plist"
 fi
@@ -153,10 +166,14 @@ uninstall() {
             warn "nixd logout failed: remove nixd's !include line from /etc/nix/nix.conf by hand"
     fi
     if [ "$OS" = linux ]; then
-        if ((START)) && systemd_running; then
-            run systemctl disable --now "${UNITS[@]}" || warn "systemctl disable failed (units not loaded?)"
+        local present=()
+        for u in "${UNITS[@]}" "${SERVER_UNITS[@]}"; do
+            if [ -e "$UNITDIR/$u" ]; then present+=("$u"); fi
+        done
+        if ((START)) && systemd_running && ((${#present[@]})); then
+            run systemctl disable --now "${present[@]}" || warn "systemctl disable failed (units not loaded?)"
         fi
-        for u in "${UNITS[@]}"; do
+        for u in "${UNITS[@]}" "${SERVER_UNITS[@]}"; do
             if [ -e "$UNITDIR/$u" ]; then
                 run rm -f "$UNITDIR/$u" && removed=1 && did "removed $UNITDIR/$u"
             fi
@@ -188,7 +205,7 @@ uninstall() {
         fi
     fi
     ((removed)) || say "nothing to remove: nixd is not installed here"
-    say "kept $ROOT/etc/nixd (config) and the state in $ROOT/var/lib/nixd, $ROOT/var/cache/nixd; remove them by hand if you want"
+    say "kept $ROOT/etc/nixd (config) and the state in $ROOT/var/lib/nixd, $ROOT/var/cache/nixd (and a server's in $ROOT/var/lib/nixd-server, with its user nixd-server); remove them by hand if you want"
 }
 
 if ((UNINSTALL)); then
@@ -222,6 +239,7 @@ else
 fi
 [ -f "$FILES/packaging/config.toml" ] || die "$FILES/packaging/config.toml is missing"
 if [ "$OS" = linux ]; then
+    if ((SERVER)); then UNITS+=("${SERVER_UNITS[@]}"); fi
     for u in "${UNITS[@]}"; do
         [ -f "$FILES/systemd/$u" ] || die "$FILES/systemd/$u is missing"
     done
@@ -311,9 +329,26 @@ install_file() { # SOURCE-TEXT-FILE DEST MODE
 }
 if [ "$OS" = linux ]; then
     for u in "${UNITS[@]}"; do
-        sed -E "s#^ExecStart=[^ ]*/nixd #ExecStart=$BINDIR/nixd #" "$FILES/systemd/$u" >"$TMP/$u"
+        sed -E -e "s#^ExecStart=[^ ]*/nixd #ExecStart=$BINDIR/nixd #" \
+            -e "s#^ExecStart=[^ ]*/nixd-server #ExecStart=$BINDIR/nixd-server #" \
+            "$FILES/systemd/$u" >"$TMP/$u"
         install_file "$TMP/$u" "$UNITDIR/$u" 0644
     done
+    # the server's static user (see systemd/nixd-server.service for why not DynamicUser)
+    if ((SERVER)); then
+        if [ -n "$ROOT" ]; then
+            say "--root: the user nixd-server is not made; on the machine: useradd --system --home-dir /var/lib/nixd-server --shell /usr/sbin/nologin nixd-server"
+        elif getent passwd nixd-server >/dev/null; then
+            say "the user nixd-server exists"
+        else
+            run useradd --system --home-dir /var/lib/nixd-server --shell /usr/sbin/nologin nixd-server
+            did "made the system user nixd-server"
+        fi
+        if [ -z "$ROOT" ] && [ ! -d "$SERVER_STATE" ]; then
+            run install -d -o nixd-server -g nixd-server -m 0700 "$SERVER_STATE"
+            did "made $SERVER_STATE (owner nixd-server, 0700)"
+        fi
+    fi
 else
     sed -E "s#<string>[^<]*/nixd</string>#<string>$BINDIR/nixd</string>#" \
         "$FILES/launchd/org.nixd.daemon.plist" >"$TMP/org.nixd.daemon.plist"
@@ -339,6 +374,14 @@ if ((START)); then
             run systemctl enable nixd.service
             run systemctl restart nixd.service
             say "nixd is running: systemctl status nixd"
+            if ((SERVER)) && [ -f "$SERVER_STATE/config.toml" ]; then
+                run systemctl enable --now nixd-server.socket
+                run systemctl enable nixd-server.service
+                run systemctl restart nixd-server.service
+                say "nixd-server is running: systemctl status nixd-server"
+            elif ((SERVER)); then
+                say "the server is installed, not started: $SERVER_STATE holds no server yet"
+            fi
         else
             warn "systemd is not running here: the units are installed but nothing was started"
         fi
@@ -353,5 +396,8 @@ else
     else
         say "not started; to start: launchctl bootstrap system /Library/LaunchDaemons/org.nixd.daemon.plist"
     fi
+fi
+if ((SERVER)) && [ ! -f "$SERVER_STATE/config.toml" ]; then
+    say "server next: runuser -u nixd-server -- $BINDIR/nixd-server init /var/lib/nixd-server --org ORG, then systemctl enable --now nixd-server.socket nixd-server.service"
 fi
 say "next: sudo nixd login --server https://YOUR-CACHE (or edit $CONF first), then nixd status"

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "packaging" / "install.sh"
 PYTHON = getattr(sys, "_base_executable", sys.executable)
 UNITS = ("nixd.socket", "nixd-proxy.socket", "nixd.service")
+SERVER_UNITS = ("nixd-server.socket", "nixd-server.service")
 
 
 def install(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -47,8 +48,10 @@ def install(*args: str | Path, check: bool = True) -> subprocess.CompletedProces
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fake root with nixd installed from this source tree."""
     root = tmp_path_factory.mktemp("root")
-    proc = install("--root", root)
+    proc = install("--root", root, "--server")
     assert f"installed nixd {nixd.__version__} in {root}/opt/nixd" in proc.stdout
+    assert "the user nixd-server is not made" in proc.stdout  # --root makes no user
+    assert "nixd-server init /var/lib/nixd-server --org ORG" in proc.stdout
     return root
 
 
@@ -87,16 +90,21 @@ def test_commands_are_linked_and_run(root: Path) -> None:
 
 
 def test_units_are_the_shipped_ones_naming_the_link(root: Path) -> None:
-    for unit in UNITS:
+    for unit in UNITS + SERVER_UNITS:
         installed = (root / "etc/systemd/system" / unit).read_text()
         shipped = (REPO / "systemd" / unit).read_text()
         expected = re.sub(
-            r"^ExecStart=\S*/nixd ", "ExecStart=/usr/local/bin/nixd ", shipped, flags=re.M
+            r"^ExecStart=\S*/(nixd|nixd-server) ",
+            r"ExecStart=/usr/local/bin/\1 ",
+            shipped,
+            flags=re.M,
         )
         assert installed == expected
         assert stat.S_IMODE((root / "etc/systemd/system" / unit).stat().st_mode) == 0o644
     service = (root / "etc/systemd/system/nixd.service").read_text()
     assert "ExecStart=/usr/local/bin/nixd daemon --config /etc/nixd/config.toml" in service
+    server = (root / "etc/systemd/system/nixd-server.service").read_text()
+    assert "ExecStart=/usr/local/bin/nixd-server serve /var/lib/nixd-server" in server
 
 
 def test_default_config_loads_as_the_defaults(root: Path) -> None:
@@ -161,7 +169,7 @@ def test_again_from_a_wheel_keeps_the_config_then_uninstall(root: Path, wheel: P
     assert not (root / "opt/nixd").exists()
     for name in ("nixd", "nixd-server"):
         assert not (root / "usr/local/bin" / name).is_symlink()
-    for unit in UNITS:
+    for unit in UNITS + SERVER_UNITS:  # the server's too, though this install did not name it
         assert not (root / "etc/systemd/system" / unit).exists()
     assert conf.read_text() == '[daemon]\nlog_level = "debug"\n'  # config stays
     assert "kept" in proc.stdout
