@@ -12,7 +12,9 @@
 # services.nixd-server keeps everything in `stateDir`. On the first start it runs
 # `nixd-server init` (keys, database, the first organization and its admin token; what
 # init prints, the token included, goes to `stateDir/init.txt`, readable by the service
-# user only); on every start config.toml is written from `settings` and `listen`.
+# user only); on every start config.toml is written from `settings` and `listen`. It runs
+# the shipped systemd/nixd-server.service (./units.nix), listening on `listen` through
+# nixd-server.socket.
 # Storage backends are settings too ([storage] database and blobs, relative to stateDir).
 {
   config,
@@ -29,6 +31,12 @@ let
   defaultPackage = pkgs.callPackage ./package.nix { };
   nixdBin = "${cfg.package}/bin/nixd";
   serverBin = "${srv.package}/bin/nixd-server";
+  # the shipped systemd/nixd-server.{service,socket} (Type=notify, the same hardening),
+  # listening on `listen` by socket activation
+  serverUnits = units.server {
+    execStart = "${serverBin} serve ${lib.escapeShellArg srv.stateDir}";
+    inherit (srv) stateDir user group listen;
+  };
   header = owner: ''
     # Written by the NixOS module ${owner} from its `settings`: change them there.
   '';
@@ -182,11 +190,7 @@ in
 
       systemd.tmpfiles.rules = [ "d ${srv.stateDir} 0700 ${srv.user} ${srv.group} - -" ];
 
-      systemd.services.nixd-server = {
-        description = "nixd cache server";
-        wantedBy = [ "multi-user.target" ];
-        after = [ "network-online.target" ];
-        wants = [ "network-online.target" ];
+      systemd.services.nixd-server = lib.recursiveUpdate serverUnits.services.nixd-server {
         restartTriggers = [ serverConfig ];
         preStart = ''
           set -eu
@@ -199,43 +203,8 @@ in
           fi
           install -m 0600 ${pkgs.writeText "nixd-server-config.toml" (header "services.nixd-server" + serverConfig)} "$state/config.toml"
         '';
-        serviceConfig = {
-          ExecStart = "${serverBin} serve ${lib.escapeShellArg srv.stateDir}";
-          User = srv.user;
-          Group = srv.group;
-          Restart = "on-failure";
-          RestartSec = "2s";
-          TimeoutStopSec = "30s";
-          KillMode = "mixed";
-          UMask = "0077";
-          ProtectSystem = "strict";
-          ReadWritePaths = [ srv.stateDir ];
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          ProtectClock = true;
-          ProtectHostname = true;
-          NoNewPrivileges = true;
-          RestrictSUIDSGID = true;
-          RestrictRealtime = true;
-          RestrictNamespaces = true;
-          LockPersonality = true;
-          RemoveIPC = true;
-          RestrictAddressFamilies = [
-            "AF_UNIX"
-            "AF_INET"
-            "AF_INET6"
-          ];
-          SystemCallArchitectures = "native";
-          SystemCallFilter = [ "@system-service" ];
-          CapabilityBoundingSet = "";
-          LimitNOFILE = 65536;
-        };
       };
+      systemd.sockets.nixd-server = serverUnits.sockets.nixd-server;
     })
   ];
 }

@@ -4,7 +4,8 @@
 #
 # The systemd files are read and parsed here (sections, `Key=value` lines, repeated keys
 # kept in order); only two things change on NixOS: the program (the package's bin/nixd
-# instead of /usr/local/bin/nixd) and /bin/kill (absent on NixOS). The launchd dictionary
+# instead of /usr/local/bin/nixd) and /bin/kill (absent on NixOS). The cache server's
+# unit also takes the module's state directory, user and listen addresses. The launchd dictionary
 # is written out (no XML parser in builtins); a test compares it with the shipped plist.
 # Pure builtins: the tests evaluate everything here with a bare `nix eval`.
 let
@@ -141,6 +142,8 @@ let
   serviceUnit = readUnit "nixd.service";
   controlUnit = readUnit "nixd.socket";
   proxyUnit = readUnit "nixd-proxy.socket";
+  serverUnit = readUnit "nixd-server.service";
+  serverSocketUnit = readUnit "nixd-server.socket";
 
   socketFrom = unit: listen: {
     inherit (unitPart unit)
@@ -152,7 +155,13 @@ let
       wants
       unitConfig
       ;
-    listenStreams = if listen == null then unit.Socket.ListenStream else [ listen ];
+    listenStreams =
+      if listen == null then
+        unit.Socket.ListenStream
+      else if isString listen then
+        [ listen ]
+      else
+        listen;
     socketConfig = flattenAll (removeAttrs unit.Socket [ "ListenStream" ]);
   };
 in
@@ -187,6 +196,36 @@ in
       };
       sockets.nixd = socketFrom controlUnit null;
       sockets.nixd-proxy = socketFrom proxyUnit proxyListen;
+    };
+
+  # systemd.services.nixd-server and its socket for NixOS: the shipped units, with the
+  # module's command line (`execStart`, already quoted for systemd), user and group, and
+  # `stateDir` made writable in place of the shipped StateDirectory= (it may be anywhere;
+  # the module makes it with tmpfiles)
+  server =
+    {
+      execStart,
+      stateDir,
+      user,
+      group,
+      listen,
+    }:
+    {
+      services.nixd-server = unitPart serverUnit // {
+        serviceConfig = flattenAll (
+          removeAttrs serverUnit.Service [
+            "StateDirectory"
+            "StateDirectoryMode"
+          ]
+          // {
+            ExecStart = [ execStart ];
+            User = [ user ];
+            Group = [ group ];
+            ReadWritePaths = [ stateDir ];
+          }
+        );
+      };
+      sockets.nixd-server = socketFrom serverSocketUnit listen;
     };
 
   # launchd.daemons.nixd.serviceConfig for nix-darwin = launchd/org.nixd.daemon.plist

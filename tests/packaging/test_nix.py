@@ -280,6 +280,38 @@ def test_nixos_units_are_the_shipped_units(nix: RealNix) -> None:
         assert socket["wantedBy"] == shipped["Install"]["WantedBy"]
 
 
+def test_nixos_server_units_are_the_shipped_units(nix: RealNix) -> None:
+    units = nix_eval(
+        nix,
+        f'(import {NIXDIR}/units.nix).server {{ execStart = "/pkg/bin/nixd-server serve /srv/c"; '
+        'stateDir = "/srv/c"; user = "cache"; group = "cache"; '
+        'listen = [ "0.0.0.0:8080" "[::]:8080" ]; }',
+    )
+    shipped = _parse_unit((REPO / "systemd/nixd-server.service").read_text())
+    service = units["services"]["nixd-server"]
+    expected = dict(shipped["Service"])
+    for key in ("StateDirectory", "StateDirectoryMode"):
+        del expected[key]  # the module's stateDir may be anywhere: tmpfiles + ReadWritePaths
+    expected |= {
+        "ExecStart": ["/pkg/bin/nixd-server serve /srv/c"],
+        "User": ["cache"],
+        "Group": ["cache"],
+        "ReadWritePaths": ["/srv/c"],
+    }
+    got = {k: _as_list(v) for k, v in service["serviceConfig"].items()}
+    assert got == expected
+    assert got["Type"] == ["notify"] and got["NotifyAccess"] == ["main"]
+    unit = shipped["Unit"]
+    for key in ("After", "Wants", "Requires"):
+        assert service[key.lower()] == " ".join(unit.get(key, [])).split()
+    socket_unit = _parse_unit((REPO / "systemd/nixd-server.socket").read_text())
+    socket = units["sockets"]["nixd-server"]
+    assert socket["listenStreams"] == ["0.0.0.0:8080", "[::]:8080"]
+    rest = dict(socket_unit["Socket"])
+    del rest["ListenStream"]
+    assert {k: _as_list(v) for k, v in socket["socketConfig"].items()} == rest
+
+
 def test_default_proxy_address_is_nixds_default(nix: RealNix) -> None:
     listen = nix_eval(nix, f"(import {NIXDIR}/units.nix).defaultProxyListen")
     p = ProxySection()
