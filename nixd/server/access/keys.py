@@ -1,11 +1,26 @@
-"""The cache server's key files: narinfo signing keys and access-token (JWT) signing keys.
+"""The cache server's keys: narinfo signing keys and access-token (JWT) signing keys.
 
-Both live in ``STATE_DIR/keys/`` (mode 0700) as one JSON file per keyring (mode 0600),
-replaced atomically (temp file, fsync, rename, fsync of the directory): a crash leaves the
-old or the new keyring, never a half-written one, and a rotation is a single rename.
-Mutations (rotate, prune) run under an ``flock`` on ``keys/.lock`` and re-read the file
-first, so a ``nixd-server`` admin command and the running server never lose each other's
-change; the server picks up a change with :meth:`Keyring.refresh` (one ``stat``).
+On a single box (SQLite metadata) both live in ``STATE_DIR/keys/`` (mode 0700) as one
+JSON file per keyring (mode 0600), replaced atomically (temp file, fsync, rename, fsync of
+the directory): a crash leaves the old or the new keyring, never a half-written one, and a
+rotation is a single rename. Mutations (rotate, prune) run under an ``flock`` on
+``keys/.lock`` and re-read the file first, so a ``nixd-server`` admin command and the
+running server never lose each other's change; the server picks up a change with
+:meth:`Keyring.refresh` (one ``stat``).
+
+With the metadata on PostgreSQL (several instances, several hosts) the same JSON document
+is a row of the ``keyrings`` table instead (:class:`KeyTable`), so a rotation on any host
+reaches every instance: it commits in the database, every instance notices the commit on
+its next request (the NOTIFY every commit sends) and re-reads the row, as it would re-read
+a replaced file. Mutations run in one write transaction (the advisory write lock) and
+re-read the row first. The first time an instance or command opens the keys of a state
+directory whose database has none yet, the files of ``keys/`` are copied into the table
+(that is how a single box moves to PostgreSQL, with ``migrate --copy-from``); from then on
+the database's copy is the one used, and the files may be removed. Why the database
+rather than a shared directory: the hosts already share it, its access is already what
+guards the credentials, and a rotation must reach every instance at once (attic keeps
+its caches' keypairs as rows too). Whoever can read the database can read the private
+keys, as whoever can read ``keys/`` can on a single box.
 
 Each keyring has exactly one *current* key and any number of *retired* ones, each retired
 key kept until a deadline (``until``) after which it is ignored and pruned:
@@ -57,6 +72,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from nixd.errors import ConfigError, FormatError
 from nixd.nix.signing import PublicKey, SecretKey
+from nixd.server.storage.db import Connection, ensure_schema, is_sqlite, transaction
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +88,61 @@ DEFAULT_JWT_RETAIN = 86400.0
 """How long a rotated token key still verifies; must exceed the access-token lifetime."""
 
 _KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+MIGRATIONS = [
+    # 1: a keyring's JSON document (the file format), with a version bumped on each write
+    """
+    CREATE TABLE keyrings (
+        name TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        version INTEGER NOT NULL
+    );
+    """,
+]
+"""The ``keys`` component's schema; used only when the metadata is on PostgreSQL."""
+
+MAX_KEYRING_BYTES = 1 << 20
+"""A keyring document bigger than this is refused (a few keys are a few KiB)."""
+
+
+class KeyTable:
+    """One keyring kept as a row of ``keyrings`` in the metadata database (PostgreSQL)."""
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name
+        self.where = f"the database's {name} keyring"
+
+    def read(self) -> bytes | None:
+        row = self.conn.execute("SELECT body FROM keyrings WHERE name = ?", (self.name,)).fetchone()
+        return None if row is None else str(row[0]).encode()
+
+    def version(self) -> int | None:
+        row = self.conn.execute(
+            "SELECT version FROM keyrings WHERE name = ?", (self.name,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def write(self, data: bytes, *, create: bool = False) -> None:
+        """Store ``data``; inside :meth:`locked`. ``create``: refuse if the row exists."""
+        if create:
+            if self.version() is not None:
+                raise ConfigError(f"{self.where} exists already; rotate instead of re-creating")
+            self.conn.execute(
+                "INSERT INTO keyrings (name, body, version) VALUES (?, ?, 1)",
+                (self.name, data.decode()),
+            )
+            return
+        self.conn.execute(
+            "UPDATE keyrings SET body = ?, version = version + 1 WHERE name = ?",
+            (data.decode(), self.name),
+        )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One durable write transaction: the change is kept, or none of it."""
+        with transaction(self.conn, durable=True):
+            yield
 
 
 def _atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
@@ -241,13 +312,24 @@ class Keyring(ABC, Generic[E]):
     what = "keys"
 
     def __init__(
-        self, path: Path, entries: list[E], *, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        entries: list[E],
+        *,
+        clock: Callable[[], float] = time.time,
+        table: KeyTable | None = None,
     ) -> None:
         self.path = path
+        self.table = table
+        self.where = table.where if table is not None else str(path)
         self._entries: list[E] = entries
         self._clock = clock
-        self._stat = _stat_key(path)
+        self._stat: object = self._stamp()
         self._check()
+
+    def _stamp(self) -> object:
+        """What changes when the keyring is replaced: the file's stat, the row's version."""
+        return self.table.version() if self.table is not None else _stat_key(self.path)
 
     # subclass hooks
     @classmethod
@@ -262,7 +344,7 @@ class Keyring(ABC, Generic[E]):
     def _check(self) -> None:
         current = [e for e in self._entries if e.retired is None]
         if len(current) != 1:
-            raise ConfigError(f"{self.path}: {len(current)} current {self.what}, expected 1")
+            raise ConfigError(f"{self.where}: {len(current)} current {self.what}, expected 1")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> Self:
@@ -271,31 +353,84 @@ class Keyring(ABC, Generic[E]):
         return cls(where, cls._read(where), clock=clock)
 
     @classmethod
+    def _new(
+        cls,
+        path: Path,
+        entries: list[E],
+        *,
+        clock: Callable[[], float],
+        table: KeyTable | None,
+    ) -> Self:
+        if table is not None:
+            keyring = cls(Path(table.name), entries, clock=clock, table=table)
+            with table.locked():
+                keyring._write(create=True)
+            return keyring
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.exists():
+            raise ConfigError(f"{path}: already exists; rotate instead of re-creating")
+        keyring = cls(path, entries, clock=clock)
+        keyring._write()
+        return keyring
+
+    @classmethod
+    def from_table(cls, table: KeyTable, *, clock: Callable[[], float] = time.time) -> Self:
+        """The keyring kept in the database; ConfigError if it is missing or unusable."""
+        data = table.read()
+        if data is None:
+            raise ConfigError(f"{table.where}: no {cls.what} (run `nixd-server init`)")
+        return cls(Path(table.name), cls._parse(data, table.where), clock=clock, table=table)
+
+    @classmethod
     def _read(cls, path: Path) -> list[E]:
         try:
-            raw = json.loads(path.read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError as exc:
             raise ConfigError(f"{path}: no {cls.what} file (run `nixd-server init`)") from exc
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise ConfigError(f"{path}: cannot read {cls.what}: {exc}") from exc
+        return cls._parse(data, str(path))
+
+    @classmethod
+    def _parse(cls, data: bytes, where: str) -> list[E]:
+        if len(data) > MAX_KEYRING_BYTES:
+            raise ConfigError(f"{where}: {len(data)} bytes is too big for {cls.what}")
+        try:
+            raw = json.loads(data)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: cannot read {cls.what}: {exc}") from exc
         if not isinstance(raw, dict) or raw.get("version") != FORMAT_VERSION:
-            raise ConfigError(f"{path}: not a version {FORMAT_VERSION} {cls.what} file")
+            raise ConfigError(f"{where}: not a version {FORMAT_VERSION} {cls.what} file")
         entries: list[E] = []
         for index, item in enumerate(raw.get("keys", [])):
             try:
                 entries.append(cls._entry_from_json(item))
             except (FormatError, ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{path}: keys[{index}]: {exc}") from exc
+                raise ConfigError(f"{where}: keys[{index}]: {exc}") from exc
         return entries
 
-    def _write(self) -> None:
+    def _document(self) -> bytes:
         data = {"version": FORMAT_VERSION, "keys": [self._entry_to_json(e) for e in self._entries]}
-        _atomic_write(self.path, (json.dumps(data, indent=2) + "\n").encode())
-        self._stat = _stat_key(self.path)
+        return (json.dumps(data, indent=2) + "\n").encode()
+
+    def _write(self, *, create: bool = False) -> None:
+        if self.table is not None:
+            self.table.write(self._document(), create=create)
+        else:
+            _atomic_write(self.path, self._document())
+        self._stat = self._stamp()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold the keys directory lock and work on the file's latest content."""
+        """Hold the keyring's lock and work on its latest content."""
+        if self.table is not None:
+            with self.table.locked():
+                data = self.table.read()
+                if data is not None:
+                    self._entries = self._parse(data, self.table.where)
+                yield
+                self._stat = self._stamp()
+            return
         lock_path = self.path.parent / ".lock"
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
@@ -307,18 +442,25 @@ class Keyring(ABC, Generic[E]):
             os.close(fd)
 
     def refresh(self) -> bool:
-        """Reload if the file was replaced since we read it; True if it was."""
-        stat = _stat_key(self.path)
+        """Reload if the file (the row) was replaced since we read it; True if it was."""
+        stat = self._stamp()
         if stat == self._stat:
             return False
-        old, self._entries = self._entries, self._read(self.path)
+        old = self._entries
+        if self.table is not None:
+            data = self.table.read()
+            if data is None:
+                raise ConfigError(f"{self.where}: the {self.what} are gone from the database")
+            self._entries = self._parse(data, self.where)
+        else:
+            self._entries = self._read(self.path)
         try:
             self._check()
         except ConfigError:
             self._entries = old  # keep serving with the keys we had
             raise
         self._stat = stat
-        log.info("reloaded %s from %s", self.what, self.path)
+        log.info("reloaded %s from %s", self.what, self.where)
         return True
 
     @property
@@ -371,9 +513,9 @@ class NarinfoKeys(Keyring[NarinfoKeyEntry]):
         super()._check()
         names = [e.name for e in self._entries]
         if len(set(names)) != len(names):
-            raise ConfigError(f"{self.path}: two narinfo keys share a name")
+            raise ConfigError(f"{self.where}: two narinfo keys share a name")
         if self._current_entry().secret is None:
-            raise ConfigError(f"{self.path}: the current narinfo key has no secret")
+            raise ConfigError(f"{self.where}: the current narinfo key has no secret")
 
     @classmethod
     def create(
@@ -382,17 +524,14 @@ class NarinfoKeys(Keyring[NarinfoKeyEntry]):
         key: str | SecretKey,
         *,
         clock: Callable[[], float] = time.time,
+        table: KeyTable | None = None,
     ) -> Self:
         """Write a new keyring whose current key is ``key`` (a name to generate one under,
-        or an existing Nix secret key). Refuses to overwrite an existing file."""
-        where = Path(path)
-        where.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if where.exists():
-            raise ConfigError(f"{where}: already exists; rotate instead of re-creating")
+        or an existing Nix secret key), in ``table`` if given, else in the file ``path``.
+        Refuses to overwrite an existing one."""
         secret = _secret_key(key)
-        keyring = cls(where, [NarinfoKeyEntry(secret, secret.public(), clock())], clock=clock)
-        keyring._write()
-        return keyring
+        entries = [NarinfoKeyEntry(secret, secret.public(), clock())]
+        return cls._new(Path(path), entries, clock=clock, table=table)
 
     @property
     def current(self) -> SecretKey:
@@ -459,20 +598,19 @@ class JwtKeys(Keyring[JwtKey]):
     def _check(self) -> None:
         super()._check()
         if self._current_entry().private is None:
-            raise ConfigError(f"{self.path}: the current token key has no private key")
+            raise ConfigError(f"{self.where}: the current token key has no private key")
 
     @classmethod
     def create(
-        cls, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        table: KeyTable | None = None,
     ) -> Self:
-        """Write a new keyring with one generated key. Refuses to overwrite a file."""
-        where = Path(path)
-        where.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if where.exists():
-            raise ConfigError(f"{where}: already exists; rotate instead of re-creating")
-        keyring = cls(where, [JwtKey.generate(clock())], clock=clock)
-        keyring._write()
-        return keyring
+        """Write a new keyring with one generated key (in ``table`` if given, else the
+        file ``path``). Refuses to overwrite an existing one."""
+        return cls._new(Path(path), [JwtKey.generate(clock())], clock=clock, table=table)
 
     @property
     def current(self) -> JwtKey:
@@ -536,7 +674,11 @@ def _next_name(name: str, taken: set[str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ServerKeys:
-    """Both keyrings of a state directory."""
+    """Both keyrings of a server: files of a state directory, or rows of its database.
+
+    ``conn`` is the metadata database: on PostgreSQL the keyrings are rows (see the
+    module docstring), on SQLite (or without one) the files of ``STATE_DIR/keys/``.
+    """
 
     narinfo: NarinfoKeys
     jwt: JwtKeys
@@ -548,9 +690,20 @@ class ServerKeys:
         narinfo_key: str | SecretKey,
         *,
         clock: Callable[[], float] = time.time,
+        conn: Connection | None = None,
     ) -> Self:
-        """Create ``STATE_DIR/keys/`` with a narinfo key (generated under a name, or given)
-        and a token key. ConfigError if either file exists."""
+        """Create both keyrings: a narinfo key (generated under a name, or given) and a
+        token key. ConfigError if either exists (all or nothing)."""
+        if conn is not None and not is_sqlite(conn):
+            ensure_schema(conn, component="keys", migrations=MIGRATIONS)
+            narinfo_table, jwt_table = KeyTable(conn, "narinfo"), KeyTable(conn, "jwt")
+            with transaction(conn, durable=True):
+                return cls(
+                    NarinfoKeys.create(
+                        NARINFO_KEYS_FILE, narinfo_key, clock=clock, table=narinfo_table
+                    ),
+                    JwtKeys.create(JWT_KEYS_FILE, clock=clock, table=jwt_table),
+                )
         directory = Path(state_dir) / KEYS_DIR
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(directory, 0o700)
@@ -563,9 +716,25 @@ class ServerKeys:
 
     @classmethod
     def load(
-        cls, state_dir: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+        cls,
+        state_dir: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        conn: Connection | None = None,
     ) -> Self:
         directory = Path(state_dir) / KEYS_DIR
+        if conn is not None and not is_sqlite(conn):
+            ensure_schema(conn, component="keys", migrations=MIGRATIONS)
+            narinfo_table, jwt_table = KeyTable(conn, "narinfo"), KeyTable(conn, "jwt")
+            _import_files(
+                conn,
+                ((narinfo_table, directory / NARINFO_KEYS_FILE, NarinfoKeys),
+                 (jwt_table, directory / JWT_KEYS_FILE, JwtKeys)),
+            )  # fmt: skip
+            return cls(
+                NarinfoKeys.from_table(narinfo_table, clock=clock),
+                JwtKeys.from_table(jwt_table, clock=clock),
+            )
         return cls(
             NarinfoKeys.load(directory / NARINFO_KEYS_FILE, clock=clock),
             JwtKeys.load(directory / JWT_KEYS_FILE, clock=clock),
@@ -576,3 +745,31 @@ class ServerKeys:
         narinfo = self.narinfo.refresh()
         jwt = self.jwt.refresh()
         return narinfo or jwt
+
+
+def _import_files(
+    conn: Connection, rings: tuple[tuple[KeyTable, Path, type[Keyring[Any]]], ...]
+) -> None:
+    """Copy each keyring file into its row, for the rows the database does not have yet.
+
+    Each file is checked as a keyring first (an unusable one is refused with its path,
+    and nothing is copied). In one transaction: two instances starting at once on a
+    fresh database copy each file once.
+    """
+    if all(table.version() is not None for table, _, _ in rings):
+        return  # the common case: nothing to import, no write lock taken
+    with transaction(conn, durable=True):
+        for table, path, kind in rings:
+            if table.version() is not None or not path.exists():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot read {kind.what}: {exc}") from exc
+            kind(path, kind._parse(data, str(path)))  # refuses an unusable file, saying why
+            table.write(data, create=True)
+            log.warning(
+                "copied %s into the database, which holds these keys from now on: "
+                "the file is no longer read",
+                path,
+            )

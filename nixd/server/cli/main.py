@@ -158,9 +158,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     load_policy_text(policy_text, str(config.policy_path))
     config.policy_path.write_text(policy_text)
     key_name = args.key_name or f"{args.org}-cache-1"
-    keys = ServerKeys.init(state, key_name)
     conn = open_db(config.database)
     try:
+        keys = ServerKeys.init(state, key_name, conn=conn)
         Store.open(conn, config.blobs_path)
         create_org(conn, args.org)
         _, token = CredentialStore(conn).create(args.org, "admin", attributes={"role": "admin"})
@@ -423,7 +423,14 @@ def _note_key_change(config: ServerConfig, keyring: str) -> None:
 
 def cmd_key_rotate(args: argparse.Namespace) -> int:
     config = ServerConfig.load(args.state_dir)
-    keys = ServerKeys.load(config.state_dir)
+    conn = open_db(config.database)
+    try:
+        return _rotate(args, config, ServerKeys.load(config.state_dir, conn=conn))
+    finally:
+        conn.close()
+
+
+def _rotate(args: argparse.Namespace, config: ServerConfig, keys: ServerKeys) -> int:
     if args.tokens:
         new = keys.jwt.rotate(retain_for=float(args.grace if args.grace is not None else 86400))
         _note_key_change(config, "jwt")

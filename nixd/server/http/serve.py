@@ -79,7 +79,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
     with contextlib.ExitStack() as stack:
         stack.callback(conn.close)
         store = Store.open(conn, config.blobs_path, zstd_level=config.storage.zstd_level)
-        keys = ServerKeys.load(config.state_dir)
+        keys = ServerKeys.load(config.state_dir, conn=conn)
         issuer = TokenIssuer(
             keys.jwt,
             config.tokens.issuer,
