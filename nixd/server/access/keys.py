@@ -145,11 +145,12 @@ class KeyTable:
             yield
 
 
-def _atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: old or new content survives any crash, never a mix.
 
     The temp file is created with ``mode`` from the start (never briefly world-readable).
-    The server must not import ``nixd.daemon``, hence this small private copy.
+    The server must not import ``nixd.daemon``, hence this small copy (the keyrings and
+    ``policy apply`` use it).
     """
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -417,7 +418,7 @@ class Keyring(ABC, Generic[E]):
         if self.table is not None:
             self.table.write(self._document(), create=create)
         else:
-            _atomic_write(self.path, self._document())
+            write_atomically(self.path, self._document())
         self._stat = self._stamp()
 
     @contextlib.contextmanager

@@ -71,12 +71,13 @@ import hashlib
 import ipaddress
 import logging
 import re
+import sqlite3
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -920,8 +921,22 @@ def _parse_bytes(data: bytes, source: str) -> Policy:
 # --- reloading ---------------------------------------------------------------------------
 
 
+class PolicySource(Protocol):
+    """Where a policy is kept other than a file (:mod:`nixd.server.access.shared_policy`)."""
+
+    where: str
+
+    def read(self) -> bytes | None:
+        """The policy document, or None if there is none."""
+        ...
+
+
 class PolicyHolder:
     """The policy in force, reloaded when the file changes; a broken file never replaces it.
+
+    With ``source`` (the policy kept in the PostgreSQL metadata database, shared by every
+    instance) the document is read from there instead, and :meth:`watch` polls it every
+    ``interval`` seconds (one small query); the same rules apply to a broken document.
 
     Two ways to notice a change, use either or both: :attr:`current` re-reads the file at
     most once per ``interval`` seconds (a read and a sha256 of a small file: cheaper and
@@ -936,21 +951,24 @@ class PolicyHolder:
         *,
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        source: PolicySource | None = None,
     ) -> None:
         self.path = Path(path)
+        self.source = source
+        self.where = source.where if source is not None else str(self.path)
         self.interval = interval
         self._clock = clock
         data = self._read()
         if data is None:
-            raise ConfigError(f"{self.path}: no policy file (everything would be denied)")
-        self._policy = _parse_bytes(data, str(self.path))
+            raise ConfigError(f"{self.where}: no policy file (everything would be denied)")
+        self._policy = _parse_bytes(data, self.where)
         self._digest = self._policy.digest
         self._bad_digest: str | None = None
         self._checked = clock()
         self._watching = False
         self.last_error: str | None = None
         """Why the file on disk is not in force (None when it is)."""
-        log.info("policy %s loaded: %d rules", self.path, len(self._policy.rules))
+        log.info("policy %s loaded: %d rules", self.where, len(self._policy.rules))
 
     @property
     def current(self) -> Policy:
@@ -964,6 +982,8 @@ class PolicyHolder:
         return self._policy
 
     def _read(self) -> bytes | None:
+        if self.source is not None:
+            return self.source.read()
         try:
             return self.path.read_bytes()
         except FileNotFoundError:
@@ -989,8 +1009,10 @@ class PolicyHolder:
             data = self._read()
         except ConfigError as exc:
             return self._refuse(str(exc), None)
+        except sqlite3.Error as exc:  # the database: the policy in force stays
+            return self._refuse(f"{self.where}: cannot read the policy: {exc}", None)
         if data is None:
-            return self._refuse(f"{self.path}: policy file is missing", "missing")
+            return self._refuse(f"{self.where}: policy file is missing", "missing")
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._digest:
             self.last_error = None
@@ -998,7 +1020,7 @@ class PolicyHolder:
         if digest == self._bad_digest:
             return False
         try:
-            policy = _parse_bytes(data, str(self.path))
+            policy = _parse_bytes(data, self.where)
         except ConfigError as exc:
             return self._refuse(str(exc), digest)
         self._policy = policy
@@ -1007,7 +1029,7 @@ class PolicyHolder:
         self.last_error = None
         log.info(
             "policy %s reloaded: %d rules (sha256 %s)",
-            self.path,
+            self.where,
             len(policy.rules),
             digest[:16],
         )
@@ -1028,16 +1050,26 @@ class PolicyHolder:
         :class:`Policy` in (one reference assignment). Besides the file system's
         events, the file is checked every ``interval`` seconds, as :attr:`current` would.
         """
-        import watchfiles  # noqa: PLC0415 (only the server's watcher needs it)
-
-        target = self.path.resolve()
-        directory = target.parent
         lock = trio.Lock()
 
         async def reload() -> None:
             async with lock:
                 self._checked = self._clock()
                 await trio.to_thread.run_sync(self.reload)
+
+        if self.source is not None:  # nothing to watch: ask every interval
+            self._watching = True
+            try:
+                while True:
+                    await trio.sleep(self.interval)
+                    await reload()
+            finally:
+                self._watching = False
+
+        import watchfiles  # noqa: PLC0415 (only the server's watcher needs it)
+
+        target = self.path.resolve()
+        directory = target.parent
 
         def _ours(_change: watchfiles.Change, changed: str) -> bool:
             return Path(changed).name == target.name

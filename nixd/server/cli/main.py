@@ -29,7 +29,9 @@ from nixd.server.access.credentials import CredentialStore
 from nixd.server.access.identity import KINDS, Identity
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.policy import load_policy
+from nixd.server.access.shared_policy import policy_in_force
 from nixd.server.cli.migrate import register as register_migrate
+from nixd.server.cli.policies import register as register_policy_cli
 from nixd.server.cli.users import register_cli as register_user_cli
 from nixd.server.cli.views import register as register_view_cli
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
@@ -379,7 +381,11 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"--source-ip {args.source_ip!r}: {exc}") from exc
     identity = Identity(kind, subject, parse_attrs(args.attr))
-    policy = load_policy(config.policy_path)
+    conn = open_db(config.database)
+    try:
+        policy, _ = policy_in_force(config.policy_path, conn)
+    finally:
+        conn.close()
     source_ip = args.source_ip or None
     public = _is_public(config, args.resource)
     decision = policy.decide(identity, args.action, args.resource, source_ip, public=public)
@@ -610,8 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="decide one request offline and say which rule decided",
         description=textwrap.dedent(
             """\
-            Evaluate the policy file for one identity, action and resource, as the server
-            would. Exit 0 on allow, 2 on deny. Example:
+            Evaluate the policy in force (policy.toml, or the database's with PostgreSQL
+            metadata) for one identity, action and resource, as the server would. Exit 0
+            on allow, 2 on deny. Example:
 
               nixd-server policy explain STATE --identity token:ci --attr org=acme \\
                   --attr role=member --action cache:write --resource acme/app
@@ -626,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-ip", metavar="IP", help="the caller's address, for CIDR rules")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_policy_explain)
+    register_policy_cli(policy, _state, _open, _audit)
 
     audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
         dest="audit_command", metavar="ACTION", required=True

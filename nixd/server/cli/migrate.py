@@ -1,6 +1,7 @@
 """``nixd-server migrate STATE_DIR``: bring the metadata database's schema up to date.
 
-Every component's migrations (core, store, accounts, device, throttle, web, keys) in the order
+Every component's migrations (core, store, accounts, device, throttle, web, keys,
+policy) in the order
 their tables refer to each other, each in one transaction under the write lock, so two
 processes migrating at once apply each migration exactly once. ``serve`` and the admin
 commands apply them too when they open the database; this command is for doing it
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nixd.errors import ConfigError
-from nixd.server.access import keys
+from nixd.server.access import keys, shared_policy
 from nixd.server.config import ServerConfig
 from nixd.server.login import accounts, device, throttle, web
 from nixd.server.storage import db, store
@@ -44,6 +45,7 @@ COMPONENTS: list[tuple[str, Sequence[Migration]]] = [
     ("throttle", throttle.MIGRATIONS),
     ("web", web.MIGRATIONS),
     ("keys", keys.MIGRATIONS),
+    ("policy", shared_policy.MIGRATIONS),
 ]
 """Every component with a schema, in dependency order (device refers to accounts)."""
 
@@ -75,6 +77,7 @@ COPY_ORDER = [
     "web_sessions",
     "web_keys",
     "keyrings",
+    "policies",
 ]
 """Every table with rows worth keeping, parents before children."""
 IDENTITIES = ("orgs", "projects", "accounts")

@@ -48,7 +48,7 @@ from nixd.nix.nar import NarParser
 from nixd.server.access.audit import AuditLog
 from nixd.server.access.credentials import CredentialStore
 from nixd.server.access.keys import ServerKeys
-from nixd.server.access.policy import PolicyHolder
+from nixd.server.access.shared_policy import open_policy
 from nixd.server.access.tokens import TokenIssuer
 from nixd.server.asgi import Message
 from nixd.server.config import ServerConfig
@@ -86,7 +86,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
             config.tokens.audience,
             float(config.tokens.access_ttl),
         )
-        policy = PolicyHolder(config.policy_path)
+        policy = open_policy(config.policy_path, conn)
         audit = AuditLog(config.audit_path)
         stack.callback(audit.close)
         device = DeviceService(conn, issuer=issuer, audit=audit, settings=config.device)
