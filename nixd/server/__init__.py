@@ -51,11 +51,20 @@ Policy
     (a matching deny still wins). One decision function (:meth:`~nixd.server.access.
     policy.Policy.decide`) serves requests and ``nixd-server policy explain``.
 
+Several instances
+    With ``[storage] database`` on PostgreSQL, any number of ``serve`` processes on any
+    number of hosts are one server: metadata, credentials and revocations, device codes,
+    the signing keyrings (:mod:`~nixd.server.access.keys`) and the policy
+    (:mod:`~nixd.server.access.shared_policy`) are rows of that database, every commit is
+    announced (NOTIFY) and seen by every instance on its next request, and writes are
+    serialized by one advisory lock. An instance keeps only its ``config.toml`` (and,
+    while the blobs are a directory, that directory must be shared).
+
 Rooms
     ``http/`` (routes as an ASGI app, the HTTP/1.1 front, and ``ops``: health, readiness,
     metrics and the access log), ``access/`` (identity, policy, audit, credentials, access
     tokens, keys), ``login/`` (exchanges: OIDC, AWS, device code, accounts, web pages),
-    ``storage/`` (SQLite metadata and blobs), ``cli/`` (one module per command group).
+    ``storage/`` (metadata on SQLite or PostgreSQL, and blobs), ``cli/`` (one module per command group).
     Imports run cli → http → access, login → storage; the room root holds config, errors,
     the metrics every room may count into and the ASGI types that every room shares.
 """
