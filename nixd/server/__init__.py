@@ -65,6 +65,7 @@ Rooms
     metrics and the access log), ``access/`` (identity, policy, audit, credentials, access
     tokens, keys), ``login/`` (exchanges: OIDC, AWS, device code, accounts, web pages),
     ``storage/`` (metadata on SQLite or PostgreSQL, and blobs), ``cli/`` (one module per
-    command group). Imports run cli → http → access, login → storage; the room root holds config, errors,
-    the metrics every room may count into and the ASGI types that every room shares.
+    command group). Imports run cli → http → access, login → storage; the room root holds
+    config, errors, the metrics every room may count into and the ASGI types that every
+    room shares.
 """
