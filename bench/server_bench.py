@@ -1,4 +1,8 @@
-"""Benchmark of nixd-server against nginx serving the very same cache as static files.
+"""Benchmark of nixd-server: against nginx serving the same cache, or (``--backends``) on
+each of its storage configurations against SQLite + disk.
+
+nginx comparison (the default)
+------------------------------
 
 One run measures both, interleaved, and prints ratios (server / nginx), because absolute
 numbers on a shared 2-core machine swing by ±30%. By default (``MEASURE=nar,hit,miss``):
@@ -27,6 +31,64 @@ unless DURABLE_READS or WORKERS say otherwise.
 
 Environment: BENCH_DIR, BIG_MIB, RUNS, WRK_RUNS, WRK_DURATION, DURABLE_READS, WORKERS,
 MEASURE (comma list of nar, hit, miss, big, closure).
+
+Storage configurations (``--backends``)
+---------------------------------------
+
+Issue 12's question: what do PostgreSQL, S3 and a second instance cost or buy, against
+the embedded default? The configurations (``--configs``, default all four):
+
+(a) **SQLite + disk**: today's default, ``nixd-server init`` as it comes: SQLite (WAL) and
+    blobs in the state directory. Every ratio is against (a), measured in the same run.
+(b) **PostgreSQL + disk**: ``init --database`` on a throwaway cluster of the bench's own
+    (:mod:`benchstores`: the tests' ``initdb`` + ``pg_ctl`` code, Unix socket, but
+    PostgreSQL's durable defaults: ``fsync`` and ``synchronous_commit`` on); blobs on disk.
+(c) **PostgreSQL + S3**: (b) with ``[storage] blobs = "s3://nixd-bench/PREFIX"`` and
+    ``[storage.s3] endpoint_url``/``region``, moto's server (``python -m moto.server``, a
+    process of its own on a free loopback port, dummy credentials in ``AWS_*``) as S3.
+    moto is a single Python process keeping objects in memory, so (c) measures the
+    server's S3 path plus a slow stand-in: a real S3 is slower per request (network) but
+    costs this machine no CPU. A server that refuses the config (a ConfigError at start)
+    skips (c), saying why.
+(d) **two instances**: two ``nixd-server serve`` on one PostgreSQL database and the same
+    blobs (S3 when (c) ran, the disk otherwise), each with its own state dir holding a
+    copy of the first one's config, policy and keys (as a deployment ships them). Uploads
+    go to the first, downloads come from the other; the narinfo load is split: one
+    ``wrk -t1 -c16`` per instance at the same moment (the same 2 threads and 32
+    connections as one ``wrk -t2 -c32``), their rates summed, and set against the one
+    instance with the same storage ((c), or (b)).
+
+Every configuration gets a fresh state in each run (new state dir, new database, new S3
+prefix; removed afterwards), and each run goes through all of them in a rotated order
+(run 1: a b c d, run 2: b c d a, ...). Per configuration and run:
+
+- ``nix copy --to`` the slice (``?compression=zstd``) of the 300-path closure, then of the
+  big path (``--big-mib``, 1 GiB by default): wall seconds; the CPU seconds of the
+  server(s), PostgreSQL and moto;
+- ``nix copy --from`` ``/cache/`` of both into an empty store with a fresh narinfo cache;
+- narinfo hits (the nginx comparison's ``hit``: a reader's access token, policy, durable
+  audit): req/s, p50/p99 (for (d) the worse of the two), CPU-us per request of the
+  server process trees (and of server + PostgreSQL + moto), and the cores each process
+  used while wrk ran, ``everything else`` being the rest of the machine (other users of
+  the 2 cores) from ``/proc/stat``: this is what says what bounds (d) (two instances,
+  wrk and PostgreSQL share 2 cores).
+
+How to read the table: one line per measure and configuration, the median over the runs;
+``ratio`` is (a)'s figure over this one's for times and CPU, this one's over (a)'s for
+rates, so > 1 is better than (a) and 0.7 means 30% worse. Targets (issue 12): (c) within
+0.7 of (a) for narinfo req/s and the closure copies; (d) >= 1.6 x one instance's rate,
+or the CPU line shows the cores were all in use. Every sample is written to
+``BENCH_DIR/results-backends.json``.
+
+    # the full measurement (a quiet machine; about 15 minutes)
+    .venv/bin/python bench/server_bench.py --backends --runs 3 --wrk-runs 2 --wrk-duration 10s
+    # a quick check that it works (figures are noise)
+    .venv/bin/python bench/server_bench.py --backends --big-mib 16 --runs 1 --wrk-runs 1 \\
+        --wrk-duration 3s
+
+Options: ``--configs a,b,c,d``, ``--measure hit,closure,big``, ``--big-mib``, ``--closure``
+(300 paths), ``--runs``, ``--wrk-runs``, ``--wrk-duration``, ``--workers`` (serve
+--workers), ``--durable-reads``. BENCH_DIR says where (default /tmp/nixd-server-bench).
 """
 
 from __future__ import annotations
@@ -131,8 +193,14 @@ def free_port() -> int:
 # -- setup ------------------------------------------------------------------------------
 
 
-def make_source(big_mib: int = BIG_MIB, big_name: str = "big-path.txt") -> tuple[str, list[str]]:
-    """The source store's big path (``big_mib`` random MiB) and 300-path closure, made once."""
+def make_source(
+    big_mib: int = BIG_MIB,
+    big_name: str = "big-path.txt",
+    closure: int = SMALL_PATHS,
+    small_name: str = "small-paths.txt",
+) -> tuple[str, list[str]]:
+    """The source store's big path (``big_mib`` random MiB) and ``closure`` small paths,
+    each made once (``big_name`` and ``small_name`` remember them)."""
     src = BENCH / "src"
     env = nix_env("setup")
     big_file = BENCH / big_name
@@ -144,11 +212,11 @@ def make_source(big_mib: int = BIG_MIB, big_name: str = "big-path.txt") -> tuple
                 f.write(os.urandom(1 << 20))
         big_file.write_text(run(["nix-store", "--store", str(src), "--add", str(blob)], env))
         blob.unlink()
-    small_file = BENCH / "small-paths.txt"
+    small_file = BENCH / small_name
     if not small_file.exists():
-        log(f"creating {SMALL_PATHS} small paths referencing each other")
+        log(f"creating {closure} small paths referencing each other")
         expr = BENCH / "small.nix"
-        expr.write_text(SMALL_NIX % SMALL_PATHS)
+        expr.write_text(SMALL_NIX % closure)
         small_file.write_text(
             run(["nix", "eval", "--store", str(src), "--raw", "-f", str(expr)], env)
         )
@@ -684,7 +752,9 @@ class Backends:
 
     def run(self) -> None:
         opts = self.opts
-        big, small = make_source(opts.big_mib, f"big-{opts.big_mib}M-path.txt")
+        big, small = make_source(
+            opts.big_mib, f"big-{opts.big_mib}M-path.txt", opts.closure, f"small-{opts.closure}.txt"
+        )
         warm_source([big, *small])
         needs_s3 = "c" in opts.configs or "d" in opts.configs
         with contextlib.ExitStack() as stack:
@@ -798,6 +868,7 @@ def backends_options(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backends", action="store_true", required=True)
     p.add_argument("--configs", default="a,b,c,d", help="comma list of a, b, c, d")
     p.add_argument("--big-mib", type=int, default=BIG_MIB, help="the big path's size (1024)")
+    p.add_argument("--closure", type=int, default=SMALL_PATHS, help="small paths (300)")
     p.add_argument("--runs", type=int, default=RUNS)
     p.add_argument("--wrk-runs", type=int, default=WRK_RUNS, help="wrk runs per run and config")
     p.add_argument("--wrk-duration", default=WRK_DURATION)
