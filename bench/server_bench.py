@@ -836,14 +836,20 @@ class Backends:
                     vs = value / med[one][metric]
                     note = f"{vs:.2f} x one instance ({one}); target >= 1.6"
                 print(f"{title:42} ({config})  {value:10.2f} {ratio:6.2f} {target:>7}  {note}")
-        print("\nCPU while wrk ran (cores of the machine's 2; what bounds the narinfo rate):")
+        cores = os.cpu_count()
+        print(
+            f"\nCPU while wrk ran (cores of the machine's {cores}; what bounds the narinfo rate):"
+        )
         for config, figures in med.items():
             parts = [
                 f"{metric.removeprefix('hit cores ')} {value:.2f}"
                 for metric, value in figures.items() if metric.startswith("hit cores ")
             ]  # fmt: skip
+            busy = sum(v for m, v in figures.items() if m.startswith("hit cores "))
             if parts:
-                print(f"  ({config}) " + ", ".join(parts))
+                print(
+                    f"  ({config}) " + ", ".join(parts) + f"; busy {busy:.2f} of {os.cpu_count()}"
+                )
         print("\nCPU seconds per copy (nixd-server / PostgreSQL / S3):")
         for config, figures in med.items():
             for phase in ("up closure", "down closure", "up big", "down big"):
