@@ -654,6 +654,8 @@ class Backends:
         self.results: dict[str, dict[str, list[float]]] = {c: {} for c in opts.configs}
         self.skipped: dict[str, str] = {}
         self.described: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        """Short names for the table: storage, instances x workers, durable audit."""
         self.pg: Postgres | None = None
         self.s3: MotoS3 | None = None
 
@@ -700,6 +702,11 @@ class Backends:
             first, last = setup.instances[0], setup.instances[-1]
             settings = first.settings()
             durable = str(settings["durable_reads"]).lower()
+            metadata = "SQLite" if setup.database is None else "PG"
+            self.tags[config] = (
+                f"{metadata}+{setup.blobs} {len(setup.instances)}x{settings['workers']}w"
+                f"{' durable' if settings['durable_reads'] else ''}"
+            )
             self.described[config] = (
                 f"{len(setup.instances)} instance(s) x {settings['workers']} worker(s), "
                 f"metadata {'SQLite' if setup.database is None else 'PostgreSQL'}, "
@@ -787,10 +794,11 @@ class Backends:
     def report(self, closure: int) -> None:
         opts = self.opts
         med = {c: {m: statistics.median(v) for m, v in r.items()} for c, r in self.results.items()}
-        runs = f"median of {opts.runs} run(s)"
-        wrk_runs = f"{opts.runs} x {opts.wrk_runs} wrk run(s) of {opts.wrk_duration}"
-        print(f"\nnixd-server storage configurations; {runs}, configurations alternating in each")
-        print("ratio = against (a) in the same run, > 1 is better than (a)")
+        print(
+            f"\nnixd-server storage configurations: medians of {opts.runs} run(s), the "
+            "configurations alternating in each; ratio = against (a) in the same run, "
+            "> 1 is better than (a)"
+        )
         for config in opts.configs:
             what = self.described.get(config, "")
             if config in self.skipped:
@@ -800,27 +808,29 @@ class Backends:
                 label = f"2 instances, PostgreSQL + {self.d_blobs()}"
             print(f"  ({config}) {label:38} {what}")
         one = "c" if self.d_blobs() == "S3" else "b"
+        copies = f"wall, median of {opts.runs}"
         rows = [
-            ("narinfo hit req/s", "hit req/s", True,
-             f"wrk -t2 -c32 (d: 2 wrk -t1 -c16 at once, summed); {wrk_runs}"),
-            ("narinfo hit p99 ms", "hit p99 ms", False, "(d: the worse of the two)"),
-            ("narinfo hit CPU-us/req, nixd-server", "hit CPU-us/req", False,
-             "every instance's process tree"),
-            ("narinfo hit CPU-us/req, all", "hit CPU-us/req all", False,
-             "nixd-server + PostgreSQL + S3"),
-            (f"nix copy --to, {closure}-path closure s", "up closure s", False, "zstd, wall"),
-            (f"nix copy --from, {closure}-path closure s", "down closure s", False,
-             "(d: from the other instance)"),
-            (f"nix copy --to, {opts.big_mib} MiB path s", "up big s", False, "zstd, wall"),
-            (f"nix copy --from, {opts.big_mib} MiB path s", "down big s", False,
-             "(d: from the other instance)"),
+            ("narinfo hit req/s", "hit req/s", True, ""),
+            ("narinfo hit p99 ms", "hit p99 ms", False, ""),
+            ("narinfo hit CPU-us/req, nixd-server", "hit CPU-us/req", False, ""),
+            ("narinfo hit CPU-us/req, +PG +S3", "hit CPU-us/req all", False, ""),
+            (f"nix copy --to {closure} paths s", "up closure s", False, f"zstd, {copies}"),
+            (f"nix copy --from {closure} paths s", "down closure s", False,
+             f"{copies} (d: from the other instance)"),
+            (f"nix copy --to {opts.big_mib} MiB path s", "up big s", False, f"zstd, {copies}"),
+            (f"nix copy --from {opts.big_mib} MiB path s", "down big s", False,
+             f"{copies} (d: from the other instance)"),
         ]  # fmt: skip
         targets = {
             ("c", "hit req/s"): ">= 0.7", ("c", "up closure s"): ">= 0.7",
             ("c", "down closure s"): ">= 0.7",
         }  # fmt: skip
         a = med.get("a", {})
-        print(f"\n{'measure':42} {'cfg':5} {'value':>10} {'ratio':>6} {'target':>7}  how")
+        samples = f"{opts.wrk_duration} x {opts.runs * opts.wrk_runs}"
+        wrk_how = {c: f"wrk -t2 -c32 {samples}" for c in med}
+        if "d" in wrk_how:
+            wrk_how["d"] = f"2 wrk -t1 -c16 at once, summed, {samples}"
+        print(f"\n{'measure':38} {'configuration':29} {'value':>9} {'ratio':>5} {'target':>6}  how")
         for title, metric, higher, how in rows:
             for config, figures in med.items():
                 if metric not in figures:
@@ -830,12 +840,15 @@ class Backends:
                 ratio = float("nan")
                 if ref and value:
                     ratio = value / ref if higher else ref / value
-                note = how if config == next(iter(med)) else ""
+                note = wrk_how[config] if metric.startswith("hit ") else how
+                if metric == "hit p99 ms" and config == "d":
+                    note += ", the worse of the two"
                 target = targets.get((config, metric), "")
                 if config == "d" and metric == "hit req/s" and med.get(one, {}).get(metric):
                     vs = value / med[one][metric]
-                    note = f"{vs:.2f} x one instance ({one}); target >= 1.6"
-                print(f"{title:42} ({config})  {value:10.2f} {ratio:6.2f} {target:>7}  {note}")
+                    note += f"; {vs:.2f} x one instance ({one}), target >= 1.6"
+                tag = f"({config}) {self.tags.get(config, '')}"
+                print(f"{title:38} {tag:29} {value:9.2f} {ratio:5.2f} {target:>6}  {note}")
         cores = os.cpu_count()
         print(
             f"\nCPU while wrk ran (cores of the machine's {cores}; what bounds the narinfo rate):"
