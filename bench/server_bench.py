@@ -860,9 +860,8 @@ class Backends:
             ]  # fmt: skip
             busy = sum(v for m, v in figures.items() if m.startswith("hit cores "))
             if parts:
-                print(
-                    f"  ({config}) " + ", ".join(parts) + f"; busy {busy:.2f} of {os.cpu_count()}"
-                )
+                full = " (every core busy: CPU-bound)" if busy >= 0.9 * (cores or 1) else ""
+                print(f"  ({config}) " + ", ".join(parts) + f"; busy {busy:.2f} of {cores}{full}")
         print("\nCPU seconds per copy (nixd-server / PostgreSQL / S3):")
         for config, figures in med.items():
             for phase in ("up closure", "down closure", "up big", "down big"):
