@@ -1,4 +1,8 @@
-"""Benchmark of nixd-server against nginx serving the very same cache as static files.
+"""Benchmark of nixd-server: against nginx serving the same cache, or (``--backends``) on
+each of its storage configurations against SQLite + disk.
+
+nginx comparison (the default)
+------------------------------
 
 One run measures both, interleaved, and prints ratios (server / nginx), because absolute
 numbers on a shared 2-core machine swing by ±30%. By default (``MEASURE=nar,hit,miss``):
@@ -27,10 +31,70 @@ unless DURABLE_READS or WORKERS say otherwise.
 
 Environment: BENCH_DIR, BIG_MIB, RUNS, WRK_RUNS, WRK_DURATION, DURABLE_READS, WORKERS,
 MEASURE (comma list of nar, hit, miss, big, closure).
+
+Storage configurations (``--backends``)
+---------------------------------------
+
+Issue 12's question: what do PostgreSQL, S3 and a second instance cost or buy, against
+the embedded default? The configurations (``--configs``, default all four):
+
+(a) **SQLite + disk**: today's default, ``nixd-server init`` as it comes: SQLite (WAL) and
+    blobs in the state directory. Every ratio is against (a), measured in the same run.
+(b) **PostgreSQL + disk**: ``init --database`` on a throwaway cluster of the bench's own
+    (:mod:`benchstores`: the tests' ``initdb`` + ``pg_ctl`` code, Unix socket, but
+    PostgreSQL's durable defaults: ``fsync`` and ``synchronous_commit`` on); blobs on disk.
+(c) **PostgreSQL + S3**: (b) with ``[storage] blobs = "s3://nixd-bench/PREFIX"`` and
+    ``[storage.s3] endpoint_url``/``region``, moto's server (``python -m moto.server``, a
+    process of its own on a free loopback port, dummy credentials in ``AWS_*``) as S3.
+    moto is a single Python process keeping objects in memory, so (c) measures the
+    server's S3 path plus a slow stand-in: a real S3 is slower per request (network) but
+    costs this machine no CPU. A server that refuses the config (a ConfigError at start)
+    skips (c), saying why.
+(d) **two instances**: two ``nixd-server serve`` on one PostgreSQL database and the same
+    blobs (S3 when (c) ran, the disk otherwise), each with its own state dir holding a
+    copy of the first one's config, policy and keys (as a deployment ships them). Uploads
+    go to the first, downloads come from the other; the narinfo load is split: one
+    ``wrk -t1 -c16`` per instance at the same moment (the same 2 threads and 32
+    connections as one ``wrk -t2 -c32``), their rates summed, and set against the one
+    instance with the same storage ((c), or (b)).
+
+Every configuration gets a fresh state in each run (new state dir, new database, new S3
+prefix; removed afterwards), and each run goes through all of them in a rotated order
+(run 1: a b c d, run 2: b c d a, ...). Per configuration and run:
+
+- ``nix copy --to`` the slice (``?compression=zstd``) of the 300-path closure, then of the
+  big path (``--big-mib``, 1 GiB by default): wall seconds; the CPU seconds of the
+  server(s), PostgreSQL and moto;
+- ``nix copy --from`` ``/cache/`` of both into an empty store with a fresh narinfo cache;
+- narinfo hits (the nginx comparison's ``hit``: a reader's access token, policy, durable
+  audit): req/s, p50/p99 (for (d) the worse of the two), CPU-us per request of the
+  server process trees (and of server + PostgreSQL + moto), and the cores each process
+  used while wrk ran, ``everything else`` being the rest of the machine (other users of
+  the 2 cores) from ``/proc/stat``: this is what says what bounds (d) (two instances,
+  wrk and PostgreSQL share 2 cores).
+
+How to read the table: one line per measure and configuration, the median over the runs;
+``ratio`` is (a)'s figure over this one's for times and CPU, this one's over (a)'s for
+rates, so > 1 is better than (a) and 0.7 means 30% worse. Targets (issue 12): (c) within
+0.7 of (a) for narinfo req/s and the closure copies; (d) >= 1.6 x one instance's rate,
+or the CPU line shows the cores were all in use. Every sample is written to
+``BENCH_DIR/results-backends.json``.
+
+    # the full measurement (a quiet machine; about 15 minutes)
+    .venv/bin/python bench/server_bench.py --backends --runs 3 --wrk-runs 2 --wrk-duration 10s
+    # a quick check that it works (figures are noise)
+    .venv/bin/python bench/server_bench.py --backends --big-mib 16 --runs 1 --wrk-runs 1 \\
+        --wrk-duration 3s
+
+Options: ``--configs a,b,c,d``, ``--measure hit,closure,big``, ``--big-mib``, ``--closure``
+(300 paths), ``--runs``, ``--wrk-runs``, ``--wrk-duration``, ``--workers`` (serve
+--workers), ``--durable-reads``. BENCH_DIR says where (default /tmp/nixd-server-bench).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import re
@@ -42,9 +106,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from benchproc import CpuSnapshot, cpu_between, cpu_snapshot
+from benchstores import Instance, MotoS3, Postgres, Refused, postgres
 
 BENCH = Path(os.environ.get("BENCH_DIR", "/tmp/nixd-server-bench"))
 BIG_MIB = int(os.environ.get("BIG_MIB", "1024"))
@@ -126,23 +193,30 @@ def free_port() -> int:
 # -- setup ------------------------------------------------------------------------------
 
 
-def make_source() -> tuple[str, list[str]]:
+def make_source(
+    big_mib: int = BIG_MIB,
+    big_name: str = "big-path.txt",
+    closure: int = SMALL_PATHS,
+    small_name: str = "small-paths.txt",
+) -> tuple[str, list[str]]:
+    """The source store's big path (``big_mib`` random MiB) and ``closure`` small paths,
+    each made once (``big_name`` and ``small_name`` remember them)."""
     src = BENCH / "src"
     env = nix_env("setup")
-    big_file = BENCH / "big-path.txt"
+    big_file = BENCH / big_name
     if not big_file.exists():
-        log(f"creating a {BIG_MIB} MiB random store path")
-        blob = BENCH / "big.bin"
+        log(f"creating a {big_mib} MiB random store path")
+        blob = BENCH / f"big-{big_mib}M.bin"
         with blob.open("wb") as f:
-            for _ in range(BIG_MIB):
+            for _ in range(big_mib):
                 f.write(os.urandom(1 << 20))
         big_file.write_text(run(["nix-store", "--store", str(src), "--add", str(blob)], env))
         blob.unlink()
-    small_file = BENCH / "small-paths.txt"
+    small_file = BENCH / small_name
     if not small_file.exists():
-        log(f"creating {SMALL_PATHS} small paths referencing each other")
+        log(f"creating {closure} small paths referencing each other")
         expr = BENCH / "small.nix"
-        expr.write_text(SMALL_NIX % SMALL_PATHS)
+        expr.write_text(SMALL_NIX % closure)
         small_file.write_text(
             run(["nix", "eval", "--store", str(src), "--raw", "-f", str(expr)], env)
         )
@@ -458,7 +532,379 @@ def wrk(url: str, headers: Sequence[str], script: Path | None = None) -> dict[st
     return result
 
 
+# -- storage configurations (--backends) ------------------------------------------------
+
+CONFIGS = {
+    "a": "SQLite + disk",
+    "b": "PostgreSQL + disk",
+    "c": "PostgreSQL + S3",
+    "d": "2 instances, PostgreSQL + shared blobs",
+}
+"""The ``--backends`` configurations; ratios are against (a), measured in the same run."""
+
+
+@dataclass
+class Setup:
+    """What one configuration runs on in one run (its instances, and what they share)."""
+
+    name: str
+    instances: list[Instance]
+    database: str | None
+    blobs: str
+    """"disk" or "S3"."""
+
+    def procs(self, pg: Postgres | None, s3: MotoS3 | None) -> dict[str, list[int]]:
+        """Each component's process trees, by the name the CPU table gives them."""
+        out = {"nixd-server": [i.pid for i in self.instances]}
+        if self.database and pg is not None:
+            out["PostgreSQL"] = [pg.pid]
+        if self.blobs == "S3" and s3 is not None:
+            out["moto S3"] = [s3.pid]
+        return out
+
+
+def snapshot(procs: dict[str, list[int]]) -> dict[str, list[CpuSnapshot]]:
+    return {name: [cpu_snapshot(p) for p in pids] for name, pids in procs.items()}
+
+
+def cpu_used(before: dict[str, list[CpuSnapshot]], procs: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds each component used since ``before`` (every tree of it summed)."""
+    after = snapshot(procs)
+    return {
+        name: sum(cpu_between(b, a) for b, a in zip(before[name], after[name], strict=True))
+        for name in procs
+    }
+
+
+def warm_source(paths: list[str]) -> None:
+    """Read every file of ``paths`` in the source store, and start ``nix`` once, so that
+    the first configuration of the first run does not pay for a cold page cache."""
+    for p in paths:
+        root = BENCH / "src" / p.lstrip("/")
+        files = [root] if root.is_file() else [f for f in root.rglob("*") if f.is_file()]
+        for f in files:
+            with f.open("rb") as src:
+                while src.read(1 << 20):
+                    pass
+    run(["nix", "--version"], nix_env("setup"))
+
+
+def machine_busy() -> float:
+    """CPU seconds every core of the machine has been busy (not idle, not iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def nix_copy_to(url: str, netrc: Path, paths: list[str], tag: str) -> float:
+    """Seconds of ``nix copy --to SLICE?compression=zstd`` from the source store."""
+    env = nix_env(f"up-{tag}")
+    shutil.rmtree(Path(env["XDG_CACHE_HOME"]), ignore_errors=True)
+    Path(env["XDG_CACHE_HOME"]).mkdir()
+    cmd = [
+        "nix", "copy", "--store", str(BENCH / "src"),
+        "--option", "netrc-file", str(netrc),
+        "--to", f"{url}/cache/bench/app?compression=zstd", *paths,
+    ]  # fmt: skip
+    return timed(lambda: run(cmd, env))
+
+
+def wrk_at_once(
+    urls: list[tuple[str, str]], threads: int, conns: int, duration: str
+) -> tuple[dict[str, float], float, float]:
+    """One ``wrk`` per (url, bearer) at the same time: summed req/s and count, the worst
+    p50/p99, the wall seconds and the CPU seconds of all the wrk processes (wait4)."""
+    procs = []
+    for n, (url, bearer) in enumerate(urls):
+        out = (BENCH / f"wrk-{n}.out").open("wb")
+        cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}", "--latency",
+               "-H", f"Authorization: Bearer {bearer}", url]  # fmt: skip
+        procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), out))
+    t = time.monotonic()
+    cpu = 0.0
+    for proc, out in procs:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.close()
+        cpu += usage.ru_utime + usage.ru_stime
+    wall = time.monotonic() - t
+    total = {"req/s": 0.0, "count": 0.0, "p50 ms": 0.0, "p99 ms": 0.0}
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    for n, (proc, _) in enumerate(procs):
+        text = (BENCH / f"wrk-{n}.out").read_text()
+        if proc.returncode or "Requests/sec" not in text:
+            raise SystemExit(f"wrk failed ({proc.returncode}):\n{text[-2000:]}")
+        if re.search(r"Non-2xx or 3xx responses: (\d+)", text):
+            raise SystemExit(f"wrk saw errors (is the token right?):\n{text[-2000:]}")
+        total["req/s"] += float(re.search(r"Requests/sec:\s+([\d.]+)", text)[1])  # type: ignore[index]
+        total["count"] += int(re.search(r"(\d+) requests in", text)[1])  # type: ignore[index]
+        for pct in ("50", "99"):
+            m = re.search(pct + r"%\s+([\d.]+)(us|ms|s)\b", text)
+            value = float(m[1]) * scale[m[2]] if m else float("nan")
+            total[f"p{pct} ms"] = max(total[f"p{pct} ms"], value)
+    return total, wall, cpu
+
+
+class Backends:
+    """The ``--backends`` run: every configuration per run, alternating, fresh state each."""
+
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.base = BENCH / "backends"
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, dict[str, list[float]]] = {c: {} for c in opts.configs}
+        self.skipped: dict[str, str] = {}
+        self.described: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        """Short names for the table: storage, instances x workers, durable audit."""
+        self.pg: Postgres | None = None
+        self.s3: MotoS3 | None = None
+
+    def add(self, config: str, metric: str, value: float) -> None:
+        self.results[config].setdefault(metric, []).append(value)
+
+    def d_blobs(self) -> str:
+        """(d) shares S3 when (c) runs here and the server took it, the disk otherwise."""
+        return "S3" if "c" in self.opts.configs and "c" not in self.skipped else "disk"
+
+    def setup(self, config: str, run_no: int) -> Setup:
+        assert self.pg is not None
+        name = f"{config}-r{run_no}"
+        state = self.base / name
+        database = None if config == "a" else self.pg.fresh_database(f"bench_{config}_{run_no}")
+        blobs = "S3" if config == "c" or (config == "d" and self.d_blobs() == "S3") else "disk"
+        first = Instance(state, self.opts.workers)
+        first.init(database, self.opts.durable_reads)
+        if blobs == "S3":
+            assert self.s3 is not None
+            blobs_url, s3_keys = self.s3.config(name)
+            first.set_blobs(blobs_url, s3_keys)
+        instances = [first]
+        if config == "d":
+            instances.append(first.twin(self.base / f"{name}-twin"))
+        return Setup(name, instances, database, blobs)
+
+    def teardown(self, setup: Setup) -> None:
+        for inst in setup.instances:
+            inst.stop()
+            shutil.rmtree(inst.state, ignore_errors=True)
+        if setup.database and self.pg is not None:
+            self.pg.drop(setup.database.split("///", 1)[1].split("?", 1)[0])
+        if setup.blobs == "S3" and self.s3 is not None:
+            self.s3.reset()
+
+    def measure(self, config: str, run_no: int, big: str, small: list[str]) -> None:
+        opts = self.opts
+        setup = self.setup(config, run_no)
+        try:
+            for inst in setup.instances:
+                inst.start()
+            procs = setup.procs(self.pg, self.s3)
+            first, last = setup.instances[0], setup.instances[-1]
+            settings = first.settings()
+            durable = str(settings["durable_reads"]).lower()
+            metadata = "SQLite" if setup.database is None else "PG"
+            self.tags[config] = (
+                f"{metadata}+{setup.blobs} {len(setup.instances)}x{settings['workers']}w"
+                f"{' durable' if settings['durable_reads'] else ''}"
+            )
+            self.described[config] = (
+                f"{len(setup.instances)} instance(s) x {settings['workers']} worker(s), "
+                f"metadata {'SQLite' if setup.database is None else 'PostgreSQL'}, "
+                f"blobs {setup.blobs}, audit.durable_reads = {durable}"
+            )
+            writer = first.netrc(self.base / "writer.netrc", "member")
+            reader = last.netrc(self.base / "reader.netrc", "reader")
+            copies = [("closure", small), ("big", [big])]
+            for what, paths in copies:
+                if what not in opts.measure:
+                    continue
+                log(f"({config}) nix copy --to, {what}")
+                before = snapshot(procs)
+                self.add(config, f"up {what} s", nix_copy_to(first.url, writer, paths, config))
+                for comp, cpu in cpu_used(before, procs).items():
+                    self.add(config, f"up {what} CPU-s {comp}", cpu)
+            for what, paths in copies:
+                if what not in opts.measure:
+                    continue
+                other = " the other instance" if config == "d" else ""
+                log(f"({config}) nix copy --from{other}, {what}")
+                before = snapshot(procs)
+                seconds = nix_copy(f"{last.url}/cache/", reader, first.key, paths, config)
+                self.add(config, f"down {what} s", seconds)
+                for comp, cpu in cpu_used(before, procs).items():
+                    self.add(config, f"down {what} CPU-s {comp}", cpu)
+            if "hit" in opts.measure:
+                hit = Path(small[0]).name[:32]
+                targets = [
+                    (f"{i.url}/cache/{hit}.narinfo", i.access_token()) for i in setup.instances
+                ]
+                n = len(targets)
+                threads, conns = max(1, 2 // n), max(1, 32 // n)
+                for _ in range(opts.wrk_runs):
+                    how = f"{n} x -t{threads} -c{conns} {opts.wrk_duration}"
+                    log(f"({config}) wrk narinfo hit, {how}")
+                    before, busy = snapshot(procs), machine_busy()
+                    got, wall, wrk_cpu = wrk_at_once(targets, threads, conns, opts.wrk_duration)
+                    used = cpu_used(before, procs)
+                    others = machine_busy() - busy - sum(used.values()) - wrk_cpu
+                    for metric in ("req/s", "p50 ms", "p99 ms"):
+                        self.add(config, f"hit {metric}", got[metric])
+                    self.add(config, "hit CPU-us/req", used["nixd-server"] / got["count"] * 1e6)
+                    self.add(config, "hit CPU-us/req all", sum(used.values()) / got["count"] * 1e6)
+                    everything = {**used, "wrk": wrk_cpu, "everything else": max(0.0, others)}
+                    for comp, cpu in everything.items():
+                        self.add(config, f"hit cores {comp}", cpu / wall)
+        finally:
+            self.teardown(setup)
+
+    def run(self) -> None:
+        opts = self.opts
+        big, small = make_source(
+            opts.big_mib, f"big-{opts.big_mib}M-path.txt", opts.closure, f"small-{opts.closure}.txt"
+        )
+        warm_source([big, *small])
+        needs_s3 = "c" in opts.configs or "d" in opts.configs
+        with contextlib.ExitStack() as stack:
+            self.pg = stack.enter_context(postgres())
+            if needs_s3:
+                self.s3 = MotoS3(self.base)
+                stack.callback(self.s3.stop)
+            for run_no in range(opts.runs):
+                shift = run_no % len(opts.configs)
+                order = opts.configs[shift:] + opts.configs[:shift]
+                if run_no == 0 and "c" in order and "d" in order:  # (d) asks whether (c) ran
+                    order.remove("c")
+                    order.insert(order.index("d"), "c")
+                for config in order:
+                    if config in self.skipped:
+                        continue
+                    log(f"run {run_no + 1}/{opts.runs}: ({config}) {CONFIGS[config]}")
+                    try:
+                        self.measure(config, run_no, big, small)
+                    except Refused as exc:
+                        if config != "c":
+                            raise SystemExit(
+                                f"({config}) the server refused to start: {exc}"
+                            ) from None
+                        self.skipped[config] = str(exc)
+                        log(f"({config}) skipped: the server refuses the s3:// blobs config: {exc}")
+                        del self.results[config]
+        self.report(len(small))
+
+    def report(self, closure: int) -> None:
+        opts = self.opts
+        med = {c: {m: statistics.median(v) for m, v in r.items()} for c, r in self.results.items()}
+        print(
+            f"\nnixd-server storage configurations: medians of {opts.runs} run(s), the "
+            "configurations alternating in each; ratio = against (a) in the same run, "
+            "> 1 is better than (a)"
+        )
+        for config in opts.configs:
+            what = self.described.get(config, "")
+            if config in self.skipped:
+                what = f"SKIPPED: {self.skipped[config]}"
+            label = CONFIGS[config]
+            if config == "d":
+                label = f"2 instances, PostgreSQL + {self.d_blobs()}"
+            print(f"  ({config}) {label:38} {what}")
+        one = "c" if self.d_blobs() == "S3" else "b"
+        copies = f"wall, median of {opts.runs}"
+        rows = [
+            ("narinfo hit req/s", "hit req/s", True, ""),
+            ("narinfo hit p99 ms", "hit p99 ms", False, ""),
+            ("narinfo hit CPU-us/req, nixd-server", "hit CPU-us/req", False, ""),
+            ("narinfo hit CPU-us/req, +PG +S3", "hit CPU-us/req all", False, ""),
+            (f"nix copy --to {closure} paths s", "up closure s", False, f"zstd, {copies}"),
+            (f"nix copy --from {closure} paths s", "down closure s", False,
+             f"{copies} (d: from the other instance)"),
+            (f"nix copy --to {opts.big_mib} MiB path s", "up big s", False, f"zstd, {copies}"),
+            (f"nix copy --from {opts.big_mib} MiB path s", "down big s", False,
+             f"{copies} (d: from the other instance)"),
+        ]  # fmt: skip
+        targets = {
+            ("c", "hit req/s"): ">= 0.7", ("c", "up closure s"): ">= 0.7",
+            ("c", "down closure s"): ">= 0.7",
+        }  # fmt: skip
+        a = med.get("a", {})
+        samples = f"{opts.wrk_duration} x {opts.runs * opts.wrk_runs}"
+        wrk_how = {c: f"wrk -t2 -c32 {samples}" for c in med}
+        if "d" in wrk_how:
+            wrk_how["d"] = f"2 wrk -t1 -c16 at once, summed, {samples}"
+        print(f"\n{'measure':38} {'configuration':29} {'value':>9} {'ratio':>5} {'target':>6}  how")
+        for title, metric, higher, how in rows:
+            for config, figures in med.items():
+                if metric not in figures:
+                    continue
+                value = figures[metric]
+                ref = a.get(metric)
+                ratio = float("nan")
+                if ref and value:
+                    ratio = value / ref if higher else ref / value
+                note = wrk_how[config] if metric.startswith("hit ") else how
+                if metric == "hit p99 ms" and config == "d":
+                    note += ", the worse of the two"
+                target = targets.get((config, metric), "")
+                if config == "d" and metric == "hit req/s" and med.get(one, {}).get(metric):
+                    vs = value / med[one][metric]
+                    note += f"; {vs:.2f} x one instance ({one}), target >= 1.6"
+                tag = f"({config}) {self.tags.get(config, '')}"
+                print(f"{title:38} {tag:29} {value:9.2f} {ratio:5.2f} {target:>6}  {note}")
+        cores = os.cpu_count()
+        print(
+            f"\nCPU while wrk ran (cores of the machine's {cores}; what bounds the narinfo rate):"
+        )
+        for config, figures in med.items():
+            parts = [
+                f"{metric.removeprefix('hit cores ')} {value:.2f}"
+                for metric, value in figures.items() if metric.startswith("hit cores ")
+            ]  # fmt: skip
+            busy = sum(v for m, v in figures.items() if m.startswith("hit cores "))
+            if parts:
+                full = " (every core busy: CPU-bound)" if busy >= 0.9 * (cores or 1) else ""
+                print(f"  ({config}) " + ", ".join(parts) + f"; busy {busy:.2f} of {cores}{full}")
+        print("\nCPU seconds per copy (nixd-server / PostgreSQL / S3):")
+        for config, figures in med.items():
+            for phase in ("up closure", "down closure", "up big", "down big"):
+                parts = [
+                    f"{metric.split('CPU-s ', 1)[1]} {value:.2f}"
+                    for metric, value in figures.items()
+                    if metric.startswith(f"{phase} CPU-s ")
+                ]
+                if parts:
+                    print(f"  ({config}) {phase:13} " + ", ".join(parts))
+        out = BENCH / "results-backends.json"
+        out.write_text(
+            json.dumps(
+                {"configs": self.described, "skipped": self.skipped, "runs": self.results}, indent=2
+            )
+        )
+        log(f"every sample: {out}")
+
+
+def backends_options(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="server_bench.py --backends")
+    p.add_argument("--backends", action="store_true", required=True)
+    p.add_argument("--configs", default="a,b,c,d", help="comma list of a, b, c, d")
+    p.add_argument("--big-mib", type=int, default=BIG_MIB, help="the big path's size (1024)")
+    p.add_argument("--closure", type=int, default=SMALL_PATHS, help="small paths (300)")
+    p.add_argument("--runs", type=int, default=RUNS)
+    p.add_argument("--wrk-runs", type=int, default=WRK_RUNS, help="wrk runs per run and config")
+    p.add_argument("--wrk-duration", default=WRK_DURATION)
+    p.add_argument("--workers", default=WORKERS, help="serve --workers (default: the config's)")
+    p.add_argument("--durable-reads", default=DURABLE_READS, choices=("true", "false"))
+    p.add_argument("--measure", default="hit,closure,big", help="comma list of hit, closure, big")
+    opts = p.parse_args(argv)
+    opts.configs = [c for c in opts.configs.split(",") if c]
+    if not opts.configs or set(opts.configs) - set(CONFIGS):
+        p.error(f"--configs: a comma list of {', '.join(CONFIGS)}")
+    opts.measure = set(opts.measure.split(","))
+    return opts
+
+
 def main() -> int:
+    if "--backends" in sys.argv[1:]:
+        Backends(backends_options(sys.argv[1:])).run()
+        return 0
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
         return 0

@@ -7,7 +7,9 @@ in that directory (no TCP port to collide with anything). As root the cluster ru
 ``postgres`` system user (``runuser -u postgres --``), which owns the directory; otherwise
 as the current user. Settings favour speed (``fsync=off``: a crash of the test machine
 loses nothing of value). It is stopped (``pg_ctl stop -m immediate``) and removed at the
-end of the session whatever happened, the teardown of a failed session included.
+end of the session whatever happened, the teardown of a failed session included. The
+benchmarks start their own cluster the same way (:func:`throwaway_cluster`, with
+durable settings).
 
 ``pg_database`` gives each test a fresh, empty database and drops it afterwards.
 
@@ -17,6 +19,7 @@ they fail instead, because there ``scripts/setup`` must have installed ``postgre
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -41,6 +44,11 @@ class PgCluster:
     root: Path
     socket_dir: Path
     user: str
+
+    @property
+    def postmaster_pid(self) -> int:
+        """The server process's PID (first line of ``postmaster.pid``), for its CPU time."""
+        return int((self.root / "data" / "postmaster.pid").read_text().split()[0])
 
     def url(self, dbname: str = "postgres") -> str:
         """A libpq URL for ``dbname`` over the cluster's Unix socket."""
@@ -72,62 +80,85 @@ def _as_owner(argv: list[str], user: str | None) -> list[str]:
     return ["runuser", "-u", user, "--", *argv] if user else argv
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    require_pg()
+TEST_SETTINGS = (
+    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+    "-c max_connections=200 -c shared_buffers=32MB"
+)
+"""Speed over safety: a crash of the test machine loses nothing of value."""
+
+
+class PgStartError(RuntimeError):
+    """``initdb`` or ``pg_ctl start`` failed; the message carries their output and log."""
+
+
+@contextlib.contextmanager
+def throwaway_cluster(
+    settings: str = TEST_SETTINGS, prefix: str = "nixd-pg-"
+) -> Iterator[PgCluster]:
+    """A cluster of its own in a new temp dir, on a Unix socket only, removed on exit.
+
+    Shared by the test fixture and the benchmarks (which pass production-like
+    ``settings``): as root it runs as ``postgres``, which must own the directory.
+    """
     run_as = "postgres" if os.geteuid() == 0 else None
     user = run_as or pwd.getpwuid(os.geteuid()).pw_name
-    root = Path(tempfile.mkdtemp(prefix="nixd-pg-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     data = root / "data"
     try:
         if run_as:
             entry = pwd.getpwnam(run_as)
             os.chown(root, entry.pw_uid, entry.pw_gid)
-        subprocess.run(
-            _as_owner(
-                [
-                    str(PG_BIN / "initdb"),
-                    "-D",
-                    str(data),
-                    "-U",
-                    user,
-                    "--auth=trust",
-                    "--no-locale",
-                    "--encoding=UTF8",
-                    "--no-sync",
-                ],
-                run_as,
-            ),
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        options = (
-            f"-c listen_addresses='' -c unix_socket_directories='{root}' -p {PORT} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=200 -c shared_buffers=32MB"
-        )
-        subprocess.run(
-            _as_owner(
-                [
-                    str(PG_BIN / "pg_ctl"),
-                    "-D",
-                    str(data),
-                    "-l",
-                    str(root / "log"),
-                    "-o",
-                    options,
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ],
-                run_as,
-            ),
-            check=True,
-            capture_output=True,
-            timeout=90,
-        )
+        try:
+            subprocess.run(
+                _as_owner(
+                    [
+                        str(PG_BIN / "initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        user,
+                        "--auth=trust",
+                        "--no-locale",
+                        "--encoding=UTF8",
+                        "--no-sync",
+                    ],
+                    run_as,
+                ),
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            options = (
+                f"-c listen_addresses='' -c unix_socket_directories='{root}' -p {PORT} {settings}"
+            )
+            subprocess.run(
+                _as_owner(
+                    [
+                        str(PG_BIN / "pg_ctl"),
+                        "-D",
+                        str(data),
+                        "-l",
+                        str(root / "log"),
+                        "-o",
+                        options,
+                        "-w",
+                        "-t",
+                        "60",
+                        "start",
+                    ],
+                    run_as,
+                ),
+                check=True,
+                capture_output=True,
+                timeout=90,
+            )
+        except subprocess.CalledProcessError as exc:
+            log = root / "log"
+            detail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise PgStartError(
+                f"could not start a throwaway PostgreSQL: "
+                f"{exc.stderr.decode(errors='replace')}{detail}"
+            ) from exc
         try:
             yield PgCluster(root, root, user)
         finally:
@@ -140,14 +171,18 @@ def pg_cluster() -> Iterator[PgCluster]:
                 capture_output=True,
                 timeout=60,
             )
-    except subprocess.CalledProcessError as exc:
-        log = root / "log"
-        detail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        pytest.fail(
-            f"could not start the test PostgreSQL: {exc.stderr.decode(errors='replace')}{detail}"
-        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    require_pg()
+    try:
+        with throwaway_cluster() as cluster:
+            yield cluster
+    except PgStartError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
