@@ -742,7 +742,21 @@ class ServerKeys:
         )
 
     def refresh(self) -> bool:
-        """Reload whichever keyring changed on disk; True if any did."""
+        """Reload whichever keyring changed (file or row); True if any did.
+
+        In the database both versions come from one query: the server asks after every
+        commit any instance announces, uploads included.
+        """
+        table = self.narinfo.table
+        if table is not None:
+            rows = table.conn.execute("SELECT name, version FROM keyrings").fetchall()
+            versions = {str(name): int(version) for name, version in rows}
+            if all(
+                versions.get(ring.table.name) == ring._stat
+                for ring in (self.narinfo, self.jwt)
+                if ring.table is not None
+            ):
+                return False
         narinfo = self.narinfo.refresh()
         jwt = self.jwt.refresh()
         return narinfo or jwt
