@@ -65,6 +65,7 @@ COPY_ORDER = [
     "nars",
     "upload_aliases",
     "slice_records",
+    "pins",
     "logs",
     "accounts",
     "device_codes",
