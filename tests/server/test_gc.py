@@ -8,13 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from nixd.errors import ConfigError
 from nixd.server.config import RetentionSection, ServerConfig
 from nixd.server.storage.db import Connection, create_org, create_project, open_db
-from nixd.server.storage.gc import collect
+from nixd.server.storage.gc import GcReport, collect, serve_gc
 from nixd.server.storage.pins import add_pin, list_pins, parse_store_path, remove_pin
 from nixd.server.storage.store import Store
+from tests.server.appenv import HASH_A, Env, make_nar, upload
 from tests.server.conftest import ServerState
 from tests.server.gcenv import DAY, hash_of, labels, nar, put
 
@@ -320,3 +322,65 @@ def test_gc_config_defaults_and_errors() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             ServerConfig.from_toml(f"[gc]\n{bad}\n", state_dir=Path("/s"))
+
+
+async def test_reads_through_the_app_are_noted_and_flushed(env: Env, tmp_path: Path) -> None:
+    store = env.services.store
+    async with env.client(auth=env.member, basic=True) as c:
+        r = await upload(c, "acme/app", HASH_A, make_nar(tmp_path / "a", b"read me"))
+        assert r.status_code == 200
+        app = store.project("acme", "app")
+        assert app is not None
+
+        def last_access() -> object:
+            row = store.conn.execute(
+                "SELECT last_access FROM slice_records WHERE project_id = ? AND hash_part = ?",
+                (app.id, HASH_A),
+            ).fetchone()
+            return row[0]
+
+        assert last_access() is None
+        before = time.time()
+        narinfo = await c.get(f"/cache/acme/{HASH_A}.narinfo")  # through the org's view
+        assert narinfo.status_code == 200
+        assert last_access() is None  # noted in memory only
+        assert store.flush_accesses() == 1
+        first = last_access()
+        assert isinstance(first, float) and first >= before
+        url = next(x for x in narinfo.text.splitlines() if x.startswith("URL: "))[5:]
+        assert (await c.get(f"/cache/acme/app/{url}")).status_code == 200
+        assert store.flush_accesses() == 1
+        second = last_access()
+        assert isinstance(second, float) and second >= first
+
+
+async def test_the_servers_own_gc_flushes_reads_and_collects_on_its_interval(
+    store: Store, conn: Connection, tmp_path: Path, database: str | Path, autojump_clock: object
+) -> None:
+    del autojump_clock  # virtual time: an hour's interval passes at once
+    app = create_project(conn, "acme", "app")
+    put(store, tmp_path, app, "unread", age_days=40)
+    read = put(store, tmp_path, app, "read", age_days=40)
+    store.note_access(app.id, read.hash_part)
+    reports: list[GcReport] = []
+
+    async def audit(report: GcReport) -> None:
+        reports.append(report)
+        if len(reports) == 2:
+            scope.cancel()
+
+    # No deadline: under the autojump clock one would pass while a run's thread works.
+    with trio.CancelScope() as scope:
+        await serve_gc(
+            store,
+            lambda: Store(open_db(database), tmp_path / "blobs"),
+            rule(days=30),
+            interval=3600,
+            grace=DAY,
+            access_flush=60,
+            audit=audit,
+        )
+    assert len(reports) == 2
+    assert reports[0].paths == {"acme/app": [f"/nix/store/{hash_of('unread')}-unread"]}
+    assert reports[1].paths_removed == 0
+    assert labels(store, app) == {"read"}
