@@ -74,10 +74,11 @@ class Record:
     nar_hash: str
     created: float
     last_access: float  # the upload time if never read since
+    key: Key = (0, "")
+    """(project id, hash part); filled in by :meth:`__post_init__` (read very often)."""
 
-    @property
-    def key(self) -> Key:
-        return (self.project_id, self.hash_part)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.project_id, self.hash_part))
 
 
 def rule_for(slice_name: str, rules: Sequence[RetentionSection]) -> RetentionSection | None:

@@ -18,6 +18,9 @@ The model:
   Signatures are never stored: the server signs when it serves.
 - A **slice** is ``org/project``. A slice is what policy talks about; which slices answer
   a reader, and in what order, is the unified view's business (:mod:`nixd.server.http.app`).
+- A record's **last access** (``slice_records.last_access``) is when a reader was last
+  served its narinfo or NAR: noted in memory per request, written in batches
+  (:meth:`Store.flush_accesses`), read by retention (:mod:`nixd.server.storage.gc`).
 - An **upload alias** remembers, per slice, the NAR URL a client used for a PUT
   (``nar/<its filehash>.nar.xz``) and the NarHash it turned out to have, so that the narinfo
   PUT that follows can be checked against the bytes actually received.
@@ -1085,13 +1088,15 @@ class Store:
     def iter_blobs(self) -> Iterator[tuple[str, int, float]]:
         """Every stored blob: ``(file_hash, size, mtime)``; files that vanish are skipped."""
         try:
-            shards = sorted(self.blobs.iterdir())
+            shards = [e for e in os.scandir(self.blobs) if len(e.name) == 2 and e.is_dir()]
         except FileNotFoundError:
             return
-        for shard in shards:
-            if len(shard.name) != 2 or not shard.is_dir():
-                continue  # tmp/ and anything an operator left there
-            for entry in sorted(shard.iterdir()):
+        for shard in shards:  # not tmp/, nor anything an operator left there
+            try:
+                entries = list(os.scandir(shard.path))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
                 file_hash, dot, suffix = entry.name.partition(".")
                 if suffix != "nar.zst" or not dot or file_hash[:2] != shard.name:
                     continue
