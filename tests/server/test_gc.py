@@ -284,7 +284,8 @@ def test_cli_gc_and_pins_are_audited(server_state: ServerState) -> None:
     state.admin("pin", "rm", "acme/app", keep.hash_part)
     lines = [json.loads(x) for x in config.audit_path.read_text().splitlines()]
     actions = [e.get("action") for e in lines]
-    assert actions[-3:] == ["admin:pin.add", "admin:gc", "admin:pin.rm"]
+    assert actions[-4:] == ["admin:pin.add", "admin:gc", "admin:gc", "admin:pin.rm"]
+    assert [e.get("dry_run") for e in lines[-3:-1]] == [True, False]
     assert "ok" in state.admin("audit", "verify").lower()
 
 

@@ -2,7 +2,7 @@
 
 The model is :mod:`nixd.server.storage.gc`'s (what is kept, what a release is, why an
 upload in flight is safe); pins are :mod:`nixd.server.storage.pins`'. Every pin change
-and every GC run that is not a dry run is written to the audit log.
+and every GC run (a dry run too, marked so) is written to the audit log.
 """
 
 from __future__ import annotations
@@ -66,17 +66,17 @@ def register(
             )
         finally:
             conn.close()
-        if not args.dry_run:
-            audit(
-                config,
-                "admin:gc",
-                args.slice or "*",
-                paths=report.paths_removed,
-                nars=len(report.nars),
-                orphans=len(report.orphan_blobs),
-                missing=len(report.missing_blobs),
-                bytes=report.bytes_freed,
-            )
+        audit(  # a dry run too: someone looked at what would go
+            config,
+            "admin:gc",
+            args.slice or "*",
+            dry_run=args.dry_run,
+            paths=report.paths_removed,
+            nars=len(report.nars),
+            orphans=len(report.orphan_blobs),
+            missing=len(report.missing_blobs),
+            bytes=report.bytes_freed,
+        )
         print(json.dumps(report.to_json()) if args.json else report.describe())
         return 0
 

@@ -451,10 +451,11 @@ async def serve_gc(
 
             try:
                 report = await trio.to_thread.run_sync(run)
+                await audit(report)
             except (sqlite3.Error, OSError) as exc:
                 log.warning("gc: the run failed and is tried again in %.0f s: %s", interval, exc)
-                continue
-            await audit(report)
+            except Exception:  # a bug in one run must not end the server
+                log.exception("gc: the run failed; tried again in %.0f s", interval)
     finally:
         _flush(store)
 

@@ -170,6 +170,7 @@ _MAGICS = (
 _SNIFF = 16
 _CHUNK = 1 << 20
 _HOLDERS_CACHE_MAX = 100_000
+_ACCESS_NOTES_MAX = 200_000
 _WAL_HEADER = 48
 """Bytes of SQLite's wal-index header (https://www.sqlite.org/walformat.html): every commit
 rewrites it (``iChange``, ``mxFrame``, salts), so while it is unchanged nobody committed."""
@@ -1028,13 +1029,21 @@ class Store:
 
         In memory only (a dict store per request): :meth:`flush_accesses` writes them in
         one transaction every ``[gc] access_flush`` seconds and at shutdown, so a narinfo
-        or NAR request never waits for the database's write lock or an fsync.
+        or NAR request never waits for the database's write lock or an fsync. At most
+        :data:`_ACCESS_NOTES_MAX` distinct records wait for one flush (a few MiB); beyond
+        that only those already noted are updated until the next flush.
         """
-        self._accessed[(project_id, hash_part)] = time.time()
+        notes = self._accessed
+        key = (project_id, hash_part)
+        if key in notes or len(notes) < _ACCESS_NOTES_MAX:
+            notes[key] = time.time()
 
     def note_nar_access(self, project_id: int, nar_hash: str) -> None:
         """A NAR of this slice was served (Nix may keep a narinfo for days and ask no more)."""
-        self._nar_accessed[(project_id, nar_hash)] = time.time()
+        notes = self._nar_accessed
+        key = (project_id, nar_hash)
+        if key in notes or len(notes) < _ACCESS_NOTES_MAX:
+            notes[key] = time.time()
 
     def flush_accesses(self) -> int:
         """Write the noted access times (never moving one back); how many were noted.
