@@ -12,6 +12,7 @@ import trio
 
 from nixd.errors import ConfigError
 from nixd.server.config import RetentionSection, ServerConfig
+from nixd.server.metrics import metrics
 from nixd.server.storage.db import Connection, create_org, create_project, open_db
 from nixd.server.storage.gc import GcReport, collect, serve_gc
 from nixd.server.storage.pins import add_pin, list_pins, parse_store_path, remove_pin
@@ -364,6 +365,15 @@ async def test_the_servers_own_gc_flushes_reads_and_collects_on_its_interval(
     read = put(store, tmp_path, app, "read", age_days=40)
     store.note_access(app.id, read.hash_part)
     reports: list[GcReport] = []
+    registry = metrics().registry
+
+    def counted() -> tuple[float | None, ...]:
+        return tuple(
+            registry.get_sample_value(f"nixd_server_gc_{name}_total")
+            for name in ("runs", "paths_removed", "bytes_freed")
+        )
+
+    runs, paths, freed = counted()
 
     async def audit(report: GcReport) -> None:
         reports.append(report)
@@ -385,3 +395,5 @@ async def test_the_servers_own_gc_flushes_reads_and_collects_on_its_interval(
     assert reports[0].paths == {"acme/app": [f"/nix/store/{hash_of('unread')}-unread"]}
     assert reports[1].paths_removed == 0
     assert labels(store, app) == {"read"}
+    assert runs is not None and paths is not None and freed is not None
+    assert counted() == (runs + 2, paths + 1, freed + reports[0].bytes_freed)
