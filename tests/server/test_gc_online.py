@@ -186,3 +186,24 @@ def test_kill_9_of_the_server_during_uploads_then_a_sweep_leaves_no_orphans(
         }
         named = {str(r[0]) for r in store.conn.execute("SELECT file_hash FROM nars")}
         assert {fh for fh, _, _ in store.iter_blobs()} == named
+
+
+def test_read_times_noted_in_memory_are_written_at_shutdown(
+    server_state: ServerState, tmp_path: Path
+) -> None:
+    state = server_state
+    state.admin("project", "create", "acme/app")
+    configure(state, 'slice = "acme/app"\ndays = 30')
+    auth = {"authorization": f"Bearer {state.admin_token}"}
+    with running_server(state.path) as server:
+        with httpx.Client(base_url=server.url, headers=auth, timeout=60) as c:
+            read = push(c, "read", b"read me", tmp_path)
+            push(c, "unread", b"nobody reads me", tmp_path)
+            assert c.get(f"/cache/acme/{read}.narinfo").status_code == 200
+        assert server.stop() == 0  # SIGTERM: the server flushes on its way out
+    with opened(state) as store:
+        rows = dict(
+            store.conn.execute("SELECT hash_part, last_access FROM slice_records").fetchall()
+        )
+    assert rows[hash_of("unread")] is None
+    assert isinstance(rows[read], float)
