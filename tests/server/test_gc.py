@@ -397,3 +397,19 @@ async def test_the_servers_own_gc_flushes_reads_and_collects_on_its_interval(
     assert labels(store, app) == {"read"}
     assert runs is not None and paths is not None and freed is not None
     assert counted() == (runs + 2, paths + 1, freed + reports[0].bytes_freed)
+
+
+def test_a_lost_blob_goes_with_its_aliases_so_the_next_upload_stores_it_again(
+    store: Store, conn: Connection, tmp_path: Path
+) -> None:
+    app = create_project(conn, "acme", "app")
+    lost = put(store, tmp_path, app, "lost", content=b"bytes to lose", age_days=2)
+    store.delete_blob(lost.nar.file_hash)
+    again = nar(store, tmp_path / "again", app, b"bytes to lose")  # finds the row: no bytes
+    assert again.nar_hash == lost.nar.nar_hash and not store.blob_exists(again.file_hash)
+    report = collect(store, (), grace=DAY)
+    assert lost.nar.file_hash in report.missing_blobs
+    assert store.nar_by_hash(lost.nar.nar_hash) is None
+    assert conn.execute("SELECT count(*) FROM upload_aliases").fetchone()[0] == 0
+    restored = nar(store, tmp_path / "third", app, b"bytes to lose")
+    assert store.blob_exists(restored.file_hash)

@@ -310,7 +310,8 @@ def _plan(
             )
     report.kept = len(kept - gone_keys)
     # what still uses each NAR afterwards: records left, and aliases younger than grace
-    used: set[str] = {r.nar_hash for r in records if r.key not in gone_keys}
+    by_records = {r.nar_hash for r in records if r.key not in gone_keys}
+    used = set(by_records)
     alias_rows = q("SELECT project_id, nar_hash, created FROM upload_aliases").fetchall()
     for pid, nar_hash, created in alias_rows:
         stale = float(created) <= young and (only is None or int(pid) == only)
@@ -318,8 +319,14 @@ def _plan(
             report.aliases += 1
         else:
             used.add(str(nar_hash))
+    # A NAR whose blob is lost goes with its aliases even if one is young: a new upload of
+    # the same NAR must store its bytes again, not find a row and discard them.
     gone_nars = sorted(
-        (n for h, n in nars.items() if h not in used and (nar_created[h] <= young or h in missing)),
+        (
+            n
+            for h, n in nars.items()
+            if (h not in used and nar_created[h] <= young) or (h in missing and h not in by_records)
+        ),
         key=lambda n: n.nar_hash,
     )
     report.nars = gone_nars
