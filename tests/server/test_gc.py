@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from nixd.errors import ConfigError
 from nixd.server.config import RetentionSection, ServerConfig
 from nixd.server.metrics import metrics
 from nixd.server.storage.db import Connection, create_org, create_project, open_db
-from nixd.server.storage.gc import GcReport, collect, serve_gc
+from nixd.server.storage.gc import GcReport, _fingerprint, collect, serve_gc
 from nixd.server.storage.pins import add_pin, list_pins, parse_store_path, remove_pin
 from nixd.server.storage.store import Store
 from tests.server.appenv import HASH_A, Env, make_nar, upload
@@ -413,3 +413,26 @@ def test_a_lost_blob_goes_with_its_aliases_so_the_next_upload_stores_it_again(
     assert conn.execute("SELECT count(*) FROM upload_aliases").fetchone()[0] == 0
     restored = nar(store, tmp_path / "third", app, b"bytes to lose")
     assert store.blob_exists(restored.file_hash)
+
+
+def test_every_write_a_mark_depends_on_changes_the_fingerprint(
+    store: Store, conn: Connection, tmp_path: Path
+) -> None:
+    """What lets GC mark without the write lock: a change in between is always noticed."""
+    app = create_project(conn, "acme", "app")
+    old = put(store, tmp_path, app, "old", age_days=40)
+    since = time.time() - 3600
+
+    def changed(write: Callable[[], object]) -> bool:
+        before = _fingerprint(store, since)
+        write()
+        return _fingerprint(store, since) != before
+
+    assert not changed(lambda: None)
+    assert changed(lambda: put(store, tmp_path, app, "new", ("old",)))  # an upload
+    store.note_access(app.id, old.hash_part)
+    assert changed(store.flush_accesses)  # a read time
+    assert changed(lambda: add_pin(conn, app, old.hash_part, who="user:root@test"))
+    assert changed(lambda: nar(store, tmp_path, app, b"a NAR on its way"))  # an alias
+    assert changed(lambda: remove_pin(conn, app, old.hash_part))
+    assert changed(lambda: collect(store, rule(days=1), grace=0))  # another GC's deletions

@@ -63,6 +63,7 @@ def register(
                 grace=grace,
                 dry_run=args.dry_run,
                 slice_name=args.slice,
+                access_flush=config.gc.access_flush,
             )
         finally:
             conn.close()

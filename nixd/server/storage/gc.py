@@ -26,11 +26,14 @@ The **sweep** removes, in one write transaction: every record not marked, upload
 older than ``grace`` (they pair a NAR PUT with its narinfo PUT, and keep a NAR uploaded
 without its narinfo alive until then), NAR rows nothing uses any more, and records whose
 blob is missing (reported: the bytes are lost, serving them would fail). The mark is
-computed inside that transaction, so no upload commits between what was decided and what
-is deleted. Blobs are deleted after the commit, each only if no NAR row names it by then:
-a crash (kill -9) at any point leaves the metadata consistent, and at worst blobs without
-a row, which the next sweep removes as **orphans**: blobs no NAR row names, older than
-``grace`` (a younger one may be an upload between its rename and its commit).
+made without the write lock (uploads go on meanwhile), and checked under it before the
+deletions: if any record, read time, alias or pin it depends on changed in between
+(:func:`_fingerprint`), it is made again under the lock, so no upload commits between what
+was decided and what is deleted. Blobs are deleted after the commit, each only if no NAR
+row names it by then: a crash (kill -9) at any point leaves the metadata consistent, and
+at worst blobs without a row, which the next sweep removes as **orphans**: blobs no NAR
+row names, older than ``grace`` (a younger one may be an upload between its rename and
+its commit).
 
 GC is online: a download that opened its blob before the unlink completes (an open file
 survives its unlink on Linux; the server opens the blob before it sends the head). A dry
@@ -372,11 +375,14 @@ def collect(
     dry_run: bool = False,
     slice_name: str | None = None,
     now: float | None = None,
+    access_flush: float = 3600.0,
 ) -> GcReport:
     """One GC run over ``store`` (see the module docstring); what went, or would go.
 
     ``slice_name`` (``org/project``) limits the removal of records (and aliases) to that
     slice; the mark still spans every slice, and orphan blobs are left to a full run.
+    ``access_flush`` is the servers' ``[gc] access_flush``: how old a read time can be
+    when it is written, so how far back :func:`_fingerprint` must look.
     """
     only: int | None = None
     if slice_name is not None:
@@ -391,8 +397,16 @@ def collect(
     kw: dict[str, Any] = {"now": started, "grace": grace, "only": only, "slice_name": slice_name}
     if dry_run:
         return _plan(store, rules, blobs, dry_run=True, **kw).report
+    # Marked without the write lock (uploads go on), then checked under it: if nothing
+    # the mark depends on changed meanwhile, the plan stands; else it is made again
+    # under the lock, where nothing can change.
+    window = time.time() - access_flush - _CLOCK_SLACK
+    before = _fingerprint(store, window)
+    plan = _plan(store, rules, blobs, dry_run=False, **kw)
     with transaction(store.conn, durable=True):
-        plan = _plan(store, rules, blobs, dry_run=False, **kw)
+        if _fingerprint(store, window) != before:
+            log.info("gc: the cache changed while marking; marking again under the lock")
+            plan = _plan(store, rules, blobs, dry_run=False, **kw)
         _delete(store, plan)
     store.forget_cached()
     report = plan.report
@@ -406,6 +420,42 @@ def collect(
     m.gc_bytes_freed.inc(report.bytes_freed)
     log.info("gc: %s", report.describe().splitlines()[0])
     return report
+
+
+_CLOCK_SLACK = 120.0
+"""Seconds the clocks of the hosts writing one database may differ by (NTP keeps far less)."""
+
+
+def _fingerprint(store: Store, since: float) -> tuple[object, ...]:
+    """What the mark depends on that a writer may have changed since ``since``.
+
+    Every write that can change a mark stamps the time it happened: an upload or replace
+    sets ``created`` to now, a read time flushed is at most ``access_flush`` old, an upload
+    alias is created now, and counts catch anything else that adds or removes rows. Pins
+    are few and compared whole.
+    """
+    q = store.conn.execute
+    return (
+        q("SELECT count(*) FROM slice_records").fetchone()[0],
+        q("SELECT count(*) FROM nars").fetchone()[0],
+        q("SELECT count(*) FROM upload_aliases").fetchone()[0],
+        sorted(
+            tuple(r)
+            for r in q(
+                "SELECT project_id, hash_part, nar_hash, refs, created, last_access "
+                "FROM slice_records WHERE created >= ? OR last_access >= ?",
+                (since, since),
+            )
+        ),
+        sorted(
+            tuple(r)
+            for r in q(
+                "SELECT project_id, url, nar_hash, created FROM upload_aliases WHERE created >= ?",
+                (since,),
+            )
+        ),
+        sorted(tuple(r) for r in q("SELECT project_id, hash_part FROM pins")),
+    )
 
 
 def _drop_blob(store: Store, file_hash: str) -> None:
@@ -452,7 +502,7 @@ async def serve_gc(
             def run() -> GcReport:
                 own = open_store()
                 try:
-                    return collect(own, rules, grace=grace)
+                    return collect(own, rules, grace=grace, access_flush=access_flush)
                 finally:
                     own.conn.close()
 
