@@ -58,7 +58,7 @@ from nixd.server.login.device import DeviceService, RefreshExchanger
 from nixd.server.login.exchangers import open_exchangers
 from nixd.server.metrics import disable_multiprocess, enable_multiprocess
 from nixd.server.storage.db import open_db
-from nixd.server.storage.gc import GcReport, serve_gc
+from nixd.server.storage.gc import GcReport, flush_reads, serve_gc
 from nixd.server.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
     with contextlib.ExitStack() as stack:
         stack.callback(conn.close)
         store = Store.open(conn, config.blobs_path, zstd_level=config.storage.zstd_level)
-        stack.callback(store.flush_accesses)  # read times noted since the last flush
+        stack.callback(flush_reads, store)  # read times noted since the last flush
         keys = ServerKeys.load(config.state_dir)
         issuer = TokenIssuer(
             keys.jwt,

@@ -494,7 +494,7 @@ async def serve_gc(
     try:
         while True:
             await trio.sleep(min(access_flush, max(0.0, next_gc - trio.current_time())))
-            _flush(store)
+            flush_reads(store)
             if trio.current_time() < next_gc:
                 continue
             next_gc = trio.current_time() + interval
@@ -514,10 +514,11 @@ async def serve_gc(
             except Exception:  # a bug in one run must not end the server
                 log.exception("gc: the run failed; tried again in %.0f s", interval)
     finally:
-        _flush(store)
+        flush_reads(store)
 
 
-def _flush(store: Store) -> None:
+def flush_reads(store: Store) -> None:
+    """:meth:`Store.flush_accesses`, a database error logged (the notes wait for the next)."""
     try:
         store.flush_accesses()
     except sqlite3.Error as exc:
