@@ -20,6 +20,7 @@ from nixd.server.storage.store import Store
 from tests.server.appenv import HASH_A, Env, make_nar, upload
 from tests.server.conftest import ServerState
 from tests.server.gcenv import DAY, hash_of, labels, nar, put
+from tests.serverproc import server_cli
 
 BOTH_BACKENDS = True
 
@@ -275,7 +276,10 @@ def test_cli_gc_and_pins_are_audited(server_state: ServerState) -> None:
         conn.close()
     with (state.path / "config.toml").open("a") as f:
         f.write('\n[[retention]]\nslice = "acme/app"\ndays = 30\n')
-    state.admin("pin", "add", "acme/app", f"/nix/store/{keep.hash_part}-keep", "--note", "v1")
+    said = state.admin(
+        "pin", "add", "acme/app", f"/nix/store/{keep.hash_part}-keep", "--note", "v1"
+    )
+    assert f"(1 path(s), {keep.nar.file_size} bytes of NARs)" in said
     listed = json.loads(state.admin("pin", "list", "--json"))
     assert [(p["slice"], p["note"]) for p in listed] == [("acme/app", "v1")]
     dry = json.loads(state.admin("gc", "--dry-run", "--json"))
@@ -436,3 +440,19 @@ def test_every_write_a_mark_depends_on_changes_the_fingerprint(
     assert changed(lambda: nar(store, tmp_path, app, b"a NAR on its way"))  # an alias
     assert changed(lambda: remove_pin(conn, app, old.hash_part))
     assert changed(lambda: collect(store, rule(days=1), grace=0))  # another GC's deletions
+
+
+def test_cli_errors_are_one_line(server_state: ServerState) -> None:
+    state = server_state
+    state.admin("project", "create", "acme/app")
+    path = str(state.path)
+    for args, message in (
+        (("gc", path, "--slice", "acme/nope"), "project acme/nope does not exist"),
+        (("gc", path, "--grace", "soon"), "--grace 'soon'"),
+        (("pin", "add", path, "acme/app", hash_of("absent")), "holds no store path"),
+        (("pin", "rm", path, "acme/app", hash_of("absent")), "has no pin"),
+        (("pin", "add", path, "acme/app", "/tmp/x"), "not a store path"),
+    ):
+        proc = server_cli(*args, check=False)
+        assert proc.returncode == 1, proc
+        assert message in proc.stderr and "Traceback" not in proc.stderr

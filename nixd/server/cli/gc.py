@@ -17,7 +17,7 @@ from typing import Any
 from nixd.errors import ConfigError
 from nixd.server.storage import pins
 from nixd.server.storage.db import Connection, get_project, split_slice
-from nixd.server.storage.gc import collect
+from nixd.server.storage.gc import closure_size, collect
 from nixd.server.storage.store import Store
 
 OpenState = Callable[[argparse.Namespace], tuple[Any, Connection]]
@@ -92,10 +92,14 @@ def register(
                 who=admin_name(),
                 note=args.note,
             )
+            count, size = closure_size(Store(conn, config.blobs_path), project.id, pin.hash_part)
         finally:
             conn.close()
         audit(config, "admin:pin.add", pin.slice, object=pin.path, note=pin.note or "")
-        print(f"pinned {pin.path} in {pin.slice}: it and its closure are kept")
+        print(
+            f"pinned {pin.path} in {pin.slice}: it and its closure are kept "
+            f"({count} path(s), {size} bytes of NARs)"
+        )
         return 0
 
     def pin_rm(args: argparse.Namespace) -> int:

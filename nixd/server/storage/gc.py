@@ -161,6 +161,15 @@ def mark(records: Iterable[Record], start: Iterable[Key]) -> set[Key]:
     return marked
 
 
+def closure_size(store: Store, project_id: int, hash_part: str) -> tuple[int, int]:
+    """How many records a pin on this record keeps, and their NARs' stored bytes."""
+    records, _ = _load(store)
+    kept = mark(records, [(project_id, hash_part)])
+    nar_hashes = {r.nar_hash for r in records if r.key in kept}
+    sizes = dict(store.conn.execute("SELECT nar_hash, file_size FROM nars").fetchall())
+    return len(kept), sum(int(sizes.get(h, 0)) for h in nar_hashes)
+
+
 # -- a run -----------------------------------------------------------------------------
 
 
