@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket as stdsocket
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -293,7 +294,7 @@ async def _housekeeping(config: ServerConfig, services: Services, collect_garbag
     async def audit(report: GcReport) -> None:
         await services.audit.arecord(
             {
-                "request_id": f"gc-{int(trio.current_time() * 1000)}",
+                "request_id": f"gc-{int(time.time() * 1000)}",
                 "identity": "system:nixd-server",
                 "action": "admin:gc",
                 "resource": "*",
