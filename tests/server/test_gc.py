@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ import trio
 
 from nixd.errors import ConfigError
 from nixd.server.config import RetentionSection, ServerConfig
+from nixd.server.http.serve import _housekeeping
 from nixd.server.metrics import metrics
 from nixd.server.storage.db import Connection, create_org, create_project, open_db
 from nixd.server.storage.gc import GcReport, _fingerprint, collect, serve_gc
@@ -456,3 +458,25 @@ def test_cli_errors_are_one_line(server_state: ServerState) -> None:
         proc = server_cli(*args, check=False)
         assert proc.returncode == 1, proc
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_the_servers_periodic_gc_is_audited(env: Env, autojump_clock: object) -> None:
+    del autojump_clock  # virtual time: the interval passes at once
+    config = ServerConfig.load(env.state.path)
+    config = dataclasses.replace(config, gc=dataclasses.replace(config.gc, interval=600.0))
+    audit_log = config.audit_path
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_housekeeping, config, env.services, True)
+        for _ in range(100_000):  # a guard only: each turn is a virtual second
+            if b'"admin:gc"' in audit_log.read_bytes():
+                break
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    event = next(
+        json.loads(line) for line in audit_log.read_text().splitlines() if '"admin:gc"' in line
+    )
+    assert (event["identity"], event["rule"], event["paths"]) == (
+        "system:nixd-server",
+        "gc-interval",
+        0,
+    )
