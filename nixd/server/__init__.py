@@ -45,6 +45,13 @@ The invariant every change must keep
     ``acme/ci`` higher (``project priority acme/ci 10``) or keeps those readers out of
     ``acme/app`` by policy.
 
+Retention
+    What a slice keeps is per slice (``[[retention]]``: everything, the closures read
+    within N days, or those of its N latest releases) plus every pinned closure; the
+    garbage collector (:mod:`nixd.server.storage.gc`) removes the rest online and never
+    a path that a kept closure references, from whichever slice could serve it. Removing
+    a record is one slice's business: another slice's record of the same path stays.
+
 Policy
     Deny beats allow everywhere; a project's ``--public`` flag is an allow rule for
     every caller, anonymous included, on ``cache:read`` of that slice, and nothing more
@@ -64,8 +71,8 @@ Rooms
     ``http/`` (routes as an ASGI app, the HTTP/1.1 front, and ``ops``: health, readiness,
     metrics and the access log), ``access/`` (identity, policy, audit, credentials, access
     tokens, keys), ``login/`` (exchanges: OIDC, AWS, device code, accounts, web pages),
-    ``storage/`` (metadata on SQLite or PostgreSQL, and blobs), ``cli/`` (one module per
-    command group). Imports run cli → http → access, login → storage; the room root holds
-    config, errors, the metrics every room may count into and the ASGI types that every
-    room shares.
+    ``storage/`` (metadata on SQLite or PostgreSQL, blobs, and retention: pins and the
+    garbage collector), ``cli/`` (one module per command group). Imports run cli → http →
+    access, login → storage; the room root holds config, errors, the metrics every room
+    may count into and the ASGI types that every room shares.
 """

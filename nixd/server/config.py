@@ -55,6 +55,16 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     max_pending_codes = 10000       # pending device codes in all
     sessions_per_account = 10       # signed-in web sessions per account (oldest go first)
 
+    [gc]                            # retention and GC (nixd.server.storage.gc)
+    interval = 86400.0              # seconds between the server's own GC runs (0 = never)
+    grace = 86400.0                 # nothing younger is collected: uploads in flight
+    access_flush = 60.0             # seconds read times are kept in memory before written
+
+    [[retention]]                   # per slice; the first entry whose glob matches decides,
+    slice = "acme/ci-*"             # a slice no entry matches keeps everything
+    days = 30                       # closures read (or uploaded) in the last 30 days, and/or
+    releases = 10                   # the closures of the 10 latest releases; or keep = "all"
+
     [[github]]                      # trust GitHub Actions ID tokens (nixd.server.login.oidc);
     org = "acme"                    # one entry per org; [[gitlab]] has the same keys
     audience = "https://cache.example"  # the `aud` jobs must request (required)
@@ -73,6 +83,7 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -180,6 +191,46 @@ class AwsSection:
     max_skew: float = 300.0
 
 
+@dataclass(frozen=True, slots=True)
+class GcSection:
+    """When the server collects garbage (:mod:`nixd.server.storage.gc`).
+
+    ``interval`` defaults to daily, not off: with no ``[[retention]]`` entry every slice
+    keeps everything, so a run removes only what nothing refers to (blobs without a
+    record, records without a blob, NARs uploaded without their narinfo) — the leftovers
+    of crashes and cut uploads, which otherwise pile up — and a configured retention is
+    applied without a cron job. ``grace`` protects uploads in flight: nothing written
+    within it (blob, record, upload alias) is collected. ``access_flush`` bounds how
+    stale the recorded read times are (and how many a crash loses).
+    """
+
+    interval: float = 86400.0
+    grace: float = 86400.0
+    access_flush: float = 60.0
+
+
+RETENTION_KEEP = ("all",)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSection:
+    """What one slice (or every slice matching a glob) keeps; see :mod:`.storage.gc`.
+
+    ``keep = "all"`` (the default), or ``days`` and/or ``releases``: a path is kept if it
+    is in the closure of a record read or uploaded within ``days``, or of one of the
+    ``releases`` latest releases (top-level paths) of the slice.
+    """
+
+    slice: str = ""
+    keep: str = ""
+    days: int = 0
+    releases: int = 0
+
+    @property
+    def keeps_all(self) -> bool:
+        return not self.days and not self.releases
+
+
 _LISTS: dict[str, type[Any]] = {"github": OidcSection, "gitlab": OidcSection, "aws": AwsSection}
 
 
@@ -194,6 +245,8 @@ class ServerConfig:
     policy: PolicySection = field(default_factory=PolicySection)
     audit: AuditSection = field(default_factory=AuditSection)
     device: DeviceSection = field(default_factory=DeviceSection)
+    gc: GcSection = field(default_factory=GcSection)
+    retention: tuple[RetentionSection, ...] = ()
     github: tuple[OidcSection, ...] = ()
     gitlab: tuple[OidcSection, ...] = ()
     aws: tuple[AwsSection, ...] = ()
@@ -260,14 +313,18 @@ class ServerConfig:
             "policy": PolicySection,
             "audit": AuditSection,
             "device": DeviceSection,
+            "gc": GcSection,
         }
         built: dict[str, Any] = {}
         for key, value in data.items():
+            if key == "retention":
+                built[key] = _retention(value, source)
+                continue
             if key in _LISTS:
                 built[key] = _entries(key, value, source)
                 continue
             if key not in sections:
-                known = ", ".join([*sections, *_LISTS])
+                known = ", ".join([*sections, "retention", *_LISTS])
                 raise ConfigError(f"{source}:{key}: unknown section (known: {known})")
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}:{key}: must be a table")
@@ -335,6 +392,39 @@ def _entries(name: str, value: Any, source: str) -> tuple[Any, ...]:
     return tuple(entries)
 
 
+_SLICE_GLOB = re.compile(r"[A-Za-z0-9._*?\[\]!-]+/[A-Za-z0-9._*?\[\]!-]+")
+
+
+def _retention(value: Any, source: str) -> tuple[RetentionSection, ...]:
+    """``[[retention]]`` entries: a slice name or glob each, and exactly one way to keep."""
+    tables = [value] if isinstance(value, dict) else value
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{source}:retention: must be an array of tables ([[retention]])")
+    entries = []
+    for i, table in enumerate(tables):
+        where = f"{source}:retention[{i}]"
+        entry: RetentionSection = _section(RetentionSection, table, source, f"retention[{i}]")
+        if not _SLICE_GLOB.fullmatch(entry.slice):
+            raise ConfigError(
+                f'{where}.slice: needs ORG/PROJECT, either part a glob ("acme/*", "*/ci-*")'
+            )
+        if entry.keep and entry.keep not in RETENTION_KEEP:
+            raise ConfigError(f'{where}.keep: the only value is "all" (or use days/releases)')
+        if entry.days < 0 or entry.releases < 0:
+            key = "days" if entry.days < 0 else "releases"
+            raise ConfigError(f"{where}.{key}: must be positive")
+        if entry.keep and not entry.keeps_all:
+            raise ConfigError(f'{where}: keep = "all" cannot be combined with days or releases')
+        if not entry.keep and entry.keeps_all:
+            raise ConfigError(
+                f'{where}: say what to keep: keep = "all", days = N and/or releases = N'
+            )
+        if entry.days > 100 * 365:
+            raise ConfigError(f'{where}.days: at most 36500 (use keep = "all")')
+        entries.append(entry)
+    return tuple(entries)
+
+
 def _check_url(url: str, where: str) -> None:
     """An identity provider is reached over https; plain http only on loopback (tests)."""
     parts = urlsplit(url)
@@ -383,6 +473,13 @@ def _check(config: ServerConfig, source: str) -> None:
     if config.storage.max_upload_bytes <= 0:
         raise ConfigError(f"{source}:storage.max_upload_bytes: must be positive")
     _check_database_url(config.storage.database, f"{source}:storage.database")
+    for key in ("interval", "grace"):
+        if getattr(config.gc, key) < 0:
+            raise ConfigError(f"{source}:gc.{key}: must not be negative (interval 0 = never)")
+    if not 1 <= config.gc.access_flush <= 3600:
+        raise ConfigError(f"{source}:gc.access_flush: must be between 1 and 3600 seconds")
+    if 0 < config.gc.interval < 60:
+        raise ConfigError(f"{source}:gc.interval: at least 60 seconds (or 0 = never)")
     if config.tokens.access_ttl <= 0:
         raise ConfigError(f"{source}:tokens.access_ttl: must be positive")
     for key in (
@@ -463,6 +560,26 @@ file = "{d.audit.file}"
 # answered at once and their lines follow within milliseconds; a crash may lose those
 # last lines. Denials, uploads and admin changes are always durable before the answer.
 durable_reads = {str(d.audit.durable_reads).lower()}
+
+# Retention and garbage collection (`nixd-server gc --dry-run` shows what a run would
+# remove). Every slice keeps everything unless a [[retention]] entry (the first whose
+# slice glob matches) says otherwise; pins (`nixd-server pin add`) keep a path and its
+# whole closure whatever the rules. The server runs a GC every `interval` seconds (0 =
+# never); nothing younger than `grace` seconds is removed, so uploads in flight are safe.
+[gc]
+interval = {d.gc.interval}
+grace = {d.gc.grace}
+# read times are noted in memory and written this often (and at shutdown)
+access_flush = {d.gc.access_flush}
+#
+# [[retention]]
+# slice = "acme/ci-*"      # ORG/PROJECT, globs allowed
+# days = 30                # closures read or uploaded within 30 days
+# releases = 10            # and/or the closures of the 10 latest top-level paths
+#
+# [[retention]]
+# slice = "acme/*"
+# keep = "all"
 
 # The interactive login (`nixd login`): the device authorization grant and its web
 # pages; accounts are added with `nixd-server user add ORG NAME`. Defaults shown:

@@ -69,6 +69,7 @@ COPY_ORDER = [
     "nars",
     "upload_aliases",
     "slice_records",
+    "pins",
     "logs",
     "accounts",
     "device_codes",

@@ -543,6 +543,7 @@ class CacheApp:
             candidates = [(p, i.created) for p, i in holders]
             project = await self._read_decision(ctx, org, candidates, name)
             info = next(i for p, i in holders if p.id == project.id)
+            self.s.store.note_access(project.id, info.hash_part)  # in memory (retention)
             await self._send_narinfo(scope, send, info, head)
         elif name.startswith("nar/"):
             await self._send_nar(ctx, scope, send, org, file_name=name[4:], project=None, head=head)
@@ -564,6 +565,7 @@ class CacheApp:
             info = self.s.store.in_slice(project, _hash_part(name))
             await self._read_decision(ctx, project.org, here if info else [], name)
             assert info is not None
+            self.s.store.note_access(project.id, info.hash_part)  # in memory (retention)
             await self._send_narinfo(scope, send, info, head)
         elif name.startswith("nar/"):
             alias = self.s.store.alias(project, name)
@@ -668,8 +670,11 @@ class CacheApp:
         if project is not None:
             holders = [p for p in holders if p.id == project.id]
         candidates = [(p, 0.0) for p in holders] if nar else []
-        await self._read_decision(ctx, org, candidates, f"nar/{file_name}")
+        served = await self._read_decision(ctx, org, candidates, f"nar/{file_name}")
         assert nar is not None
+        self.s.store.note_nar_access(served.id, nar.nar_hash)  # in memory (retention)
+        # _send_file opens the blob before it sends the head: a GC that unlinks it now
+        # cannot cut this download short (the open file lives on).
         await _send_file(scope, send, self.s.store.blob_path(nar.file_hash), head)
 
     # -- uploads ------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket as stdsocket
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -58,6 +59,7 @@ from nixd.server.login.device import DeviceService, RefreshExchanger
 from nixd.server.login.exchangers import open_exchangers
 from nixd.server.metrics import disable_multiprocess, enable_multiprocess
 from nixd.server.storage.db import open_db
+from nixd.server.storage.gc import GcReport, flush_reads, serve_gc
 from nixd.server.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
     with contextlib.ExitStack() as stack:
         stack.callback(conn.close)
         store = Store.open(conn, config.blobs_path, zstd_level=config.storage.zstd_level)
+        stack.callback(flush_reads, store)  # read times noted since the last flush
         keys = ServerKeys.load(config.state_dir, conn=conn)
         issuer = TokenIssuer(
             keys.jwt,
@@ -145,6 +148,7 @@ def run(config: ServerConfig, *, listen: Sequence[str] | None = None, workers: i
                             config,
                             sockets=sockets,
                             write_address=False,
+                            collect_garbage=False,
                             ready=partial(_report_ready, ready_w),
                         )
                     )
@@ -232,6 +236,7 @@ async def serve(
     write_address: bool = True,
     ready: Callable[[list[str]], Awaitable[None]] | None = None,
     notify: bool = False,
+    collect_garbage: bool = True,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation); ``started`` gets the bound URLs.
@@ -240,7 +245,9 @@ async def serve(
     Once every listener is served, ``ready`` is awaited (:func:`run` waits there for the
     other workers), then the address file is written, systemd is told ``READY=1`` (with
     ``notify``) and ``started`` is called; ``notify`` also sends ``STOPPING=1`` when the
-    shutdown begins.
+    shutdown begins. Every process flushes its noted read times (``[gc] access_flush``);
+    with ``collect_garbage`` (the first process of :func:`run`) it also runs the periodic
+    GC (``[gc] interval``, :func:`nixd.server.storage.gc.serve_gc`).
     """
     own = sockets is None
     if sockets is None:
@@ -267,6 +274,7 @@ async def serve(
             services.background = nursery
             nursery.start_soon(_watch_signals, front, notify)
             nursery.start_soon(services.policy.watch)
+            nursery.start_soon(_housekeeping, config, services, collect_garbage)
             urls = await nursery.start(front.serve, listeners)
             if ready is not None:
                 await ready(urls)
@@ -278,6 +286,38 @@ async def serve(
             task_status.started(urls)
             await front.finished.wait()
             nursery.cancel_scope.cancel()
+
+
+async def _housekeeping(config: ServerConfig, services: Services, collect_garbage: bool) -> None:
+    """Read times to the database, and (``collect_garbage``) the periodic GC, audited."""
+
+    async def audit(report: GcReport) -> None:
+        await services.audit.arecord(
+            {
+                "request_id": f"gc-{int(time.time() * 1000)}",
+                "identity": "system:nixd-server",
+                "action": "admin:gc",
+                "resource": "*",
+                "decision": "allow",
+                "rule": "gc-interval",
+                "source": "local",
+                "paths": report.paths_removed,
+                "nars": len(report.nars),
+                "orphans": len(report.orphan_blobs),
+                "missing": len(report.missing_blobs),
+                "bytes": report.bytes_freed,
+            }
+        )
+
+    await serve_gc(
+        services.store,
+        lambda: Store(open_db(config.database), config.blobs_path),
+        config.retention,
+        interval=config.gc.interval if collect_garbage else 0.0,
+        grace=config.gc.grace,
+        access_flush=config.gc.access_flush,
+        audit=audit,
+    )
 
 
 def bind_sockets(binds: Sequence[str]) -> list[stdsocket.socket]:

@@ -1,5 +1,7 @@
 """What the server keeps: metadata (:mod:`.db`, on SQLite or PostgreSQL through :mod:`.sql`);
-blobs and slice records (:mod:`.store`).
+blobs and slice records (:mod:`.store`); and for how long: pins (:mod:`.pins`), retention
+and the garbage collector (:mod:`.gc`), which reaches blobs only through the store's
+``iter_blobs``/``delete_blob``/``blob_exists``.
 
 Slice records are per (slice, store path) and never shared; NAR bytes are shared by
 NarHash. Schema changes are append-only migrations applied when the server opens the

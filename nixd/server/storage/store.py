@@ -18,6 +18,9 @@ The model:
   Signatures are never stored: the server signs when it serves.
 - A **slice** is ``org/project``. A slice is what policy talks about; which slices answer
   a reader, and in what order, is the unified view's business (:mod:`nixd.server.http.app`).
+- A record's **last access** (``slice_records.last_access``) is when a reader was last
+  served its narinfo or NAR: noted in memory per request, written in batches
+  (:meth:`Store.flush_accesses`), read by retention (:mod:`nixd.server.storage.gc`).
 - An **upload alias** remembers, per slice, the NAR URL a client used for a PUT
   (``nar/<its filehash>.nar.xz``) and the NarHash it turned out to have, so that the narinfo
   PUT that follows can be checked against the bytes actually received.
@@ -119,6 +122,16 @@ STORE_MIGRATIONS: list[Migration] = [
     CREATE INDEX slice_records_by_hash ON slice_records(hash_part);
     CREATE INDEX slice_records_by_nar ON slice_records(nar_hash);
     """,
+    # 3: retention and GC (nixd.server.storage.gc): when a record was last read (NULL:
+    # not since it was uploaded), and the pins whose closures are kept whatever the rules.
+    """
+    ALTER TABLE slice_records ADD COLUMN last_access REAL;
+    CREATE TABLE pins (
+        project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+        hash_part TEXT NOT NULL, name TEXT NOT NULL,
+        pinned_by TEXT NOT NULL, created REAL NOT NULL, note TEXT,
+        PRIMARY KEY (project_id, hash_part));
+    """,
 ]
 COMPRESSIONS = ("none", "xz", "zstd", "bzip2", "br", "gzip", "lz4", "lzip", "lzma")
 """What an upload may be compressed with: everything Nix 2.8's ``?compression=`` offers
@@ -157,6 +170,7 @@ _MAGICS = (
 _SNIFF = 16
 _CHUNK = 1 << 20
 _HOLDERS_CACHE_MAX = 100_000
+_ACCESS_NOTES_MAX = 200_000
 _WAL_HEADER = 48
 """Bytes of SQLite's wal-index header (https://www.sqlite.org/walformat.html): every commit
 rewrites it (``iChange``, ``mxFrame``, salts), so while it is unchanged nobody committed."""
@@ -640,6 +654,8 @@ class Store:
         self._version = -1
         self._wal_seen = b""
         self._wal_index = _map_wal_index(conn) if isinstance(conn, sqlite3.Connection) else None
+        self._accessed: dict[tuple[int, str], float] = {}
+        self._nar_accessed: dict[tuple[int, str], float] = {}
 
     def sync(self) -> None:
         """Learn whether another process committed, once per request (PostgreSQL only).
@@ -1006,6 +1022,64 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(gone.file_hash).unlink()
 
+    # -- access times (retention by days since last access, nixd.server.storage.gc) -------
+
+    def note_access(self, project_id: int, hash_part: str) -> None:
+        """A reader was served this slice's narinfo of ``hash_part``: remember when.
+
+        In memory only (a dict store per request): :meth:`flush_accesses` writes them in
+        one transaction every ``[gc] access_flush`` seconds and at shutdown, so a narinfo
+        or NAR request never waits for the database's write lock or an fsync. At most
+        :data:`_ACCESS_NOTES_MAX` distinct records wait for one flush (a few MiB); beyond
+        that only those already noted are updated until the next flush.
+        """
+        notes = self._accessed
+        key = (project_id, hash_part)
+        if key in notes or len(notes) < _ACCESS_NOTES_MAX:
+            notes[key] = time.time()
+
+    def note_nar_access(self, project_id: int, nar_hash: str) -> None:
+        """A NAR of this slice was served (Nix may keep a narinfo for days and ask no more)."""
+        notes = self._nar_accessed
+        key = (project_id, nar_hash)
+        if key in notes or len(notes) < _ACCESS_NOTES_MAX:
+            notes[key] = time.time()
+
+    def flush_accesses(self) -> int:
+        """Write the noted access times (never moving one back); how many were noted.
+
+        On a database error the notes are kept for the next flush and the error raised.
+        """
+        paths, nars = self._accessed, self._nar_accessed
+        if not paths and not nars:
+            return 0
+        self._accessed, self._nar_accessed = {}, {}
+        try:
+            with transaction(self.conn):
+                for (pid, hash_part), when in paths.items():
+                    self.conn.execute(
+                        "UPDATE slice_records SET last_access = ? WHERE project_id = ? "
+                        "AND hash_part = ? AND (last_access IS NULL OR last_access < ?)",
+                        (when, pid, hash_part, when),
+                    )
+                for (pid, nar_hash), when in nars.items():
+                    self.conn.execute(
+                        "UPDATE slice_records SET last_access = ? WHERE project_id = ? "
+                        "AND nar_hash = ? AND (last_access IS NULL OR last_access < ?)",
+                        (when, pid, nar_hash, when),
+                    )
+        except BaseException:
+            for old, new in ((paths, self._accessed), (nars, self._nar_accessed)):
+                for key, when in new.items():
+                    old[key] = max(when, old.get(key, when))
+            self._accessed, self._nar_accessed = paths, nars
+            raise
+        return len(paths) + len(nars)
+
+    def forget_cached(self) -> None:
+        """Drop cached reads after this connection's own deletions (GC): they may be stale."""
+        self._changed()
+
     def put_log(self, project: Project, drv: str, data: bytes) -> None:
         self._changed()
         with transaction(self.conn):
@@ -1015,6 +1089,38 @@ class Store:
                 "ON CONFLICT (project_id, drv) DO UPDATE SET data = excluded.data",
                 (project.id, drv, zstandard.compress(data), time.time()),
             )
+
+    # -- blobs as GC sees them --------------------------------------------------------
+    # The only blob operations nixd.server.storage.gc uses, so that it works unchanged
+    # on any blob backend that implements these three.
+
+    def iter_blobs(self) -> Iterator[tuple[str, int, float]]:
+        """Every stored blob: ``(file_hash, size, mtime)``; files that vanish are skipped."""
+        try:
+            shards = [e for e in os.scandir(self.blobs) if len(e.name) == 2 and e.is_dir()]
+        except FileNotFoundError:
+            return
+        for shard in shards:  # not tmp/, nor anything an operator left there
+            try:
+                entries = list(os.scandir(shard.path))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                file_hash, dot, suffix = entry.name.partition(".")
+                if suffix != "nar.zst" or not dot or file_hash[:2] != shard.name:
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                yield file_hash, st.st_size, st.st_mtime
+
+    def delete_blob(self, file_hash: str) -> None:
+        """Remove a blob (gone already is fine). A download that opened it completes."""
+        self.blob_path(file_hash).unlink(missing_ok=True)
+
+    def blob_exists(self, file_hash: str) -> bool:
+        return self.blob_path(file_hash).is_file()
 
 
 def _map_wal_index(conn: sqlite3.Connection) -> mmap.mmap | None:
