@@ -45,7 +45,7 @@ from nixd.http.errors import ResponseStateError
 from nixd.http.limits import Limits
 from nixd.http.serve import ClientDisconnected, HttpServer, Request, Responder, serve_http
 from nixd.nix.nar import NarParser
-from nixd.server.access.audit import AuditLog
+from nixd.server.access.audit_db import open_audit
 from nixd.server.access.credentials import CredentialStore
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.policy import PolicyHolder
@@ -87,7 +87,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
             float(config.tokens.access_ttl),
         )
         policy = PolicyHolder(config.policy_path)
-        audit = AuditLog(config.audit_path)
+        audit = open_audit(config, conn)
         stack.callback(audit.close)
         device = DeviceService(conn, issuer=issuer, audit=audit, settings=config.device)
         yield Services(
