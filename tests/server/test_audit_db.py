@@ -1,0 +1,282 @@
+"""The audit log in PostgreSQL: one chain, batched appends, tamper evidence, export, outages.
+
+Real PostgreSQL (the session's throwaway cluster, a fresh database per test). Several
+:class:`DatabaseAuditLog` objects on one database stand for several server instances;
+each has its own connection, as each instance does.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+import trio
+
+from nixd.server.access.audit import (
+    GENESIS,
+    AuditError,
+    AuditLog,
+    event_body,
+    line_hash,
+    line_of,
+    verify,
+)
+from nixd.server.access.audit_db import DatabaseAuditLog, export_file, verify_database
+from tests.pgcluster import PgCluster
+
+
+def _event(n: int) -> dict[str, object]:
+    return {
+        "request_id": f"r{n}",
+        "identity": "token:acme/ci",
+        "action": "cache:read",
+        "resource": "acme/app",
+        "decision": "allow",
+        "rule": "acme-members",
+        "source": "127.0.0.1",
+        "object": f"{n:032d}.narinfo",
+    }
+
+
+def _rows(url: str) -> list[tuple[int, str, str, str]]:
+    with psycopg.connect(url) as conn:
+        return [
+            (int(s), p, h, b)
+            for s, p, h, b in conn.execute(
+                "SELECT seq, prev, hash, body FROM audit_log ORDER BY seq"
+            )
+        ]
+
+
+def _sql(url: str, *statements: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def _filled(url: str, count: int) -> None:
+    with DatabaseAuditLog(url) as audit:
+        for n in range(count):
+            audit.record(_event(n))
+
+
+def test_records_chain_like_the_file_and_export_verifies(pg_database: str, tmp_path: Path) -> None:
+    clock = iter(float(1_700_000_000 + n) for n in range(100))
+    with DatabaseAuditLog(pg_database, clock=lambda: next(clock)) as audit:
+        for n in range(5):
+            audit.record(_event(n))
+    clock = iter(float(1_700_000_000 + n) for n in range(100))
+    with AuditLog(tmp_path / "file.log", clock=lambda: next(clock)) as file_log:
+        for n in range(5):
+            file_log.record(_event(n))
+    rows = _rows(pg_database)
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    prev = GENESIS
+    for seq, row_prev, digest, body in rows:
+        assert row_prev == prev
+        assert digest == line_hash(line_of(seq, body, row_prev))
+        prev = digest
+    result = verify_database(pg_database)
+    assert result.ok, result.describe()
+    assert result.lines == 5
+    assert export_file(pg_database, tmp_path / "export.log").ok
+    # The same events at the same times make the same bytes in the file and the export.
+    assert (tmp_path / "export.log").read_bytes() == (tmp_path / "file.log").read_bytes()
+    exported = verify(tmp_path / "export.log")
+    assert exported.ok and exported.lines == 5, exported.describe()
+    assert "reaches its recorded head (line 5)" in exported.head
+
+
+def test_two_instances_appending_at_once_keep_one_chain(pg_database: str) -> None:
+    """Two logs (instances) with threads calling record() and trio tasks calling
+    arecord() at once: every line lands once, seqs are contiguous, the chain verifies."""
+    logs = [DatabaseAuditLog(pg_database), DatabaseAuditLog(pg_database)]
+    per_thread, threads_per_log, tasks, per_task = 40, 2, 16, 10
+
+    def writer(log: DatabaseAuditLog, offset: int) -> None:
+        for n in range(per_thread):
+            log.record(_event(offset + n))
+
+    async def trio_side(log: DatabaseAuditLog, offset: int) -> None:
+        async def task(t: int) -> None:
+            for n in range(per_task):
+                await log.arecord_body(
+                    event_body(
+                        log.now(),
+                        f"t{offset}-{t}-{n}",
+                        identity="token:acme/ci",
+                        action="cache:read",
+                        resource="acme/app",
+                        decision="allow",
+                        rule="r",
+                        source="127.0.0.1",
+                        object=f"{t}/{n}",
+                    )
+                )
+
+        async with trio.open_nursery() as nursery:
+            for t in range(tasks):
+                nursery.start_soon(task, t)
+
+    threads = [
+        threading.Thread(target=writer, args=(log, 1000 * i + 100 * k))
+        for i, log in enumerate(logs)
+        for k in range(threads_per_log)
+    ]
+    threads += [
+        threading.Thread(target=trio.run, args=(trio_side, log, i)) for i, log in enumerate(logs)
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+            assert not t.is_alive()
+    finally:
+        for log in logs:
+            log.close()
+    total = len(logs) * (threads_per_log * per_thread + tasks * per_task)
+    rows = _rows(pg_database)
+    assert [r[0] for r in rows] == list(range(1, total + 1))
+    result = verify_database(pg_database)
+    assert result.ok and result.lines == total, result.describe()
+    # The trio side shared commits: fewer batches than its lines.
+    assert sum(log.batches for log in logs) < total
+
+
+@pytest.mark.parametrize(
+    ("tamper", "first_bad", "words"),
+    [
+        (["UPDATE audit_log SET body = replace(body, 'allow', 'deny') WHERE seq = 3"], 3,
+         "no longer hashes"),
+        (["DELETE FROM audit_log WHERE seq = 3"], 3, "record 3 was removed"),
+        (["DELETE FROM audit_log WHERE seq IN (3, 4)"], 3, "records 3..4 were removed"),
+        (["DELETE FROM audit_log WHERE seq >= 5"], 5, "truncated: 2 record(s) after record 4"),
+        (["UPDATE audit_log SET seq = seq + 1000 WHERE seq IN (3, 4)",
+          "UPDATE audit_log SET seq = 4 WHERE seq = 1003",
+          "UPDATE audit_log SET seq = 3 WHERE seq = 1004"], 3, "rows were reordered"),
+        (["UPDATE audit_log SET body = replace(body, 'allow', 'deny') WHERE seq = 6"], 6,
+         "no longer hashes"),
+        (["UPDATE audit_head SET hash = 'f00d'"], 6, "does not match audit_head"),
+    ],
+)  # fmt: skip
+def test_tampering_is_detected_and_named(
+    pg_database: str, tamper: list[str], first_bad: int, words: str
+) -> None:
+    _filled(pg_database, 6)
+    assert verify_database(pg_database).ok
+    _sql(pg_database, *tamper)
+    result = verify_database(pg_database)
+    assert not result.ok
+    assert result.first_bad == first_bad, result.describe()
+    assert words in (result.problem or ""), result.describe()
+    assert f"record {first_bad}: " in result.describe()
+
+
+@pytest.mark.parametrize(
+    ("seq", "words"),
+    [(2, "does not match the prev recorded in record 3"), (4, "does not match audit_head")],
+)
+def test_an_edit_that_rewrites_the_hash_too_is_caught_by_the_next_link(
+    pg_database: str, seq: int, words: str
+) -> None:
+    _filled(pg_database, 4)
+    _, prev, _, body = _rows(pg_database)[seq - 1]
+    forged = body.replace("allow", "deny")
+    digest = line_hash(line_of(seq, forged, prev))
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE audit_log SET body = %s, hash = %s WHERE seq = %s", (forged, digest, seq)
+        )
+    result = verify_database(pg_database)
+    assert (result.ok, result.first_bad) == (False, seq), result.describe()
+    assert words in (result.problem or "")
+
+
+def test_a_well_chained_row_added_behind_the_logs_back_is_caught_by_the_head(
+    pg_database: str,
+) -> None:
+    _filled(pg_database, 3)
+    _, _, last, body = _rows(pg_database)[-1]
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO audit_log VALUES (4, %s, %s, %s)",
+            (last, line_hash(line_of(4, body, last)), body),
+        )
+    result = verify_database(pg_database)
+    assert (result.ok, result.first_bad) == (False, 4), result.describe()
+    assert "added outside the log" in (result.problem or "")
+
+
+def test_a_damaged_log_is_extended_from_its_head_and_says_so(pg_database: str) -> None:
+    """Rows cut off the end: the next writer keeps the gap (evidence) and records it."""
+    _filled(pg_database, 5)
+    _sql(pg_database, "DELETE FROM audit_log WHERE seq >= 4")
+    with DatabaseAuditLog(pg_database) as audit:
+        audit.record(_event(99))
+    rows = _rows(pg_database)
+    assert [r[0] for r in rows] == [1, 2, 3, 6, 7]
+    assert '"action":"audit:damage"' in rows[3][3]
+    assert "ends at record 3 but audit_head records 5" in rows[3][3]
+    result = verify_database(pg_database)
+    assert (result.ok, result.first_bad) == (False, 4)
+    assert "records 4..5 were removed" in (result.problem or "")
+
+
+def test_export_of_a_broken_chain_writes_every_row_and_says_where(
+    pg_database: str, tmp_path: Path
+) -> None:
+    _filled(pg_database, 5)
+    _sql(pg_database, "DELETE FROM audit_log WHERE seq = 2")
+    out = tmp_path / "export.log"
+    result = export_file(pg_database, out)
+    assert (result.ok, result.first_bad) == (False, 2)
+    assert [json.loads(line)["seq"] for line in out.read_text().splitlines()] == [1, 3, 4, 5]
+    assert not Path(f"{out}.head").exists()
+    file_result = verify(out)
+    assert (file_result.ok, file_result.first_bad) == (False, 2), file_result.describe()
+
+
+def _terminate(cluster: PgCluster, url: str) -> None:
+    dbname = urlsplit(url).path.lstrip("/")
+    cluster.admin(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{dbname}' AND pid <> pg_backend_pid()"
+    )
+
+
+def test_a_lost_connection_costs_nothing_and_an_outage_refuses_then_recovers(
+    pg_database: str, pg_cluster: PgCluster
+) -> None:
+    dbname = urlsplit(pg_database).path.lstrip("/")
+    with DatabaseAuditLog(pg_database) as audit:
+        audit.record(_event(1))
+        _terminate(pg_cluster, pg_database)
+        audit.record(_event(2))  # a fresh connection, tried once more
+
+        async def during_outage() -> None:
+            with pytest.raises(AuditError, match="audit log"):
+                await audit.arecord(_event(3))
+
+        pg_cluster.admin(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        try:
+            _terminate(pg_cluster, pg_database)
+            with pytest.raises(AuditError, match="cannot"):
+                audit.record(_event(3))
+            trio.run(during_outage)
+        finally:
+            pg_cluster.admin(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        audit.record(_event(4))
+    rows = _rows(pg_database)
+    assert [json.loads(f"{{{r[3]}}}")["request_id"] for r in rows] == ["r1", "r2", "r4"]
+    assert verify_database(pg_database).ok
+
+
+def test_verify_without_a_table_says_so(pg_database: str) -> None:
+    result = verify_database(pg_database)
+    assert not result.ok
+    assert "no audit_log table" in (result.problem or "")
