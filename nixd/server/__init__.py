@@ -51,11 +51,21 @@ Policy
     (a matching deny still wins). One decision function (:meth:`~nixd.server.access.
     policy.Policy.decide`) serves requests and ``nixd-server policy explain``.
 
+The audit log
+    Every decision and admin change is one hash-chained line, durable before the answer
+    leaves (allowed reads too, unless ``audit.durable_reads = false``): a decision that
+    cannot be recorded is not answered (503). One chain per
+    deployment: a file in the state directory on SQLite; on PostgreSQL a table of the
+    shared database, extended by every instance under one row lock, so several instances
+    behind a load balancer keep one tamper-evident history (``nixd-server audit verify``,
+    ``audit export`` to the file format). See :mod:`nixd.server.access.audit`.
+
 Rooms
     ``http/`` (routes as an ASGI app, the HTTP/1.1 front, and ``ops``: health, readiness,
-    metrics and the access log), ``access/`` (identity, policy, audit, credentials, access
-    tokens, keys), ``login/`` (exchanges: OIDC, AWS, device code, accounts, web pages),
-    ``storage/`` (SQLite metadata and blobs), ``cli/`` (one module per command group).
+    metrics and the access log), ``access/`` (identity, policy, audit in a file or a
+    PostgreSQL table, credentials, access tokens, keys), ``login/`` (exchanges: OIDC,
+    AWS, device code, accounts, web pages), ``storage/`` (SQLite metadata and blobs),
+    ``cli/`` (one module per command group).
     Imports run cli → http → access, login → storage; the room root holds config, errors,
     the metrics every room may count into and the ASGI types that every room shares.
 """

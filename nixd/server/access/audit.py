@@ -1,5 +1,14 @@
 """The audit log: one durable, hash-chained JSON line per policy decision and admin change.
 
+Where it lives
+    In a file of the state directory (``[audit] file``, this module's :class:`AuditLog`),
+    unless the metadata database is PostgreSQL: then the lines are rows of that database
+    (:class:`nixd.server.access.audit_db.DatabaseAuditLog`), so that every server instance
+    on it extends one chain. Both make the same lines (:func:`line_of`), hashed the same
+    way, batched by the same :class:`AuditWriter`; ``nixd-server audit export`` writes the
+    table's chain as a file that :func:`verify` accepts. What follows describes the file;
+    the table keeps every promise below, in its own way (see that module).
+
 The model
     Each line is a JSON object::
 
@@ -47,9 +56,17 @@ Throughput (group commit)
     not once per request. :meth:`AuditLog.close` writes whatever is still queued.
 
 Writers
-    Several processes may write one log (the server, and ``nixd-server token …`` recording
-    admin changes): every batch is written under an exclusive ``flock`` and first re-reads
-    the tail if another process appended. Within a process a lock serializes threads.
+    Several processes may write one log (the server's workers, and ``nixd-server token …``
+    recording admin changes): every batch is written under an exclusive ``flock`` and
+    first re-reads the tail if another process appended. Within a process a lock
+    serializes threads. Processes on several machines cannot share a file: they share the
+    database's table instead.
+
+What is not audited is not done
+    A line that cannot be written is an :class:`AuditError` (503) for every caller of its
+    batch: a request whose decision was not recorded is not answered, an admin command
+    whose line cannot be written fails with that error (the change was made first, so
+    the failure is what tells the operator it went unrecorded).
 
 Secrets and hostile values
     A line never holds a credential. A field *named* like ``token``, ``password``,
@@ -80,6 +97,7 @@ API
     ``reason``), ``rule`` and ``source`` are written as null when absent; any other JSON
     fields follow.
     ``verify(path) -> VerifyResult`` (``.ok``, ``.first_bad``, ``.problem``, ``.describe()``).
+    Code that takes either kind of log types it as :class:`AuditWriter`.
 """
 
 from __future__ import annotations

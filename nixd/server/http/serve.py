@@ -111,8 +111,9 @@ def run(config: ServerConfig, *, listen: Sequence[str] | None = None, workers: i
     The sockets are bound (or taken from socket activation, :func:`listening_sockets`)
     before forking, so every worker accepts on the same listening sockets and the kernel
     spreads connections over them. Workers share the database (WAL), the blob directory
-    and the audit log (the audit log takes an ``flock`` per batch); their caches notice
-    each other's commits through ``PRAGMA data_version``. SIGTERM to the first process
+    and the audit log (the file takes an ``flock`` per batch; on PostgreSQL the table's
+    head row is locked per batch, across instances too); their caches notice each
+    other's commits through ``PRAGMA data_version``. SIGTERM to the first process
     stops the others after it.
 
     **Readiness.** The first process is the one systemd started (``MAINPID``; the unit
