@@ -8,6 +8,7 @@ each has its own connection, as each instance does.
 from __future__ import annotations
 
 import json
+import lzma
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ from nixd.server.access.audit import (
 )
 from nixd.server.access.audit_db import DatabaseAuditLog, export_file, verify_database
 from tests.pgcluster import PgCluster
+from tests.server.appenv import HASH_A, HASH_B, Env, client_narinfo, make_nar, upload
 
 
 def _event(n: int) -> dict[str, object]:
@@ -280,3 +282,31 @@ def test_verify_without_a_table_says_so(pg_database: str) -> None:
     result = verify_database(pg_database)
     assert not result.ok
     assert "no audit_log table" in (result.problem or "")
+
+
+@pytest.mark.parametrize("metadata", ["postgresql"], indirect=True)
+async def test_what_the_database_cannot_audit_is_not_answered(env: Env, database: str) -> None:
+    """The audit table unwritable while the rest of the database works: a read and an
+    upload answer 503 audit_unavailable and the upload stores nothing; once the table is
+    back the same requests succeed, without a restart, and the chain verifies."""
+    nar = make_nar(env.state.path / "n", b"audited or not done\n")
+    async with env.client(auth=env.member, basic=True) as c:
+        assert (await upload(c, "acme/app", HASH_A, nar)).status_code == 200
+        _sql(database, "ALTER TABLE audit_log RENAME TO audit_log_away")
+        try:
+            r = await c.get(f"/cache/{HASH_A}.narinfo")
+            assert (r.status_code, "audit unavailable" in r.text) == (503, True), r.text
+            other = make_nar(env.state.path / "m", b"never stored\n")
+            compressed = lzma.compress(other)
+            url, _ = client_narinfo(HASH_B, other, compressed)
+            r = await c.put(f"/cache/acme/app/{url}", content=compressed)
+            assert r.status_code == 503, r.text
+        finally:
+            _sql(database, "ALTER TABLE audit_log_away RENAME TO audit_log")
+        with psycopg.connect(database) as conn:
+            assert conn.execute("SELECT count(*) FROM nars").fetchone() == (1,)
+        assert (await c.get(f"/cache/{HASH_A}.narinfo")).status_code == 200
+        assert (
+            await upload(c, "acme/app", HASH_B, make_nar(env.state.path / "o", b"later\n"))
+        ).status_code == 200
+    assert verify_database(database).ok
