@@ -440,8 +440,9 @@ class AuditWriter:
     def submit(self, body: str) -> None:
         """Queue a line made by :func:`event_body` without waiting for it (from trio).
 
-        It is written within :data:`LAZY_WINDOW` plus one fsync, or by :meth:`close`; a
-        failed write is logged, and a failed fsync stops the log for every later caller.
+        It is written within :data:`LAZY_WINDOW` plus one fsync (or commit), or by
+        :meth:`close`; a failed write is logged (and in the file, a failed fsync stops the
+        log for every later caller).
         """
         self._queue(body)
 
@@ -492,7 +493,7 @@ class AuditWriter:
         """Let go of the files or connections (after the last batch)."""
 
     def close(self) -> None:
-        """Write the lines still queued, close the files; later records fail."""
+        """Write the lines still queued, close the files or connections; later records fail."""
         batch, self._pending = self._pending, _Batch()
         if batch.bodies and self._is_open():
             try:

@@ -195,9 +195,13 @@ class DatabaseAuditLog(AuditWriter):
         if damage is not None:
             # Appends continue from the head, so the evidence stays; put it in the chain too.
             log.error("%s: %s", self.name, damage)
-            self.record(
-                {"identity": "system:nixd-server", "action": "audit:damage", "problem": damage}
-            )
+            try:
+                self.record(
+                    {"identity": "system:nixd-server", "action": "audit:damage", "problem": damage}
+                )
+            except BaseException:
+                self.close()
+                raise
 
     def _connect(self) -> psycopg.Connection[Any]:
         import psycopg  # noqa: PLC0415 - only PostgreSQL deployments load psycopg
