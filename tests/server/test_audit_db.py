@@ -310,3 +310,16 @@ async def test_what_the_database_cannot_audit_is_not_answered(env: Env, database
             await upload(c, "acme/app", HASH_B, make_nar(env.state.path / "o", b"later\n"))
         ).status_code == 200
     assert verify_database(database).ok
+
+
+def test_verify_of_an_unreachable_database_says_so(pg_database: str, pg_cluster: PgCluster) -> None:
+    _filled(pg_database, 1)
+    dbname = urlsplit(pg_database).path.lstrip("/")
+    pg_cluster.admin(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+    try:
+        result = verify_database(pg_database)
+    finally:
+        pg_cluster.admin(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    assert not result.ok
+    shown = pg_database.split("?", 1)[0]
+    assert result.describe().splitlines()[1].startswith(f"{shown}: cannot reach")

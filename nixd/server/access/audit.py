@@ -721,7 +721,9 @@ class VerifyResult:
         """One paragraph for ``nixd-server audit verify``."""
         counted = "complete lines" if self.unit == "line" else f"{self.unit}s"
         out = [f"{'OK' if self.ok else 'FAILED'}: {self.lines} {counted} checked"]
-        if self.problem:
+        if self.problem and self.first_bad is None:  # the log could not be read at all
+            out.append(self.problem)
+        elif self.problem:
             out.append(f"{self.unit} {self.first_bad}: {self.problem}")
         if self.torn_tail:
             out.append(
