@@ -7,8 +7,10 @@ each has its own connection, as each instance does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import lzma
+import socket
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -323,3 +325,101 @@ def test_verify_of_an_unreachable_database_says_so(pg_database: str, pg_cluster:
     assert not result.ok
     shown = pg_database.split("?", 1)[0]
     assert result.describe().splitlines()[1].startswith(f"{shown}: cannot reach")
+
+
+class _CuttingProxy:
+    """A loopback TCP proxy to the cluster's socket that can cut a connection at COMMIT.
+
+    ``cut = "before"``: the COMMIT never reaches the database (which then rolls back);
+    ``cut = "after"``: the database commits, and its answer never reaches the client.
+    Either way the client sees its connection break mid-COMMIT: the outcome unknown.
+    """
+
+    def __init__(self, cluster: PgCluster) -> None:
+        self.target = str(cluster.socket_dir / ".s.PGSQL.5432")
+        self.cut: str | None = None
+        self.cuts = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.sockets: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, dbname: str, user: str) -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}?sslmode=disable"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.target)
+            self.sockets += [client, server]
+            dropped = threading.Event()
+            for pump, args in ((self._up, (client, server)), (self._down, (server, client))):
+                thread = threading.Thread(target=pump, args=(*args, dropped), daemon=True)
+                self.threads.append(thread)
+                thread.start()
+
+    def _up(self, client: socket.socket, server: socket.socket, dropped: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if self.cut and b"COMMIT\x00" in data:
+                    mode, self.cut = self.cut, None
+                    self.cuts += 1
+                    if mode == "after":
+                        dropped.set()  # the answer to this COMMIT is not passed on
+                        server.sendall(data)
+                        continue
+                    for sock in (client, server):  # shutdown wakes the other pump too
+                        sock.shutdown(socket.SHUT_RDWR)
+                    return
+                server.sendall(data)
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_WR)
+
+    def _down(self, server: socket.socket, client: socket.socket, dropped: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if dropped.is_set():
+                    client.shutdown(socket.SHUT_RDWR)
+                    client.close()
+                    return
+                client.sendall(data)
+        with contextlib.suppress(OSError):
+            client.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("cut", ["before", "after"])
+def test_a_connection_cut_at_commit_appends_the_batch_exactly_once(
+    pg_database: str, pg_cluster: PgCluster, cut: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection breaks during COMMIT: committed or not, the writer finds out on a
+    fresh connection, and the line is in the chain once, acknowledged."""
+    proxy = _CuttingProxy(pg_cluster)
+    try:
+        url = proxy.url(urlsplit(pg_database).path.lstrip("/"), pg_cluster.user)
+        with DatabaseAuditLog(url) as audit:
+            audit.record(_event(1))
+            proxy.cut = cut
+            audit.record(_event(2))  # returns: the line is durable
+            assert proxy.cuts == 1
+            audit.record(_event(3))
+    finally:
+        proxy.close()
+    said = "the batch was committed" if cut == "after" else "trying again"
+    assert said in caplog.text
+    rows = _rows(pg_database)
+    assert [json.loads(f"{{{r[3]}}}")["request_id"] for r in rows] == ["r1", "r2", "r3"]
+    assert verify_database(pg_database).ok

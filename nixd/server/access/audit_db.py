@@ -139,7 +139,7 @@ MIGRATIONS: list[Migration] = [
 
 LOCK_TIMEOUT_MS = 5_000
 """How long a batch waits for the head row held by another instance: then AuditError."""
-IDLE_TIMEOUT_MS = 30_000
+IDLE_TIMEOUT_MS = 10_000
 """A writer stuck inside its transaction (a hung host) is aborted by the database after
 this, releasing the head row for the other instances."""
 CONNECT_TIMEOUT_S = 10
@@ -258,6 +258,11 @@ class DatabaseAuditLog(AuditWriter):
                     if broken:
                         self._drop()
                     if intended is not None and broken and self._was_committed(*intended):
+                        log.warning(
+                            "%s: connection lost at COMMIT (%s); the batch was committed",
+                            self.name,
+                            _message(exc),
+                        )
                         self.batches += 1
                         return  # the COMMIT's answer was lost, not the commit
                     if attempt == 1 and broken:
