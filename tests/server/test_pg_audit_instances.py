@@ -94,7 +94,8 @@ def test_many_requests_to_both_instances_make_one_chain(tmp_path: Path, pg_datab
     a, b = _twins(tmp_path, pg_database)
     a.admin("project", "create", "acme/app")
     _, token = a.token("acme", "ci", fast=True)
-    with running_server(a.path) as server_a, running_server(b.path) as server_b:
+    # A runs two worker processes: three writers on one chain.
+    with running_server(a.path, workers=2) as server_a, running_server(b.path) as server_b:
         for n, path in enumerate(PATHS):
             url = (server_a if n % 2 else server_b).url
             _upload(url, token, tmp_path, path, b"chained %d\n" % n)
