@@ -42,7 +42,13 @@ Appends
     once more. If it broke during the ``COMMIT``, the outcome is unknown: the new
     connection looks for the batch's last hash at its ``seq`` (nobody else could have
     written that seq with that hash), so a batch is never written twice and never reported
-    lost when it was kept.
+    lost when it was kept (``tests/server/test_audit_db.py`` cuts a connection just
+    before and just after its ``COMMIT``).
+
+    An instance killed mid-batch leaves no trace: its connection closes, PostgreSQL rolls
+    the transaction back and the head row is free. One that hangs inside a transaction
+    (a frozen host) is ended by the database after :data:`IDLE_TIMEOUT_MS`; until then
+    the other instances' batches wait up to :data:`LOCK_TIMEOUT_MS` and fail (503).
 
 Containment
     A batch that cannot be committed (the database unreachable, the lock not had within
