@@ -501,12 +501,16 @@ def export(url: str, out: IO[bytes]) -> tuple[VerifyResult, tuple[int, str] | No
     return checker.result(head), head
 
 
+def _private(path: str, flags: int) -> int:
+    """Open a new file owner-only from the start (audit lines name who did what)."""
+    return os.open(path, flags, 0o600)
+
+
 def export_file(url: str, path: Path) -> VerifyResult:
     """:func:`export` into ``path`` (written whole, then renamed) and its head file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open("wb") as out:
-            os.fchmod(out.fileno(), 0o600)
+        with open(tmp, "wb", opener=_private) as out:
             result, head = export(url, out)
             out.flush()
             os.fsync(out.fileno())
@@ -514,8 +518,8 @@ def export_file(url: str, path: Path) -> VerifyResult:
         head_path.unlink(missing_ok=True)  # an older export's head is not this one's
         if result.ok and head is not None:
             text = json.dumps({"lines": head[0], "last": head[1]}, separators=(",", ":"))
-            head_path.write_bytes(text.encode().ljust(_HEAD_SIZE - 1) + b"\n")
-            head_path.chmod(0o600)
+            with open(head_path, "wb", opener=_private) as head_file:
+                head_file.write(text.encode().ljust(_HEAD_SIZE - 1) + b"\n")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

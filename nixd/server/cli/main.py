@@ -13,8 +13,8 @@ import getpass
 import ipaddress
 import json
 import logging
+import os
 import re
-import shutil
 import socket
 import sys
 import textwrap
@@ -431,8 +431,8 @@ def _verify_report(where: str, result: VerifyResult, as_json: bool) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     where, path = _audit_source(args)
     if path is None:
-        config = ServerConfig.load(args.state_dir)
-        return _verify_report(where, verify_database(str(config.database)), args.json)
+        url = str(ServerConfig.load(args.state_dir).database)
+        return _verify_report(where, verify_database(url), args.json)
     return _verify_report(where, verify(path), args.json)
 
 
@@ -449,7 +449,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
             sys.stdout.buffer.flush()
     else:
         result = verify(path)
-        copy_complete_lines(path, out)
+        _copy_complete_lines(path, out)
     if not result.ok or args.json:
         # stdout may be the export itself: the verdict goes to stderr
         report = json.dumps({"log": where, **dataclasses.asdict(result)}) if args.json else None
@@ -457,10 +457,22 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     return 0 if result.ok else 2
 
 
-def copy_complete_lines(path: Path, out: Path | None) -> None:
+def _private(path: str, flags: int) -> int:
+    """Open a new file owner-only from the start (audit lines name who did what)."""
+    return os.open(path, flags, 0o600)
+
+
+def _copy_complete_lines(path: Path, out: Path | None) -> None:
     """The audit file's complete lines (a torn tail left out) to ``out`` or stdout, and
-    its head file next to ``out``."""
+    its head file next to ``out``.
+
+    The head is read before the lines, as :func:`~nixd.server.access.audit.verify` does:
+    a server appending meanwhile makes the copy's head lag (which verifies), never claim
+    a line the copy lacks.
+    """
+    head = Path(f"{path}{HEAD_SUFFIX}")
     try:
+        head_bytes = head.read_bytes() if head.exists() else None
         with path.open("rb") as src:
             if out is None:
                 for raw in src:
@@ -469,15 +481,16 @@ def copy_complete_lines(path: Path, out: Path | None) -> None:
                 sys.stdout.buffer.flush()
                 return
             tmp = out.with_name(f".{out.name}.tmp")
-            with tmp.open("wb") as dst:
-                tmp.chmod(0o600)
+            with open(tmp, "wb", opener=_private) as dst:
                 for raw in src:
                     if raw.endswith(b"\n"):
                         dst.write(raw)
-            head = Path(f"{path}{HEAD_SUFFIX}")
-            if head.exists():
-                shutil.copyfile(head, f"{out}{HEAD_SUFFIX}")
-            tmp.replace(out)
+        out_head = Path(f"{out}{HEAD_SUFFIX}")
+        if head_bytes is not None:
+            out_head.write_bytes(head_bytes)
+        else:
+            out_head.unlink(missing_ok=True)
+        tmp.replace(out)
     except OSError as exc:
         raise ConfigError(f"cannot export {path}: {exc.strerror or exc}") from exc
 
