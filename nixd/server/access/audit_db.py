@@ -501,7 +501,7 @@ def export(url: str, out: IO[bytes]) -> tuple[VerifyResult, tuple[int, str] | No
     return checker.result(head), head
 
 
-def _private(path: str, flags: int) -> int:
+def open_private(path: str, flags: int) -> int:
     """Open a new file owner-only from the start (audit lines name who did what)."""
     return os.open(path, flags, 0o600)
 
@@ -510,7 +510,7 @@ def export_file(url: str, path: Path) -> VerifyResult:
     """:func:`export` into ``path`` (written whole, then renamed) and its head file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb", opener=_private) as out:
+        with open(tmp, "wb", opener=open_private) as out:
             result, head = export(url, out)
             out.flush()
             os.fsync(out.fileno())
@@ -518,7 +518,7 @@ def export_file(url: str, path: Path) -> VerifyResult:
         head_path.unlink(missing_ok=True)  # an older export's head is not this one's
         if result.ok and head is not None:
             text = json.dumps({"lines": head[0], "last": head[1]}, separators=(",", ":"))
-            with open(head_path, "wb", opener=_private) as head_file:
+            with open(head_path, "wb", opener=open_private) as head_file:
                 head_file.write(text.encode().ljust(_HEAD_SIZE - 1) + b"\n")
         tmp.replace(path)
     finally:

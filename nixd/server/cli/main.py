@@ -13,7 +13,6 @@ import getpass
 import ipaddress
 import json
 import logging
-import os
 import re
 import socket
 import sys
@@ -28,7 +27,7 @@ from nixd.cliutil import run_command
 from nixd.errors import ConfigError
 from nixd.server.access.audit import HEAD_SUFFIX, VerifyResult, verify
 from nixd.server.access.audit_db import export as export_database
-from nixd.server.access.audit_db import export_file, open_audit, verify_database
+from nixd.server.access.audit_db import export_file, open_audit, open_private, verify_database
 from nixd.server.access.credentials import CredentialStore
 from nixd.server.access.identity import KINDS, Identity
 from nixd.server.access.keys import ServerKeys
@@ -457,11 +456,6 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     return 0 if result.ok else 2
 
 
-def _private(path: str, flags: int) -> int:
-    """Open a new file owner-only from the start (audit lines name who did what)."""
-    return os.open(path, flags, 0o600)
-
-
 def _copy_complete_lines(path: Path, out: Path | None) -> None:
     """The audit file's complete lines (a torn tail left out) to ``out`` or stdout, and
     its head file next to ``out``.
@@ -481,7 +475,7 @@ def _copy_complete_lines(path: Path, out: Path | None) -> None:
                 sys.stdout.buffer.flush()
                 return
             tmp = out.with_name(f".{out.name}.tmp")
-            with open(tmp, "wb", opener=_private) as dst:
+            with open(tmp, "wb", opener=open_private) as dst:
                 for raw in src:
                     if raw.endswith(b"\n"):
                         dst.write(raw)
