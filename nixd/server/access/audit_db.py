@@ -311,19 +311,28 @@ def _message(exc: BaseException) -> str:
 
 
 def _head_damage(conn: Connection) -> str | None:
-    """What is wrong if the last row is not the one the head names (cheap, on open)."""
-    head = conn.execute(_HEAD).fetchone()
-    last = conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-    if head is None:
+    """What is wrong if the last row is not the one the head names (cheap, on open).
+
+    One statement, so one snapshot: other instances appending meanwhile move the head and
+    the last row together.
+    """
+    found = conn.execute(
+        "SELECT h.seq, h.hash, l.seq, l.hash FROM audit_head h LEFT JOIN LATERAL "
+        "(SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1) l ON true WHERE h.id = 1"
+    ).fetchone()
+    if found is None:
         return "audit_head has no row"
-    if last is None:
-        return None if int(head[0]) == 0 else f"audit_log is empty but audit_head records {head[0]}"
-    if int(last[0]) < int(head[0]):
-        return f"audit_log ends at record {last[0]} but audit_head records {head[0]}"
-    if int(last[0]) > int(head[0]):
-        return f"audit_log holds records after {head[0]}, the one audit_head records"
-    if last[1] != head[1]:
-        return f"record {last[0]} does not match audit_head (edited)"
+    head_seq, head_hash, last_seq, last_hash = found
+    if last_seq is None:
+        return (
+            None if int(head_seq) == 0 else f"audit_log is empty but audit_head records {head_seq}"
+        )
+    if int(last_seq) < int(head_seq):
+        return f"audit_log ends at record {last_seq} but audit_head records {head_seq}"
+    if int(last_seq) > int(head_seq):
+        return f"audit_log holds records after {head_seq}, the one audit_head records"
+    if last_hash != head_hash:
+        return f"record {last_seq} does not match audit_head (edited)"
     return None
 
 
