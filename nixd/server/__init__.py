@@ -61,18 +61,28 @@ Policy
 Several instances
     With ``[storage] database`` on PostgreSQL, any number of ``serve`` processes on any
     number of hosts are one server: metadata, credentials and revocations, device codes,
-    the signing keyrings (:mod:`~nixd.server.access.keys`) and the policy
-    (:mod:`~nixd.server.access.shared_policy`) are rows of that database, every commit is
-    announced (NOTIFY) and seen by every instance on its next request, and writes are
-    serialized by one advisory lock. An instance keeps only its ``config.toml`` (and,
-    while the blobs are a directory, that directory must be shared).
+    the signing keyrings (:mod:`~nixd.server.access.keys`), the policy
+    (:mod:`~nixd.server.access.shared_policy`) and the audit log are rows of that
+    database, every commit is announced (NOTIFY) and seen by every instance on its next
+    request, and writes are serialized by one advisory lock. An instance keeps only its
+    ``config.toml`` (and, while the blobs are a directory, that directory must be shared).
+
+The audit log
+    Every decision and admin change is one hash-chained line, durable before the answer
+    leaves (allowed reads too, unless ``audit.durable_reads = false``): a decision that
+    cannot be recorded is not answered (503). One chain per
+    deployment: a file in the state directory on SQLite; on PostgreSQL a table of the
+    shared database, extended by every instance under one row lock, so several instances
+    behind a load balancer keep one tamper-evident history (``nixd-server audit verify``,
+    ``audit export`` to the file format). See :mod:`nixd.server.access.audit`.
 
 Rooms
     ``http/`` (routes as an ASGI app, the HTTP/1.1 front, and ``ops``: health, readiness,
-    metrics and the access log), ``access/`` (identity, policy, audit, credentials, access
-    tokens, keys), ``login/`` (exchanges: OIDC, AWS, device code, accounts, web pages),
-    ``storage/`` (metadata on SQLite or PostgreSQL, blobs, and retention: pins and the
-    garbage collector), ``cli/`` (one module per command group). Imports run cli → http →
-    access, login → storage; the room root holds config, errors, the metrics every room
-    may count into and the ASGI types that every room shares.
+    metrics and the access log), ``access/`` (identity, policy, audit in a file or a
+    PostgreSQL table, credentials, access tokens, keys), ``login/`` (exchanges: OIDC,
+    AWS, device code, accounts, web pages), ``storage/`` (metadata on SQLite or
+    PostgreSQL, blobs, and retention: pins and the garbage collector), ``cli/`` (one
+    module per command group). Imports run cli → http → access, login → storage; the room
+    root holds config, errors, the metrics every room may count into and the ASGI types
+    that every room shares.
 """

@@ -32,7 +32,7 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     file = "policy.toml"
 
     [audit]
-    file = "audit.log"
+    file = "audit.log"              # unused with a PostgreSQL database: the log is its table
     durable_reads = true            # false: allowed reads are answered before their line
                                     # is fsynced (denials, uploads, admin: always durable)
 
@@ -135,6 +135,10 @@ class PolicySection:
 
 @dataclass(frozen=True, slots=True)
 class AuditSection:
+    """The audit log: ``file`` in the state directory, or with a PostgreSQL ``[storage]
+    database`` that database's ``audit_log`` table (:mod:`nixd.server.access.audit_db`),
+    where ``file`` is unused."""
+
     file: str = "audit.log"
     durable_reads: bool = True
 

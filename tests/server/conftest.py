@@ -24,10 +24,13 @@ from pathlib import Path
 
 import pytest
 
+from nixd.server.access.audit import VerifyResult, verify
+from nixd.server.access.audit_db import export, verify_database
 from nixd.server.cli import main as cli_main
 from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp
 from nixd.server.http.serve import open_services
+from nixd.server.storage.sql import is_postgres
 from tests.server.appenv import Env
 from tests.serverproc import SERVER_CLI, ServerProcess, running_server, server_cli
 
@@ -71,6 +74,25 @@ class ServerState:
         args = ("token", "create", "--org", org, "--name", name, *extra, "--json")
         data = json.loads(self.admin(*args) if fast else self.cli(*args).stdout)
         return data["id"], data["token"]
+
+
+def audit_text(state: Path) -> str:
+    """A state directory's audit log in the file format, wherever it lives: the file, or
+    on PostgreSQL the database's table (exported)."""
+    config = ServerConfig.load(state)
+    if is_postgres(config.database):
+        out = io.BytesIO()
+        export(str(config.database), out)
+        return out.getvalue().decode()
+    return config.audit_path.read_text()
+
+
+def audit_verify(state: Path) -> VerifyResult:
+    """``nixd-server audit verify``'s check of a state directory's audit log."""
+    config = ServerConfig.load(state)
+    if is_postgres(config.database):
+        return verify_database(str(config.database))
+    return verify(config.audit_path)
 
 
 BACKENDS = ("sqlite", "postgresql")

@@ -19,8 +19,8 @@ import zstandard
 from nixd.nix import base32
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
-from nixd.server.access.audit import verify
 from tests.server.appenv import HASH_A, HASH_B, Env, client_narinfo, make_nar, upload
+from tests.server.conftest import audit_text, audit_verify
 
 BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
 
@@ -242,16 +242,11 @@ conditions = { source_ips = ["127.0.0.2/32"] }
 async def test_audit_log_records_decisions_and_verifies(env: Env, uploaded: bytes) -> None:
     async with env.client(auth=env.other, basic=True) as c:
         await c.get(f"/cache/{HASH_A}.narinfo")
-    lines = env.state.path.joinpath("audit.log").read_text().splitlines()
+    lines = audit_text(env.state.path).splitlines()
     assert any('"cache:write"' in line and '"allow"' in line for line in lines)
     assert any('"token:other/ci"' in line and '"deny"' in line for line in lines)
     assert not any(env.member in line or env.other in line for line in lines)
-    assert _verify_ok(env.state.path / "audit.log")
-
-
-def _verify_ok(path: Path) -> bool:
-    result = verify(path)
-    return bool(getattr(result, "ok", result))
+    assert audit_verify(env.state.path).ok
 
 
 async def test_key_rotation_co_signs_and_publishes_both(env: Env, uploaded: bytes) -> None:

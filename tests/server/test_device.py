@@ -25,7 +25,7 @@ from nixd.server.http.app import CacheApp, Services
 from nixd.server.http.serve import open_services
 from nixd.server.login.accounts import hash_password, verify_password
 from nixd.server.login.device import GRANT_TYPE, USER_CODE_ALPHABET, DeviceService
-from tests.server.conftest import ServerState
+from tests.server.conftest import ServerState, audit_text
 
 BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
 
@@ -57,7 +57,7 @@ class Env:
         return httpx.AsyncClient(transport=transport, base_url="http://cache.test")
 
     def audit_lines(self) -> list[dict[str, object]]:
-        text = (self.state.path / "audit.log").read_text()
+        text = audit_text(self.state.path)
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -529,4 +529,4 @@ def test_user_add_reads_password_from_stdin(server_state: ServerState) -> None:
         ).fetchone()
         assert row[0] != "a long enough password"
         assert verify_password("a long enough password", row[0])
-    assert "admin:user.add" in (server_state.path / "audit.log").read_text()
+    assert "admin:user.add" in audit_text(server_state.path)

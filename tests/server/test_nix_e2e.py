@@ -28,7 +28,7 @@ from nixd.server.access.identity import Identity
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.tokens import TokenIssuer
 from tests.realnix import RealNix
-from tests.server.conftest import BACKENDS, ServerState
+from tests.server.conftest import BACKENDS, ServerState, audit_text
 from tests.serverproc import start_server
 
 CLOSURE = """
@@ -226,8 +226,7 @@ def test_copy_to_slice_and_from_unified(
 def assert_audit(state: ServerState, tmp_path: Path) -> None:
     ok = state.cli("audit", "verify")
     assert ok.returncode == 0, ok.stderr
-    log = state.path / "audit.log"
-    lines = log.read_text().splitlines()
+    lines = audit_text(state.path).splitlines()  # the file, or the table exported
     assert any('"deny"' in line for line in lines) and any('"allow"' in line for line in lines)
     tampered = tmp_path / "tampered.log"
     edited = [line.replace('"deny"', '"allow"', 1) if '"deny"' in line else line for line in lines]

@@ -1,10 +1,10 @@
 """Two ``nixd-server serve`` instances on one PostgreSQL: what one changes, the other
 applies on its very next request.
 
-Each instance has its own state directory (its address file and audit log) with the same
-config and keys (copied, as a deployment would ship them); both use one database and one
-blob directory. An
-API token revoked through instance A's admin command is refused by instance B on the next
+Each instance has its own state directory (its address file; the audit log is the
+database's table, see test_pg_audit_instances.py) with the same config and keys (copied,
+as a deployment would ship them); both use one database and one blob directory. An API
+token revoked through instance A's admin command is refused by instance B on the next
 request, both used directly and as the credential behind an exchanged access token;
 an upload to A is served by B; the real Nix copies a closure to A and from B.
 """

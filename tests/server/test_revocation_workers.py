@@ -7,11 +7,9 @@ connections is refused — whichever worker it reached, whatever it asked for.
 
 from __future__ import annotations
 
-import os
-
 import httpx
 
-from tests.server.conftest import ServerState
+from tests.server.conftest import ServerState, audit_verify
 from tests.serverproc import start_server
 
 ROUNDS = 16
@@ -52,4 +50,4 @@ def test_revoke_and_rotate_reach_every_worker(server_state: ServerState) -> None
         assert _statuses(server.url, fresh, "/api/v1/token/status") == {200}
     finally:
         assert server.stop() == 0
-    assert os.path.exists(server_state.path / "audit.log")
+    assert audit_verify(server_state.path).ok

@@ -26,7 +26,7 @@ from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp
 from nixd.server.http.serve import open_services
 from tests.server.appenv import HASH_A, HASH_B, Env, make_nar, upload
-from tests.server.conftest import ServerState
+from tests.server.conftest import ServerState, audit_text
 
 BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
 
@@ -99,7 +99,7 @@ async def test_another_orgs_public_slice_cannot_shadow(env: Env, tmp_path: Path)
         got = await narinfo(c, f"/cache/{HASH_A}.narinfo")
         assert got is not None and str(got.nar_hash) == nar_hash_of(legit)
         assert (await c.get(f"/cache/{'0' * 31}9.narinfo")).status_code == 200
-    lines = [json.loads(x) for x in (env.state.path / "audit.log").read_text().splitlines()]
+    lines = [json.loads(x) for x in audit_text(env.state.path).splitlines()]
     served = [
         x for x in lines if x.get("object") == f"{HASH_A}.narinfo" and x["decision"] == "allow"
     ]
@@ -239,7 +239,7 @@ resources = ["acme/oss"]
     )
     assert explained.returncode == 2
     assert json.loads(explained.stdout)["rule"] == "no-anonymous-oss"
-    lines = [json.loads(x) for x in (env.state.path / "audit.log").read_text().splitlines()]
+    lines = [json.loads(x) for x in audit_text(env.state.path).splitlines()]
     assert lines[-1]["decision"] == "deny" and lines[-1]["rule"] == "no-anonymous-oss"
 
 
@@ -398,7 +398,7 @@ resources = ["other/*"]
                         if r.status_code != 200:
                             continue
                         got = nar_hash_of_text(r.text)
-                        audit = json.loads((state.path / "audit.log").read_text().splitlines()[-1])
+                        audit = json.loads(audit_text(state.path).splitlines()[-1])
                         served_by = audit["resource"]
                         # The slice that served it holds exactly that record ...
                         assert accepted[served_by].get(hash_part) == got, (reader, url)

@@ -1,5 +1,14 @@
 """The audit log: one durable, hash-chained JSON line per policy decision and admin change.
 
+Where it lives
+    In a file of the state directory (``[audit] file``, this module's :class:`AuditLog`),
+    unless the metadata database is PostgreSQL: then the lines are rows of that database
+    (:class:`nixd.server.access.audit_db.DatabaseAuditLog`), so that every server instance
+    on it extends one chain. Both make the same lines (:func:`line_of`), hashed the same
+    way, batched by the same :class:`AuditWriter`; ``nixd-server audit export`` writes the
+    table's chain as a file that :func:`verify` accepts. What follows describes the file;
+    the table keeps every promise below, in its own way (see that module).
+
 The model
     Each line is a JSON object::
 
@@ -47,9 +56,17 @@ Throughput (group commit)
     not once per request. :meth:`AuditLog.close` writes whatever is still queued.
 
 Writers
-    Several processes may write one log (the server, and ``nixd-server token …`` recording
-    admin changes): every batch is written under an exclusive ``flock`` and first re-reads
-    the tail if another process appended. Within a process a lock serializes threads.
+    Several processes may write one log (the server's workers, and ``nixd-server token …``
+    recording admin changes): every batch is written under an exclusive ``flock`` and
+    first re-reads the tail if another process appended. Within a process a lock
+    serializes threads. Processes on several machines cannot share a file: they share the
+    database's table instead.
+
+What is not audited is not done
+    A line that cannot be written is an :class:`AuditError` (503) for every caller of its
+    batch: a request whose decision was not recorded is not answered, an admin command
+    whose line cannot be written fails with that error (the change was made first, so
+    the failure is what tells the operator it went unrecorded).
 
 Secrets and hostile values
     A line never holds a credential. A field *named* like ``token``, ``password``,
@@ -80,6 +97,7 @@ API
     ``reason``), ``rule`` and ``source`` are written as null when absent; any other JSON
     fields follow.
     ``verify(path) -> VerifyResult`` (``.ok``, ``.first_bad``, ``.problem``, ``.describe()``).
+    Code that takes either kind of log types it as :class:`AuditWriter`.
 """
 
 from __future__ import annotations
@@ -145,6 +163,20 @@ class AuditError(ServerError):
 
 def _hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
+
+
+def line_of(seq: int, body: str, prev: str) -> bytes:
+    """Line ``seq`` of the chain, without its newline: the bytes the next ``prev`` hashes.
+
+    One definition for every place a line is made (the file, the database table, an
+    export), so a chain written anywhere verifies everywhere.
+    """
+    return f'{{"seq":{seq},{body},"prev":"{prev}"}}'.encode()
+
+
+def line_hash(line: bytes) -> str:
+    """The ``prev`` of the line after ``line`` (sha256, hex)."""
+    return _hash(line)
 
 
 @functools.lru_cache(maxsize=4)
@@ -357,48 +389,30 @@ class _Batch:
     error: BaseException | None = None
 
 
-class AuditLog:
-    """An append-only, hash-chained, fsync'ed JSON-lines log (see the module docstring)."""
+class AuditWriter:
+    """What every audit log shares: events in, lines out in batches (see "Throughput").
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
-        self.head_path = Path(f"{self.path}{HEAD_SUFFIX}")
+    A subclass owns where the lines go: :meth:`_write_batch` appends one batch durably
+    (or raises :class:`AuditError`, having appended nothing it could not stand behind),
+    :meth:`_is_open` and :meth:`_release`. :class:`AuditLog` writes the file;
+    :class:`nixd.server.access.audit_db.DatabaseAuditLog` a PostgreSQL table.
+    """
+
+    def __init__(self, name: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.name = name
+        """What log messages and errors call this log (a path, a database)."""
         self._clock = clock
-        self._lock = threading.Lock()
-        self._failed: str | None = None
-        self._end = -1  # file size after our last write; -1 = re-read the tail
-        self._seq = 0
-        self._prev = GENESIS
-        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        try:
-            self._fd = os.open(self.path, flags, 0o600)
-            self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise AuditError(f"{self.path}: cannot open the audit log: {exc.strerror}") from exc
         self._writer_token: trio.lowlevel.TrioToken | None = None
         self._pending = _Batch()
         self._work = trio.Event()
         self._urgent = trio.Event()
         self.batches = 0
-        """Batches written (one write and one fsync each), for benchmarks and tests."""
-        try:
-            with self._lock, self._flocked():
-                self._sync_tail()
-                damage = self._check_head()
-            if damage is not None:
-                # Appending would overwrite the head and bury the evidence; put it in the chain.
-                log.error("%s: %s", self.path, damage)
-                self.record(
-                    {"identity": "system:nixd-server", "action": "audit:damage", "problem": damage}
-                )
-        except BaseException:
-            self.close()
-            raise
+        """Batches written (one write and one fsync / commit each), for benchmarks and tests."""
 
     # -- writing ---------------------------------------------------------------------------
 
     def record(self, event: Mapping[str, Any]) -> None:
-        """Append one line; return once it is on disk. ValueError for a bad event."""
+        """Append one line; return once it is durable. ValueError for a bad event."""
         self._write_batch([_body(event, self._clock())])
 
     def now(self) -> float:
@@ -421,13 +435,14 @@ class AuditLog:
         if batch.error is not None:
             if isinstance(batch.error, AuditError):
                 raise AuditError(str(batch.error)) from batch.error
-            raise AuditError(f"{self.path}: audit write failed: {batch.error!r}") from batch.error
+            raise AuditError(f"{self.name}: audit write failed: {batch.error!r}") from batch.error
 
     def submit(self, body: str) -> None:
         """Queue a line made by :func:`event_body` without waiting for it (from trio).
 
-        It is written within :data:`LAZY_WINDOW` plus one fsync, or by :meth:`close`; a
-        failed write is logged, and a failed fsync stops the log for every later caller.
+        It is written within :data:`LAZY_WINDOW` plus one fsync (or commit), or by
+        :meth:`close`; a failed write is logged (and in the file, a failed fsync stops the
+        log for every later caller).
         """
         self._queue(body)
 
@@ -438,7 +453,7 @@ class AuditLog:
             self._pending = _Batch()
             self._work = trio.Event()
             self._urgent = trio.Event()
-            trio.lowlevel.spawn_system_task(self._writer, name=f"audit writer {self.path}")
+            trio.lowlevel.spawn_system_task(self._writer, name=f"audit writer {self.name}")
         batch = self._pending
         batch.bodies.append(body)
         self._work.set()
@@ -463,10 +478,70 @@ class AuditLog:
                 # Not abandoned on cancel: a batch is written whole or not at all.
                 await trio.to_thread.run_sync(self._write_batch, batch.bodies)
             except Exception as exc:  # handed to every caller of the batch
-                log.error("%s: %d audit line(s) not written: %s", self.path, len(batch.bodies), exc)
+                log.error("%s: %d audit line(s) not written: %s", self.name, len(batch.bodies), exc)
                 batch.error = exc
             finally:
                 batch.done.set()
+
+    def _write_batch(self, bodies: list[str]) -> None:
+        raise NotImplementedError
+
+    def _is_open(self) -> bool:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Let go of the files or connections (after the last batch)."""
+
+    def close(self) -> None:
+        """Write the lines still queued, close the files or connections; later records fail."""
+        batch, self._pending = self._pending, _Batch()
+        if batch.bodies and self._is_open():
+            try:
+                self._write_batch(batch.bodies)
+            except AuditError as exc:
+                log.error("%s: %d queued audit line(s) lost: %s", self.name, len(batch.bodies), exc)
+                batch.error = exc
+            batch.done.set()
+        self._release()
+
+    def __enter__(self) -> AuditWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AuditLog(AuditWriter):
+    """An append-only, hash-chained, fsync'ed JSON-lines log (see the module docstring)."""
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(str(path), clock=clock)
+        self.path = Path(path)
+        self.head_path = Path(f"{self.path}{HEAD_SUFFIX}")
+        self._lock = threading.Lock()
+        self._failed: str | None = None
+        self._end = -1  # file size after our last write; -1 = re-read the tail
+        self._seq = 0
+        self._prev = GENESIS
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+            self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot open the audit log: {exc.strerror}") from exc
+        try:
+            with self._lock, self._flocked():
+                self._sync_tail()
+                damage = self._check_head()
+            if damage is not None:
+                # Appending would overwrite the head and bury the evidence; put it in the chain.
+                log.error("%s: %s", self.path, damage)
+                self.record(
+                    {"identity": "system:nixd-server", "action": "audit:damage", "problem": damage}
+                )
+        except BaseException:
+            self.close()
+            raise
 
     def _write_batch(self, bodies: list[str]) -> None:
         with self._lock:
@@ -480,7 +555,7 @@ class AuditLog:
                 chunks = []
                 for body in bodies:
                     seq += 1
-                    line = f'{{"seq":{seq},{body},"prev":"{prev}"}}'.encode()
+                    line = line_of(seq, body, prev)
                     prev = _hash(line)
                     chunks.append(line)
                     chunks.append(b"\n")
@@ -611,16 +686,10 @@ class AuditLog:
                 return tail[before + 1 :], end + before + 1
         return tail, 0
 
-    def close(self) -> None:
-        """Write the lines still queued, close the files; later records fail."""
-        batch, self._pending = self._pending, _Batch()
-        if batch.bodies and getattr(self, "_fd", -1) >= 0:
-            try:
-                self._write_batch(batch.bodies)
-            except AuditError as exc:
-                log.error("%s: %d queued audit line(s) lost: %s", self.path, len(batch.bodies), exc)
-                batch.error = exc
-            batch.done.set()
+    def _is_open(self) -> bool:
+        return getattr(self, "_fd", -1) >= 0
+
+    def _release(self) -> None:
         for name in ("_fd", "_head_fd"):
             fd = getattr(self, name, -1)
             if fd >= 0:
@@ -630,9 +699,6 @@ class AuditLog:
 
     def __enter__(self) -> AuditLog:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # -- verifying ------------------------------------------------------------------------------
@@ -648,12 +714,17 @@ class VerifyResult:
     problem: str | None = None
     torn_tail: int = 0
     head: str = ""
+    unit: str = "line"
+    """What is counted: ``"line"`` of a file, ``"record"`` of a database table."""
 
     def describe(self) -> str:
         """One paragraph for ``nixd-server audit verify``."""
-        out = [f"{'OK' if self.ok else 'FAILED'}: {self.lines} complete lines checked"]
-        if self.problem:
-            out.append(f"line {self.first_bad}: {self.problem}")
+        counted = "complete lines" if self.unit == "line" else f"{self.unit}s"
+        out = [f"{'OK' if self.ok else 'FAILED'}: {self.lines} {counted} checked"]
+        if self.problem and self.first_bad is None:  # the log could not be read at all
+            out.append(self.problem)
+        elif self.problem:
+            out.append(f"{self.unit} {self.first_bad}: {self.problem}")
         if self.torn_tail:
             out.append(
                 f"the file ends with an incomplete line ({self.torn_tail} bytes) left by a "

@@ -8,6 +8,7 @@ log as well, under the identity ``admin:<user>`` of whoever ran the command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import ipaddress
 import json
@@ -24,7 +25,9 @@ from typing import Any
 from nixd import __version__, systemd
 from nixd.cliutil import run_command
 from nixd.errors import ConfigError
-from nixd.server.access.audit import AuditLog, verify
+from nixd.server.access.audit import HEAD_SUFFIX, VerifyResult, verify
+from nixd.server.access.audit_db import export as export_database
+from nixd.server.access.audit_db import export_file, open_audit, open_private, verify_database
 from nixd.server.access.credentials import CredentialStore
 from nixd.server.access.identity import KINDS, Identity
 from nixd.server.access.keys import ServerKeys
@@ -47,6 +50,7 @@ from nixd.server.storage.db import (
     set_project_public,
     split_slice,
 )
+from nixd.server.storage.sql import is_postgres
 from nixd.server.storage.store import Store
 
 PROG = "nixd-server"
@@ -138,7 +142,7 @@ def _audit(config: ServerConfig, action: str, resource: str, **extra: Any) -> No
         **extra,
     }
 
-    with AuditLog(config.audit_path) as audit:
+    with open_audit(config) as audit:
         audit.record(event)
 
 
@@ -412,11 +416,84 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 2
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    path = Path(args.file) if args.file else ServerConfig.load(args.state_dir).audit_path
-    result = verify(path)
-    print(f"{path}: {result.describe()}", file=sys.stdout if result.ok else sys.stderr)
+def _audit_source(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """Which log an ``audit`` command reads: (what to call it, the file or None = the DB)."""
+    if args.file:
+        return args.file, Path(args.file)
+    config = ServerConfig.load(args.state_dir)
+    if is_postgres(config.database):
+        return str(config.database).split("?", 1)[0], None
+    return str(config.audit_path), config.audit_path
+
+
+def _verify_report(where: str, result: VerifyResult, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"log": where, **dataclasses.asdict(result)}))
+    else:
+        print(f"{where}: {result.describe()}", file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 2
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    where, path = _audit_source(args)
+    if path is None:
+        url = str(ServerConfig.load(args.state_dir).database)
+        return _verify_report(where, verify_database(url), args.json)
+    return _verify_report(where, verify(path), args.json)
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    """Write the chain in the file format (to stdout, or ``--output`` with its head file)."""
+    where, path = _audit_source(args)
+    out = Path(args.output) if args.output and args.output != "-" else None
+    if path is None:
+        url = str(ServerConfig.load(args.state_dir).database)
+        if out is not None:
+            result = export_file(url, out)
+        else:
+            result, _ = export_database(url, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+    else:
+        result = verify(path)
+        _copy_complete_lines(path, out)
+    if not result.ok or args.json:
+        # stdout may be the export itself: the verdict goes to stderr
+        report = json.dumps({"log": where, **dataclasses.asdict(result)}) if args.json else None
+        print(report or f"{where}: {result.describe()}", file=sys.stderr)
+    return 0 if result.ok else 2
+
+
+def _copy_complete_lines(path: Path, out: Path | None) -> None:
+    """The audit file's complete lines (a torn tail left out) to ``out`` or stdout, and
+    its head file next to ``out``.
+
+    The head is read before the lines, as :func:`~nixd.server.access.audit.verify` does:
+    a server appending meanwhile makes the copy's head lag (which verifies), never claim
+    a line the copy lacks.
+    """
+    head = Path(f"{path}{HEAD_SUFFIX}")
+    try:
+        head_bytes = head.read_bytes() if head.exists() else None
+        with path.open("rb") as src:
+            if out is None:
+                for raw in src:
+                    if raw.endswith(b"\n"):
+                        sys.stdout.buffer.write(raw)
+                sys.stdout.buffer.flush()
+                return
+            tmp = out.with_name(f".{out.name}.tmp")
+            with open(tmp, "wb", opener=open_private) as dst:
+                for raw in src:
+                    if raw.endswith(b"\n"):
+                        dst.write(raw)
+        out_head = Path(f"{out}{HEAD_SUFFIX}")
+        if head_bytes is not None:
+            out_head.write_bytes(head_bytes)
+        else:
+            out_head.unlink(missing_ok=True)
+        tmp.replace(out)
+    except OSError as exc:
+        raise ConfigError(f"cannot export {path}: {exc.strerror or exc}") from exc
 
 
 def _note_key_change(config: ServerConfig, keyring: str) -> None:
@@ -646,7 +723,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _state(p)
     p.add_argument("--file", help="verify this file instead of the configured log")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
     p.set_defaults(func=cmd_audit_verify)
+    p = audit.add_parser(
+        "export",
+        help="write the audit chain in the file format (the database's, on PostgreSQL)",
+        description=(
+            "Write every record of the configured audit log (the database table when "
+            "[storage] database is PostgreSQL, else the file) as lines of the file format, "
+            "to stdout or --output FILE (with FILE.head, so `audit verify --file FILE` "
+            "checks it whole). Every record is written; exit 2 if the chain does not verify."
+        ),
+    )
+    _state(p)
+    p.add_argument("--file", help="export this file instead of the configured log")
+    p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    p.add_argument("--json", action="store_true", help="the verdict as JSON on stderr")
+    p.set_defaults(func=cmd_audit_export)
 
     key = sub.add_parser("key", help="signing keys").add_subparsers(
         dest="key_command", metavar="ACTION", required=True

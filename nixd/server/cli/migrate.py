@@ -1,11 +1,11 @@
 """``nixd-server migrate STATE_DIR``: bring the metadata database's schema up to date.
 
-Every component's migrations (core, store, accounts, device, throttle, web, keys,
-policy) in the order
-their tables refer to each other, each in one transaction under the write lock, so two
-processes migrating at once apply each migration exactly once. ``serve`` and the admin
-commands apply them too when they open the database; this command is for doing it
-before starting instances (several servers on one PostgreSQL), and for checking.
+Every component's migrations (core, store, accounts, device, throttle, web, keys, policy,
+and audit, whose tables exist on PostgreSQL only) in the order their tables refer to each
+other, each in one transaction under the write lock, so two processes migrating at once
+apply each migration exactly once. ``serve`` and the admin commands apply them too when
+they open the database; this command is for doing it before starting instances (several
+servers on one PostgreSQL), and for checking.
 A database newer than this nixd-server is refused, naming both versions.
 
 ``--copy-from OLD.db`` moves a single-box server to PostgreSQL: the configured (empty)
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nixd.errors import ConfigError
-from nixd.server.access import keys, shared_policy
+from nixd.server.access import audit_db, keys, shared_policy
 from nixd.server.config import ServerConfig
 from nixd.server.login import accounts, device, throttle, web
 from nixd.server.storage import db, store
@@ -46,6 +46,7 @@ COMPONENTS: list[tuple[str, Sequence[Migration]]] = [
     ("web", web.MIGRATIONS),
     ("keys", keys.MIGRATIONS),
     ("policy", shared_policy.MIGRATIONS),
+    ("audit", audit_db.MIGRATIONS),
 ]
 """Every component with a schema, in dependency order (device refers to accounts)."""
 

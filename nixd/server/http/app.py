@@ -87,7 +87,7 @@ from nixd.nix import base32
 from nixd.nix.hashes import Hash
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.storepath import StorePath
-from nixd.server.access.audit import AuditLog, event_body
+from nixd.server.access.audit import AuditWriter, event_body
 from nixd.server.access.credentials import CredentialRejected, CredentialStore
 from nixd.server.access.identity import Identity, anonymous
 from nixd.server.access.keys import ServerKeys
@@ -148,7 +148,7 @@ class Services:
     issuer: TokenIssuer
     keys: ServerKeys
     policy: PolicyHolder
-    audit: AuditLog
+    audit: AuditWriter
     max_upload_bytes: int = 64 * 1024**3
     clock: Callable[[], float] = time.time
     nar_checker: Callable[[], Any] | None = None

@@ -46,7 +46,7 @@ from nixd.http.errors import ResponseStateError
 from nixd.http.limits import Limits
 from nixd.http.serve import ClientDisconnected, HttpServer, Request, Responder, serve_http
 from nixd.nix.nar import NarParser
-from nixd.server.access.audit import AuditLog
+from nixd.server.access.audit_db import open_audit
 from nixd.server.access.credentials import CredentialStore
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.shared_policy import open_policy
@@ -90,7 +90,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
             float(config.tokens.access_ttl),
         )
         policy = open_policy(config.policy_path, conn)
-        audit = AuditLog(config.audit_path)
+        audit = open_audit(config, conn)
         stack.callback(audit.close)
         device = DeviceService(conn, issuer=issuer, audit=audit, settings=config.device)
         yield Services(
@@ -114,8 +114,9 @@ def run(config: ServerConfig, *, listen: Sequence[str] | None = None, workers: i
     The sockets are bound (or taken from socket activation, :func:`listening_sockets`)
     before forking, so every worker accepts on the same listening sockets and the kernel
     spreads connections over them. Workers share the database (WAL), the blob directory
-    and the audit log (the audit log takes an ``flock`` per batch); their caches notice
-    each other's commits through ``PRAGMA data_version``. SIGTERM to the first process
+    and the audit log (the file takes an ``flock`` per batch; on PostgreSQL the table's
+    head row is locked per batch, across instances too); their caches notice each
+    other's commits through ``PRAGMA data_version``. SIGTERM to the first process
     stops the others after it.
 
     **Readiness.** The first process is the one systemd started (``MAINPID``; the unit

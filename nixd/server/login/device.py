@@ -71,7 +71,7 @@ from typing import Any
 from urllib.parse import quote
 
 from nixd.errors import AuthError, FormatError
-from nixd.server.access.audit import AuditLog
+from nixd.server.access.audit import AuditWriter
 from nixd.server.access.identity import Identity, anonymous
 from nixd.server.access.tokens import TokenIssuer
 from nixd.server.asgi import Receive, Scope, Send
@@ -210,7 +210,7 @@ class DeviceService:
         conn: Connection,
         *,
         issuer: TokenIssuer,
-        audit: AuditLog,
+        audit: AuditWriter,
         settings: DeviceSettings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
