@@ -20,7 +20,7 @@ from nixd.server.storage.gc import GcReport, _fingerprint, collect, serve_gc
 from nixd.server.storage.pins import add_pin, list_pins, parse_store_path, remove_pin
 from nixd.server.storage.store import Store
 from tests.server.appenv import HASH_A, Env, make_nar, upload
-from tests.server.conftest import ServerState
+from tests.server.conftest import ServerState, audit_text
 from tests.server.gcenv import DAY, hash_of, labels, nar, put
 from tests.serverproc import server_cli
 
@@ -289,7 +289,7 @@ def test_cli_gc_and_pins_are_audited(server_state: ServerState) -> None:
     real = json.loads(state.admin("gc", "--json"))
     assert {**dry, "dry_run": False} == real
     state.admin("pin", "rm", "acme/app", keep.hash_part)
-    lines = [json.loads(x) for x in config.audit_path.read_text().splitlines()]
+    lines = [json.loads(x) for x in audit_text(state.path).splitlines()]
     actions = [e.get("action") for e in lines]
     assert actions[-4:] == ["admin:pin.add", "admin:gc", "admin:gc", "admin:pin.rm"]
     assert [e.get("dry_run") for e in lines[-3:-1]] == [True, False]
@@ -464,16 +464,15 @@ async def test_the_servers_periodic_gc_is_audited(env: Env, autojump_clock: obje
     del autojump_clock  # virtual time: the interval passes at once
     config = ServerConfig.load(env.state.path)
     config = dataclasses.replace(config, gc=dataclasses.replace(config.gc, interval=600.0))
-    audit_log = config.audit_path
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_housekeeping, config, env.services, True)
         for _ in range(100_000):  # a guard only: each turn is a virtual second
-            if b'"admin:gc"' in audit_log.read_bytes():
+            if '"admin:gc"' in audit_text(env.state.path):
                 break
             await trio.sleep(1)
         nursery.cancel_scope.cancel()
     event = next(
-        json.loads(line) for line in audit_log.read_text().splitlines() if '"admin:gc"' in line
+        json.loads(line) for line in audit_text(env.state.path).splitlines() if '"admin:gc"' in line
     )
     assert (event["identity"], event["rule"], event["paths"]) == (
         "system:nixd-server",

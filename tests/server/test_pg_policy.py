@@ -22,7 +22,7 @@ from nixd.server.access.shared_policy import PolicyTable, apply_policy, open_pol
 from nixd.server.config import ServerConfig
 from nixd.server.storage import db
 from tests.server.appenv import HASH_A, HASH_B, client_narinfo, make_nar
-from tests.server.conftest import ServerState, init_state, run_cli
+from tests.server.conftest import ServerState, audit_text, init_state, run_cli
 from tests.server.test_pg_instances import _twins
 from tests.serverproc import running_server
 
@@ -97,7 +97,7 @@ def test_apply_checks_the_file_and_puts_it_in_force_for_every_holder(
         assert explained.returncode == 2 and "ci-frozen" in explained.stdout
     finally:
         conn.close()
-    audit = (state.path / "audit.log").read_text()
+    audit = audit_text(state.path)
     assert audit.count('"admin:policy.apply"') == 1  # the unchanged second apply is not an event
 
 
@@ -142,8 +142,8 @@ def test_a_deny_applied_through_one_host_is_enforced_by_the_other(
         new.write_text(_policy(a).read_text() + DENY_CI_WRITES)
         a.cli("policy", "apply", str(new))
         deadline = time.monotonic() + 60  # a guard only: each instance re-reads every second
-        while _put(server_b.url, auth, HASH_B, tmp_path) == 200:
-            assert time.monotonic() < deadline, "instance B never applied the deny"
-            time.sleep(0.2)
-        assert _put(server_b.url, auth, HASH_B, tmp_path) == 403
-        assert _put(server_a.url, auth, HASH_B, tmp_path) == 403
+        for server in (server_b, server_a):
+            while _put(server.url, auth, HASH_B, tmp_path) == 200:
+                assert time.monotonic() < deadline, f"{server.url} never applied the deny"
+                time.sleep(0.2)
+            assert _put(server.url, auth, HASH_B, tmp_path) == 403
