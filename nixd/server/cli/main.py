@@ -33,6 +33,7 @@ from nixd.server.cli.migrate import register as register_migrate
 from nixd.server.cli.users import register_cli as register_user_cli
 from nixd.server.cli.views import register as register_view_cli
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
+from nixd.server.storage.blobs import open_blob_store
 from nixd.server.storage.db import (
     create_org,
     create_project,
@@ -161,7 +162,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     keys = ServerKeys.init(state, key_name)
     conn = open_db(config.database)
     try:
-        Store.open(conn, config.blobs_path)
+        Store.open(conn, open_blob_store(config), sweep=False)
         create_org(conn, args.org)
         _, token = CredentialStore(conn).create(args.org, "admin", attributes={"role": "admin"})
     finally:
@@ -205,7 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _open(args: argparse.Namespace) -> tuple[ServerConfig, Any]:
     config = ServerConfig.load(args.state_dir)
     conn = open_db(config.database)
-    Store.open(conn, config.blobs_path)
+    Store.open(conn, open_blob_store(config), sweep=False)
     return config, conn
 
 

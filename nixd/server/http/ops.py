@@ -56,7 +56,7 @@ import trio
 
 from nixd.server import metrics as server_metrics
 from nixd.server.asgi import Message, Receive, Scope, Send
-from nixd.server.errors import MethodNotAllowed, NotFound, StorageFull
+from nixd.server.errors import MethodNotAllowed, NotFound, StorageFull, StorageUnavailable
 from nixd.server.storage.db import DatabaseError
 from nixd.server.storage.store import Store, StoreError
 
@@ -133,6 +133,8 @@ def storage_error(exc: BaseException) -> tuple[str, str] | None:
     """``(backend, error)`` of a request's storage failure, for the metrics; else None."""
     if isinstance(exc, StorageFull):
         return "blobs", "full"
+    if isinstance(exc, StorageUnavailable):
+        return "blobs", "unavailable"
     if isinstance(exc, DatabaseError | sqlite3.Error):
         return "database", "failed"
     if isinstance(exc, StoreError | OSError):

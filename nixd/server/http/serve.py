@@ -57,6 +57,7 @@ from nixd.server.http.ops import Observed, OpsRoutes
 from nixd.server.login.device import DeviceService, RefreshExchanger
 from nixd.server.login.exchangers import open_exchangers
 from nixd.server.metrics import disable_multiprocess, enable_multiprocess
+from nixd.server.storage.blobs import open_blob_store
 from nixd.server.storage.db import open_db
 from nixd.server.storage.store import Store
 
@@ -78,7 +79,8 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
     conn = open_db(config.database)
     with contextlib.ExitStack() as stack:
         stack.callback(conn.close)
-        store = Store.open(conn, config.blobs_path, zstd_level=config.storage.zstd_level)
+        blobs = open_blob_store(config)
+        store = Store.open(conn, blobs, zstd_level=config.storage.zstd_level)
         keys = ServerKeys.load(config.state_dir)
         issuer = TokenIssuer(
             keys.jwt,
