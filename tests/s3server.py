@@ -99,7 +99,7 @@ class S3Bucket:
             part_size=part_size,
         )
 
-    def keys(self) -> list[str]:
+    def stored_keys(self) -> list[str]:
         found: list[str] = []
         pages = self.server.client().get_paginator("list_objects_v2")
         for page in pages.paginate(Bucket=self.name):
@@ -112,7 +112,7 @@ def s3_bucket(s3_server: S3Server) -> S3Bucket:
     return S3Bucket(s3_server, s3_server.new_bucket())
 
 
-def use_s3(state: Path, bucket: S3Bucket, *, part_size: int = MIN_PART) -> None:
+def use_s3(state: Path, bucket: S3Bucket, *, part_size: int = 8 << 20) -> None:
     """Point the state directory's config at ``bucket`` (``[storage] blobs = "s3://..."``)."""
     config = state / "config.toml"
     text = config.read_text()

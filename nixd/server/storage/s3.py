@@ -141,7 +141,7 @@ class S3Blobs:
         """The 503 for ``exc``: which store, what it was doing, and the cause."""
         if isinstance(exc, botocore.exceptions.ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code == "NoSuchBucket":
+            if code == "NoSuchBucket" or code in _ABSENT:  # an absent *key* is BlobMissing
                 cause = "the bucket does not exist"
             elif code in _DENIED:
                 cause = f"access denied ({code}) with the server's AWS credentials"
