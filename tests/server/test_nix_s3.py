@@ -1,0 +1,59 @@
+"""The real Nix 2.8 client against ``nixd-server serve`` on PostgreSQL + S3 (moto).
+
+``nix copy --to`` the slice URL puts every NAR into the bucket (and nothing else: no
+unfinished upload left, no local blob directory used); ``nix copy --from`` the unified URL
+then substitutes the closure from it, verifying the server's signatures, with every byte
+streamed from the bucket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nixd.server.config import ServerConfig
+from nixd.server.storage.blobs import file_hash_of
+from tests.realnix import RealNix
+from tests.s3server import S3Bucket
+from tests.server.conftest import ServerState
+from tests.server.test_nix_e2e import build_closure, closure, copy_from, copy_to, exchange, netrc
+from tests.serverproc import running_server
+
+
+@pytest.mark.parametrize("metadata", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("blobs", ["s3"], indirect=True)
+def test_nix_copies_to_and_from_a_server_on_postgresql_and_s3(
+    server_state: ServerState, s3_bucket: S3Bucket, real_nix: RealNix, tmp_path: Path
+) -> None:
+    config = ServerConfig.load(server_state.path)
+    assert config.blobs_s3 == (s3_bucket.name, s3_bucket.prefix)
+    assert str(config.database).startswith("postgresql")
+    server_state.admin("project", "create", "acme/app")
+    _, writer = server_state.token("acme", "ci", fast=True)
+    with running_server(server_state.path) as server:
+        top = build_closure(real_nix)
+        paths = closure(real_nix, top)
+        up = copy_to(
+            real_nix, f"{server.url}/cache/acme/app", netrc(tmp_path / "w", 0, writer), top
+        )
+        assert up.returncode == 0, up.stderr.decode()
+        keys = s3_bucket.stored_keys()
+        assert len(keys) == len(paths)  # one blob per NAR, nothing under tmp/
+        assert all(file_hash_of(k.removeprefix(s3_bucket.prefix)) for k in keys), keys
+        assert not config.blobs_path.exists()  # no local blob directory was made
+
+        key = httpx.get(f"{server.url}/api/v1/cache/keys").json()["current"]
+        dest = tmp_path / "dest"
+        down = copy_from(
+            real_nix,
+            f"{server.url}/cache/",
+            netrc(tmp_path / "r", 0, exchange(server.url, writer)),
+            key,
+            dest,
+            top,
+        )
+        assert down.returncode == 0, down.stderr.decode()
+        for p in paths:
+            assert real_nix.real_path(p, dest).read_bytes() == real_nix.real_path(p).read_bytes()
