@@ -55,7 +55,8 @@ Rooms
     ``http/`` (routes as an ASGI app, the HTTP/1.1 front, and ``ops``: health, readiness,
     metrics and the access log), ``access/`` (identity, policy, audit, credentials, access
     tokens, keys), ``login/`` (exchanges: OIDC, AWS, device code, accounts, web pages),
-    ``storage/`` (SQLite metadata and blobs), ``cli/`` (one module per command group).
+    ``storage/`` (metadata on SQLite or PostgreSQL, blobs in a directory or
+    an S3 bucket), ``cli/`` (one module per command group).
     Imports run cli → http → access, login → storage; the room root holds config, errors,
     the metrics every room may count into and the ASGI types that every room shares.
 """

@@ -55,6 +55,9 @@ translation)::
                                                                  (either engine: storage.sql)
     PathConflict                        500 internal             (storage.store) the app answers
                                                                  it as Conflict before it gets here
+    BlobMissing                         500 internal             (storage.blobs) a stored NAR's
+                                                                 blob is gone; a download answers
+                                                                 it as NotFound (logged as an error)
     anything else                       500 internal
 
 How the real Nix client reacts (NIX-PROTOCOL.md) shaped the choices: 401/403/404 on a read

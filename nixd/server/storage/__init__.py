@@ -1,5 +1,7 @@
 """What the server keeps: metadata (:mod:`.db`, on SQLite or PostgreSQL through :mod:`.sql`);
-blobs and slice records (:mod:`.store`).
+slice records (:mod:`.store`); NAR blobs behind one interface (:mod:`.blobs`: a local
+directory, or S3-compatible object storage in :mod:`.s3`), which the store uses for every
+blob and never bypasses.
 
 Slice records are per (slice, store path) and never shared; NAR bytes are shared by
 NarHash. Schema changes are append-only migrations applied when the server opens the
