@@ -112,7 +112,7 @@ def s3_bucket(s3_server: S3Server) -> S3Bucket:
     return S3Bucket(s3_server, s3_server.new_bucket())
 
 
-def use_s3(state: Path, bucket: S3Bucket, *, part_size: int = 8 << 20) -> None:
+def use_s3(state: Path, bucket: S3Bucket, *, part_size: int = 8 << 20, extra: str = "") -> None:
     """Point the state directory's config at ``bucket`` (``[storage] blobs = "s3://..."``)."""
     config = state / "config.toml"
     text = config.read_text()
@@ -126,7 +126,7 @@ def use_s3(state: Path, bucket: S3Bucket, *, part_size: int = 8 << 20) -> None:
     assert n == 1
     text += (
         f'\n[storage.s3]\nendpoint_url = "{bucket.server.url}"\nregion = "{REGION}"\n'
-        f'addressing_style = "path"\npart_size = {part_size}\n'
+        f'addressing_style = "path"\npart_size = {part_size}\n{extra}'
     )
     config.write_text(text)
 

@@ -31,6 +31,8 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     addressing_style = "auto"       # "path", "virtual" or "auto"
     part_size = 16777216            # multipart part size, also the most one upload holds
                                     # in memory (5 MiB .. 5 GiB; x 10000 >= max_upload_bytes)
+    redirect = false                # NAR GETs answered 302 to a presigned bucket URL
+    redirect_ttl = 600              # seconds a presigned URL is good for
 
     [tokens]
     issuer = "nixd-server"
@@ -124,6 +126,8 @@ class S3Section:
     region: str = ""
     addressing_style: str = "auto"
     part_size: int = 16 << 20
+    redirect: bool = False
+    redirect_ttl: int = 600
 
 
 ADDRESSING_STYLES = ("path", "virtual", "auto")
@@ -431,6 +435,10 @@ def _check_blobs(config: ServerConfig, source: str) -> None:
             f"{where}.part_size: must be between {S3_MIN_PART} (5 MiB, S3's smallest part) "
             f"and {S3_MAX_PART} (5 GiB)"
         )
+    if not 1 <= s3.redirect_ttl <= 7 * 86400:
+        raise ConfigError(
+            f"{where}.redirect_ttl: must be between 1 and 604800 seconds (SigV4's limit)"
+        )
     if s3.endpoint_url:
         parts = urlsplit(s3.endpoint_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -566,6 +574,11 @@ max_upload_bytes = {d.storage.max_upload_bytes}
 # addressing_style = "{d.storage.s3.addressing_style}"             # "path", "virtual" or "auto"
 # the multipart part size, also the most one upload holds in memory (5 MiB .. 5 GiB)
 # part_size = {d.storage.s3.part_size}
+# answer NAR downloads (after the access decision) with a 302 to a presigned URL of the
+# bucket, good for redirect_ttl seconds, so the bytes bypass the server (a CDN can sit
+# in front of the bucket); false: the server streams them
+# redirect = false
+# redirect_ttl = {d.storage.s3.redirect_ttl}
 
 [tokens]
 issuer = "{d.tokens.issuer}"

@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 import zstandard
 
@@ -358,3 +359,41 @@ async def test_a_bucket_that_went_away_answers_503_and_keeps_nothing(
         assert ready.status_code == 503
         assert ready.json()["failed"] == ["blobs"]
         assert s3_bucket.name not in ready.text  # the cause is logged, not answered
+
+
+@ON_S3
+async def test_with_redirect_a_nar_get_is_a_302_to_a_presigned_url(
+    env: Env, tmp_path: Path, s3_bucket: S3Bucket
+) -> None:
+    """The decision is the server's (an outsider gets 404, not a URL); the bytes, ranges
+    included, come from the bucket through the presigned URL alone (no credentials)."""
+    nar, info, token = await _uploaded(env, tmp_path, os.urandom(1 << 20))
+    store = env.services.store
+    assert isinstance(store.blobs, S3Blobs)
+    store.blobs.redirect_ttl = 60  # as [storage.s3] redirect = true, redirect_ttl = 60
+    async with env.client(auth=token) as c:
+        r = await c.get(f"/cache/{info.url}")
+        assert r.status_code == 302, r.text
+        assert r.headers["cache-control"] == "no-store"
+        location = r.headers["location"]
+        assert location.startswith(f"{s3_bucket.server.url}/{s3_bucket.name}/cache/")
+        assert "X-Amz-Signature=" in location and "X-Amz-Expires=60" in location
+        head = await c.head(f"/cache/{info.url}")  # a presigned GET cannot answer a HEAD
+        assert head.status_code == 200
+        assert int(head.headers["content-length"]) == info.file_size
+    async with env.client(auth=env.other) as c:
+        assert (await c.get(f"/cache/acme/{info.url}")).status_code == 404
+    async with httpx.AsyncClient() as plain:
+        whole = await plain.get(location)
+        assert whole.status_code == 200
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(whole.content) == nar
+        part = await plain.get(location, headers={"range": "bytes=10-19"})
+        assert part.status_code == 206 and part.content == whole.content[10:20]
+
+
+def test_redirect_is_configured_and_bounded(tmp_path: Path) -> None:
+    body = '[storage]\nblobs = "s3://bucket"\n[storage.s3]\nredirect = true\nredirect_ttl = 120\n'
+    config = ServerConfig.from_toml(body, state_dir=tmp_path)
+    assert config.storage.s3.redirect and config.storage.s3.redirect_ttl == 120
+    with pytest.raises(ConfigError, match=r"storage\.s3\.redirect_ttl: must be between"):
+        ServerConfig.from_toml(body.replace("120", "0"), state_dir=tmp_path)

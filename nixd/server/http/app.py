@@ -4,7 +4,7 @@ URL space (NIX-PROTOCOL.md has what the real client does with each answer)::
 
     /cache/nix-cache-info                    public, always 200 (also under every prefix)
     /cache/<hash32>.narinfo                  GET/HEAD: the caller's own organization's view
-    /cache/nar/<filehash32>.nar.zst          GET/HEAD, Range
+    /cache/nar/<filehash32>.nar.zst          GET/HEAD, Range (S3 with redirect: GET is 302)
     /cache/log/<drv basename>                GET
     /cache/<org>/...                         the same names in the view of <org>
     /cache/<org>/<project>/...               the same names, one slice, plus PUT
@@ -58,7 +58,8 @@ waits for its fsync, shared by every request in flight (group commit); without i
 allowed read's line is queued and the answer goes out at once. NAR blobs go from the
 page cache to the socket with ``sendfile`` (the ASGI zero-copy send extension); blobs in
 object storage (S3) are streamed from one ranged GET per request, 1 MiB at a time, every
-blocking call in a worker thread.
+blocking call in a worker thread (or, with ``[storage.s3] redirect``, answered ``302`` to
+a presigned URL of the bucket once the access decision is made and audited).
 
 Measured with ``bench/server_bench.py`` (2 busy cores, 1 worker, durable audit, wrk
 -c32, nginx in the same run): narinfo hit 5.5k req/s, p50 5 ms, p99 19 ms (nginx's p99
@@ -678,8 +679,16 @@ class CacheApp:
         path = self.s.store.blob_local_path(nar.file_hash)
         if path is not None:
             await _send_file(scope, send, path, head)
-        else:
-            await _send_blob(scope, send, self.s.store, nar, head)
+            return
+        if not head and (
+            url := await trio.to_thread.run_sync(self.s.store.blob_download_url, nar.file_hash)
+        ):
+            # [storage.s3] redirect: the decision is made (and audited); the bytes come
+            # from the bucket (or a CDN before it). The URL expires: no cache keeps it.
+            headers = {"location": url, "cache-control": "no-store"}
+            await _respond(send, 302, b"", headers)
+            return
+        await _send_blob(scope, send, self.s.store, nar, head)
 
     # -- uploads ------------------------------------------------------------------------
 

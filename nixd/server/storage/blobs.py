@@ -119,6 +119,11 @@ class BlobStore(Protocol):
         """A file holding ``key`` that may be opened directly (sendfile), or None."""
         ...
 
+    def download_url(self, key: str) -> str | None:
+        """A URL a client may GET ``key`` from itself for a while (presigned), or None
+        when downloads go through the server."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove ``key``; an absent key is not an error."""
         ...
@@ -259,6 +264,9 @@ class LocalBlobs:
     def local_path(self, key: str) -> Path:
         return self.root / key
 
+    def download_url(self, key: str) -> None:
+        return None
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / key).unlink()
@@ -329,4 +337,5 @@ def open_blob_store(config: ServerConfig) -> BlobStore:
         region=s3.region,
         addressing_style=s3.addressing_style,
         part_size=s3.part_size,
+        redirect_ttl=s3.redirect_ttl if s3.redirect else None,
     )

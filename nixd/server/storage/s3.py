@@ -103,6 +103,7 @@ class S3Blobs:
         region: str = "",
         addressing_style: str = "auto",
         part_size: int = 16 << 20,
+        redirect_ttl: int | None = None,
     ) -> None:
         if not MIN_PART <= part_size <= MAX_PART:
             raise ValueError(f"part_size must be between {MIN_PART} and {MAX_PART}")
@@ -110,9 +111,11 @@ class S3Blobs:
         self.prefix = prefix
         self.part_size = part_size
         self.endpoint_url = endpoint_url
+        self.redirect_ttl = redirect_ttl
         self.list_page_size = 1000
         config = botocore.config.Config(
             s3={"addressing_style": addressing_style},
+            signature_version="s3v4",  # presigned URLs too (R2 and newer regions need v4)
             retries={"max_attempts": 3, "mode": "standard"},
             connect_timeout=5,
             read_timeout=60,
@@ -216,6 +219,23 @@ class S3Blobs:
 
     def local_path(self, key: str) -> None:
         return None
+
+    def download_url(self, key: str) -> str | None:
+        """A presigned GET of ``key``, good for ``redirect_ttl`` seconds (None: no redirects).
+
+        Signing is local, but finding the credentials may ask an instance's metadata
+        service the first time, so this is called in a worker thread like the rest.
+        """
+        if self.redirect_ttl is None:
+            return None
+        with self._calls(f"to sign a download of {key}"):
+            return str(
+                self.client.generate_presigned_url(
+                    "get_object",
+                    Params={"Bucket": self.bucket, "Key": self._key(key)},
+                    ExpiresIn=self.redirect_ttl,
+                )
+            )
 
     def delete(self, key: str) -> None:
         with self._calls(f"to delete {key}"):
@@ -374,4 +394,4 @@ class _S3Writer:
                 )
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             # never visible (tmp/ is not a blob); the sweep at the next start removes it
-            log.warning("could not remove an unfinished upload %s: %s", self._tmp_key, exc)
+            log.info("could not remove an unfinished upload %s: %s", self._tmp_key, exc)

@@ -816,6 +816,10 @@ class Store:
         """A file holding the blob that may be sent with sendfile, if the store has one."""
         return self.blobs.local_path(blob_key(file_hash))
 
+    def blob_download_url(self, file_hash: str) -> str | None:
+        """Where a client may fetch the blob itself (a presigned URL), or None."""
+        return self.blobs.download_url(blob_key(file_hash))
+
     def open_blob(self, file_hash: str, start: int, end: int) -> BlobRead:
         """Bytes ``[start, end)`` of a blob (BlobMissing if it is not stored)."""
         return self.blobs.open_read(blob_key(file_hash), start, end)
