@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nixd.server.config import ServerConfig
+from nixd.server.config import CONFIG_NAME, ServerConfig
 from nixd.server.storage.blobs import file_hash_of
 from tests.realnix import RealNix
 from tests.s3server import S3Bucket
@@ -24,10 +24,21 @@ from tests.serverproc import running_server
 
 @pytest.mark.parametrize("metadata", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("blobs", ["s3"], indirect=True)
+@pytest.mark.parametrize("redirect", [False, True], ids=["streamed", "redirected"])
 def test_nix_copies_to_and_from_a_server_on_postgresql_and_s3(
-    server_state: ServerState, s3_bucket: S3Bucket, real_nix: RealNix, tmp_path: Path
+    server_state: ServerState,
+    s3_bucket: S3Bucket,
+    real_nix: RealNix,
+    tmp_path: Path,
+    redirect: bool,
 ) -> None:
+    """Downloads streamed by the server, or (``[storage.s3] redirect = true``) answered
+    302 to a presigned URL that Nix follows to the bucket."""
+    if redirect:
+        config_file = server_state.path / CONFIG_NAME
+        config_file.write_text(config_file.read_text() + "redirect = true\n")  # [storage.s3]
     config = ServerConfig.load(server_state.path)
+    assert config.storage.s3.redirect is redirect
     assert config.blobs_s3 == (s3_bucket.name, s3_bucket.prefix)
     assert str(config.database).startswith("postgresql")
     server_state.admin("project", "create", "acme/app")
@@ -57,3 +68,7 @@ def test_nix_copies_to_and_from_a_server_on_postgresql_and_s3(
         assert down.returncode == 0, down.stderr.decode()
         for p in paths:
             assert real_nix.real_path(p, dest).read_bytes() == real_nix.real_path(p).read_bytes()
+    log = server.log_path.read_text() if server.log_path else ""
+    nar_gets = [line for line in log.splitlines() if "GET /cache/nar/" in line]
+    assert len(nar_gets) == len(paths), nar_gets
+    assert all((" 302 " in line) is redirect for line in nar_gets), nar_gets
