@@ -15,6 +15,7 @@ import pytest
 
 from nixd.server.config import CONFIG_NAME, ServerConfig
 from nixd.server.storage.blobs import file_hash_of
+from nixd.server.storage.db import open_db
 from tests.realnix import RealNix
 from tests.s3server import S3Bucket
 from tests.server.conftest import ServerState
@@ -72,3 +73,45 @@ def test_nix_copies_to_and_from_a_server_on_postgresql_and_s3(
     nar_gets = [line for line in log.splitlines() if "GET /cache/nar/" in line]
     assert len(nar_gets) == len(paths), nar_gets
     assert all((" 302 " in line) is redirect for line in nar_gets), nar_gets
+
+
+@pytest.mark.parametrize("blobs", ["s3"], indirect=True)
+def test_nix_copy_to_a_bucket_that_went_away_says_503_and_keeps_nothing(
+    server_state: ServerState, s3_bucket: S3Bucket, real_nix: RealNix, tmp_path: Path
+) -> None:
+    """Every attempt of Nix's is refused before its body (Nix 2.8 does not rewind a retried
+    upload, so a refusal after the body would make the retry look like bad bytes), with
+    the bucket and the cause in Nix's output; one WARNING per refusal, no traceback, and
+    nothing recorded."""
+    server_state.admin("project", "create", "acme/app")
+    _, writer = server_state.token("acme", "ci", fast=True)
+    source = tmp_path / "payload"
+    source.write_bytes(b"never stored\n" * 1000)
+    path = real_nix.run(["nix-store", "--add", str(source)]).stdout.decode().strip()
+    client = s3_bucket.server.client()
+    client.delete_bucket(Bucket=s3_bucket.name)
+    with running_server(server_state.path) as server:
+        r = copy_to(
+            real_nix, f"{server.url}/cache/acme/app", netrc(tmp_path / "w", 0, writer), path
+        )
+        err = r.stderr.decode(errors="replace")
+        assert r.returncode != 0, err
+        attempts = err.count("HTTP error 503")
+        assert attempts >= 2, err  # Nix retried, refused the same way each time
+        assert f"s3://{s3_bucket.name}/" in err and "the bucket does not exist" in err, err
+        assert "not valid" not in err, err
+        log = server.log()
+        assert "Traceback" not in log, log
+        refusals = [line for line in log.splitlines() if "WARNING" in line and "request" in line]
+        assert len(refusals) == attempts, log  # one WARNING per refusal
+        assert all("the bucket does not exist" in line for line in refusals), log
+        assert not any(" ERROR: " in line for line in log.splitlines()), log
+    assert server_state.admin("project", "list").count("acme/app") == 1
+    conn = open_db(ServerConfig.load(server_state.path).database)
+    try:
+        assert [
+            conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("nars", "upload_aliases", "slice_records")
+        ] == [0, 0, 0]
+    finally:
+        conn.close()

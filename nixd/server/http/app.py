@@ -38,7 +38,8 @@ accepted only if its NarHash/NarSize are those of the NAR the same slice uploade
 its URL. Client
 signatures, URL, Compression and FileHash are dropped: the server serves its own file and
 signs with its own keys. An upload whose ``Content-Length`` exceeds the free space is
-refused 507 before its body is asked for (no ``100 Continue``): Nix 2.8 does not rewind an
+refused 507 before its body is asked for (no ``100 Continue``), and one to a bucket that
+does not answer 503 likewise: Nix 2.8 does not rewind an
 upload it retries, so only a refusal that read none of the body leaves its retries whole.
 
 **Hot path.** Every URL is dispatched by hand (a dozen fixed routes do not need a router,
@@ -729,8 +730,7 @@ class CacheApp:
     ) -> Any:
         compression = compression_of(name)
         length = _content_length(scope)
-        if length:
-            self.s.store.check_room(length)  # before the body: see Store.check_room
+        await self.s.store.check_room_async(length)  # before the body: see Store.check_room
         checker = self.s.nar_checker() if self.s.nar_checker is not None else None
         ingest = self.s.store.begin_nar(
             compression, max_nar_size=self.s.max_upload_bytes, checker=checker

@@ -277,7 +277,7 @@ class S3Blobs:
     def check(self) -> str | None:
         """The bucket answers a HEAD (it exists, and these credentials may use it)."""
         try:
-            with self._calls("its readiness check"):
+            with self._calls("its check"):
                 self.client.head_bucket(Bucket=self.bucket)
         except StorageUnavailable as exc:
             return str(exc)

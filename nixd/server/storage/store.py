@@ -70,7 +70,13 @@ import zstandard
 from nixd.errors import FormatError, NixdError
 from nixd.nix import base32
 from nixd.nix.hashes import Hash
-from nixd.server.errors import BadUpload, StorageFull, TooLarge, UnsupportedCompression
+from nixd.server.errors import (
+    BadUpload,
+    StorageFull,
+    StorageUnavailable,
+    TooLarge,
+    UnsupportedCompression,
+)
 from nixd.server.storage.blobs import (
     BlobRead,
     BlobStore,
@@ -942,15 +948,28 @@ class Store:
         attempt stopped), so a retry after a refusal mid-body sends the body's tail, seen
         as "not valid zstd"; a refusal before ``100 Continue`` leaves it unread, and every
         retry is refused the same clear way.
+
+        Object storage has no free space to ask; for the same reason it is asked whether
+        it answers at all (:meth:`BlobStore.check`, a HEAD of the bucket): a bucket that
+        does not is :class:`~nixd.server.errors.StorageUnavailable` before the body, not
+        after it. ``size`` 0 (no Content-Length) checks only that. Blocking: on the
+        loop, :meth:`check_room_async`.
         """
         free = self.blobs.free_bytes()
         if free is None:
-            return  # the write will tell (object storage has no "free space")
+            reason = self.blobs.check()
+            if reason is not None:
+                raise StorageUnavailable(reason)
+            return
         if size > free:
             raise StorageFull(
                 f"no room to store the upload: it is {size} bytes and the server's "
                 f"storage has {free} bytes free"
             )
+
+    async def check_room_async(self, size: int) -> None:
+        """:meth:`check_room` in a worker thread (a bucket's HEAD must not block the loop)."""
+        await trio.to_thread.run_sync(self.check_room, size)
 
     def commit_nar(
         self,
