@@ -5,7 +5,8 @@
     asked, so a slow disk never gets a healthy server restarted.
 ``/readyz``
     Ready: the storage answers (:meth:`~nixd.server.storage.store.Store.check`: the
-    database a trivial query, the blob storage a probe file). 200 ``{"status":
+    database a trivial query, the blob storage its own check: a probe file in a
+    directory, a HEAD of a bucket). 200 ``{"status":
     "ready"}``, else 503 ``{"status": "unready", "failed": ["blobs"]}`` — the parts only,
     never a path or an error text (those are logged at WARNING). A check runs in a worker
     thread (a remote backend may block) and its result is kept for a second, so a flood
