@@ -146,6 +146,15 @@ PREPARED = "nixd.http.response.prepared"
 _NARINFO_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/x-nix-narinfo\r\ncontent-length: %d\r\n\r\n"
 
 
+class _ResponseCut(trio.BrokenResourceError):
+    """A response failed after its head was sent (a bucket stopped answering mid-NAR).
+
+    The cause is logged once where it happened; raised through the ASGI front, which
+    treats it as a connection gone (drops it, logs nothing more), so the client sees a
+    short body and retries, and the log holds one WARNING instead of a traceback.
+    """
+
+
 @dataclass
 class Services:
     """What the app needs, built by :mod:`nixd.server.http.serve` (or a test)."""
@@ -242,6 +251,8 @@ class CacheApp:
                 )
             else:
                 raise NotFound()
+        except _ResponseCut:
+            raise  # the head is out: only cutting the connection is left (logged already)
         except Exception as exc:
             if self.s.ops is not None:
                 count_storage_error(self.s.ops.metrics != "off", exc)
@@ -1042,7 +1053,14 @@ async def _send_blob(scope: Scope, send: Send, store: Store, nar: Nar, head: boo
         return
     try:
         chunks = iter(read)
-        while (chunk := await trio.to_thread.run_sync(next, chunks, None)) is not None:
+        while True:
+            try:
+                chunk = await trio.to_thread.run_sync(next, chunks, None)
+            except NixdError as exc:  # StorageUnavailable, a short read: after the head
+                log.warning("cut the download of NAR %s: %s", nar.file_hash, exc)
+                raise _ResponseCut(str(exc)) from exc
+            if chunk is None:
+                break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:

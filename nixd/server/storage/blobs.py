@@ -96,6 +96,10 @@ class BlobRead(Protocol):
 class BlobStore(Protocol):
     """The blob storage of one server (see the module docstring for the promises)."""
 
+    remote: bool
+    """Reached over the network: an upload asks :meth:`check` before its body is read
+    (:meth:`~nixd.server.storage.store.Store.check_room`)."""
+
     def describe(self) -> str:
         """Where the blobs are, for log lines (no credentials in it)."""
         ...
@@ -223,6 +227,8 @@ class LocalBlobs:
     or not at all, and survives a power cut once the upload was acknowledged. Downloads go
     from the page cache to the socket with sendfile (:meth:`local_path`).
     """
+
+    remote = False
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -94,6 +94,8 @@ class S3Blobs:
     memory at most.
     """
 
+    remote = True
+
     def __init__(
         self,
         bucket: str,

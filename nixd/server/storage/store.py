@@ -955,12 +955,13 @@ class Store:
         after it. ``size`` 0 (no Content-Length) checks only that. Blocking: on the
         loop, :meth:`check_room_async`.
         """
-        free = self.blobs.free_bytes()
-        if free is None:
+        if self.blobs.remote:
             reason = self.blobs.check()
             if reason is not None:
                 raise StorageUnavailable(reason)
-            return
+        free = self.blobs.free_bytes()
+        if free is None:
+            return  # the write will tell
         if size > free:
             raise StorageFull(
                 f"no room to store the upload: it is {size} bytes and the server's "
