@@ -23,6 +23,7 @@ from nixd.server.access.audit import verify
 from tests.server.appenv import HASH_A, HASH_B, Env, client_narinfo, make_nar, upload
 
 BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
+BOTH_BLOBS = True  # blobs in a local directory and in an S3 bucket (moto)
 
 
 @pytest.fixture
