@@ -397,3 +397,38 @@ def test_redirect_is_configured_and_bounded(tmp_path: Path) -> None:
     assert config.storage.s3.redirect and config.storage.s3.redirect_ttl == 120
     with pytest.raises(ConfigError, match=r"storage\.s3\.redirect_ttl: must be between"):
         ServerConfig.from_toml(body.replace("120", "0"), state_dir=tmp_path)
+
+
+def test_a_blob_directory_copied_into_a_bucket_is_served_as_is(
+    tmp_path: Path, s3_bucket: S3Bucket
+) -> None:
+    """The README's move of a single box to S3 is a plain copy of ``blobs/`` (minus
+    ``tmp/``) under the prefix — ``aws s3 sync`` does that; here boto3's upload_file per
+    file, as it would: the keys are the same, so every record finds its blob."""
+    conn = open_db(tmp_path / "server.db")
+    try:
+        create_org(conn, "acme")
+        project = create_project(conn, "acme", "app")
+        local = Store.open(conn, tmp_path / "blobs")
+        stored = []
+        for n in range(3):
+            ingest = local.begin_nar("none", max_nar_size=1 << 20, checker=None)
+            ingest.feed(make_nar(tmp_path / f"n{n}", f"moved {n}\n".encode()))
+            stored.append(local.commit_nar(ingest, ingest.finish(), project, f"nar/{n}.nar"))
+        (tmp_path / "blobs" / "tmp" / "upload-leftover").write_bytes(b"partial")
+        client = s3_bucket.server.client()
+        for f in (tmp_path / "blobs").rglob("*"):
+            rel = f.relative_to(tmp_path / "blobs").as_posix()
+            if f.is_file() and not rel.startswith("tmp/"):  # aws s3 sync --exclude 'tmp/*'
+                client.upload_file(str(f), s3_bucket.name, f"{s3_bucket.prefix}{rel}")
+        remote = Store.open(conn, s3_bucket.blobs())
+        assert sorted(remote.iter_blobs())[0][:2] == sorted(local.iter_blobs())[0][:2]
+        assert {(b.file_hash, b.size) for b in remote.iter_blobs()} == {
+            (b.file_hash, b.size) for b in local.iter_blobs()
+        }
+        for nar in stored:
+            assert remote.blob_exists(nar.file_hash)
+            got = b"".join(remote.open_blob(nar.file_hash, 0, nar.file_size))
+            assert base32.encode(hashlib.sha256(got).digest()) == nar.file_hash
+    finally:
+        conn.close()
