@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -359,6 +360,13 @@ async def test_a_bucket_that_went_away_answers_503_and_keeps_nothing(
         assert ready.status_code == 503
         assert ready.json()["failed"] == ["blobs"]
         assert s3_bucket.name not in ready.text  # the cause is logged, not answered
+        scrape = (await c.get("/metrics")).text
+    unavailable = re.search(
+        r'^nixd_server_storage_errors_total\{backend="blobs",error="unavailable"\} (\S+)$',
+        scrape,
+        re.MULTILINE,
+    )
+    assert unavailable and float(unavailable.group(1)) >= 2, scrape  # the PUT and the GET
 
 
 @ON_S3
