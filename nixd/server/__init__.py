@@ -81,8 +81,8 @@ Rooms
     metrics and the access log), ``access/`` (identity, policy, audit in a file or a
     PostgreSQL table, credentials, access tokens, keys), ``login/`` (exchanges: OIDC,
     AWS, device code, accounts, web pages), ``storage/`` (metadata on SQLite or
-    PostgreSQL, blobs, and retention: pins and the garbage collector), ``cli/`` (one
-    module per command group). Imports run cli → http → access, login → storage; the room
-    root holds config, errors, the metrics every room may count into and the ASGI types
-    that every room shares.
+    PostgreSQL, blobs in a directory or an S3 bucket, and retention: pins and the garbage
+    collector), ``cli/`` (one module per command group). Imports run cli → http → access,
+    login → storage; the room root holds config, errors, the metrics every room may count
+    into and the ASGI types that every room shares.
 """

@@ -19,9 +19,20 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
                                     # "postgresql://nixd@db.example/nixd" or
                                     # "postgresql:///nixd?host=/run/postgresql" (peer auth);
                                     # passwords from PGPASSFILE/~/.pgpass or PGPASSWORD
-    blobs = "blobs"                 # NAR files, zstd, named by their FileHash
+    blobs = "blobs"                 # NAR files, zstd, named by their FileHash: a directory,
+                                    # or S3-compatible storage "s3://BUCKET/optional/prefix"
     zstd_level = 3
     max_upload_bytes = 68719476736  # largest NAR (uncompressed) accepted by a PUT
+
+    [storage.s3]                    # only with blobs = "s3://..." (nixd.server.storage.s3);
+                                    # credentials from the AWS chain, never from here
+    endpoint_url = ""               # "" = AWS; R2, MinIO, Garage: their URL
+    region = ""                     # "" = the AWS chain's (AWS_REGION, the profile)
+    addressing_style = "auto"       # "path", "virtual" or "auto"
+    part_size = 16777216            # multipart part size, also the most one upload holds
+                                    # in memory (5 MiB .. 5 GiB; x 10000 >= max_upload_bytes)
+    redirect = false                # NAR GETs answered 302 to a presigned bucket URL
+    redirect_ttl = 600              # seconds a presigned URL is good for
 
     [tokens]
     issuer = "nixd-server"
@@ -114,11 +125,34 @@ METRICS_ACCESS = ("loopback", "public", "off")
 
 
 @dataclass(frozen=True, slots=True)
+class S3Section:
+    """``[storage.s3]``: how to reach the bucket of ``storage.blobs = "s3://..."``.
+
+    No credential keys on purpose: boto3's default chain supplies them (environment,
+    shared profile, instance or container role).
+    """
+
+    endpoint_url: str = ""
+    region: str = ""
+    addressing_style: str = "auto"
+    part_size: int = 16 << 20
+    redirect: bool = False
+    redirect_ttl: int = 600
+
+
+ADDRESSING_STYLES = ("path", "virtual", "auto")
+S3_MIN_PART = 5 << 20
+S3_MAX_PART = 5 << 30
+S3_MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class StorageSection:
     database: str = "server.db"
     blobs: str = "blobs"
     zstd_level: int = 3
     max_upload_bytes: int = 64 * 1024**3
+    s3: S3Section = field(default_factory=S3Section)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +308,18 @@ class ServerConfig:
 
     @property
     def blobs_path(self) -> Path:
+        """The blob directory (meaningless when :attr:`blobs_s3` is set)."""
         return self.path(self.storage.blobs)
+
+    @property
+    def blobs_s3(self) -> tuple[str, str] | None:
+        """``(bucket, prefix)`` when ``storage.blobs`` is an ``s3://`` URL (prefix "" or
+        ending in ``/``), else None."""
+        if not self.storage.blobs.startswith("s3://"):
+            return None
+        bucket, _, prefix = self.storage.blobs[len("s3://") :].partition("/")
+        prefix = prefix.strip("/")
+        return bucket, f"{prefix}/" if prefix else ""
 
     @property
     def policy_path(self) -> Path:
@@ -347,7 +392,11 @@ def _section(kind: type[Any], data: dict[str, Any], source: str, name: str) -> A
         if key not in known:
             raise ConfigError(f"{where}: unknown key (known: {', '.join(known)})")
         default = getattr(kind(), key)
-        if isinstance(default, tuple):
+        if hasattr(default, "__dataclass_fields__"):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: must be a table ([{name}.{key}])")
+            value = _section(type(default), value, source, f"{name}.{key}")
+        elif isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}: must be a list of strings")
             value = tuple(value)
@@ -461,6 +510,73 @@ def _check_database_url(value: str, where: str) -> None:
         )
 
 
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX = re.compile(r"[A-Za-z0-9!_.*'()/-]*")
+
+
+def _check_blobs(config: ServerConfig, source: str) -> None:
+    """``storage.blobs`` as an ``s3://`` URL and ``[storage.s3]``: well-formed, bounded,
+    and never a credential (the AWS chain supplies those)."""
+    s3 = config.storage.s3
+    where = f"{source}:storage.s3"
+    if s3.addressing_style not in ADDRESSING_STYLES:
+        raise ConfigError(
+            f"{where}.addressing_style: must be one of {', '.join(map(repr, ADDRESSING_STYLES))}"
+        )
+    if not S3_MIN_PART <= s3.part_size <= S3_MAX_PART:
+        raise ConfigError(
+            f"{where}.part_size: must be between {S3_MIN_PART} (5 MiB, S3's smallest part) "
+            f"and {S3_MAX_PART} (5 GiB)"
+        )
+    if not 1 <= s3.redirect_ttl <= 7 * 86400:
+        raise ConfigError(
+            f"{where}.redirect_ttl: must be between 1 and 604800 seconds (SigV4's limit)"
+        )
+    if s3.endpoint_url:
+        parts = urlsplit(s3.endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.endpoint_url: must be an http(s):// URL")
+        if parts.username is not None or parts.password is not None or parts.query:
+            raise ConfigError(
+                f"{where}.endpoint_url: credentials do not belong in the config file; the "
+                "server takes them from the AWS chain (AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY in its environment, a profile, or an instance role)"
+            )
+    blobs = config.storage.blobs
+    if "://" in blobs and not blobs.startswith("s3://"):
+        raise ConfigError(
+            f"{source}:storage.blobs: a directory, or an s3://BUCKET/prefix URL "
+            f"(not {blobs.partition('://')[0]}://)"
+        )
+    target = config.blobs_s3
+    if target is None:
+        return
+    bucket, prefix = target
+    raw = blobs[len("s3://") :]
+    if "@" in raw.partition("/")[0] or "?" in raw or "#" in raw:
+        raise ConfigError(
+            f"{source}:storage.blobs: an s3://BUCKET/prefix URL holds no credentials or "
+            "query; the server takes credentials from the AWS chain"
+        )
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise ConfigError(
+            f"{source}:storage.blobs: {bucket!r} is not a valid bucket name (3-63 characters: "
+            "lower-case letters, digits, dots and hyphens)"
+        )
+    if not _PREFIX.fullmatch(prefix) or "//" in prefix or len(prefix) > 512:
+        raise ConfigError(
+            f"{source}:storage.blobs: the key prefix {prefix!r} may hold letters, digits, "
+            "/ and !_.*'()- only (at most 512 characters)"
+        )
+    if config.storage.max_upload_bytes > s3.part_size * S3_MAX_PARTS:
+        raise ConfigError(
+            f"{where}.part_size: {s3.part_size} bytes x {S3_MAX_PARTS} parts cannot hold an "
+            f"upload of storage.max_upload_bytes ({config.storage.max_upload_bytes}); raise "
+            "it to at least "
+            f"{-(-config.storage.max_upload_bytes // S3_MAX_PARTS)}"
+        )
+
+
 def _check(config: ServerConfig, source: str) -> None:
     if not config.server.listen:
         raise ConfigError(f"{source}:server.listen: needs at least one address")
@@ -484,6 +600,7 @@ def _check(config: ServerConfig, source: str) -> None:
         raise ConfigError(f"{source}:gc.access_flush: must be between 1 and 3600 seconds")
     if 0 < config.gc.interval < 60:
         raise ConfigError(f"{source}:gc.interval: at least 60 seconds (or 0 = never)")
+    _check_blobs(config, source)
     if config.tokens.access_ttl <= 0:
         raise ConfigError(f"{source}:tokens.access_ttl: must be positive")
     for key in (
@@ -544,9 +661,24 @@ access_log = {str(d.server.access_log).lower()}
 # SQLite file, or PostgreSQL: "postgresql://USER@HOST/DB" (password from PGPASSFILE,
 # ~/.pgpass or PGPASSWORD, never here) or "postgresql:///DB?host=/run/postgresql"
 database = "{d.storage.database}"
+# NAR files: a directory, or S3-compatible object storage "s3://BUCKET/optional/prefix"
+# (then [storage.s3] below; credentials from the AWS chain: environment, profile or
+# instance role, never here)
 blobs = "{d.storage.blobs}"
 zstd_level = {d.storage.zstd_level}
 max_upload_bytes = {d.storage.max_upload_bytes}
+
+# [storage.s3]
+# endpoint_url = "https://ACCOUNT.r2.cloudflarestorage.com"   # "" = AWS S3
+# region = "us-east-1"                 # "" = the AWS chain's (AWS_REGION, the profile)
+# addressing_style = "{d.storage.s3.addressing_style}"             # "path", "virtual" or "auto"
+# the multipart part size, also the most one upload holds in memory (5 MiB .. 5 GiB)
+# part_size = {d.storage.s3.part_size}
+# answer NAR downloads (after the access decision) with a 302 to a presigned URL of the
+# bucket, good for redirect_ttl seconds, so the bytes bypass the server (a CDN can sit
+# in front of the bucket); false: the server streams them
+# redirect = false
+# redirect_ttl = {d.storage.s3.redirect_ttl}
 
 [tokens]
 issuer = "{d.tokens.issuer}"

@@ -32,6 +32,10 @@ with the status it really gets)::
     ├── UnsupportedCompression          415 unsupported_compression
     ├── Throttled                       429 too_many_requests    with Retry-After (sign-in, codes)
     ├── AuditError                      503 audit_unavailable    no line, no answer (access.audit)
+    ├── StorageUnavailable              503 storage_unavailable  the blob store (a bucket) does not
+    │                                                            answer, denies or is missing;
+    │                                                            nothing partial is kept, Nix
+    │                                                            retries (operational)
     └── StorageFull                     507 insufficient_storage the disk (or quota) is full: the
                                                                  upload is dropped, Nix retries;
                                                                  the message is shown (operational)
@@ -51,6 +55,9 @@ translation)::
                                                                  (either engine: storage.sql)
     PathConflict                        500 internal             (storage.store) the app answers
                                                                  it as Conflict before it gets here
+    BlobMissing                         500 internal             (storage.blobs) a stored NAR's
+                                                                 blob is gone; a download answers
+                                                                 it as NotFound (logged as an error)
     anything else                       500 internal
 
 How the real Nix client reacts (NIX-PROTOCOL.md) shaped the choices: 401/403/404 on a read
@@ -194,6 +201,20 @@ class StorageFull(ServerError):
 
     status = 507
     code = "insufficient_storage"
+    operational = True
+
+
+class StorageUnavailable(ServerError):
+    """The blob storage does not answer, refuses the server's credentials, or its bucket is
+    missing (:mod:`nixd.server.storage.s3`).
+
+    Like :class:`StorageFull` it is the surroundings, not a fault: the message names the
+    store and the cause (never a credential), is shown to the client and logged as one
+    WARNING. 503 is a 5xx, which Nix retries; an upload it cuts off leaves nothing stored.
+    """
+
+    status = 503
+    code = "storage_unavailable"
     operational = True
 
 

@@ -68,7 +68,7 @@ class ServerMetrics:
     """``nixd_server_downloads_total{kind}``: nar, narinfo, log answered 200/206 to a GET."""
     storage_errors: Counter
     """``nixd_server_storage_errors_total{backend, error}``: database or blobs; full,
-    failed or unready."""
+    unavailable (a bucket that does not answer), failed or unready."""
     gc_runs: Counter
     """``nixd_server_gc_runs_total``"""
     gc_bytes_freed: Counter
@@ -142,7 +142,8 @@ def _build() -> ServerMetrics:
         ),
         storage_errors=counter(
             "nixd_server_storage_errors_total",
-            "Storage failures. backend: database or blobs; error: full (507), failed (a "
+            "Storage failures. backend: database or blobs; error: full (507), unavailable "
+            "(503, the blob store does not answer), failed (a "
             "request's storage operation failed) or unready (a /readyz check failed).",
             ("backend", "error"),
         ),

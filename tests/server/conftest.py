@@ -5,6 +5,11 @@
 ``server_state``, ``env`` ...) once on SQLite and once on a fresh PostgreSQL database of
 the session's throwaway cluster (:mod:`tests.pgcluster`).
 
+``blobs`` is the blob backend likewise: ``"local"`` unless the module sets ``BOTH_BLOBS =
+True``, which runs its tests on a local directory and on a fresh bucket of the session's
+moto S3 server (:mod:`tests.s3server`); ``blob_store`` is that backend's
+:class:`~nixd.server.storage.blobs.BlobStore`, and ``server_state`` is configured for it.
+
 ``server_state`` is an initialized state directory (org ``acme`` with its admin token);
 ``server`` runs ``nixd-server serve`` on it with the shared launcher
 (:mod:`tests.serverproc`: port 0, the bound URL from the address file, stopped in
@@ -30,11 +35,14 @@ from nixd.server.cli import main as cli_main
 from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp
 from nixd.server.http.serve import open_services
+from nixd.server.storage.blobs import BlobStore, LocalBlobs
 from nixd.server.storage.sql import is_postgres
+from tests.s3server import S3Bucket, s3_bucket, s3_server, use_s3
 from tests.server.appenv import Env
 from tests.serverproc import SERVER_CLI, ServerProcess, running_server, server_cli
 
 CLI = SERVER_CLI
+__all__ = ["s3_bucket", "s3_server"]  # fixtures, imported for the tests of this directory
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -96,11 +104,29 @@ def audit_verify(state: Path) -> VerifyResult:
 
 
 BACKENDS = ("sqlite", "postgresql")
+BLOB_BACKENDS = ("local", "s3")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "metadata" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_BACKENDS", False):
         metafunc.parametrize("metadata", BACKENDS, indirect=True)
+    if "blobs" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_BLOBS", False):
+        metafunc.parametrize("blobs", BLOB_BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def blobs(request: pytest.FixtureRequest) -> str:
+    """The blob backend of this test (see the module docstring)."""
+    return str(getattr(request, "param", "local"))
+
+
+@pytest.fixture
+def blob_store(blobs: str, tmp_path: Path, request: pytest.FixtureRequest) -> BlobStore:
+    """A fresh, empty blob store of this test's backend."""
+    if blobs == "s3":
+        bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+        return bucket.blobs()
+    return LocalBlobs.open(tmp_path / "blobs")
 
 
 @pytest.fixture
@@ -131,8 +157,13 @@ def init_state(state: Path, database: str | None = None) -> ServerState:
 
 
 @pytest.fixture
-def server_state(tmp_path: Path, database: str | Path) -> ServerState:
-    return init_state(tmp_path / "server", database if isinstance(database, str) else None)
+def server_state(
+    tmp_path: Path, database: str | Path, blobs: str, request: pytest.FixtureRequest
+) -> ServerState:
+    state = init_state(tmp_path / "server", database if isinstance(database, str) else None)
+    if blobs == "s3":
+        use_s3(state.path, request.getfixturevalue("s3_bucket"))
+    return state
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from tests.server.appenv import HASH_A, HASH_B, Env, client_narinfo, make_nar, u
 from tests.server.conftest import audit_text, audit_verify
 
 BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
+BOTH_BLOBS = True  # blobs in a local directory and in an S3 bucket (moto)
 
 
 @pytest.fixture
@@ -136,7 +137,7 @@ async def test_mismatched_narinfo_is_refused_and_nothing_served(env: Env, tmp_pa
         assert (await c.get(f"/cache/{HASH_B}.narinfo")).status_code == 404
         assert (await c.get(f"/cache/acme/app/{HASH_B}.narinfo")).status_code == 404
     assert env.services.store.stats()["nars"] == 0
-    assert not list(env.services.store.blobs.rglob("*.nar.zst"))
+    assert not list(env.services.store.iter_blobs())
 
 
 async def test_corrupt_nar_upload_is_refused(env: Env, tmp_path: Path) -> None:

@@ -390,7 +390,7 @@ async def test_the_servers_own_gc_flushes_reads_and_collects_on_its_interval(
     with trio.CancelScope() as scope:
         await serve_gc(
             store,
-            lambda: Store(open_db(database), tmp_path / "blobs"),
+            lambda: Store.open(open_db(database), tmp_path / "blobs", sweep=False),
             rule(days=30),
             interval=3600,
             grace=DAY,

@@ -17,6 +17,7 @@ from nixd.errors import ConfigError
 from nixd.nix.nar import dump
 from nixd.server.errors import BadUpload
 from nixd.server.storage import db
+from nixd.server.storage.blobs import BlobStore
 from nixd.server.storage.db import (
     create_org,
     create_project,
@@ -26,6 +27,8 @@ from nixd.server.storage.db import (
     set_project_priority,
 )
 from nixd.server.storage.store import STORE_MIGRATIONS, PathConflict, PathInfo, Store
+
+BOTH_BLOBS = True  # a local directory and an S3 bucket (tests/server/conftest.py)
 
 
 @pytest.fixture
@@ -37,8 +40,8 @@ def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
 
 
 @pytest.fixture
-def store(conn: sqlite3.Connection, tmp_path: Path) -> Store:
-    return Store.open(conn, tmp_path / "blobs")
+def store(conn: sqlite3.Connection, blob_store: BlobStore) -> Store:
+    return Store.open(conn, blob_store)
 
 
 def _nar(store: Store, tmp_path: Path, project: db.Project, content: bytes, url: str) -> PathInfo:

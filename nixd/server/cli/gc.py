@@ -16,6 +16,7 @@ from typing import Any
 
 from nixd.errors import ConfigError
 from nixd.server.storage import pins
+from nixd.server.storage.blobs import open_blob_store
 from nixd.server.storage.db import Connection, get_project, split_slice
 from nixd.server.storage.gc import closure_size, collect
 from nixd.server.storage.store import Store
@@ -54,7 +55,7 @@ def register(
         config, conn = open_state(args)
         try:
             grace = parse_grace(args.grace) if args.grace is not None else config.gc.grace
-            store = Store(conn, config.blobs_path)
+            store = Store(conn, open_blob_store(config))
             if args.slice:
                 project_of(conn, args.slice)
             report = collect(
@@ -92,7 +93,9 @@ def register(
                 who=admin_name(),
                 note=args.note,
             )
-            count, size = closure_size(Store(conn, config.blobs_path), project.id, pin.hash_part)
+            count, size = closure_size(
+                Store(conn, open_blob_store(config)), project.id, pin.hash_part
+            )
         finally:
             conn.close()
         audit(config, "admin:pin.add", pin.slice, object=pin.path, note=pin.note or "")

@@ -39,6 +39,7 @@ from nixd.server.cli.policies import register as register_policy_cli
 from nixd.server.cli.users import register_cli as register_user_cli
 from nixd.server.cli.views import register as register_view_cli
 from nixd.server.config import CONFIG_NAME, ServerConfig, render_default
+from nixd.server.storage.blobs import open_blob_store
 from nixd.server.storage.db import (
     create_org,
     create_project,
@@ -168,7 +169,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     conn = open_db(config.database)
     try:
         keys = ServerKeys.init(state, key_name, conn=conn)
-        Store.open(conn, config.blobs_path)
+        Store.open(conn, open_blob_store(config), sweep=False)
         create_org(conn, args.org)
         _, token = CredentialStore(conn).create(args.org, "admin", attributes={"role": "admin"})
     finally:
@@ -212,7 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _open(args: argparse.Namespace) -> tuple[ServerConfig, Any]:
     config = ServerConfig.load(args.state_dir)
     conn = open_db(config.database)
-    Store.open(conn, config.blobs_path)
+    Store.open(conn, open_blob_store(config), sweep=False)
     return config, conn
 
 

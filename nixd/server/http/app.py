@@ -4,7 +4,7 @@ URL space (NIX-PROTOCOL.md has what the real client does with each answer)::
 
     /cache/nix-cache-info                    public, always 200 (also under every prefix)
     /cache/<hash32>.narinfo                  GET/HEAD: the caller's own organization's view
-    /cache/nar/<filehash32>.nar.zst          GET/HEAD, Range
+    /cache/nar/<filehash32>.nar.zst          GET/HEAD, Range (S3 with redirect: GET is 302)
     /cache/log/<drv basename>                GET
     /cache/<org>/...                         the same names in the view of <org>
     /cache/<org>/<project>/...               the same names, one slice, plus PUT
@@ -31,12 +31,15 @@ Uploads need ``cache:write`` on ``org/project``, decided on the name before the 
 looked up, so a refusal (403, naming only the caller and the slice it asked for) says
 nothing about whether the slice exists; the rule goes to the audit log.
 
-**Uploads.** The NAR PUT is decompressed, parsed strictly and hashed as it streams into a
-temp file (recompressed as zstd); the narinfo PUT that follows is accepted only if its
-NarHash/NarSize are those of the NAR the same slice uploaded under its URL. Client
+**Uploads.** The NAR PUT is decompressed, parsed strictly and hashed as it streams into
+the blob store's writer (recompressed as zstd; a temp file, or a multipart upload on
+S3, committed under its final name only once verified); the narinfo PUT that follows is
+accepted only if its NarHash/NarSize are those of the NAR the same slice uploaded under
+its URL. Client
 signatures, URL, Compression and FileHash are dropped: the server serves its own file and
 signs with its own keys. An upload whose ``Content-Length`` exceeds the free space is
-refused 507 before its body is asked for (no ``100 Continue``): Nix 2.8 does not rewind an
+refused 507 before its body is asked for (no ``100 Continue``), and one to a bucket that
+does not answer 503 likewise: Nix 2.8 does not rewind an
 upload it retries, so only a refusal that read none of the body leaves its retries whole.
 
 **Hot path.** Every URL is dispatched by hand (a dozen fixed routes do not need a router,
@@ -54,7 +57,10 @@ kernel's random source. The audit line is built by
 :func:`nixd.server.access.audit.event_body`: with ``audit.durable_reads`` (the default) the answer
 waits for its fsync, shared by every request in flight (group commit); without it, an
 allowed read's line is queued and the answer goes out at once. NAR blobs go from the
-page cache to the socket with ``sendfile`` (the ASGI zero-copy send extension).
+page cache to the socket with ``sendfile`` (the ASGI zero-copy send extension); blobs in
+object storage (S3) are streamed from one ranged GET per request, 1 MiB at a time, every
+blocking call in a worker thread (or, with ``[storage.s3] redirect``, answered ``302`` to
+a presigned URL of the bucket once the access decision is made and audited).
 
 Measured with ``bench/server_bench.py`` (2 busy cores, 1 worker, durable audit, wrk
 -c32, nginx in the same run): narinfo hit 5.5k req/s, p50 5 ms, p99 19 ms (nginx's p99
@@ -112,8 +118,9 @@ from nixd.server.http.ops import OpsRoutes, count_storage_error
 from nixd.server.login.device import DeviceService
 from nixd.server.login.exchange import Exchanger, ExchangeRejected
 from nixd.server.login.web import WebPages
+from nixd.server.storage.blobs import BlobMissing
 from nixd.server.storage.db import Project
-from nixd.server.storage.store import PathConflict, PathInfo, Store, compression_of
+from nixd.server.storage.store import Nar, PathConflict, PathInfo, Store, compression_of
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +144,15 @@ ZEROCOPY = "http.response.zerocopysend"
 PREPARED = "nixd.http.response.prepared"
 """Our front's extension: a whole response (status line, headers, body) as bytes."""
 _NARINFO_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/x-nix-narinfo\r\ncontent-length: %d\r\n\r\n"
+
+
+class _ResponseCut(trio.BrokenResourceError):
+    """A response failed after its head was sent (a bucket stopped answering mid-NAR).
+
+    The cause is logged once where it happened; raised through the ASGI front, which
+    treats it as a connection gone (drops it, logs nothing more), so the client sees a
+    short body and retries, and the log holds one WARNING instead of a traceback.
+    """
 
 
 @dataclass
@@ -235,6 +251,8 @@ class CacheApp:
                 )
             else:
                 raise NotFound()
+        except _ResponseCut:
+            raise  # the head is out: only cutting the connection is left (logged already)
         except Exception as exc:
             if self.s.ops is not None:
                 count_storage_error(self.s.ops.metrics != "off", exc)
@@ -673,9 +691,21 @@ class CacheApp:
         served = await self._read_decision(ctx, org, candidates, f"nar/{file_name}")
         assert nar is not None
         self.s.store.note_nar_access(served.id, nar.nar_hash)  # in memory (retention)
-        # _send_file opens the blob before it sends the head: a GC that unlinks it now
-        # cannot cut this download short (the open file lives on).
-        await _send_file(scope, send, self.s.store.blob_path(nar.file_hash), head)
+        path = self.s.store.blob_local_path(nar.file_hash)
+        if path is not None:
+            # _send_file opens the blob before it sends the head: a GC that unlinks it now
+            # cannot cut this download short (the open file lives on).
+            await _send_file(scope, send, path, head)
+            return
+        if not head and (
+            url := await trio.to_thread.run_sync(self.s.store.blob_download_url, nar.file_hash)
+        ):
+            # [storage.s3] redirect: the decision is made (and audited); the bytes come
+            # from the bucket (or a CDN before it). The URL expires: no cache keeps it.
+            headers = {"location": url, "cache-control": "no-store"}
+            await _respond(send, 302, b"", headers)
+            return
+        await _send_blob(scope, send, self.s.store, nar, head)
 
     # -- uploads ------------------------------------------------------------------------
 
@@ -716,8 +746,7 @@ class CacheApp:
     ) -> Any:
         compression = compression_of(name)
         length = _content_length(scope)
-        if length:
-            self.s.store.check_room(length)  # before the body: see Store.check_room
+        await self.s.store.check_room_async(length)  # before the body: see Store.check_room
         checker = self.s.nar_checker() if self.s.nar_checker is not None else None
         ingest = self.s.store.begin_nar(
             compression, max_nar_size=self.s.max_upload_bytes, checker=checker
@@ -742,9 +771,10 @@ class CacheApp:
                     await trio.to_thread.run_sync(ingest.feed, data)
             finished = await trio.to_thread.run_sync(ingest.finish)
         except BaseException:
-            ingest.discard()
+            with trio.CancelScope(shield=True):  # an S3 abort is a request: not on the loop
+                await trio.to_thread.run_sync(ingest.discard)
             raise
-        return self.s.store.commit_nar(ingest, finished, project, name)
+        return await self.s.store.commit_nar_async(ingest, finished, project, name)
 
     async def _accept_narinfo(self, ctx: _Ctx, project: Project, name: str, body: bytes) -> None:
         try:
@@ -762,7 +792,7 @@ class CacheApp:
                 f"uploaded to {project.slice}; upload the NAR first"
             )
         if nar.nar_hash != str(ni.nar_hash) or nar.nar_size != ni.nar_size:
-            self.s.store.drop_alias(project, ni.url)
+            await self.s.store.drop_alias_async(project, ni.url)
             raise BadUpload(
                 f"NAR mismatch for {ni.store_path.path()}: the narinfo says NarHash "
                 f"{ni.nar_hash}, NarSize {ni.nar_size}, but the NAR uploaded as {ni.url} has "
@@ -985,6 +1015,63 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
+def _nar_headers(scope: Scope, size: int) -> tuple[int, int, int, list[tuple[bytes, bytes]]]:
+    """``(start, end, status, headers)`` of a NAR answer of ``size`` bytes, Range applied."""
+    start, end, status = 0, size, 200
+    headers = [
+        (b"content-type", b"application/zstd"),
+        (b"accept-ranges", b"bytes"),
+        (b"cache-control", b"private, max-age=31536000, immutable"),
+    ]
+    for name, value in scope["headers"]:
+        if name == b"range":
+            # One parser for every front (nixd.http): anything it does not serve is the
+            # whole file, never a 416 a plain GET would not have got.
+            rng = parse_range(value, size)
+            if rng is not None and (rng.start, rng.stop) != (0, size):
+                start, end, status = rng.start, rng.stop, 206
+                headers.append((b"content-range", rng.content_range))
+    headers.append((b"content-length", str(end - start).encode()))
+    return start, end, status, headers
+
+
+async def _send_blob(scope: Scope, send: Send, store: Store, nar: Nar, head: bool) -> None:
+    """A NAR from a blob store without local files (S3): one ranged GET, streamed.
+
+    The size is the record's (``nars.file_size``), so Range is answered without asking
+    the store first; the GET (or, for HEAD, a HEAD) is made before the status line, so
+    a missing blob is a 404 and an unreachable store a 503, never a cut-off 200. Every
+    blocking call, each chunk of at most 1 MiB included, runs in a worker thread.
+    """
+    start, end, status, headers = _nar_headers(scope, nar.file_size)
+    try:
+        if head:
+            await trio.to_thread.run_sync(store.blob_size, nar.file_hash)
+        else:
+            read = await trio.to_thread.run_sync(store.open_blob, nar.file_hash, start, end)
+    except BlobMissing:
+        log.error("stored NAR %s is missing from %s", nar.file_hash, store.blobs.describe())
+        raise NotFound() from None
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    if head:
+        await send({"type": "http.response.body", "body": b""})
+        return
+    try:
+        chunks = iter(read)
+        while True:
+            try:
+                chunk = await trio.to_thread.run_sync(next, chunks, None)
+            except NixdError as exc:  # StorageUnavailable, a short read: after the head
+                log.warning("cut the download of NAR %s: %s", nar.file_hash, exc)
+                raise _ResponseCut(str(exc)) from exc
+            if chunk is None:
+                break
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        read.close()
+
+
 async def _send_file(scope: Scope, send: Send, path: os.PathLike[str], head: bool) -> None:
     """A NAR file with Content-Length, Accept-Ranges and single-range support.
 
@@ -1003,21 +1090,7 @@ async def _send_file(scope: Scope, send: Send, path: os.PathLike[str], head: boo
         raise NotFound() from None
     try:
         size = os.fstat(fd).st_size
-        start, end, status = 0, size, 200
-        headers = [
-            (b"content-type", b"application/zstd"),
-            (b"accept-ranges", b"bytes"),
-            (b"cache-control", b"private, max-age=31536000, immutable"),
-        ]
-        for name, value in scope["headers"]:
-            if name == b"range":
-                # One parser for every front (nixd.http): anything it does not serve is the
-                # whole file, never a 416 a plain GET would not have got.
-                rng = parse_range(value, size)
-                if rng is not None and (rng.start, rng.stop) != (0, size):
-                    start, end, status = rng.start, rng.stop, 206
-                    headers.append((b"content-range", rng.content_range))
-        headers.append((b"content-length", str(end - start).encode()))
+        start, end, status, headers = _nar_headers(scope, size)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if head:
             await send({"type": "http.response.body", "body": b""})

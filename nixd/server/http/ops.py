@@ -5,7 +5,8 @@
     asked, so a slow disk never gets a healthy server restarted.
 ``/readyz``
     Ready: the storage answers (:meth:`~nixd.server.storage.store.Store.check`: the
-    database a trivial query, the blob storage a probe file). 200 ``{"status":
+    database a trivial query, the blob storage its own check: a probe file in a
+    directory, a HEAD of a bucket). 200 ``{"status":
     "ready"}``, else 503 ``{"status": "unready", "failed": ["blobs"]}`` — the parts only,
     never a path or an error text (those are logged at WARNING). A check runs in a worker
     thread (a remote backend may block) and its result is kept for a second, so a flood
@@ -56,7 +57,7 @@ import trio
 
 from nixd.server import metrics as server_metrics
 from nixd.server.asgi import Message, Receive, Scope, Send
-from nixd.server.errors import MethodNotAllowed, NotFound, StorageFull
+from nixd.server.errors import MethodNotAllowed, NotFound, StorageFull, StorageUnavailable
 from nixd.server.storage.db import DatabaseError
 from nixd.server.storage.store import Store, StoreError
 
@@ -133,6 +134,8 @@ def storage_error(exc: BaseException) -> tuple[str, str] | None:
     """``(backend, error)`` of a request's storage failure, for the metrics; else None."""
     if isinstance(exc, StorageFull):
         return "blobs", "full"
+    if isinstance(exc, StorageUnavailable):
+        return "blobs", "unavailable"
     if isinstance(exc, DatabaseError | sqlite3.Error):
         return "database", "failed"
     if isinstance(exc, StoreError | OSError):

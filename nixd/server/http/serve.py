@@ -58,6 +58,7 @@ from nixd.server.http.ops import Observed, OpsRoutes
 from nixd.server.login.device import DeviceService, RefreshExchanger
 from nixd.server.login.exchangers import open_exchangers
 from nixd.server.metrics import disable_multiprocess, enable_multiprocess
+from nixd.server.storage.blobs import open_blob_store
 from nixd.server.storage.db import open_db
 from nixd.server.storage.gc import GcReport, flush_reads, serve_gc
 from nixd.server.storage.store import Store
@@ -80,7 +81,8 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
     conn = open_db(config.database)
     with contextlib.ExitStack() as stack:
         stack.callback(conn.close)
-        store = Store.open(conn, config.blobs_path, zstd_level=config.storage.zstd_level)
+        blobs = open_blob_store(config)
+        store = Store.open(conn, blobs, zstd_level=config.storage.zstd_level)
         stack.callback(flush_reads, store)  # read times noted since the last flush
         keys = ServerKeys.load(config.state_dir, conn=conn)
         issuer = TokenIssuer(
@@ -312,7 +314,7 @@ async def _housekeeping(config: ServerConfig, services: Services, collect_garbag
 
     await serve_gc(
         services.store,
-        lambda: Store(open_db(config.database), config.blobs_path),
+        lambda: Store(open_db(config.database), services.store.blobs),  # boto3 is thread-safe
         config.retention,
         interval=config.gc.interval if collect_garbage else 0.0,
         grace=config.gc.grace,

@@ -1,6 +1,8 @@
 """What the server keeps: metadata (:mod:`.db`, on SQLite or PostgreSQL through :mod:`.sql`);
-blobs and slice records (:mod:`.store`); and for how long: pins (:mod:`.pins`), retention
-and the garbage collector (:mod:`.gc`), which reaches blobs only through the store's
+slice records (:mod:`.store`); NAR blobs behind one interface (:mod:`.blobs`: a local
+directory, or S3-compatible object storage in :mod:`.s3`), which the store uses for every
+blob and never bypasses; and for how long: pins (:mod:`.pins`), retention and the garbage
+collector (:mod:`.gc`), which reaches blobs only through the store's
 ``iter_blobs``/``delete_blob``/``blob_exists``.
 
 Slice records are per (slice, store path) and never shared; NAR bytes are shared by

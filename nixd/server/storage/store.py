@@ -1,13 +1,19 @@
-"""Content storage of the cache server: NAR blobs on disk, metadata in SQLite or PostgreSQL.
+"""Content storage of the cache server: NAR blobs and slice records.
+
+Blobs live in a :class:`~nixd.server.storage.blobs.BlobStore` — a local directory
+(:class:`~nixd.server.storage.blobs.LocalBlobs`, the default) or S3-compatible object
+storage (:class:`~nixd.server.storage.s3.S3Blobs`); metadata in SQLite or PostgreSQL
+(:mod:`.db`). The Store never touches a blob file itself.
 
 The model:
 
 - A **NAR** is stored once, whatever slice or client compression it came in (its bytes are
   checked against the NarHash a slice record names, so sharing them cannot change what any
   reader receives): decompressed
-  and hashed as it streams in, then recompressed as zstd into
-  ``blobs/<ab>/<filehash32>.nar.zst`` (``filehash`` = sha256 of that file). The ``nars`` table
-  maps its NarHash to that file; a second upload of the same NarHash keeps the first file.
+  and hashed as it streams in, then recompressed as zstd into the blob store's writer and
+  committed under the key ``<ab>/<filehash32>.nar.zst`` (``filehash`` = sha256 of that
+  file) only once it is whole and verified. The ``nars`` table maps its NarHash to that
+  blob; a second upload of the same NarHash keeps the first blob.
 - A **slice record** is one slice's copy of a store path's narinfo fields (StorePath,
   NarHash, NarSize, References, Deriver, System, CA), exactly as that slice's writer
   uploaded them, with the identity that uploaded them. Records are never shared between
@@ -27,19 +33,26 @@ The model:
 
 Reads are small indexed SELECTs on the event loop's own connection (WAL, so writers never
 block them). The CPU-heavy part of an upload (decompress, hash, parse, recompress) runs in a
-worker thread in ~1 MiB batches, so one NAR never sits in memory whole.
+worker thread in ~1 MiB batches, so one NAR never sits in memory whole. Every blob
+operation may block (network I/O on S3): the methods that do one either run where
+blocking is fine (``NarIngest.feed``/``finish`` in a worker thread, the CLI, tests) or have
+an ``_async`` twin that makes the blob calls in a worker thread and the database calls on
+the loop (:meth:`Store.commit_nar_async`, :meth:`Store.drop_alias_async`).
 
 A full disk (or quota) is :class:`~nixd.server.errors.StorageFull`, a 507 that says so:
 an upload whose length exceeds the free space is refused before its body is read
 (:meth:`Store.check_room`), one that fills the disk while it is written is dropped with
-its temp file; nothing partial is recorded.
+its temp file; nothing partial is recorded. A blob store that does not answer (a bucket
+unreachable, denied or missing) is :class:`~nixd.server.errors.StorageUnavailable`, a 503
+that says so, with the same guarantee.
+
+The garbage collector's view of blobs is :meth:`Store.iter_blobs`,
+:meth:`Store.blob_exists` and :meth:`Store.delete_blob` (by FileHash).
 """
 
 from __future__ import annotations
 
 import bz2
-import contextlib
-import errno
 import hashlib
 import logging
 import lzma
@@ -47,21 +60,35 @@ import mmap
 import os
 import sqlite3
 import struct
-import tempfile
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol, cast
+from typing import IO, Any, NamedTuple, Protocol, cast
 
+import trio
 import zstandard
 
 from nixd.errors import FormatError, NixdError
 from nixd.nix import base32
 from nixd.nix.hashes import Hash
-from nixd.server.errors import BadUpload, StorageFull, TooLarge, UnsupportedCompression
+from nixd.server.errors import (
+    BadUpload,
+    StorageFull,
+    StorageUnavailable,
+    TooLarge,
+    UnsupportedCompression,
+)
+from nixd.server.storage.blobs import (
+    BlobRead,
+    BlobStore,
+    BlobWriter,
+    LocalBlobs,
+    blob_key,
+    file_hash_of,
+    full_disk_refused,
+)
 from nixd.server.storage.db import (
     Connection,
     Migration,
@@ -532,9 +559,9 @@ def _decoder(compression: str) -> _Decoder:
 
 
 class _HashingFile:
-    """A write-only file that hashes and counts what passes through."""
+    """A write-only file that hashes and counts what passes into the blob writer."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BlobWriter) -> None:
         self._f = f
         self.sha = hashlib.sha256()
         self.size = 0
@@ -546,31 +573,28 @@ class _HashingFile:
         return len(data)
 
     def flush(self) -> None:
-        self._f.flush()
+        return None  # the writer keeps what it was given; commit makes it durable
 
 
-@contextlib.contextmanager
-def _full_disk_refused() -> Iterator[None]:
-    """A full disk or quota while an upload is written: :class:`StorageFull` (a 507 that
-    says so), not an OSError answered as an internal error."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageFull(f"no room to store the upload: {exc.strerror}") from exc
-        raise
+class StoredBlob(NamedTuple):
+    """A blob as the GC sees it (:meth:`Store.iter_blobs`): FileHash, bytes, modified."""
+
+    file_hash: str
+    size: int
+    mtime: float
 
 
 class NarIngest:
     """One NAR upload in progress: feed compressed bytes, get NarHash/NarSize and a blob.
 
-    Not thread-safe, but may move between threads: the app calls :meth:`feed` and
-    :meth:`finish` through ``trio.to_thread.run_sync``.
+    Not thread-safe, but may move between threads: the app calls :meth:`feed`,
+    :meth:`finish`, :meth:`keep` and :meth:`discard` through ``trio.to_thread.run_sync``
+    (each may block on the blob store).
     """
 
     def __init__(
         self,
-        tmp_dir: Path,
+        writer: BlobWriter,
         compression: str,
         *,
         zstd_level: int,
@@ -582,10 +606,9 @@ class NarIngest:
         self.nar_size = 0
         self._max = max_nar_size
         self._checker = checker
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".nar.zst", dir=tmp_dir)
-        self.tmp_path = Path(name)
-        self._raw = os.fdopen(fd, "wb")
-        self._file = _HashingFile(self._raw)
+        self._raw = writer
+        self._file = _HashingFile(writer)
+        self.file_hash = ""
         self._zw = zstandard.ZstdCompressor(level=zstd_level).stream_writer(
             cast("IO[bytes]", self._file), closefd=False
         )
@@ -605,12 +628,15 @@ class NarIngest:
         self._zw.write(data)
 
     def feed(self, data: bytes) -> None:
-        with _full_disk_refused():
+        with full_disk_refused():
             self._decoder.feed(data, self._nar_bytes)
 
     def finish(self) -> tuple[Hash, int, str, int]:
-        """End of the upload: NarHash, NarSize, FileHash (base32) and FileSize; fsynced."""
-        with _full_disk_refused():
+        """End of the upload: NarHash, NarSize, FileHash (base32) and FileSize.
+
+        The blob is complete in its writer but not yet visible: :meth:`keep` commits it.
+        """
+        with full_disk_refused():
             return self._finish()
 
     def _finish(self) -> tuple[Hash, int, str, int]:
@@ -623,17 +649,19 @@ class NarIngest:
         if self.nar_size == 0:
             raise BadUpload("the uploaded NAR is empty")
         self._zw.flush(zstandard.FLUSH_FRAME)
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
         nar_hash = Hash("sha256", self._nar_sha.digest())
-        return nar_hash, self.nar_size, base32.encode(self._file.sha.digest()), self._file.size
+        self.file_hash = base32.encode(self._file.sha.digest())
+        return nar_hash, self.nar_size, self.file_hash, self._file.size
+
+    def keep(self) -> None:
+        """Commit the finished blob under its FileHash's key (durable, whole or not at all)."""
+        if not self.file_hash:
+            raise StoreError("a NAR upload is kept only once it is finished")
+        self._raw.commit(blob_key(self.file_hash))
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self._raw.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp_path.unlink()
+        """Drop the upload (idempotent; never raises)."""
+        self._raw.discard()
 
 
 class Store:
@@ -642,11 +670,10 @@ class Store:
     Orgs and projects are :mod:`nixd.server.storage.db`'s; this class adds what slices hold.
     """
 
-    def __init__(self, conn: Connection, blobs: Path, *, zstd_level: int = 3) -> None:
+    def __init__(self, conn: Connection, blobs: BlobStore, *, zstd_level: int = 3) -> None:
         self.conn = conn
         self._pg = None if isinstance(conn, sqlite3.Connection) else conn
         self.blobs = blobs
-        self.tmp = blobs / "tmp"
         self.zstd_level = zstd_level
         self._holders: dict[str, list[tuple[Project, PathInfo]]] = {}
         self._trust: dict[str, dict[int, int]] = {}
@@ -706,28 +733,26 @@ class Store:
         self._trust.clear()
 
     @classmethod
-    def open(cls, conn: Connection, blobs: Path, *, zstd_level: int = 3) -> Store:
-        """Use ``conn`` (from :func:`nixd.server.storage.db.open_db`); create the store's tables."""
-        try:
-            blobs.mkdir(parents=True, exist_ok=True)
-            (blobs / "tmp").mkdir(exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"{blobs}: cannot create the blob directory: {exc}") from exc
-        ensure_schema(conn, component="store", migrations=STORE_MIGRATIONS)
-        store = cls(conn, blobs, zstd_level=zstd_level)
-        store._sweep_tmp()
-        return store
+    def open(
+        cls, conn: Connection, blobs: Path | BlobStore, *, zstd_level: int = 3, sweep: bool = True
+    ) -> Store:
+        """Use ``conn`` (from :func:`nixd.server.storage.db.open_db`); create the store's tables.
 
-    def _sweep_tmp(self) -> None:
-        """Uploads cut off by a crash leave temp files; nothing refers to them.
-
-        Only old ones go: another worker process may be receiving an upload right now.
+        ``blobs`` is a blob store (:func:`~nixd.server.storage.blobs.open_blob_store`), or a
+        directory for :class:`~nixd.server.storage.blobs.LocalBlobs`. With ``sweep``,
+        leftovers of uploads cut off by a crash are removed (only old ones: another
+        worker or instance may be receiving an upload right now); a blob store that does
+        not answer then is logged and left for later, not fatal.
         """
-        cutoff = time.time() - 24 * 3600
-        for p in self.tmp.glob("upload-*"):
-            with contextlib.suppress(OSError):
-                if p.stat().st_mtime < cutoff:
-                    p.unlink()
+        store_blobs = LocalBlobs.open(blobs) if isinstance(blobs, Path) else blobs
+        ensure_schema(conn, component="store", migrations=STORE_MIGRATIONS)
+        store = cls(conn, store_blobs, zstd_level=zstd_level)
+        if sweep:
+            try:
+                store_blobs.sweep_partial()
+            except NixdError as exc:
+                log.warning("unfinished uploads were not swept: %s", exc)
+        return store
 
     # -- reads --------------------------------------------------------------------------
 
@@ -807,8 +832,41 @@ class Store:
         ).fetchall()
         return Nar(*row), [self._project(r) for r in rows]
 
-    def blob_path(self, file_hash: str) -> Path:
-        return self.blobs / file_hash[:2] / f"{file_hash}.nar.zst"
+    # -- blobs (each call may block: see the module docstring) ---------------------------
+
+    def blob_local_path(self, file_hash: str) -> Path | None:
+        """A file holding the blob that may be sent with sendfile, if the store has one."""
+        return self.blobs.local_path(blob_key(file_hash))
+
+    def blob_download_url(self, file_hash: str) -> str | None:
+        """Where a client may fetch the blob itself (a presigned URL), or None."""
+        return self.blobs.download_url(blob_key(file_hash))
+
+    def open_blob(self, file_hash: str, start: int, end: int) -> BlobRead:
+        """Bytes ``[start, end)`` of a blob (BlobMissing if it is not stored)."""
+        return self.blobs.open_read(blob_key(file_hash), start, end)
+
+    def blob_size(self, file_hash: str) -> int:
+        """The stored size of a blob (BlobMissing if it is not stored)."""
+        return self.blobs.size(blob_key(file_hash))
+
+    def blob_exists(self, file_hash: str) -> bool:
+        """Whether a blob is stored under this FileHash (a store that does not answer
+        raises StorageUnavailable, never answers False)."""
+        return self.blobs.exists(blob_key(file_hash))
+
+    def delete_blob(self, file_hash: str) -> None:
+        """Remove the blob of this FileHash (absent is fine). The caller makes sure no
+        ``nars`` row names it any more (the GC, :meth:`drop_alias`)."""
+        self.blobs.delete(blob_key(file_hash))
+
+    def iter_blobs(self) -> Iterator[StoredBlob]:
+        """Every committed blob as (file_hash, size, mtime); never a partial upload, never
+        anything in the store that is not named like a blob."""
+        for entry in self.blobs.iter_blobs():
+            file_hash = file_hash_of(entry.key)
+            if file_hash is not None:
+                yield StoredBlob(file_hash, entry.size, entry.mtime)
 
     def nar_by_hash(self, nar_hash: str) -> Nar | None:
         row = self.conn.execute(
@@ -852,9 +910,10 @@ class Store:
         The readiness hook behind ``/readyz`` (:mod:`nixd.server.http.ops`); every backend
         implements it for its parts. ``"database"``: a trivial query that must read the
         database (the schema page), so a database that cannot be read fails it.
-        ``"blobs"``: the blob directory's ``tmp/`` takes a new file and lets it go (what
-        every upload does first), so a missing, moved or read-only blob directory fails
-        it. Causes (paths, errors) are logged here at WARNING and never returned: the
+        ``"blobs"``: the blob store's own check (a directory: its ``tmp/`` takes a new file
+        and lets it go, what every upload does first, so a missing, moved or read-only
+        directory fails it; S3: the bucket answers a HEAD with these credentials).
+        Causes (paths, errors) are logged here at WARNING and never returned: the
         answer goes to anyone. Called from a worker thread, so it may block (an SQLite
         connection serializes its own use).
         """
@@ -864,12 +923,12 @@ class Store:
         except sqlite3.Error as exc:
             log.warning("readiness: the database does not answer: %s", exc)
             failed.append("database")
-        probe = self.tmp / f"ready-{os.getpid()}-{threading.get_ident()}"
         try:
-            os.close(os.open(probe, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-            os.unlink(probe)
-        except OSError as exc:
-            log.warning("readiness: the blob directory %s does not answer: %s", self.blobs, exc)
+            reason = self.blobs.check()
+        except Exception as exc:  # readiness must answer, whatever the cause
+            reason = f"the blob store {self.blobs.describe()} failed its check: {exc}"
+        if reason is not None:
+            log.warning("readiness: %s", reason)
             failed.append("blobs")
         return failed
 
@@ -886,8 +945,9 @@ class Store:
     def begin_nar(
         self, compression: str, *, max_nar_size: int, checker: NarChecker | None
     ) -> NarIngest:
+        _decoder(compression)  # an unsupported one is refused before a writer exists
         return NarIngest(
-            self.tmp,
+            self.blobs.writer(),
             compression,
             zstd_level=self.zstd_level,
             max_nar_size=max_nar_size,
@@ -904,17 +964,29 @@ class Store:
         attempt stopped), so a retry after a refusal mid-body sends the body's tail, seen
         as "not valid zstd"; a refusal before ``100 Continue`` leaves it unread, and every
         retry is refused the same clear way.
+
+        Object storage has no free space to ask; for the same reason it is asked whether
+        it answers at all (:meth:`BlobStore.check`, a HEAD of the bucket): a bucket that
+        does not is :class:`~nixd.server.errors.StorageUnavailable` before the body, not
+        after it. ``size`` 0 (no Content-Length) checks only that. Blocking: on the
+        loop, :meth:`check_room_async`.
         """
-        try:
-            st = os.statvfs(self.tmp)
-        except OSError:
+        if self.blobs.remote:
+            reason = self.blobs.check()
+            if reason is not None:
+                raise StorageUnavailable(reason)
+        free = self.blobs.free_bytes()
+        if free is None:
             return  # the write will tell
-        free = st.f_bavail * st.f_frsize
         if size > free:
             raise StorageFull(
                 f"no room to store the upload: it is {size} bytes and the server's "
                 f"storage has {free} bytes free"
             )
+
+    async def check_room_async(self, size: int) -> None:
+        """:meth:`check_room` in a worker thread (a bucket's HEAD must not block the loop)."""
+        await trio.to_thread.run_sync(self.check_room, size)
 
     def commit_nar(
         self,
@@ -925,19 +997,46 @@ class Store:
     ) -> Nar:
         """Keep a finished upload's blob once (dedup by NarHash) and alias ``url`` to it.
 
-        ``finished`` is what :meth:`NarIngest.finish` returned (run that in a worker thread;
-        this method touches the database and must run on the loop's thread).
+        ``finished`` is what :meth:`NarIngest.finish` returned. Blocking: the blob is
+        committed here; on an event loop use :meth:`commit_nar_async`.
         """
+        keep = self.nar_by_hash(str(finished[0])) is None
+        try:
+            ingest.keep() if keep else ingest.discard()
+        except BaseException:
+            ingest.discard()
+            raise
+        nar = self.record_nar(finished, project, url)
+        if keep and nar.file_hash != finished[2]:
+            self.delete_blob(finished[2])  # another upload of this NarHash got in first
+        return nar
+
+    async def commit_nar_async(
+        self,
+        ingest: NarIngest,
+        finished: tuple[Hash, int, str, int],
+        project: Project,
+        url: str,
+    ) -> Nar:
+        """:meth:`commit_nar` on the event loop: blob calls in a worker thread, database
+        calls here (the loop's connection)."""
+        keep = self.nar_by_hash(str(finished[0])) is None
+        try:
+            await trio.to_thread.run_sync(ingest.keep if keep else ingest.discard)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(ingest.discard)
+            raise
+        nar = self.record_nar(finished, project, url)
+        if keep and nar.file_hash != finished[2]:
+            await trio.to_thread.run_sync(self.delete_blob, finished[2])
+        return nar
+
+    def record_nar(self, finished: tuple[Hash, int, str, int], project: Project, url: str) -> Nar:
+        """Record a committed blob (once per NarHash) and alias ``url`` to it; the NAR now
+        recorded for that NarHash (an earlier upload's, if one got in first)."""
         nar_hash, nar_size, file_hash, file_size = finished
         key = str(nar_hash)
-        existing = self.nar_by_hash(key)
-        if existing is not None:
-            ingest.discard()
-        else:
-            dest = self.blob_path(file_hash)
-            dest.parent.mkdir(exist_ok=True)
-            os.replace(ingest.tmp_path, dest)
-            _fsync_dir(dest.parent)
         now = time.time()
         with transaction(self.conn):
             self.conn.execute(
@@ -997,7 +1096,23 @@ class Store:
         return True
 
     def drop_alias(self, project: Project, url: str) -> None:
-        """Forget a refused upload; its blob goes too unless something else uses it."""
+        """Forget a refused upload; its blob goes too unless something else uses it.
+
+        Blocking (the blob is deleted here); on an event loop use :meth:`drop_alias_async`.
+        """
+        gone = self.forget_alias(project, url)
+        if gone is not None:
+            self.delete_blob(gone)
+
+    async def drop_alias_async(self, project: Project, url: str) -> None:
+        """:meth:`drop_alias` on the event loop: the blob is deleted in a worker thread."""
+        gone = self.forget_alias(project, url)
+        if gone is not None:
+            await trio.to_thread.run_sync(self.delete_blob, gone)
+
+    def forget_alias(self, project: Project, url: str) -> str | None:
+        """The database half of :meth:`drop_alias`: the FileHash of a blob that nothing
+        uses any more (its ``nars`` row is gone), for the caller to delete."""
         self._changed()
         gone: Nar | None = None
         with transaction(self.conn):
@@ -1009,7 +1124,7 @@ class Store:
                 "DELETE FROM upload_aliases WHERE project_id = ? AND url = ?", (project.id, url)
             )
             if row is None:
-                return
+                return None
             used = self.conn.execute(
                 "SELECT 1 FROM slice_records WHERE nar_hash = ? UNION ALL "
                 "SELECT 1 FROM upload_aliases WHERE nar_hash = ? LIMIT 1",
@@ -1018,9 +1133,7 @@ class Store:
             if not used:
                 gone = self.nar_by_hash(row[0])
                 self.conn.execute("DELETE FROM nars WHERE nar_hash = ?", (row[0],))
-        if gone is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.blob_path(gone.file_hash).unlink()
+        return gone.file_hash if gone is not None else None
 
     # -- access times (retention by days since last access, nixd.server.storage.gc) -------
 
@@ -1090,38 +1203,6 @@ class Store:
                 (project.id, drv, zstandard.compress(data), time.time()),
             )
 
-    # -- blobs as GC sees them --------------------------------------------------------
-    # The only blob operations nixd.server.storage.gc uses, so that it works unchanged
-    # on any blob backend that implements these three.
-
-    def iter_blobs(self) -> Iterator[tuple[str, int, float]]:
-        """Every stored blob: ``(file_hash, size, mtime)``; files that vanish are skipped."""
-        try:
-            shards = [e for e in os.scandir(self.blobs) if len(e.name) == 2 and e.is_dir()]
-        except FileNotFoundError:
-            return
-        for shard in shards:  # not tmp/, nor anything an operator left there
-            try:
-                entries = list(os.scandir(shard.path))
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                file_hash, dot, suffix = entry.name.partition(".")
-                if suffix != "nar.zst" or not dot or file_hash[:2] != shard.name:
-                    continue
-                try:
-                    st = entry.stat()
-                except FileNotFoundError:
-                    continue
-                yield file_hash, st.st_size, st.st_mtime
-
-    def delete_blob(self, file_hash: str) -> None:
-        """Remove a blob (gone already is fine). A download that opened it completes."""
-        self.blob_path(file_hash).unlink(missing_ok=True)
-
-    def blob_exists(self, file_hash: str) -> bool:
-        return self.blob_path(file_hash).is_file()
-
 
 def _map_wal_index(conn: sqlite3.Connection) -> mmap.mmap | None:
     """The start of the database's ``-shm`` file, mapped read-only; None if there is none.
@@ -1144,13 +1225,5 @@ def _map_wal_index(conn: sqlite3.Connection) -> mmap.mmap | None:
         return mmap.mmap(fd, _WAL_HEADER, mmap.MAP_SHARED, mmap.PROT_READ)
     except OSError:
         return None
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
