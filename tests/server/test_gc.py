@@ -15,6 +15,7 @@ from nixd.errors import ConfigError
 from nixd.server.config import RetentionSection, ServerConfig
 from nixd.server.http.serve import _housekeeping
 from nixd.server.metrics import metrics
+from nixd.server.storage.blobs import BlobStore, open_blob_store
 from nixd.server.storage.db import Connection, create_org, create_project, open_db
 from nixd.server.storage.gc import GcReport, _fingerprint, collect, serve_gc
 from nixd.server.storage.pins import add_pin, list_pins, parse_store_path, remove_pin
@@ -25,6 +26,7 @@ from tests.server.gcenv import DAY, hash_of, labels, nar, put
 from tests.serverproc import server_cli
 
 BOTH_BACKENDS = True
+BOTH_BLOBS = True  # the tests on the `store` fixture run on a directory and on a bucket
 
 
 @pytest.fixture
@@ -36,8 +38,8 @@ def conn(database: str | Path) -> Iterator[Connection]:
 
 
 @pytest.fixture
-def store(conn: Connection, tmp_path: Path) -> Store:
-    return Store.open(conn, tmp_path / "blobs")
+def store(conn: Connection, blob_store: BlobStore) -> Store:
+    return Store.open(conn, blob_store)
 
 
 def rule(slice_: str = "acme/*", **kw: int) -> tuple[RetentionSection, ...]:
@@ -269,7 +271,7 @@ def test_cli_gc_and_pins_are_audited(server_state: ServerState) -> None:
     config = ServerConfig.load(state.path)
     conn = open_db(config.database)
     try:
-        store = Store.open(conn, config.blobs_path)
+        store = Store.open(conn, open_blob_store(config))
         app = store.project("acme", "app")
         assert app is not None
         keep = put(store, state.path / "trees", app, "keep", age_days=40)
@@ -390,7 +392,7 @@ async def test_the_servers_own_gc_flushes_reads_and_collects_on_its_interval(
     with trio.CancelScope() as scope:
         await serve_gc(
             store,
-            lambda: Store.open(open_db(database), tmp_path / "blobs", sweep=False),
+            lambda: Store(open_db(database), store.blobs),
             rule(days=30),
             interval=3600,
             grace=DAY,
