@@ -31,11 +31,13 @@ import pytest
 
 from nixd.server.access.audit import VerifyResult, verify
 from nixd.server.access.audit_db import export, verify_database
+from nixd.server.access.shared_policy import apply_policy
 from nixd.server.cli import main as cli_main
 from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp
 from nixd.server.http.serve import open_services
 from nixd.server.storage.blobs import BlobStore, LocalBlobs
+from nixd.server.storage.db import open_db
 from nixd.server.storage.sql import is_postgres
 from tests.s3server import S3Bucket, s3_bucket, s3_server, use_s3
 from tests.server.appenv import Env
@@ -82,6 +84,19 @@ class ServerState:
         args = ("token", "create", "--org", org, "--name", name, *extra, "--json")
         data = json.loads(self.admin(*args) if fast else self.cli(*args).stdout)
         return data["id"], data["token"]
+
+
+def write_policy(path: Path, text: str) -> None:
+    """Write a state directory's ``policy.toml`` and put it in force where that server reads
+    its policy: the file itself, or on PostgreSQL the database (as ``policy apply`` does)."""
+    path.write_text(text)
+    config = ServerConfig.load(path.parent)
+    if is_postgres(config.database):
+        conn = open_db(config.database)
+        try:
+            apply_policy(path, path, conn)
+        finally:
+            conn.close()
 
 
 def audit_text(state: Path) -> str:

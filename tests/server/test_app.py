@@ -20,7 +20,7 @@ from nixd.nix import base32
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
 from tests.server.appenv import HASH_A, HASH_B, Env, client_narinfo, make_nar, upload
-from tests.server.conftest import audit_text, audit_verify
+from tests.server.conftest import audit_text, audit_verify, write_policy
 
 BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
 BOTH_BLOBS = True  # blobs in a local directory and in an S3 bucket (moto)
@@ -221,7 +221,8 @@ async def test_tokens_exchange_status_jwks_revocation(env: Env) -> None:
 
 async def test_source_ip_condition(env: Env, uploaded: bytes) -> None:
     policy = env.state.path / "policy.toml"
-    policy.write_text(
+    write_policy(
+        policy,
         policy.read_text()
         + """
 [[rule]]
@@ -231,7 +232,7 @@ subjects = [{ kind = "*" }]
 actions = ["*"]
 resources = ["acme/app"]
 conditions = { source_ips = ["127.0.0.2/32"] }
-"""
+""",
     )
     env.services.policy.reload()
     async with env.client(auth=env.member, basic=True) as c:

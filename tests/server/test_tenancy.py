@@ -26,7 +26,7 @@ from nixd.server.config import ServerConfig
 from nixd.server.http.app import CacheApp
 from nixd.server.http.serve import open_services
 from tests.server.appenv import HASH_A, HASH_B, Env, make_nar, upload
-from tests.server.conftest import ServerState, audit_text
+from tests.server.conftest import ServerState, audit_text, write_policy
 
 BOTH_BACKENDS = True  # metadata on SQLite and on PostgreSQL (tests/server/conftest.py)
 
@@ -62,7 +62,7 @@ async def _setup(env: Env) -> dict[str, str]:
     env.state.admin("project", "create", "evil/pub", "--public")
     env.state.admin("project", "create", "acme/secret")
     policy = env.state.path / "policy.toml"
-    policy.write_text(policy.read_text() + EXTRA_POLICY)
+    write_policy(policy, policy.read_text() + EXTRA_POLICY)
     env.services.policy.reload()
     _, evil = env.state.token("evil", "ci", fast=True)
     _, writer = env.state.token("acme", "app-writer", fast=True)
@@ -210,7 +210,8 @@ async def test_deny_beats_public_and_explain_agrees(env: Env, tmp_path: Path) ->
     async with env.client() as c:
         assert (await c.get(f"/cache/acme/{HASH_A}.narinfo")).status_code == 200
     policy = env.state.path / "policy.toml"
-    policy.write_text(
+    write_policy(
+        policy,
         policy.read_text()
         + """
 [[rule]]
@@ -219,7 +220,7 @@ effect = "deny"
 subjects = [{ kind = "anonymous" }]
 actions = ["cache:read"]
 resources = ["acme/oss"]
-"""
+""",
     )
     env.services.policy.reload()
     async with env.client() as c:
@@ -245,7 +246,8 @@ resources = ["acme/oss"]
 
 async def test_equally_named_tokens_of_two_orgs_are_different_callers(env: Env) -> None:
     policy = env.state.path / "policy.toml"
-    policy.write_text(
+    write_policy(
+        policy,
         policy.read_text()
         + """
 [[rule]]
@@ -254,7 +256,7 @@ effect = "deny"
 subjects = [{ kind = "token", subject = "acme/ci" }]
 actions = ["cache:write"]
 resources = ["acme/lib"]
-"""
+""",
     )
     env.services.policy.reload()
     acme = await env.access(env.member)
@@ -361,7 +363,8 @@ async def _check_invariant(factory: object, ops: list[tuple[str, str, str, int]]
         state.admin(*args)
         assert name
     policy = state.path / "policy.toml"
-    policy.write_text(
+    write_policy(
+        policy,
         policy.read_text()
         + EXTRA_POLICY
         + """
@@ -371,7 +374,7 @@ effect = "allow"
 subjects = [{ kind = "token", org = "other" }]
 actions = ["cache:read", "cache:write"]
 resources = ["other/*"]
-"""
+""",
     )
     tokens = {w: state.token(org, name, fast=True)[1] for w, (org, name) in WRITERS.items()}
     with open_services(ServerConfig.load(state.path)) as services:
