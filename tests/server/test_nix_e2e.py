@@ -27,6 +27,8 @@ from nixd.nix.narinfo import NarInfo
 from nixd.server.access.identity import Identity
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.tokens import TokenIssuer
+from nixd.server.config import ServerConfig
+from nixd.server.storage.db import open_db
 from tests.realnix import RealNix
 from tests.server.conftest import BACKENDS, ServerState, audit_text
 from tests.serverproc import start_server
@@ -202,9 +204,11 @@ def test_copy_to_slice_and_from_unified(
         assert x.status_code == 401 and x.json()["error"] == "revoked_credential"
 
         # An expired access token (signed by the server's own key, an hour in the past).
-        keys = ServerKeys.load(acme.path)
+        conn = open_db(ServerConfig.load(acme.path).database)  # keys: files, or rows on PG
+        keys = ServerKeys.load(acme.path, conn=conn)
         past = TokenIssuer(keys.jwt, "nixd-server", "nixd", 600, clock=lambda: time.time() - 3600)
         stale, _ = past.issue(Identity("token", "ci", {"org": "acme"}))
+        conn.close()
         s = httpx.get(
             f"{server.url}/api/v1/token/status", headers={"authorization": f"Bearer {stale}"}
         )
