@@ -28,7 +28,7 @@ from nixd.nix.nar import NarParser, dump
 from nixd.server.errors import BadUpload, StorageFull, TooLarge, UnsupportedCompression, answer_of
 from nixd.server.storage.blobs import BlobStore
 from nixd.server.storage.db import Connection, create_org, create_project, open_db
-from nixd.server.storage.store import PathInfo, Store, compression_of
+from nixd.server.storage.store import Nar, PathInfo, Store, compression_of
 from tests.s3server import unfinished
 
 BOTH_BACKENDS = True
@@ -258,6 +258,39 @@ def test_paths_slices_and_dropped_aliases(store: Store, conn: Connection, tmp_pa
     # ... but not a NAR a stored path still uses.
     store.drop_alias(app, "nar/a.nar")
     assert store.blob_exists(nar.file_hash)
+
+
+def test_a_nar_removed_while_its_twin_upload_commits_keeps_the_new_blob(
+    store: Store, conn: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second upload of a NarHash finds it stored and would drop its own bytes; if a GC
+    (or a refused upload) removes the stored one before the alias is written, the second
+    upload keeps its own blob instead: no ``nars`` row ever names a blob nobody stored."""
+    app = create_project(conn, "acme", "app")
+    nar_bytes = nar_of(tmp_path, b"twin")
+    first = store.begin_nar("none", max_nar_size=1 << 20, checker=None)
+    first.feed(nar_bytes)
+    stored = store.commit_nar(first, first.finish(), app, "nar/first.nar")
+    look = store.nar_by_hash
+    armed = [True]
+
+    def removed_right_after_the_look(nar_hash: str) -> Nar | None:
+        found = look(nar_hash)
+        if armed[0] and found is not None:  # what a GC between the look and the write does
+            armed[0] = False
+            gone = store.forget_alias(app, "nar/first.nar")
+            assert gone == stored.file_hash
+            store.delete_blob(gone)
+        return found
+
+    monkeypatch.setattr(store, "nar_by_hash", removed_right_after_the_look)
+    second = store.begin_nar("none", max_nar_size=1 << 20, checker=None)
+    second.feed(nar_bytes)
+    again = store.commit_nar(second, second.finish(), app, "nar/second.nar")
+    assert again.nar_hash == stored.nar_hash
+    assert store.nar_by_hash(again.nar_hash) == again
+    assert store.blob_exists(again.file_hash)  # the second upload's own bytes
+    assert store.alias(app, "nar/second.nar") == again
 
 
 def test_data_version_sees_every_commit_of_another_connection(

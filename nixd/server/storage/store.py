@@ -1000,14 +1000,19 @@ class Store:
         ``finished`` is what :meth:`NarIngest.finish` returned. Blocking: the blob is
         committed here; on an event loop use :meth:`commit_nar_async`.
         """
-        keep = self.nar_by_hash(str(finished[0])) is None
+        if self.nar_by_hash(str(finished[0])) is not None:
+            nar = self.record_nar(finished, project, url, existing_only=True)
+            if nar is not None:  # stored already: this upload's bytes are not needed
+                ingest.discard()
+                return nar
         try:
-            ingest.keep() if keep else ingest.discard()
+            ingest.keep()
         except BaseException:
             ingest.discard()
             raise
         nar = self.record_nar(finished, project, url)
-        if keep and nar.file_hash != finished[2]:
+        assert nar is not None
+        if nar.file_hash != finished[2]:
             self.delete_blob(finished[2])  # another upload of this NarHash got in first
         return nar
 
@@ -1020,30 +1025,52 @@ class Store:
     ) -> Nar:
         """:meth:`commit_nar` on the event loop: blob calls in a worker thread, database
         calls here (the loop's connection)."""
-        keep = self.nar_by_hash(str(finished[0])) is None
+        if self.nar_by_hash(str(finished[0])) is not None:
+            nar = self.record_nar(finished, project, url, existing_only=True)
+            if nar is not None:
+                await trio.to_thread.run_sync(ingest.discard)
+                return nar
         try:
-            await trio.to_thread.run_sync(ingest.keep if keep else ingest.discard)
+            await trio.to_thread.run_sync(ingest.keep)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(ingest.discard)
             raise
         nar = self.record_nar(finished, project, url)
-        if keep and nar.file_hash != finished[2]:
+        assert nar is not None
+        if nar.file_hash != finished[2]:
             await trio.to_thread.run_sync(self.delete_blob, finished[2])
         return nar
 
-    def record_nar(self, finished: tuple[Hash, int, str, int], project: Project, url: str) -> Nar:
+    def record_nar(
+        self,
+        finished: tuple[Hash, int, str, int],
+        project: Project,
+        url: str,
+        *,
+        existing_only: bool = False,
+    ) -> Nar | None:
         """Record a committed blob (once per NarHash) and alias ``url`` to it; the NAR now
-        recorded for that NarHash (an earlier upload's, if one got in first)."""
+        recorded for that NarHash (an earlier upload's, if one got in first).
+
+        ``existing_only``: this upload's blob is not kept, so alias ``url`` only to a NAR
+        still recorded under the write lock, and answer None (nothing written) if it went
+        meanwhile (a GC or a refused upload removed it after the caller looked): the caller
+        then keeps its own blob. Otherwise a ``nars`` row could name a blob nobody stored.
+        """
         nar_hash, nar_size, file_hash, file_size = finished
         key = str(nar_hash)
         now = time.time()
         with transaction(self.conn):
-            self.conn.execute(
-                "INSERT INTO nars(nar_hash, nar_size, file_hash, file_size, created) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (key, nar_size, file_hash, file_size, now),
-            )
+            if existing_only:
+                if self.nar_by_hash(key) is None:
+                    return None
+            else:
+                self.conn.execute(
+                    "INSERT INTO nars(nar_hash, nar_size, file_hash, file_size, created) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (key, nar_size, file_hash, file_size, now),
+                )
             self.conn.execute(
                 "INSERT INTO upload_aliases(project_id, url, nar_hash, created) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (project_id, url) DO UPDATE SET "
