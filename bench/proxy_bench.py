@@ -33,7 +33,7 @@ machine is ±10-30%: only ratios against references taken in the same run mean a
   proxy's peak RSS.
 
 Ratios are "x nginx direct" (speed: direct's wall time over the other's), each the median
-of the per-round pairs, and are checked against the targets of issue 11 as PASS/MISS lines.
+of the per-round pairs, and are checked against the proxy's targets as PASS/MISS lines.
 
     .venv/bin/python bench/proxy_bench.py                 # full run, ~15 min, data cached
     .venv/bin/python bench/proxy_bench.py --quick         # small sizes, 1 round (smoke test)
@@ -487,7 +487,7 @@ TARGETS: list[tuple[str, str, Callable[[dict[str, Any]], float], str, float, str
     ("shootout", "cold", lambda r: r["x_direct"], ">=", 0.8, "x nginx direct"),
     ("shootout", "warm", lambda r: r["x_direct"], ">=", 1.0, "x nginx direct"),
 ]
-"""Issue 11's targets for the proxy; the server's own are measured by server_bench.py."""
+"""The proxy's targets; the server's own are measured by server_bench.py."""
 
 
 def targets(
@@ -562,7 +562,7 @@ def report(bench: Bench, rows: list[dict[str, Any]], checks: list[dict[str, Any]
     server_cfg = bench.server.config()
     pc = bench.proxy_config
     up = (pc.get("upstreams") or [{}])[0]  # type: ignore[index]
-    p("# proxy benchmark (issue 11), ratios against nginx direct in the same run\n")
+    p("# proxy benchmark, ratios against nginx direct in the same run\n")
     p(
         f"rounds {a.rounds} (interleaved, order alternating); page cache dropped before each "
         f"cold copy: {'yes' if bench.drop_ok else 'NO (not allowed or --no-drop-caches)'}"
@@ -650,7 +650,7 @@ def report(bench: Bench, rows: list[dict[str, Any]], checks: list[dict[str, Any]
                 f"{m['socket_errors']:.0f} |"
             )
     quick = " (--quick: small sizes, not the targets' workloads)" if a.quick else ""
-    p(f"\n## targets (issue 11){quick}\n")
+    p(f"\n## targets{quick}\n")
     for c in checks:
         where = f" (http-connections = {c['http_connections']})" if c["http_connections"] else ""
         p(f"{'PASS' if c['pass'] else 'MISS'}  {c['target']}{where}: {c['value']:.2f}")

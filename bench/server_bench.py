@@ -35,7 +35,7 @@ MEASURE (comma list of nar, hit, miss, big, closure).
 Storage configurations (``--backends``)
 ---------------------------------------
 
-Issue 12's question: what do PostgreSQL, S3 and a second instance cost or buy, against
+The question: what do PostgreSQL, S3 and a second instance cost or buy, against
 the embedded default? The configurations (``--configs``, default all four):
 
 (a) **SQLite + disk**: today's default, ``nixd-server init`` as it comes: SQLite (WAL) and
@@ -75,7 +75,7 @@ prefix; removed afterwards), and each run goes through all of them in a rotated 
 
 How to read the table: one line per measure and configuration, the median over the runs;
 ``ratio`` is (a)'s figure over this one's for times and CPU, this one's over (a)'s for
-rates, so > 1 is better than (a) and 0.7 means 30% worse. Targets (issue 12): (c) within
+rates, so > 1 is better than (a) and 0.7 means 30% worse. Targets: (c) within
 0.7 of (a) for narinfo req/s and the closure copies; (d) >= 1.6 x one instance's rate,
 or the CPU line shows the cores were all in use. Every sample is written to
 ``BENCH_DIR/results-backends.json``.

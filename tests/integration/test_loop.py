@@ -1,4 +1,4 @@
-"""Issue 4 end to end: real nixd-server, real daemon and proxy, real Nix (and nix-daemon)."""
+"""End to end: real nixd-server, real daemon and proxy, real Nix (and nix-daemon)."""
 
 from __future__ import annotations
 
