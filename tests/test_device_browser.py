@@ -24,7 +24,7 @@ import trio
 
 from nixd.auth import device as client_device
 from nixd.errors import LoginFailed
-from tests.server.conftest import ServerState, database, metadata, server_state
+from tests.server.conftest import ServerState, blobs, database, metadata, server_state
 from tests.serverproc import ServerProcess, start_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(
     reason="Debian's chromium and chromium-driver are needed",
 )
 
-__all__ = ["database", "metadata", "server_state"]  # the fixtures, imported for this module
+__all__ = ["blobs", "database", "metadata", "server_state"]  # the fixtures this module uses
 
 
 def _serve(state: ServerState, *, code_ttl: int) -> ServerProcess:

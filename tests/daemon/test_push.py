@@ -29,7 +29,7 @@ from nixd.daemon.push import (
 from nixd.nix.signing import SecretKey
 from tests.realnix import RealNix
 from tests.server.appenv import Env
-from tests.server.conftest import database, env, metadata, server_state  # noqa: F401 - fixtures
+from tests.server.conftest import blobs, database, env, metadata, server_state  # noqa: F401 - fixtures
 
 # `nix path-info --json --sigs --recursive` of Nix 2.8, copied from a real run
 PATH_INFO = json.loads(
