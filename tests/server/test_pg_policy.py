@@ -147,3 +147,25 @@ def test_a_deny_applied_through_one_host_is_enforced_by_the_other(
                 assert time.monotonic() < deadline, f"{server.url} never applied the deny"
                 time.sleep(0.2)
             assert _put(server.url, auth, HASH_B, tmp_path) == 403
+
+
+def test_an_edit_of_the_file_on_a_shared_database_is_warned_about_once(
+    tmp_path: Path, pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = init_state(tmp_path / "s", pg_database)
+    logging.getLogger().addHandler(caplog.handler)  # the in-process init set up its own
+    path = _policy(state)
+    conn = db.open_db(pg_database)
+    try:
+        holder = open_policy(path, conn)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nixd.server.access.policy"):
+            assert not holder.reload()  # the file as it is in force: nothing to say
+            path.write_text(path.read_text() + DENY_CI_WRITES)
+            assert not holder.reload()  # not in force ...
+            assert not holder.reload()
+        warned = [r.getMessage() for r in caplog.records if "policy apply" in r.getMessage()]
+        assert len(warned) == 1 and str(path) in warned[0]  # ... and said once
+        assert "ci-frozen" not in {r.id for r in holder.current.rules}
+    finally:
+        conn.close()

@@ -966,6 +966,7 @@ class PolicyHolder:
         self._bad_digest: str | None = None
         self._checked = clock()
         self._watching = False
+        self._local_digest = self._file_digest() if source is not None else None
         self.last_error: str | None = None
         """Why the file on disk is not in force (None when it is)."""
         log.info("policy %s loaded: %d rules", self.where, len(self._policy.rules))
@@ -980,6 +981,30 @@ class PolicyHolder:
         if not self._watching:
             self.maybe_reload()
         return self._policy
+
+    def _file_digest(self) -> str | None:
+        try:
+            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    def _note_local_edit(self) -> None:
+        """With ``source``: say once per edit that the file changed but is not in force.
+
+        Why: an operator used to a single box edits ``policy.toml`` and expects it to apply;
+        on a shared database it does not, and a WARNING in the log says what to run.
+        """
+        digest = self._file_digest()
+        if digest is None or digest == self._local_digest:
+            return
+        self._local_digest = digest
+        if digest != self._digest:
+            log.warning(
+                "%s changed, but the policy in force is %s: `nixd-server policy apply` "
+                "puts the file in force on every instance",
+                self.path,
+                self.where,
+            )
 
     def _read(self) -> bytes | None:
         if self.source is not None:
@@ -1005,6 +1030,8 @@ class PolicyHolder:
         A missing, unreadable or broken file leaves the old policy in force; the error is
         logged once per distinct file content and kept in :attr:`last_error`.
         """
+        if self.source is not None:
+            self._note_local_edit()
         try:
             data = self._read()
         except ConfigError as exc:
