@@ -5,10 +5,10 @@ change (:class:`~nixd.server.access.policy.PolicyHolder`). Several instances on 
 PostgreSQL database share one policy: the document (the same TOML) is the one row of the
 ``policies`` table, and each instance's holder reads it every second, so a policy applied
 through any host is in force on every instance within a second — a deny included. An
-instance never reads ``policy.toml`` then, except once: when the database has no policy
-yet (a fresh database, or a single box moved with ``migrate --copy-from``), the file's
-policy is checked and copied in. After that an edited file changes nothing by itself
-(a WARNING at start says when it differs from the policy in force); ``nixd-server policy
+instance never takes its policy from ``policy.toml`` then, except once: when the
+database has none yet (a fresh database, or a single box moved with ``migrate
+--copy-from``), the file's policy is checked and copied in. After that an edited file changes nothing by itself
+(a WARNING says so at start, and on each edit while the server runs); ``nixd-server policy
 apply`` checks a file and puts it in force, on either kind of server.
 
 Why not keep a file on every host: an operator who tightens the policy must not depend on
