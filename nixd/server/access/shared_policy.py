@@ -7,9 +7,10 @@ PostgreSQL database share one policy: the document (the same TOML) is the one ro
 through any host is in force on every instance within a second — a deny included. An
 instance never takes its policy from ``policy.toml`` then, except once: when the
 database has none yet (a fresh database, or a single box moved with ``migrate
---copy-from``), the file's policy is checked and copied in. After that an edited file changes nothing by itself
-(a WARNING says so at start, and on each edit while the server runs); ``nixd-server policy
-apply`` checks a file and puts it in force, on either kind of server.
+--copy-from``), the file's policy is checked and copied in. After that an edited file
+changes nothing by itself (a WARNING says so at start, and on each edit while the server
+runs); ``nixd-server policy apply`` checks a file and puts it in force, on either kind of
+server.
 
 Why not keep a file on every host: an operator who tightens the policy must not depend on
 every host's copy being replaced before the next request, and a policy that differs by
