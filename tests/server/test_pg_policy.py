@@ -169,3 +169,29 @@ def test_an_edit_of_the_file_on_a_shared_database_is_warned_about_once(
         assert "ci-frozen" not in {r.id for r in holder.current.rules}
     finally:
         conn.close()
+
+
+def test_a_database_outage_keeps_the_policy_and_is_logged_once(
+    tmp_path: Path, pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = init_state(tmp_path / "s", pg_database)
+    logging.getLogger().addHandler(caplog.handler)  # the in-process init set up its own
+    conn = db.open_db(pg_database)
+    try:
+        holder = open_policy(_policy(state), conn)
+        rules = {r.id for r in holder.current.rules}
+        with db.transaction(conn):
+            conn.execute("ALTER TABLE policies RENAME TO policies_away")
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="nixd.server.access.policy"):
+            for _ in range(3):  # the watcher asks every second
+                assert not holder.reload()
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "cannot read the policy" in errors[0].getMessage()
+        assert holder.last_error is not None
+        assert {r.id for r in holder.current.rules} == rules  # still in force
+        with db.transaction(conn):
+            conn.execute("ALTER TABLE policies_away RENAME TO policies")
+        assert not holder.reload() and holder.last_error is None
+    finally:
+        conn.close()

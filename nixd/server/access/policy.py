@@ -1037,12 +1037,14 @@ class PolicyHolder:
         except ConfigError as exc:
             return self._refuse(str(exc), None)
         except sqlite3.Error as exc:  # the database: the policy in force stays
-            return self._refuse(f"{self.where}: cannot read the policy: {exc}", None)
+            # logged once per outage, not once a second: "unavailable" stands for the content
+            return self._refuse(f"{self.where}: cannot read the policy: {exc}", "unavailable")
         if data is None:
             return self._refuse(f"{self.where}: policy file is missing", "missing")
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._digest:
             self.last_error = None
+            self._bad_digest = None  # a later failure is news again
             return False
         if digest == self._bad_digest:
             return False
