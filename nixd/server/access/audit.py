@@ -113,6 +113,7 @@ import os
 import re
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
@@ -389,7 +390,7 @@ class _Batch:
     error: BaseException | None = None
 
 
-class AuditWriter:
+class AuditWriter(ABC):
     """What every audit log shares: events in, lines out in batches (see "Throughput").
 
     A subclass owns where the lines go: :meth:`_write_batch` appends one batch durably
@@ -483,12 +484,15 @@ class AuditWriter:
             finally:
                 batch.done.set()
 
+    @abstractmethod
     def _write_batch(self, bodies: list[str]) -> None:
-        raise NotImplementedError
+        """Append ``bodies`` durably as one batch, or raise having kept nothing unsound."""
 
+    @abstractmethod
     def _is_open(self) -> bool:
-        raise NotImplementedError
+        """Whether the log still holds what it writes to (its files, its connection)."""
 
+    @abstractmethod
     def _release(self) -> None:
         """Let go of the files or connections (after the last batch)."""
 
