@@ -899,17 +899,20 @@ def _syntax_message(source: str, text: str, exc: tomllib.TOMLDecodeError) -> str
 
 def load_policy(path: str | Path) -> Policy:
     """Read and parse a policy file; ConfigError (``file:line: what``) if it is unusable."""
-    path = Path(path)
+    return parse_policy_bytes(read_policy_file(Path(path)), str(path))
+
+
+def read_policy_file(path: Path) -> bytes:
+    """A policy file's bytes; ConfigError saying why if it is missing or unreadable."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no policy file (everything would be denied)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the policy: {exc.strerror}") from exc
-    return _parse_bytes(data, str(path))
 
 
-def _parse_bytes(data: bytes, source: str) -> Policy:
+def parse_policy_bytes(data: bytes, source: str) -> Policy:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -961,7 +964,7 @@ class PolicyHolder:
         data = self._read()
         if data is None:
             raise ConfigError(f"{self.where}: no policy file (everything would be denied)")
-        self._policy = _parse_bytes(data, self.where)
+        self._policy = parse_policy_bytes(data, self.where)
         self._digest = self._policy.digest
         self._bad_digest: str | None = None
         self._checked = clock()
@@ -1049,7 +1052,7 @@ class PolicyHolder:
         if digest == self._bad_digest:
             return False
         try:
-            policy = _parse_bytes(data, self.where)
+            policy = parse_policy_bytes(data, self.where)
         except ConfigError as exc:
             return self._refuse(str(exc), digest)
         self._policy = policy

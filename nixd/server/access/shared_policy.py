@@ -26,7 +26,13 @@ from pathlib import Path
 
 from nixd.errors import ConfigError
 from nixd.server.access.keys import write_atomically
-from nixd.server.access.policy import Policy, PolicyHolder, _parse_bytes, load_policy
+from nixd.server.access.policy import (
+    Policy,
+    PolicyHolder,
+    load_policy,
+    parse_policy_bytes,
+    read_policy_file,
+)
 from nixd.server.storage.db import Connection, ensure_schema, is_sqlite, transaction
 
 log = logging.getLogger(__name__)
@@ -81,16 +87,7 @@ class PolicyTable:
 def _checked(data: bytes, where: str) -> Policy:
     if len(data) > MAX_POLICY_BYTES:
         raise ConfigError(f"{where}: {len(data)} bytes is too big for a policy")
-    return _parse_bytes(data, where)
-
-
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no policy file (everything would be denied)") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the policy: {exc.strerror}") from exc
+    return parse_policy_bytes(data, where)
 
 
 def open_policy(path: Path, conn: Connection) -> PolicyHolder:
@@ -105,7 +102,7 @@ def open_policy(path: Path, conn: Connection) -> PolicyHolder:
     table = PolicyTable(conn)
     stored = table.read()
     if stored is None:
-        data = _read_file(path)
+        data = read_policy_file(path)
         _checked(data, str(path))
         if table.store(data, only_if_absent=True):
             log.warning(
@@ -144,7 +141,7 @@ def apply_policy(source: Path, path: Path, conn: Connection) -> tuple[Policy, bo
     SQLite it replaces ``path`` atomically (the server reloads it on change). Nothing
     changes if it is broken.
     """
-    data = _read_file(source)
+    data = read_policy_file(source)
     policy = _checked(data, str(source))
     digest = hashlib.sha256(data).hexdigest()
     if not is_sqlite(conn):
