@@ -696,8 +696,7 @@ class ServerKeys:
         """Create both keyrings: a narinfo key (generated under a name, or given) and a
         token key. ConfigError if either exists (all or nothing)."""
         if conn is not None and not is_sqlite(conn):
-            ensure_schema(conn, component="keys", migrations=MIGRATIONS)
-            narinfo_table, jwt_table = KeyTable(conn, "narinfo"), KeyTable(conn, "jwt")
+            narinfo_table, jwt_table = _tables(conn)
             with transaction(conn, durable=True):
                 return cls(
                     NarinfoKeys.create(
@@ -725,8 +724,7 @@ class ServerKeys:
     ) -> Self:
         directory = Path(state_dir) / KEYS_DIR
         if conn is not None and not is_sqlite(conn):
-            ensure_schema(conn, component="keys", migrations=MIGRATIONS)
-            narinfo_table, jwt_table = KeyTable(conn, "narinfo"), KeyTable(conn, "jwt")
+            narinfo_table, jwt_table = _tables(conn)
             _import_files(
                 conn,
                 ((narinfo_table, directory / NARINFO_KEYS_FILE, NarinfoKeys),
@@ -760,6 +758,12 @@ class ServerKeys:
         narinfo = self.narinfo.refresh()
         jwt = self.jwt.refresh()
         return narinfo or jwt
+
+
+def _tables(conn: Connection) -> tuple[KeyTable, KeyTable]:
+    """The narinfo and token keyrings' rows, the schema made first."""
+    ensure_schema(conn, component="keys", migrations=MIGRATIONS)
+    return KeyTable(conn, "narinfo"), KeyTable(conn, "jwt")
 
 
 def _import_files(
