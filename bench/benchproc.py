@@ -258,6 +258,26 @@ class Nginx:
 # -- nixd-server --------------------------------------------------------------------------
 
 
+def write_netrc(path: Path, url: str, token: str) -> Path:
+    """A netrc (0600) giving ``token`` to the host of ``url``, as the daemon's does."""
+    host = url.split("//", 1)[1].rsplit(":", 1)[0]
+    path.write_text(f"machine {host} login nixd password {token}\n")
+    path.chmod(0o600)
+    return path
+
+
+def exchange_token(url: str, api_token: str) -> str:
+    """An access token for ``api_token`` from the server at ``url`` (urllib's HTTPError
+    if it refuses)."""
+    body = json.dumps({"kind": "token", "token": api_token}).encode()
+    req = urllib.request.Request(
+        f"{url}/api/v1/token/exchange", data=body,
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return str(json.loads(r.read())["access_token"])
+
+
 @dataclass
 class NixdServer:
     """A real ``nixd-server serve`` on 127.0.0.2 (default config), with a project and tokens.
@@ -318,20 +338,11 @@ class NixdServer:
         return self.proc.pid
 
     def netrc(self, path: Path, role: str) -> Path:
-        host = self.url.split("//", 1)[1].rsplit(":", 1)[0]
-        path.write_text(f"machine {host} login nixd password {self.tokens[role]}\n")
-        path.chmod(0o600)
-        return path
+        return write_netrc(path, self.url, self.tokens[role])
 
     def access_token(self) -> str:
         """A reader's access token, exchanged the way the daemon does."""
-        body = json.dumps({"kind": "token", "token": self.tokens["reader"]}).encode()
-        req = urllib.request.Request(
-            f"{self.url}/api/v1/token/exchange", data=body,
-            headers={"content-type": "application/json"},
-        )  # fmt: skip
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return str(json.loads(r.read())["access_token"])
+        return exchange_token(self.url, self.tokens["reader"])
 
     def stop(self) -> None:
         stop(self.proc)

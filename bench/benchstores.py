@@ -32,7 +32,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchproc import CHILD_ENV, PY, REPO, START_TIMEOUT, free_port, run, stop
+from benchproc import (
+    CHILD_ENV,
+    PY,
+    REPO,
+    START_TIMEOUT,
+    exchange_token,
+    free_port,
+    run,
+    stop,
+    write_netrc,
+)
 
 if str(REPO) not in sys.path:  # tests.pgcluster and nixd come from this tree
     sys.path.insert(0, str(REPO))
@@ -258,20 +268,12 @@ class Instance:
         return self.proc.pid
 
     def netrc(self, path: Path, role: str) -> Path:
-        path.write_text(f"machine 127.0.0.1 login nixd password {self.tokens[role]}\n")
-        path.chmod(0o600)
-        return path
+        return write_netrc(path, self.url, self.tokens[role])
 
     def access_token(self) -> str:
         """A reader's access token, exchanged the way the daemon does."""
-        body = json.dumps({"kind": "token", "token": self.tokens["reader"]}).encode()
-        req = urllib.request.Request(
-            f"{self.url}/api/v1/token/exchange", data=body,
-            headers={"content-type": "application/json"},
-        )  # fmt: skip
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return str(json.loads(r.read())["access_token"])
+            return exchange_token(self.url, self.tokens["reader"])
         except urllib.error.HTTPError as exc:
             detail = f"{exc.code} {exc.read()[:500]!r}"
             raise SystemExit(f"token exchange on {self.url}: {detail}") from None
