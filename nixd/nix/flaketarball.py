@@ -56,7 +56,7 @@ _READ = 64 * 1024
 _TAIL = 64 * 1024  # decompressed bytes kept to look at the block where tar iteration ended
 _MAX_MTIME = 8**11 - 1  # fits the ustar header field, so no pax header is needed for it
 _MAX_SYMLINK_HOPS = 40  # Linux's limit
-_MAX_RESOLVE_STEPS = 10_000_000  # total work spent checking where symlinks lead
+_MAX_RESOLVE_STEPS = 2_000_000  # total work spent checking where symlinks lead
 
 
 class TarballError(FormatError):
@@ -238,7 +238,7 @@ def _write_tarball(nodes: tuple[TreeNode, ...], mtime: int) -> bytes:
     out = io.BytesIO()
     # filename="" and mtime=0 keep the gzip header free of names and times.
     with (
-        gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz,
+        gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz,
         tarfile.open(
             fileobj=gz,
             mode="w|",

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nixd.errors import FormatError
 from nixd.nix import nar
 from nixd.nix.flaketarball import Source, TarballError, TarballLimits, normalize, pack_tree
 from nixd.nix.hashes import Hash
@@ -496,3 +497,46 @@ def test_normalize_is_idempotent_and_matches_pack_tree(
         again = normalize(s.tarball)
         assert again == s
         assert again.nar_bytes() == s.nar_bytes()
+
+
+def test_pax_header_bomb() -> None:
+    """A pax record of 30 MiB (tarfile reads records whole) stops at the decompressed bound."""
+    info = tarfile.TarInfo("source/f")
+    info.pax_headers = {"comment": "x" * (30 << 20)}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_dir("source"))
+        tar.addfile(info, io.BytesIO())
+    with pytest.raises(TarballError, match="gzip bomb"):
+        normalize(gzip.compress(out.getvalue()), SMALL)
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_gnu_long_names_and_bytearray_input() -> None:
+    long_name = "source/" + "d" * 200 + "/" + "f" * 200
+    members = [TOP, M("source/" + "d" * 200 + "/", D), M(long_name, data=b"deep")]
+    s = normalize(bytearray(tgz(members, fmt=tarfile.GNU_FORMAT)))
+    assert [m[0] for m in listing(s)] == ["source", "source/" + "d" * 200, long_name]
+    too_long = [TOP, M("source/" + ("d" * 200 + "/") * 21 + "f")]
+    with pytest.raises(TarballError, match="longer than 4096 bytes"):
+        normalize(tgz(too_long, fmt=tarfile.GNU_FORMAT))
+
+
+def test_names_that_are_not_utf8_survive() -> None:
+    members = [TOP, M("source/caf\udce9", data=b"latin-1 name")]  # the byte 0xe9 alone
+    s = normalize(tgz(members))
+    assert normalize(s.tarball) == s
+    names = [e.path for e in nar.list_entries([s.nar_bytes()])]
+    assert [os.fsencode(n) for n in names] == [b"", b"caf\xe9"]
+
+
+def test_errors_are_format_errors() -> None:
+    with pytest.raises(FormatError):
+        normalize(b"nope")
+    with pytest.raises(ValueError):
+        normalize(b"nope")
