@@ -540,3 +540,38 @@ def test_errors_are_format_errors() -> None:
         normalize(b"nope")
     with pytest.raises(ValueError):
         normalize(b"nope")
+
+
+def test_symlink_checking_work_is_bounded() -> None:
+    """Chains of symlinks with long targets cost at most a fixed amount of checking."""
+    padding = "./" * 2000
+    members = [TOP] + [
+        M(f"source/s{i:02}", tarfile.SYMTYPE, link=f"{padding}s{i + 1:02}") for i in range(60)
+    ]
+    with pytest.raises(TarballError, match="too many or too complex to check"):
+        normalize(tgz(members))
+
+
+_VALID_TAR = tar_bytes(BASIC)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_VALID_TAR) - 1), st.integers(0, 255)), max_size=8))
+def test_corrupted_archives_fail_cleanly(edits: list[tuple[int, int]]) -> None:
+    """Any byte edits of a valid archive give a Source or a TarballError, nothing else."""
+    data = bytearray(_VALID_TAR)
+    for offset, value in edits:
+        data[offset] = value
+    try:
+        s = normalize(gzip.compress(bytes(data)))
+    except TarballError:
+        return
+    assert normalize(s.tarball) == s
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, len(tgz(BASIC)) - 1), st.binary(max_size=16))
+def test_cut_or_spliced_gzip_fails_cleanly(cut: int, junk: bytes) -> None:
+    whole = tgz(BASIC)
+    with pytest.raises(TarballError):
+        normalize(whole[:cut] + junk)
