@@ -322,6 +322,11 @@ class _Gunzip(io.RawIOBase):
             chunk = self._source.read(_READ)
             if not self._started:
                 self._started = True
+                while chunk and len(chunk) < 2:  # a stream may hand out one byte at a time
+                    more = self._source.read(_READ)
+                    if not more:
+                        break
+                    chunk += more
                 if not chunk:
                     raise TarballError("the tarball is empty (not gzip)")
                 if not chunk.startswith(b"\x1f\x8b"):

@@ -575,3 +575,25 @@ def test_cut_or_spliced_gzip_fails_cleanly(cut: int, junk: bytes) -> None:
     whole = tgz(BASIC)
     with pytest.raises(TarballError):
         normalize(whole[:cut] + junk)
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that hands out one byte first, then at most 7 per read, as a slow socket."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = self._data.read(min(len(b), 1 if self._data.tell() == 0 else 7))
+        memoryview(b)[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_short_reads() -> None:
+    data = tgz(BASIC)
+    assert normalize(_Trickle(data)) == normalize(data)  # type: ignore[arg-type]
+    with pytest.raises(TarballError, match="not a gzip file"):
+        normalize(_Trickle(b"\x1f" + b"x" * 100))  # type: ignore[arg-type]
