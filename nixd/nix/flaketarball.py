@@ -93,6 +93,11 @@ class Source:
     def tarball_size(self) -> int:
         return len(self.tarball)
 
+    @property
+    def content_address(self) -> str:
+        """The narinfo ``CA`` of :attr:`store_path`: ``fixed:r:sha256:<base32>``."""
+        return f"fixed:r:{self.nar_hash.encode('base32')}"
+
     def nar_chunks(self) -> Iterator[bytes]:
         """The NAR of the tree, in chunks of about 1 MiB."""
         return nar.dump_nodes(self._nodes)

@@ -205,6 +205,11 @@ def test_agrees_with_real_nix(real_nix: RealNix, tmp_path: Path) -> None:
         got = json.loads(out.stdout)
         assert Hash.parse(got["narHash"]) == s.nar_hash
         assert got["path"] == s.store_path.path()
+    info = real_nix.run(["nix", "path-info", "--json", s.store_path.path()])
+    (path_info,) = json.loads(info.stdout)
+    assert path_info["ca"] == s.content_address
+    assert path_info["narSize"] == s.nar_size
+    assert path_info["references"] == []
     # What a consumer flake's flake.lock records for such an input (Nix 2.8: no lastModified).
     consumer = tmp_path / "consumer"
     consumer.mkdir()
