@@ -426,6 +426,9 @@ def _read(tar: tarfile.TarFile, tree: _Tree, gunzip: _Gunzip, limits: TarballLim
                     where=where,
                 )
             path = tuple(parts[1:])
+            if len(TOP_DIR) + sum(len(p) + 1 for p in path) > limits.path:
+                # As named in the canonical tarball, which must pass these limits again.
+                raise TarballError(f"path longer than {limits.path} bytes", where=where[:200])
             mtime = _mtime(member.mtime, where)
             newest = max(newest, mtime)
             if member.type in _REGULAR:

@@ -630,3 +630,12 @@ def test_pax_names_agree_with_real_nix(real_nix: RealNix, tmp_path: Path) -> Non
     got = json.loads(out.stdout)
     assert Hash.parse(got["narHash"]) == s.nar_hash
     assert got["path"] == s.store_path.path()
+
+
+def test_limits_hold_for_the_canonical_names() -> None:
+    """A short top directory must not let a path grow past the limit once named source/."""
+    limits = TarballLimits(path=40)
+    ok = [M("s/", D), M("s/" + "f" * 33)]  # 35 bytes here, 40 as source/...
+    assert normalize(normalize(tgz(ok), limits).tarball, limits)
+    with pytest.raises(TarballError, match="longer than 40 bytes"):
+        normalize(tgz([M("s/", D), M("s/" + "f" * 34)]), limits)
