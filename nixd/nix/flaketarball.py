@@ -143,6 +143,8 @@ class _Tree:
         for i in range(1, len(path)):
             parent = self.nodes.get(path[:i])
             if parent is None:
+                # An implied directory is an entry of the canonical tarball: count it.
+                self._new_node(where)
                 self.nodes[path[:i]] = TreeNode(path[:i], "directory")
             elif parent.type != "directory":
                 raise TarballError(
@@ -153,9 +155,18 @@ class _Tree:
             implicit_dir = old.type == "directory" and path not in self.explicit
             if not (implicit_dir and node.type == "directory"):
                 raise TarballError("duplicate entry", where=where)
+        else:
+            self._new_node(where)
         self.nodes[path] = node
         if node.type == "directory":
             self.explicit.add(path)
+
+    def _new_node(self, where: str) -> None:
+        if len(self.nodes) >= self.limits.entries:
+            raise TarballError(
+                f"more than {self.limits.entries} entries (counting implied directories)",
+                where=where,
+            )
 
     def check_symlinks(self) -> None:
         """Refuse a symlink that leads outside the tree, following the tree's symlinks."""
