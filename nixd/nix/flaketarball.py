@@ -1,8 +1,10 @@
 """Flake source tarballs: check an uploaded ``.tar.gz`` and rewrite it in one canonical form.
 
 A flake release is a tarball that Nix 2.8 fetches as a ``tarball`` input: it unpacks it,
-takes the single top-level directory as the source tree, and locks the tree's NAR hash;
-``lastModified`` is that directory's mtime. The tree is then the store path
+takes the single top-level directory as the source tree, and locks the tree's NAR hash
+(``{type = "tarball"; url; narHash}``; 2.8 records no ``lastModified`` for tarballs, newer
+Nix takes that directory's mtime, which is :attr:`Source.last_modified`). The tree is the
+store path
 ``fixed_output_path(nar_hash, "source")``, which Nix first tries to substitute from its
 binary caches, so the server can serve a release both as the tarball and as that path.
 
@@ -418,7 +420,8 @@ def _read(tar: tarfile.TarFile, tree: _Tree, gunzip: _Gunzip, limits: TarballLim
     try:
         while True:
             member = tar.next()
-            tar.members.clear()  # type: ignore[attr-defined]  # stream mode: keep nothing of entries already read
+            # Stream mode: keep nothing of the entries already read.
+            tar.members.clear()  # type: ignore[attr-defined]
             if member is None:
                 break
             raw = member.name.encode("utf-8", "surrogateescape")
