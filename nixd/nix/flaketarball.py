@@ -4,9 +4,9 @@ A flake release is a tarball that Nix 2.8 fetches as a ``tarball`` input: it unp
 takes the single top-level directory as the source tree, and locks the tree's NAR hash
 (``{type = "tarball"; url; narHash}``; 2.8 records no ``lastModified`` for tarballs, newer
 Nix takes that directory's mtime, which is :attr:`Source.last_modified`). The tree is the
-store path
-``fixed_output_path(nar_hash, "source")``, which Nix first tries to substitute from its
-binary caches, so the server can serve a release both as the tarball and as that path.
+store path ``fixed_output_path(nar_hash, "source")``, which Nix first tries to substitute
+from its binary caches, so the server can serve a release both as the tarball and as that
+path.
 
 :func:`normalize` reads an uploaded tarball as a stream (never extracting it to disk),
 checks every entry before reading its data, and keeps only what Nix keeps of the tree
