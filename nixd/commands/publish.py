@@ -195,7 +195,7 @@ def _git(repo: Path, *args: str, check: bool = True) -> str:
     if check and done.returncode != 0:
         err = done.stderr.decode(errors="replace").strip().splitlines()
         raise PublishError(f"git {args[0]} failed: {err[-1] if err else done.returncode}")
-    return done.stdout.decode(errors="replace").strip() if done.returncode == 0 else ""
+    return done.stdout.decode(errors="replace").rstrip("\n") if done.returncode == 0 else ""
 
 
 @dataclass(frozen=True)
