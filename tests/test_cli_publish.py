@@ -238,7 +238,7 @@ def test_names_come_from_the_ci_repository_or_the_arguments(
     monkeypatch.setenv("GITHUB_REPOSITORY_OWNER", "acme")
     assert publish.flake_org_name(None, None, checkout) == ("acme", "widget")
     assert publish.flake_org_name(None, "w2", checkout) == ("acme", "w2")
-    for bad in ("../x", "a/b", ".hidden", "x" * 101, "sp ace"):
+    for bad in ("../x", "a/b", ".hidden", "_x", "x" * 64, "sp ace"):
         with pytest.raises(publish.PublishError):
             publish.flake_org_name("acme", bad, checkout)
 

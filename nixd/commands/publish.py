@@ -327,10 +327,10 @@ def release_version(explicit: str | None, checkout: Checkout) -> str:
 
 
 def _check_name(value: str, what: str) -> str:
-    if not value or not set(value) <= NAME_CHARS or value[0] in ".-" or len(value) > 100:
+    if not value or not set(value) <= NAME_CHARS or not value[0].isalnum() or len(value) > 63:
         raise PublishError(
-            f"{what} {value!r} must be letters, digits, '.', '_' or '-' (not first), at most "
-            "100 characters"
+            f"{what} {value!r} must be letters, digits, '.', '_' or '-', start with a letter "
+            "or digit, and have at most 63 characters"
         )
     return value
 
