@@ -18,7 +18,8 @@ This module has three parts, all without sockets or an event loop:
 
 - :func:`dump` streams the NAR of a tree in chunks of about 1 MiB, in constant memory,
   byte-identical to ``nix-store --dump``; :func:`hash_path` and :class:`NarHasher` give the
-  ``NarHash``/``NarSize`` of it.
+  ``NarHash``/``NarSize`` of it. :func:`dump_nodes` writes the same archive for a tree that
+  is not on disk (an unpacked tarball held in memory), given as :class:`TreeNode` s.
 - :class:`NarParser` is a strict sans-I/O parser: it is fed bytes as they arrive and raises
   :class:`~nixd.errors.FormatError` (with the byte offset and the path inside the archive) at
   the first byte that is not the canonical NAR of some tree. It reports what it sees to a
@@ -52,7 +53,9 @@ __all__ = [
     "NarHasher",
     "NarParser",
     "NarVisitor",
+    "TreeNode",
     "dump",
+    "dump_nodes",
     "hash_path",
     "list_entries",
     "restore",
@@ -222,6 +225,112 @@ def _dump_tree(root: bytes, reuse: bool) -> Iterator[bytes | memoryview]:
             if out:
                 yield bytes(out)
             return
+
+
+@dataclass(frozen=True, slots=True)
+class TreeNode:
+    """One node of a tree held in memory, for :func:`dump_nodes`.
+
+    ``path`` is the list of names from the root (``()`` is the root itself).
+    """
+
+    path: tuple[bytes, ...]
+    type: Literal["regular", "directory", "symlink"]
+    executable: bool = False
+    contents: bytes = b""
+    target: bytes = b""
+
+
+def dump_nodes(nodes: Iterable[TreeNode]) -> Iterator[bytes]:
+    """Stream the NAR of a tree given node by node in archive order.
+
+    Archive order is depth first with each directory's entries sorted by the bytes of
+    their names, which is the order of ``sorted()`` on the ``path`` tuples; the root comes
+    first. Anything else (a missing parent, a node inside a file, a duplicate, a name that
+    NAR cannot hold) raises :class:`FormatError` naming the path, so the archive written
+    is always the canonical NAR of some tree, as :func:`dump` writes it.
+    """
+    out = bytearray(_MAGIC)
+    # Open directories: the path of each and the last name written in it.
+    open_dirs: list[tuple[tuple[bytes, ...], bytes | None]] = []
+    started = False
+    it = iter(nodes)
+    for node in it:
+        path = node.path
+        where = os.fsdecode(b"/".join(path)) or "/"
+        if not started:
+            if path:
+                raise FormatError("the first node must be the root", where=where)
+            started = True
+        else:
+            if not path:
+                raise FormatError("the root comes more than once", where=where)
+            while open_dirs and open_dirs[-1][0] != path[:-1]:
+                open_dirs.pop()
+                out += _CLOSE + _CLOSE  # the directory node and the entry holding it
+            if not open_dirs:
+                raise FormatError("node out of archive order or outside a directory", where=where)
+            dir_path, last = open_dirs[-1]
+            name = path[-1]
+            if last is not None and name <= last:
+                raise FormatError("node out of archive order or a duplicate", where=where)
+            _check_name(name, where)
+            open_dirs[-1] = (dir_path, name)
+            out += _ENTRY_OPEN_NAME
+            out += _str(name)
+            out += _NODE
+        if node.type == "directory":
+            if len(path) >= MAX_DEPTH:
+                raise FormatError("directory nesting too deep", where=where)
+            out += _HDR_DIR
+            open_dirs.append((path, None))
+            continue
+        if node.type == "regular":
+            size = len(node.contents)
+            out += _HDR_EXEC if node.executable else _HDR_FILE
+            out += size.to_bytes(8, _LE)
+            if size + len(out) > CHUNK_SIZE:
+                yield bytes(out)
+                out.clear()
+                view = memoryview(node.contents)
+                for start in range(0, size, CHUNK_SIZE):
+                    yield bytes(view[start : start + CHUNK_SIZE])
+            else:
+                out += node.contents
+            out += _PAD[: -size % 8]
+        elif node.type == "symlink":
+            if not node.target or b"\0" in node.target or len(node.target) > MAX_TARGET:
+                raise FormatError("symlink target is empty, has a NUL or is too long", where=where)
+            out += _HDR_SYMLINK
+            out += _str(node.target)
+        else:
+            raise FormatError(f"unknown node type {node.type!r}", where=where)
+        out += _CLOSE
+        if path:
+            out += _CLOSE  # the entry holding it
+        if len(out) >= CHUNK_SIZE:
+            yield bytes(out)
+            out.clear()
+        if not path:
+            break  # a root that is a file or symlink is the whole tree
+    if not started:
+        raise FormatError("no nodes: a tree has at least its root")
+    for _ in it:
+        raise FormatError("nodes after a root that is not a directory")
+    while open_dirs:
+        open_dirs.pop()
+        out += _CLOSE
+        if open_dirs:
+            out += _CLOSE
+    if out:
+        yield bytes(out)
+
+
+def _check_name(name: bytes, where: str) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise FormatError(f"invalid entry name {name!r}", where=where)
+    if len(name) > MAX_NAME:
+        raise FormatError(f"entry name longer than {MAX_NAME} bytes", where=where)
 
 
 def _entry_name(entry: os.DirEntry[bytes]) -> bytes:

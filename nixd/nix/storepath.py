@@ -9,11 +9,13 @@ Nix 2.8 also does not check the dash after the hash; we require it.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
 from nixd.errors import FormatError
 from nixd.nix import base32
+from nixd.nix.hashes import Hash
 
 DEFAULT_STORE_DIR = "/nix/store"
 HASH_LEN = 32
@@ -79,3 +81,36 @@ def validate_name(name: str) -> None:
         raise FormatError(f"store path name {name!r} starts with the component '.' or '..'")
     if not _NAME.fullmatch(name):
         raise FormatError(f"store path name {name!r} has a character outside [A-Za-z0-9+-._?=]")
+
+
+def make_store_path(
+    type_: str, inner: Hash, name: str, store_dir: str = DEFAULT_STORE_DIR
+) -> StorePath:
+    """Nix's ``makeStorePath``: the path named by ``<type>:<algo>:<hex>:<store dir>:<name>``.
+
+    The sha256 of that text, folded to 20 bytes by XOR (``compressHash``), in Nix base32.
+    """
+    validate_name(name)
+    text = f"{type_}:{inner.encode('base16')}:{store_dir.rstrip('/')}:{name}"
+    digest = hashlib.sha256(text.encode()).digest()
+    folded = bytearray(20)
+    for i, byte in enumerate(digest):
+        folded[i % 20] ^= byte
+    return StorePath(base32.encode(bytes(folded)), name)
+
+
+def fixed_output_path(
+    nar_hash: Hash, name: str = "source", store_dir: str = DEFAULT_STORE_DIR
+) -> StorePath:
+    """The content-addressed path of a tree with this NAR hash and no references.
+
+    What ``nix-store --add-fixed --recursive sha256``, ``nix store add-path`` and a
+    fetched tarball (``fixed:r:sha256:...``) get: Nix's ``makeFixedOutputPath`` for
+    recursive sha256, which hashes ``source:sha256:<hex>:<store dir>:<name>``. Other
+    algorithms take another route in Nix and are not needed here, so they are refused.
+    """
+    if nar_hash.algo != "sha256":
+        raise FormatError(
+            f"a recursive fixed-output path needs a sha256 NAR hash, not {nar_hash.algo}"
+        )
+    return make_store_path("source", nar_hash, name, store_dir)

@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nixd.errors import FormatError
-from nixd.nix.storepath import MAX_NAME_LEN, StorePath
+from nixd.nix import nar
+from nixd.nix.hashes import Hash, sha256
+from nixd.nix.storepath import MAX_NAME_LEN, StorePath, fixed_output_path
 from tests.realnix import RealNix
 
 H = "0a1b2c3d4f5g6h7i8j9klmnpqrsvwxyz"  # every base32 digit appears somewhere
@@ -98,3 +100,49 @@ def test_from_basename_raises_only_format_error(text: str) -> None:
     except FormatError:
         return
     assert p.basename == text
+
+
+def _tree(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "a").write_text("x")
+    (root / "sub" / "run").write_text("#!/bin/sh\n")
+    (root / "sub" / "run").chmod(0o755)
+    (root / "link").symlink_to("a")
+    return root
+
+
+def test_fixed_output_path_agrees_with_nix(real_nix: RealNix, tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    nar_hash, _ = nar.hash_path(src)
+    sri = real_nix.run(["nix", "hash", "path", str(src)], store=None).stdout.decode().strip()
+    assert Hash.parse(sri) == nar_hash
+    added = real_nix.run(["nix-store", "--add-fixed", "--recursive", "sha256", str(src)])
+    assert fixed_output_path(nar_hash, "src").path() == added.stdout.decode().strip()
+    for name in ("source", "foo-1.0"):
+        out = real_nix.run(["nix", "store", "add-path", "--name", name, str(src)])
+        assert fixed_output_path(nar_hash, name).path() == out.stdout.decode().strip()
+    assert fixed_output_path(nar_hash) == fixed_output_path(nar_hash, "source")
+
+
+def test_fixed_output_path_in_another_store_dir(real_nix: RealNix, tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    nar_hash, _ = nar.hash_path(src)
+    store = f"local?root={tmp_path / 'other'}&store=/custom/store"
+    out = (
+        real_nix.run(
+            ["nix-store", "--store", store, "--add-fixed", "--recursive", "sha256", str(src)],
+            store=None,
+        )
+        .stdout.decode()
+        .strip()
+    )
+    p = fixed_output_path(nar_hash, "src", store_dir="/custom/store/")
+    assert p.path("/custom/store") == out
+    assert p != fixed_output_path(nar_hash, "src")
+
+
+def test_fixed_output_path_refuses() -> None:
+    with pytest.raises(FormatError, match="sha256"):
+        fixed_output_path(Hash("sha1", bytes(20)))
+    with pytest.raises(FormatError, match="name"):
+        fixed_output_path(sha256(b""), "bad name")
