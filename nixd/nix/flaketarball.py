@@ -17,7 +17,8 @@ same bytes (with the same zlib), whatever the upload's order, owners, modes or t
 same from a directory on disk.
 
 Refused, with a :class:`TarballError` naming the entry: absolute paths and ``..``, symlinks
-that are absolute or resolve (through other symlinks of the tree) outside it, hard links,
+that are absolute or resolve (through other symlinks of the tree) outside it (a symlink
+loop is kept: like the kernel, it resolves to nothing after 40 hops), hard links,
 devices, fifos, sparse and other special entries, duplicates, a path inside a file or
 symlink, more or less than one top-level directory, input that is not gzip or not tar,
 truncated input, data after the archive, and anything over :class:`TarballLimits`. Sizes
@@ -80,7 +81,7 @@ class Source:
     Holds the unpacked tree in memory (bounded by the limits) to write its NAR.
     """
 
-    tarball: bytes
+    tarball: bytes = field(repr=False)
     tarball_sha256: str  # hex
     nar_hash: Hash
     nar_size: int
@@ -184,7 +185,7 @@ class _Tree:
                 continue  # a missing name or a file: the rest cannot climb out on a real system
             hops += 1
             if hops > _MAX_SYMLINK_HOPS:
-                raise TarballError("symlink loop or too many levels of symlinks", where=where)
+                return  # ELOOP, as the kernel says: it leads nowhere, so not outside either
             here.pop()
             if node.target.startswith(b"/"):
                 raise TarballError(f"symlink leads through {_show(node.path)!r}", where=where)
