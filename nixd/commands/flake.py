@@ -172,6 +172,12 @@ def query(args: argparse.Namespace, path: str, missing: str) -> dict[str, Any]:
         message = raw.decode(errors="replace").strip()[:500] or f"HTTP {status}"
     if status == 404:
         raise FlakeQueryError(missing, exitcodes.FAILURE)
+    if status == 401:
+        raise FlakeQueryError(
+            f"{base} answers this only to a logged-in caller ({message}): pass --token-file, "
+            "or ask through this machine's proxy (without --server)",
+            exitcodes.NOT_LOGGED_IN,
+        )
     code = {401: exitcodes.NOT_LOGGED_IN, 403: exitcodes.DENIED}.get(status)
     if status in (502, 503, 504):
         code = exitcodes.UNREACHABLE
