@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 
 from nixd import exitcodes
@@ -29,104 +24,21 @@ from nixd.errors import AuthError
 from nixd.nix.flaketarball import normalize
 from nixd.proxy.config import FlakesConfig
 from nixd.proxy.server import serve_proxy
-from tests.daemon.conftest import NIXD, REPO
-from tests.integration.conftest import SERVER_HOST
-from tests.oidc_issuer import LocalIssuer, run_issuer
+from tests.daemon.conftest import NIXD
+from tests.integration.flake_fixtures import (
+    FlakeServer,
+    access_token,
+    clean_env,
+    flake_server,  # noqa: F401 - a fixture
+    publish,
+)
 from tests.proxy.conftest import proxy_config
-from tests.serverproc import ServerProcess, server_cli, start_server
-from tests.test_cli_publish import FLAKE, GIT_ENV, git, make_repo
-
-AUDIENCE = "https://cache.acme.test"
-POLICY = """
-[[rule]]
-id = "acme-ci-publishes-flakes"
-effect = "allow"
-subjects = [{ kind = "github", org = "acme" }]
-actions = ["flake:publish", "flake:read"]
-resources = ["acme/*"]
-
-[[rule]]
-id = "acme-members-read-flakes"
-effect = "allow"
-subjects = [{ kind = "token", org = "acme" }]
-actions = ["flake:read"]
-resources = ["acme/*"]
-"""
-
-
-@dataclass
-class FlakeServer:
-    server: ServerProcess
-    github: LocalIssuer
-    member_token: str
-    root: Path
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-
-@pytest.fixture(scope="module")
-def flake_server() -> Iterator[FlakeServer]:
-    with tempfile.TemporaryDirectory(prefix="nixd-flakes-") as tmp, run_issuer("github") as gh:
-        root = Path(tmp)
-        state = root / "server"
-        server_cli("init", str(state), "--org", "acme")
-        server_cli("org", "create", str(state), "globex")
-        with (state / "config.toml").open("a") as f:
-            f.write(
-                f'\n[[github]]\norg = "acme"\naudience = "{AUDIENCE}"\n'
-                f'owner_ids = ["1001"]\nissuer = "{gh.url}"\n'
-            )
-        with (state / "policy.toml").open("a") as f:
-            f.write(POLICY)
-        created = server_cli("token", "create", str(state), "--org", "acme", "--name", "member",
-                             "--json").stdout  # fmt: skip
-        server = start_server(state, host=SERVER_HOST, log_path=root / "server.log")
-        try:
-            yield FlakeServer(server, gh, json.loads(created)["token"], root)
-        finally:
-            server.close()
-
-
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ACTIONS_", "GITHUB_", "CI_")) and k != "NIXD_ID_TOKEN"
-    }
-    return {**base, **GIT_ENV, "PYTHONPATH": str(REPO), **extra}
-
-
-def publish(
-    fs: FlakeServer, repo: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    job = {
-        "ACTIONS_ID_TOKEN_REQUEST_URL": fs.github.id_token_request_url,
-        "ACTIONS_ID_TOKEN_REQUEST_TOKEN": fs.github.request_token,
-    }
-    return subprocess.run(
-        [*NIXD, "publish", "--server", fs.url, "--org", "acme", "--audience", AUDIENCE, *args],
-        cwd=repo,
-        env=_env(job if env is None else env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def access_token(fs: FlakeServer, api_token: str) -> str:
-    answer = httpx.post(
-        f"{fs.url}/api/v1/token/exchange", json={"kind": "token", "token": api_token}, timeout=30
-    )
-    assert answer.status_code == 200, answer.text
-    value: str = answer.json()["access_token"]
-    return value
+from tests.test_cli_publish import FLAKE, git, make_repo
 
 
 def test_a_ci_job_publishes_and_versions_are_immutable(
-    flake_server: FlakeServer, tmp_path: Path
+    flake_server: FlakeServer,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     fs = flake_server
     repo = make_repo(tmp_path / "tool", {"flake.nix": FLAKE, "pkg.nix": "1\n"}, tag="v0.1.0")
@@ -158,7 +70,7 @@ def test_a_ci_job_publishes_and_versions_are_immutable(
     token = access_token(fs, fs.member_token)
     shown = subprocess.run(
         [*NIXD, "flake", "show", "acme/tool", "--server", fs.url, "--json"],
-        env=_env({}), capture_output=True, text=True, timeout=60, check=False,
+        env=clean_env({}), capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert shown.returncode == exitcodes.NOT_LOGGED_IN  # anonymous: private needs a login
     assert "--token-file" in json.loads(shown.stdout)["error"]["message"]
@@ -177,7 +89,10 @@ def second_nar_hash(done: subprocess.CompletedProcess[str]) -> str:
     return done.stdout.strip().rsplit("(", 1)[1].rstrip(")")
 
 
-def test_who_may_not_publish_is_told_so(flake_server: FlakeServer, tmp_path: Path) -> None:
+def test_who_may_not_publish_is_told_so(
+    flake_server: FlakeServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     fs = flake_server
     repo = make_repo(tmp_path / "lib", {"flake.nix": FLAKE}, tag="v1.0.0")
     token_file = tmp_path / "token"
@@ -222,7 +137,8 @@ class _Fixed:
 
 
 async def test_the_proxy_serves_a_published_release_without_the_secret(
-    flake_server: FlakeServer, tmp_path: Path
+    flake_server: FlakeServer,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     fs = flake_server
     repo = make_repo(tmp_path / "served", {"flake.nix": FLAKE, "a.nix": "a\n"}, tag="v3.1.4")

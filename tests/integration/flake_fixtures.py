@@ -1,0 +1,118 @@
+"""A real ``nixd-server`` for the flake tests: GitHub Actions jobs of ``acme`` (played by
+the local OIDC issuer) publish and read ``acme/*`` flakes; tokens of ``acme`` read them.
+
+Built once per module; :func:`publish` runs the real ``nixd publish`` as such a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.daemon.conftest import NIXD, REPO
+from tests.integration.conftest import SERVER_HOST
+from tests.oidc_issuer import LocalIssuer, run_issuer
+from tests.serverproc import ServerProcess, server_cli, start_server
+from tests.test_cli_publish import GIT_ENV
+
+AUDIENCE = "https://cache.acme.test"
+POLICY = """
+[[rule]]
+id = "acme-ci-publishes-flakes"
+effect = "allow"
+subjects = [{ kind = "github", org = "acme" }]
+actions = ["flake:publish", "flake:read"]
+resources = ["acme/*"]
+
+[[rule]]
+id = "acme-members-read-flakes"
+effect = "allow"
+subjects = [{ kind = "token", org = "acme" }]
+actions = ["flake:read"]
+resources = ["acme/*"]
+"""
+
+
+@dataclass
+class FlakeServer:
+    server: ServerProcess
+    github: LocalIssuer
+    member_token: str
+    root: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@pytest.fixture(scope="module")
+def flake_server() -> Iterator[FlakeServer]:
+    with tempfile.TemporaryDirectory(prefix="nixd-flakes-") as tmp, run_issuer("github") as gh:
+        root = Path(tmp)
+        state = root / "server"
+        server_cli("init", str(state), "--org", "acme")
+        server_cli("org", "create", str(state), "globex")
+        with (state / "config.toml").open("a") as f:
+            f.write(
+                f'\n[[github]]\norg = "acme"\naudience = "{AUDIENCE}"\n'
+                f'owner_ids = ["1001"]\nissuer = "{gh.url}"\n'
+            )
+        with (state / "policy.toml").open("a") as f:
+            f.write(POLICY)
+        created = server_cli("token", "create", str(state), "--org", "acme", "--name", "member",
+                             "--json").stdout  # fmt: skip
+        server = start_server(state, host=SERVER_HOST, log_path=root / "server.log")
+        try:
+            yield FlakeServer(server, gh, json.loads(created)["token"], root)
+        finally:
+            server.close()
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without CI variables, plus git's identity and ``extra``."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACTIONS_", "GITHUB_", "CI_")) and k != "NIXD_ID_TOKEN"
+    }
+    return {**base, **GIT_ENV, "PYTHONPATH": str(REPO), **extra}
+
+
+def job_env(fs: FlakeServer) -> dict[str, str]:
+    """What a GitHub Actions job with ``permissions: id-token: write`` has."""
+    return {
+        "ACTIONS_ID_TOKEN_REQUEST_URL": fs.github.id_token_request_url,
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN": fs.github.request_token,
+    }
+
+
+def publish(
+    fs: FlakeServer, repo: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``nixd publish`` in ``repo`` as a job of acme (``env``: instead of the job's)."""
+    return subprocess.run(
+        [*NIXD, "publish", "--server", fs.url, "--org", "acme", "--audience", AUDIENCE, *args],
+        cwd=repo,
+        env=clean_env(job_env(fs) if env is None else env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def access_token(fs: FlakeServer, api_token: str) -> str:
+    answer = httpx.post(
+        f"{fs.url}/api/v1/token/exchange", json={"kind": "token", "token": api_token}, timeout=30
+    )
+    assert answer.status_code == 200, answer.text
+    value: str = answer.json()["access_token"]
+    return value
