@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import pwd
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ NIX_CONF = (
     "tarball-ttl = 0\nflake-registry =\n"
 )
 SYSTEM = "x86_64-linux"
+NOBODY = pwd.getpwnam("nobody").pw_uid
 
 
 def tool_flake(version: str) -> str:
@@ -195,3 +199,118 @@ async def test_a_consumer_locks_builds_and_keeps_its_release(
     assert built_text(fresh, _ok(await run_nix(fresh, *build, cwd=copy), daemon, fs)) == (
         "tool 0.3.0"
     )
+
+
+def _shared_dir() -> Path:
+    """A temp dir that ``nobody`` may traverse (pytest's are root-only)."""
+    root = Path(tempfile.mkdtemp(prefix="nixd-nobody-"))
+    root.chmod(0o755)
+    return root
+
+
+def _nobody_env(root: Path, socket: Path) -> list[str]:
+    """The whole environment of ``nobody``'s nix: its own home and config, the daemon's
+    socket (and where the daemon's chroot store is, so the client can read store paths)."""
+    home, conf = root / "nobody", root / "nobody-etc"
+    home.mkdir()
+    conf.mkdir()
+    (conf / "nix.conf").write_text(
+        "experimental-features = nix-command flakes\ntarball-ttl = 0\nflake-registry =\n"
+    )
+    os.chown(home, NOBODY, -1)
+    return [
+        f"PATH={os.environ['PATH']}",
+        f"HOME={home}",
+        f"XDG_CACHE_HOME={home}/cache",
+        f"NIX_CONF_DIR={conf}",
+        "NIX_USER_CONF_FILES=",
+        f"NIX_REMOTE=unix://{socket}?root={root}/store",
+    ]
+
+
+async def test_nobody_builds_the_private_flake_and_gets_no_token(
+    flake_server: FlakeServer,  # noqa: F811
+    tmp_path: Path,
+    daemon_factory: list[DaemonProcess],
+) -> None:
+    """An unprivileged user of a logged-in machine, with a real ``nix-daemon``: their own
+    ``nix`` fetches the tarball through the proxy (no secret, no netrc), the build runs in
+    the daemon; nothing they can read or receive holds a token usable anywhere else."""
+    fs = flake_server
+    repo = make_repo(tmp_path / "tool", {"flake.nix": tool_flake("1.0.0")}, tag="v1.0.0")
+    done = await trio.to_thread.run_sync(functools.partial(publish, fs, repo, "--name", "ntool"))
+    assert done.returncode == 0, done.stderr
+
+    root = _shared_dir()
+    try:
+        machine = root / "machine"
+        machine.mkdir()
+        config = write_config(machine, server_url=fs.url)
+        (machine / "etc" / "nix.conf").write_text(NIX_CONF + f"store = {root}/store\n")
+        daemon = await start_daemon(machine, config)
+        daemon_factory.append(daemon)
+        await daemon.wait_for("READY=1")
+        code, _, err = await nixd(daemon, "login", "github-action", "--audience", AUDIENCE,
+                                  env=job_env(fs))  # fmt: skip
+        assert code == 0, err + daemon.log()
+        proxy = (await status(daemon))["proxy"]["url"].rstrip("/")
+        netrc = (machine / "etc" / "nixd-netrc").read_text()
+        token = next(w for line in netrc.splitlines() if fs.server.host in line
+                     for w in [line.split()[-1]])  # fmt: skip
+        assert len(token) > 20
+
+        socket = root / "nix-daemon.sock"
+        nix_daemon = await trio.lowlevel.open_process(
+            ["nix-daemon"],
+            env={"PATH": os.environ["PATH"], "NIX_CONF_DIR": str(machine / "etc"),
+                 "NIX_DAEMON_SOCKET_PATH": str(socket)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            with trio.fail_after(30):
+                while not await trio.Path(socket).exists():  # noqa: ASYNC110 - a file
+                    await trio.sleep(0.05)
+            env = _nobody_env(root, socket)
+
+            async def as_nobody(*args: str) -> subprocess.CompletedProcess[bytes]:
+                with trio.fail_after(300):
+                    return await trio.run_process(
+                        ["runuser", "-u", "nobody", "--", "env", "-i", *env, *args],
+                        capture_stdout=True, capture_stderr=True, check=False,
+                    )  # fmt: skip
+
+            url = f"{proxy}/f/acme/ntool/1.*.tar.gz"
+            built = await as_nobody("nix", "build", "--no-link", "--json", f"{url}#default")
+            assert built.returncode == 0, built.stderr.decode() + daemon.log()[-3000:]
+            out = json.loads(built.stdout)[0]["outputs"]["out"]
+            assert (root / "store" / out.lstrip("/")).read_text().strip() == "tool 1.0.0"
+
+            # what nobody can read or be sent holds no token
+            assert (await as_nobody("cat", str(machine / "etc" / "nixd-netrc"))).returncode != 0
+            answers = [
+                await as_nobody("curl", "-sS", "-i", "--unix-socket", daemon.socket,
+                                "http://nixd/status"),
+                await as_nobody("curl", "-sS", "-i", url.replace("*", "%2A")),
+                await as_nobody("curl", "-sS", "-i", f"{proxy}/f/acme/ntool/1.0.0.tar.gz"),
+                await as_nobody("curl", "-sS", "-i", f"{proxy}/api/v1/flakes/acme/ntool"),
+            ]  # fmt: skip
+            for answer in answers:
+                assert answer.returncode == 0, answer.stderr
+                assert token.encode() not in answer.stdout
+            assert b"ntool" in answers[3].stdout
+            # other routes of the proxy still need the secret; the server wants a login
+            narinfo = await as_nobody("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                      f"{proxy}/{'a' * 32}.narinfo")  # fmt: skip
+            assert narinfo.stdout == b"401"
+            direct = await as_nobody("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                     f"{fs.url}/f/acme/ntool/1.0.0.tar.gz")  # fmt: skip
+            assert direct.stdout == b"401"
+        finally:
+            nix_daemon.terminate()
+            with trio.move_on_after(10):
+                await nix_daemon.wait()
+            if nix_daemon.returncode is None:
+                nix_daemon.kill()
+                await nix_daemon.wait()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
