@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -24,11 +25,13 @@ from tests.serverproc import ServerProcess, server_cli, start_server
 from tests.test_cli_publish import GIT_ENV
 
 AUDIENCE = "https://cache.acme.test"
+MAX_TARBALL = 64 << 10
+"""The server's [flakes] max_tarball_bytes here: small, so a test can exceed it."""
 POLICY = """
 [[rule]]
 id = "acme-ci-publishes-flakes"
 effect = "allow"
-subjects = [{ kind = "github", org = "acme" }]
+subjects = [{ kind = "github", org = "acme" }, { kind = "gitlab", org = "acme" }]
 actions = ["flake:publish", "flake:read"]
 resources = ["acme/*"]
 
@@ -45,6 +48,7 @@ resources = ["acme/*"]
 class FlakeServer:
     server: ServerProcess
     github: LocalIssuer
+    gitlab: LocalIssuer
     member_token: str
     root: Path
 
@@ -55,25 +59,52 @@ class FlakeServer:
 
 @pytest.fixture(scope="module")
 def flake_server() -> Iterator[FlakeServer]:
-    with tempfile.TemporaryDirectory(prefix="nixd-flakes-") as tmp, run_issuer("github") as gh:
+    with (
+        tempfile.TemporaryDirectory(prefix="nixd-flakes-") as tmp,
+        run_issuer("github") as gh,
+        run_issuer("gitlab") as gl,
+    ):
         root = Path(tmp)
         state = root / "server"
         server_cli("init", str(state), "--org", "acme")
         server_cli("org", "create", str(state), "globex")
-        with (state / "config.toml").open("a") as f:
-            f.write(
-                f'\n[[github]]\norg = "acme"\naudience = "{AUDIENCE}"\n'
-                f'owner_ids = ["1001"]\nissuer = "{gh.url}"\n'
-            )
+        config = state / "config.toml"
+        text = re.sub(
+            r"(?m)^max_tarball_bytes = \d+",
+            f"max_tarball_bytes = {MAX_TARBALL}",
+            config.read_text(),
+        )
+        config.write_text(
+            text
+            + f'\n[[github]]\norg = "acme"\naudience = "{AUDIENCE}"\n'
+            + f'owner_ids = ["1001"]\nissuer = "{gh.url}"\n'
+            + f'\n[[gitlab]]\norg = "acme"\naudience = "{AUDIENCE}"\n'
+            + f'owner_ids = ["72"]\nissuer = "{gl.url}"\n'
+        )
         with (state / "policy.toml").open("a") as f:
             f.write(POLICY)
         created = server_cli("token", "create", str(state), "--org", "acme", "--name", "member",
                              "--json").stdout  # fmt: skip
         server = start_server(state, host=SERVER_HOST, log_path=root / "server.log")
         try:
-            yield FlakeServer(server, gh, json.loads(created)["token"], root)
+            yield FlakeServer(server, gh, gl, json.loads(created)["token"], root)
         finally:
             server.close()
+
+
+SYSTEM = "x86_64-linux"
+
+
+def tool_flake(version: str) -> str:
+    """A flake whose package is a plain derivation (no nixpkgs) writing ``tool VERSION``."""
+    return (
+        '{ description = "a tool";\n'
+        "  outputs = { self }: {\n"
+        f"    packages.{SYSTEM}.default = derivation {{\n"
+        f'      name = "tool-{version}"; system = "{SYSTEM}"; builder = "/bin/sh";\n'
+        f'      args = [ "-c" "echo tool {version} > $out" ];\n'
+        "    };\n  };\n}\n"
+    )
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
@@ -84,6 +115,20 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
         if not k.startswith(("ACTIONS_", "GITHUB_", "CI_")) and k != "NIXD_ID_TOKEN"
     }
     return {**base, **GIT_ENV, "PYTHONPATH": str(REPO), **extra}
+
+
+def nix_env(root: Path) -> dict[str, str]:
+    """For ``nixd publish``'s own ``nix`` calls: a chroot store and cache of its own, so
+    the machine's /nix/store is not written."""
+    (root / "home").mkdir(parents=True, exist_ok=True)
+    return {
+        "NIX_CONFIG": f"store = {root}/store\nexperimental-features = nix-command flakes\n"
+        "flake-registry =\nsubstituters =\nbuild-users-group =\nsandbox = false",
+        "NIX_USER_CONF_FILES": "",
+        "XDG_CACHE_HOME": str(root / "cache"),
+        "HOME": str(root / "home"),
+        "NIX_REMOTE": "",
+    }
 
 
 def job_env(fs: FlakeServer) -> dict[str, str]:
@@ -98,10 +143,11 @@ def publish(
     fs: FlakeServer, repo: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``nixd publish`` in ``repo`` as a job of acme (``env``: instead of the job's)."""
+    job = job_env(fs) if env is None else env
     return subprocess.run(
         [*NIXD, "publish", "--server", fs.url, "--org", "acme", "--audience", AUDIENCE, *args],
         cwd=repo,
-        env=clean_env(job_env(fs) if env is None else env),
+        env=clean_env({**nix_env(repo.parent / f"{repo.name}-nix"), **job}),
         capture_output=True,
         text=True,
         timeout=300,

@@ -36,11 +36,13 @@ from tests.daemon.conftest import (
 )
 from tests.integration.flake_fixtures import (
     AUDIENCE,
+    SYSTEM,
     FlakeServer,
     clean_env,
     flake_server,  # noqa: F401 - a fixture
     job_env,
     publish,
+    tool_flake,
 )
 from tests.integration.identity_fixtures import nix_for
 from tests.realnix import RealNix
@@ -53,19 +55,7 @@ NIX_CONF = (
     "substituters =\nfsync-metadata = false\nsandbox-paths = /bin /usr /lib /lib64\n"
     "tarball-ttl = 0\nflake-registry =\n"
 )
-SYSTEM = "x86_64-linux"
 NOBODY = pwd.getpwnam("nobody").pw_uid
-
-
-def tool_flake(version: str) -> str:
-    return (
-        '{ description = "a tool";\n'
-        "  outputs = { self }: {\n"
-        f"    packages.{SYSTEM}.default = derivation {{\n"
-        f'      name = "tool-{version}"; system = "{SYSTEM}"; builder = "/bin/sh";\n'
-        f'      args = [ "-c" "echo tool {version} > $out" ];\n'
-        "    };\n  };\n}\n"
-    )
 
 
 def consumer_flake(url: str) -> str:

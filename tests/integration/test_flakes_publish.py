@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -26,11 +27,14 @@ from nixd.proxy.config import FlakesConfig
 from nixd.proxy.server import serve_proxy
 from tests.daemon.conftest import NIXD
 from tests.integration.flake_fixtures import (
+    AUDIENCE,
+    MAX_TARBALL,
     FlakeServer,
     access_token,
     clean_env,
     flake_server,  # noqa: F401 - a fixture
     publish,
+    tool_flake,
 )
 from tests.proxy.conftest import proxy_config
 from tests.test_cli_publish import FLAKE, git, make_repo
@@ -162,3 +166,52 @@ async def test_the_proxy_serves_a_published_release_without_the_secret(
             listing = await anyone.get("/api/v1/flakes", params={"org": "acme"})
             assert "served" in [f["name"] for f in listing.json()["flakes"]]
         nursery.cancel_scope.cancel()
+
+
+def test_a_gitlab_job_publishes_with_its_outputs_and_description(
+    flake_server: FlakeServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    fs = flake_server
+    repo = make_repo(tmp_path / "widget", {"flake.nix": tool_flake("2.0.0")}, tag="v2.0.0")
+    id_token = fs.gitlab.gitlab_token(audience=AUDIENCE, lifetime=600)
+    attr = "packages.x86_64-linux.default"
+    done = publish(fs, repo, "--include-output", attr, "--json",
+                   env={"NIXD_ID_TOKEN": id_token})  # fmt: skip
+    assert done.returncode == 0, done.stderr + fs.server.log()[-3000:]
+    release = json.loads(done.stdout)
+    assert release["published_by"].startswith("gitlab:")
+    assert release["ref"] == "refs/tags/v2.0.0"
+    (out,) = release["outputs"].values()
+    assert list(release["outputs"]) == [attr] and out.endswith("-tool-2.0.0")
+    token = access_token(fs, fs.member_token)
+    listed = httpx.get(
+        f"{fs.url}/api/v1/flakes", params={"org": "acme"},
+        headers={"Authorization": f"Bearer {token}"}, timeout=30,
+    ).json()  # fmt: skip
+    (widget,) = [f for f in listed["flakes"] if f["name"] == "widget"]
+    assert widget["description"] == "a tool" and widget["visibility"] == "private"
+
+    bad = publish(fs, repo, "--include-output", "packages.x86_64-linux.nope", "--version",
+                  "2.0.1", env={"NIXD_ID_TOKEN": id_token})  # fmt: skip
+    assert bad.returncode == exitcodes.FAILURE and "cannot evaluate" in bad.stderr
+
+
+def test_an_oversized_release_is_refused_and_nothing_stored(
+    flake_server: FlakeServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    fs = flake_server
+    repo = make_repo(tmp_path / "big", {"flake.nix": FLAKE}, tag=None)
+    (repo / "blob").write_bytes(os.urandom(2 * MAX_TARBALL))  # incompressible
+    git(repo, "add", "blob")
+    git(repo, "commit", "-qm", "blob")
+    git(repo, "tag", "v1.0.0")
+    done = publish(fs, repo)
+    assert done.returncode == exitcodes.FAILURE, done.stderr
+    assert "HTTP 413" in done.stderr and "max_tarball_bytes" in done.stderr
+    token = access_token(fs, fs.member_token)
+    answer = httpx.get(
+        f"{fs.url}/api/v1/flakes/acme/big", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.status_code == 404
