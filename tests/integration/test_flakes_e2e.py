@@ -152,6 +152,14 @@ async def test_a_consumer_locks_builds_and_keeps_its_release(
                                 env=job_env(fs))  # fmt: skip
     assert code == 0, err + daemon.log()
 
+    # discovery through the daemon's proxy, as this machine's login
+    code, out, err = await nixd(daemon, "flake", "list", "acme", env={})
+    assert code == 0, err
+    assert ["acme/tool", "private", "0.2.0", "a", "tool"] in [r.split() for r in out.splitlines()]
+    code, out, err = await nixd(daemon, "flake", "show", "acme/tool", "--json", env={})
+    assert code == 0, err
+    assert [r["version"] for r in json.loads(out)["releases"]] == ["0.2.0", "0.1.0"]
+
     nix = nix_for(tmp_path / "n1", machine / "etc")
     meta = json.loads(_ok(await run_nix(nix, "nix", "flake", "metadata", "--json", url),
                           daemon, fs))  # fmt: skip
