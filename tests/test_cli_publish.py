@@ -177,9 +177,14 @@ def test_refused_before_anything_is_sent(tmp_path: Path) -> None:
 
 
 def test_the_cli_says_why_and_exits_non_zero(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = make_repo(tmp_path / "tool", {"flake.nix": FLAKE})
+    code = main(["publish", "--server", "http://127.0.0.1:9", "--org", "acme", "--directory",
+                 str(repo)])  # fmt: skip
+    assert code == exitcodes.DENIED  # outside CI: refused before anything is evaluated
+    assert "no CI identity here" in capsys.readouterr().err
+    monkeypatch.setenv("NIXD_ID_TOKEN", "a.job.token")  # a GitLab job, as far as it can tell
     (repo / "dirty").write_text("x")
     code = main(["publish", "--server", "http://127.0.0.1:9", "--org", "acme", "--directory",
                  str(repo)])  # fmt: skip

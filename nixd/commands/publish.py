@@ -590,8 +590,8 @@ def run_publish(args: argparse.Namespace) -> int:
     if not server.startswith(("https://", "http://")):
         raise ConfigError(f"--server {server!r} is not an http(s) URL")
     checkout = open_checkout(args.directory)
+    method, params = login_params(args)  # before evaluating anything: fail fast outside CI
     release = prepare(args, checkout)
-    method, params = login_params(args)
     with tempfile.TemporaryDirectory(prefix="nixd-publish-") as tmp:
         tarball = Path(tmp) / "source.tar.gz"
         with tarball.open("wb") as out:
