@@ -7,7 +7,8 @@ Tables (component ``flakes``, SQLite and PostgreSQL alike)::
                     precedence: :meth:`nixd.semver.Version.sort_text`), the canonical
                     tarball (blob key, sha256, size), the source tree as a store path
                     (NarHash, NarSize, store path, the zstd NAR's blob key, FileHash and
-                    FileSize), lastModified, commit, ref, metadata (lock, outputs: JSON), published_by, published_at
+                    FileSize), lastModified, commit, ref, metadata (lock, outputs: JSON),
+                    published_by, published_at
 
 ``org`` is the organization's name as the ``orgs`` table spells it; flake names are
 unique in an organization ignoring case, like projects. Blobs go through the server's
