@@ -143,7 +143,7 @@ class NotFound(ServerError):
 
     status = 404
     code = "not_found"
-    detail = "not found"
+    detail: str | None = "not found"
 
 
 class NoRelease(NotFound):

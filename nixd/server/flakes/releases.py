@@ -3,11 +3,12 @@
 Tables (component ``flakes``, SQLite and PostgreSQL alike)::
 
     flakes          (org, name) -> visibility, description, created
-    flake_releases  (org, name, version) -> the version's sort key (major, minor, patch,
-                    pre-release), the canonical tarball (blob key, sha256, size), the
-                    source tree as a store path (NarHash, NarSize, store path, the zstd
-                    NAR's blob key, FileHash and FileSize), lastModified, commit, ref,
-                    metadata (lock, outputs: JSON), published_by, published_at
+    flake_releases  (org, name, version) -> the version's sort key (its bytes in SemVer
+                    precedence: :meth:`nixd.semver.Version.sort_text`), the canonical
+                    tarball (blob key, sha256, size), the source tree as a store path
+                    (NarHash, NarSize, store path, the zstd NAR's blob key, FileHash and
+                    FileSize), lastModified, commit, ref, metadata (lock, outputs: JSON),
+                    published_by, published_at
 
 ``org`` is the organization's name as the ``orgs`` table spells it; flake names are
 unique in an organization ignoring case, like projects. Blobs go through the server's
@@ -53,8 +54,7 @@ MIGRATIONS: list[Migration] = [
     CREATE UNIQUE INDEX flakes_name_nocase ON flakes(lower(org), lower(name));
     CREATE TABLE flake_releases (
         org TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL,
-        major INTEGER NOT NULL, minor INTEGER NOT NULL, patch INTEGER NOT NULL,
-        prerelease TEXT NOT NULL,
+        sort_key TEXT NOT NULL,
         tarball_key TEXT NOT NULL, tarball_sha256 TEXT NOT NULL, tarball_size INTEGER NOT NULL,
         nar_hash TEXT NOT NULL, nar_size INTEGER NOT NULL, store_path TEXT NOT NULL,
         nar_key TEXT NOT NULL, nar_file_hash TEXT NOT NULL, nar_file_size INTEGER NOT NULL,
@@ -62,6 +62,7 @@ MIGRATIONS: list[Migration] = [
         metadata TEXT NOT NULL, published_by TEXT NOT NULL, published_at REAL NOT NULL,
         PRIMARY KEY (org, name, version),
         FOREIGN KEY (org, name) REFERENCES flakes(org, name) ON DELETE CASCADE);
+    CREATE INDEX flake_releases_by_order ON flake_releases(org, name, sort_key);
     CREATE INDEX flake_releases_by_path ON flake_releases(store_path);
     CREATE INDEX flake_releases_by_nar_file ON flake_releases(nar_file_hash);
     """,
@@ -178,14 +179,6 @@ def newest_first(releases: Iterable[Release]) -> list[Release]:
     return sorted(releases, key=lambda r: r.parsed, reverse=True)
 
 
-def sort_key(version: Version) -> tuple[int, int, int, str]:
-    """``(major, minor, patch, pre-release)`` of a version, for the table's sort columns."""
-    text = str(version)
-    core, _, pre = text.partition("-")
-    major, minor, patch = (int(part) for part in core.split("."))
-    return major, minor, patch, pre
-
-
 class _Hashing:
     """A write-only file that hashes and counts what it passes to a blob writer."""
 
@@ -253,10 +246,10 @@ class FlakeStore:
         """Every release of ``flake``, newest (highest precedence) first."""
         rows = self.conn.execute(
             f"SELECT {_RELEASE_COLS} FROM flake_releases "  # noqa: S608
-            "WHERE org = ? AND name = ?",
+            "WHERE org = ? AND name = ? ORDER BY sort_key DESC",
             (flake.org, flake.name),
         ).fetchall()
-        return newest_first(_release(r) for r in rows)
+        return [_release(r) for r in rows]
 
     def release(self, flake: Flake, version: str) -> Release | None:
         row = self.conn.execute(
@@ -382,7 +375,6 @@ class FlakeStore:
         Durable: the publisher is told only after this commit.
         """
         when = time.time() if now is None else now
-        major, minor, patch, pre = sort_key(version)
         text = str(version)
         self.forget_cached()
         try:
@@ -405,9 +397,8 @@ class FlakeStore:
                     )
                     flake = Flake(org, name, meta.visibility, meta.description, when)
                 self.conn.execute(
-                    f"INSERT INTO flake_releases ({_RELEASE_COLS}, major, minor, patch, "  # noqa: S608
-                    "prerelease) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                    "?, ?, ?, ?)",
+                    f"INSERT INTO flake_releases ({_RELEASE_COLS}, sort_key) "  # noqa: S608
+                    f"VALUES ({', '.join('?' * 19)})",
                     (
                         flake.org,
                         flake.name,
@@ -427,10 +418,7 @@ class FlakeStore:
                         json.dumps({"lock": meta.lock, "outputs": meta.outputs}),
                         published_by,
                         when,
-                        major,
-                        minor,
-                        patch,
-                        pre,
+                        version.sort_text(),
                     ),
                 )
         except sqlite3.IntegrityError:
