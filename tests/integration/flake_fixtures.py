@@ -1,5 +1,6 @@
-"""A real ``nixd-server`` for the flake tests: GitHub Actions jobs of ``acme`` (played by
-the local OIDC issuer) publish and read ``acme/*`` flakes; tokens of ``acme`` read them.
+"""A real ``nixd-server`` for the flake tests: GitHub Actions and GitLab CI jobs of ``acme``
+(played by the local OIDC issuers) publish and read ``acme/*`` flakes, tokens of ``acme``
+read them — by the default policy ``nixd-server init`` writes, nothing added.
 
 Built once per module; :func:`publish` runs the real ``nixd publish`` as such a job.
 """
@@ -27,21 +28,6 @@ from tests.test_cli_publish import GIT_ENV
 AUDIENCE = "https://cache.acme.test"
 MAX_TARBALL = 64 << 10
 """The server's [flakes] max_tarball_bytes here: small, so a test can exceed it."""
-POLICY = """
-[[rule]]
-id = "acme-ci-publishes-flakes"
-effect = "allow"
-subjects = [{ kind = "github", org = "acme" }, { kind = "gitlab", org = "acme" }]
-actions = ["flake:publish", "flake:read"]
-resources = ["acme/*"]
-
-[[rule]]
-id = "acme-members-read-flakes"
-effect = "allow"
-subjects = [{ kind = "token", org = "acme" }]
-actions = ["flake:read"]
-resources = ["acme/*"]
-"""
 
 
 @dataclass
@@ -81,8 +67,6 @@ def flake_server() -> Iterator[FlakeServer]:
             + f'\n[[gitlab]]\norg = "acme"\naudience = "{AUDIENCE}"\n'
             + f'owner_ids = ["72"]\nissuer = "{gl.url}"\n'
         )
-        with (state / "policy.toml").open("a") as f:
-            f.write(POLICY)
         created = server_cli("token", "create", str(state), "--org", "acme", "--name", "member",
                              "--json").stdout  # fmt: skip
         server = start_server(state, host=SERVER_HOST, log_path=root / "server.log")
