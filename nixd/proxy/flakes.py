@@ -18,7 +18,10 @@ anywhere else. That is no more than any local user already has through the
 world-readable ``/nix/store`` and ``nix-daemon``'s substitution. A per-user short-lived
 credential was rejected for that reason: it would be usable off the machine.
 
-What is forwarded is checked first: the path is one of the two kinds above, made of plain
+What is forwarded is checked first. The ``Host`` must be the loopback (``127.0.0.1``,
+``[::1]``, ``localhost``): a web page a local user opens cannot read the answers across
+origins (no CORS headers), nor through DNS rebinding, which sends the page's own host
+name. The path is one of the two kinds above, made of plain
 segments (no ``.``/``..``, no empty segment, no percent-encoded ``.``, ``/`` or ``\\``,
 only characters a request line carries as they are), so no spelling of a path reaches
 another route of the server with the machine's token. Only ``Accept`` and
@@ -75,6 +78,7 @@ _QUERY_CHARS = _PATH_CHARS | frozenset(b"?")
 _SNEAKY = (b"%2e", b"%2f", b"%5c", b"%00")
 
 NOT_LOGGED_IN = b"this machine is not logged in (nixd login): private flakes cannot be fetched\n"
+WRONG_HOST = b"flakes are served only to requests for this machine's loopback address\n"
 REJECTED = (
     b"the nixd server rejected this machine's login (nixd status shows it; log in again "
     b"with nixd login); not an answer about the flake\n"
@@ -112,6 +116,20 @@ def check_target(path: bytes, query: bytes) -> str:
     if path != API_PREFIX and any(s in (b"", b".", b"..") for s in segments):
         raise Refused("empty, '.' or '..' path segment")
     return (path + (b"?" + query if query else b"")).decode("ascii")
+
+
+def loopback_host(host: bytes | None) -> bool:
+    """True when ``Host`` names this machine's loopback (``127.0.0.1``, ``[::1]``,
+    ``localhost``, any port): what Nix sends for the proxy's URL. A page in a local user's
+    browser that reaches the proxy through DNS rebinding sends its own host name."""
+    if host is None:
+        return False
+    name = host.strip().lower()
+    bracket = name.startswith(b"[")
+    name = name[: name.find(b"]") + 1] if bracket else name.partition(b":")[0]
+    return name in (b"localhost", b"[::1]") or (
+        name.startswith(b"127.") and name.count(b".") == 3 and name.replace(b".", b"").isdigit()
+    )
 
 
 def rewrite_links(value: str, server: str, proxy: str) -> str:
@@ -166,6 +184,9 @@ class FlakeForwarder:
     async def handle(self, request: Request, resp: Responder) -> None:
         """Answer one flake request (never raises for what the server or the path does)."""
         head = request.method == b"HEAD"
+        if not loopback_host(request.headers.get(b"host")):
+            await resp.simple(403, WRONG_HOST, _TEXT, head=head)
+            return
         try:
             target = check_target(request.path, request.query)
         except Refused as exc:

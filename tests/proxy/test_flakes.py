@@ -171,9 +171,8 @@ async def test_no_spelling_of_a_path_reaches_another_server_route(tmp_path: Path
         for target in sneaky:
             # raw: an HTTP client would normalize the dot segments before sending
             stream = await trio.open_tcp_stream(host, int(port))
-            await stream.send_all(
-                f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-            )
+            head = f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+            await stream.send_all(head.encode())
             answer = b""
             while data := await stream.receive_some(65536):
                 answer += data
@@ -262,6 +261,21 @@ async def test_a_new_login_moves_the_routes_and_a_logout_stops_them(tmp_path: Pa
         assert (await client.get("/f/acme/tool/0.2.0.tar.gz")).status_code == 503
         env.handle.update_flakes(None)
         assert (await client.get("/f/acme/tool/0.2.0.tar.gz")).status_code == 401
+
+
+async def test_only_requests_for_the_loopback_are_answered(tmp_path: Path) -> None:
+    """A page in a local user's browser reaching the proxy through DNS rebinding sends its
+    own host name: refused before anything is forwarded."""
+    async with scripted() as [server], flake_proxy(tmp_path, flakes_for(server)) as (env, client):
+        port = env.url.rsplit(":", 1)[1]
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
+                     "localhost.evil", "[::2]:1"):  # fmt: skip
+            got = await client.get("/f/acme/tool/0.2.0.tar.gz", headers={"Host": host})
+            assert got.status_code == 403, host
+        assert server.requests == []
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]:6493", "127.1.2.3"):
+            got = await client.get("/f/acme/tool/0.2.0.tar.gz", headers={"Host": host})
+            assert got.status_code == 200, host
 
 
 def test_what_counts_as_a_flake_request() -> None:
