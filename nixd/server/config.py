@@ -12,6 +12,8 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     workers = 1                     # processes accepting on the same sockets
     metrics = "loopback"            # who may read /metrics: "loopback", "public" or "off"
     access_log = true               # one line per request (logger nixd.server.http.access)
+    public_url = ""                 # the server's URL as clients reach it, for the links
+                                    # it writes (flake redirects); "" = from the Host header
 
     [storage]
     database = "server.db"          # SQLite (WAL): narinfos, slices, credentials, keys;
@@ -66,6 +68,9 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     max_pending_codes = 10000       # pending device codes in all
     sessions_per_account = 10       # signed-in web sessions per account (oldest go first)
 
+    [flakes]                        # private flakes (nixd.server.flakes)
+    max_tarball_bytes = 268435456   # largest flake source tarball a publish may send
+
     [gc]                            # retention and GC (nixd.server.storage.gc)
     interval = 86400.0              # seconds between the server's own GC runs (0 = never)
     grace = 86400.0                 # nothing younger is collected: uploads in flight
@@ -118,6 +123,7 @@ class ServerSection:
     workers: int = 1
     metrics: str = "loopback"
     access_log: bool = True
+    public_url: str = ""
 
 
 METRICS_ACCESS = ("loopback", "public", "off")
@@ -247,6 +253,17 @@ class GcSection:
     access_flush: float = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class FlakesSection:
+    """``[flakes]``: bounds of what a publish may send (:mod:`nixd.server.flakes`).
+
+    ``max_tarball_bytes`` is the compressed tarball; the unpacked tree is bounded by
+    :class:`nixd.nix.flaketarball.TarballLimits` (1 GiB, 100,000 entries).
+    """
+
+    max_tarball_bytes: int = 256 * 1024**2
+
+
 RETENTION_KEEP = ("all",)
 
 
@@ -284,6 +301,7 @@ class ServerConfig:
     audit: AuditSection = field(default_factory=AuditSection)
     device: DeviceSection = field(default_factory=DeviceSection)
     gc: GcSection = field(default_factory=GcSection)
+    flakes: FlakesSection = field(default_factory=FlakesSection)
     retention: tuple[RetentionSection, ...] = ()
     github: tuple[OidcSection, ...] = ()
     gitlab: tuple[OidcSection, ...] = ()
@@ -363,6 +381,7 @@ class ServerConfig:
             "audit": AuditSection,
             "device": DeviceSection,
             "gc": GcSection,
+            "flakes": FlakesSection,
         }
         built: dict[str, Any] = {}
         for key, value in data.items():
@@ -592,6 +611,14 @@ def _check(config: ServerConfig, source: str) -> None:
         raise ConfigError(f"{source}:storage.zstd_level: must be between 1 and 22")
     if config.storage.max_upload_bytes <= 0:
         raise ConfigError(f"{source}:storage.max_upload_bytes: must be positive")
+    if not 1024 <= config.flakes.max_tarball_bytes <= 16 * 1024**3:
+        raise ConfigError(
+            f"{source}:flakes.max_tarball_bytes: must be between 1024 and 17179869184 (16 GiB)"
+        )
+    if config.server.public_url and not config.server.public_url.startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError(f"{source}:server.public_url: must be an http(s):// URL")
     _check_database_url(config.storage.database, f"{source}:storage.database")
     for key in ("interval", "grace"):
         if getattr(config.gc, key) < 0:
@@ -656,6 +683,9 @@ metrics = "{d.server.metrics}"
 # one line per request on the server's log (the journal under systemd): request id,
 # method, path without query, status, bytes, duration, identity kind, peer; never a header
 access_log = {str(d.server.access_log).lower()}
+# the server's URL as clients reach it (behind a reverse proxy: its https:// URL), for
+# the links it writes, such as flake version redirects; "" = from each request's Host
+public_url = "{d.server.public_url}"
 
 [storage]
 # SQLite file, or PostgreSQL: "postgresql://USER@HOST/DB" (password from PGPASSFILE,
@@ -696,6 +726,12 @@ file = "{d.audit.file}"
 # answered at once and their lines follow within milliseconds; a crash may lose those
 # last lines. Denials, uploads and admin changes are always durable before the answer.
 durable_reads = {str(d.audit.durable_reads).lower()}
+
+# Private flakes, published from CI (`nixd publish`) and fetched as
+# https://HOST/f/ORG/NAME/VERSION-OR-CONSTRAINT.tar.gz
+[flakes]
+# the largest source tarball a publish may upload (refused 413 before it is stored)
+max_tarball_bytes = {d.flakes.max_tarball_bytes}
 
 # Retention and garbage collection (`nixd-server gc --dry-run` shows what a run would
 # remove). Every slice keeps everything unless a [[retention]] entry (the first whose

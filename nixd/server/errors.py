@@ -25,6 +25,8 @@ with the status it really gets)::
     ├── SignInRejected                  401 invalid_sign_in      name/password (login.accounts)
     ├── Forbidden                       403 forbidden            known caller, not allowed
     ├── NotFound                        404 not_found            absent or invisible: same answer
+    │   └── NoRelease                   404 not_found            a flake the caller may read has
+    │                                                            no release matching (says which)
     ├── CredentialNotFound              404 credential_not_found an admin named no such credential
     ├── MethodNotAllowed                405 method_not_allowed
     ├── Conflict                        409 conflict             the slice holds the path otherwise
@@ -54,6 +56,11 @@ translation)::
                                                                  reach or locked past its timeout
                                                                  (either engine: storage.sql)
     PathConflict                        500 internal             (storage.store) the app answers
+                                                                 it as Conflict before it gets here
+    MetadataError                       400 bad_request          (flakes.metadata) a publish's
+                                                                 metadata JSON, naming the field
+    FlakeStoreError                     500 internal             (flakes.releases)
+    VersionTaken                        500 internal             (flakes.releases) the app answers
                                                                  it as Conflict before it gets here
     BlobMissing                         500 internal             (storage.blobs) a stored NAR's
                                                                  blob is gone; a download answers
@@ -136,7 +143,15 @@ class NotFound(ServerError):
 
     status = 404
     code = "not_found"
-    detail = "not found"
+    detail: str | None = "not found"
+
+
+class NoRelease(NotFound):
+    """A flake the caller may read has no release of that version or matching that
+    constraint. Only ever raised after the read was allowed, so its message (which names
+    the flake and what was asked) tells the caller nothing it may not know."""
+
+    detail = None
 
 
 class MethodNotAllowed(ServerError):

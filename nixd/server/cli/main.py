@@ -85,11 +85,31 @@ def default_policy(org: str) -> str:
 
         [[rule]]
         id = "{org}-members"
-        description = "every token of the organization reads and writes its projects"
+        description = "tokens of the organization read and write its projects, read its flakes"
         effect = "allow"
         subjects = [{{ kind = "token", org = "{org}" }}]
-        actions = ["cache:read", "cache:write"]
+        actions = ["cache:read", "cache:write", "flake:read"]
         resources = ["{org}/*"]
+
+        # Private flakes are published only from CI: the GitHub Actions and GitLab CI
+        # identities of the repositories configured for {org} ([[github]]/[[gitlab]] in
+        # config.toml give them org = "{org}"; others get no token). Match immutable ids
+        # (repository_id, project_id) to narrow it to some repositories.
+        [[rule]]
+        id = "{org}-ci-publish"
+        description = "the organization's CI publishes and reads its flakes"
+        effect = "allow"
+        subjects = [{{ kind = ["github", "gitlab"], org = "{org}" }}]
+        actions = ["flake:publish", "flake:read"]
+        resources = ["{org}/*"]
+
+        [[rule]]
+        id = "no-publish-outside-ci"
+        description = "API tokens, people and machines never publish flakes"
+        effect = "deny"
+        subjects = [{{ kind = ["token", "user", "aws"] }}]
+        actions = ["flake:publish"]
+        resources = ["*"]
 
         [[rule]]
         id = "{org}-readers-read-only"

@@ -1,7 +1,7 @@
 """``nixd-server migrate STATE_DIR``: bring the metadata database's schema up to date.
 
 Every component's migrations (core, store, accounts, device, throttle, web, keys, policy,
-and audit, whose tables exist on PostgreSQL only) in the order their tables refer to each
+flakes, and audit, whose tables exist on PostgreSQL only) in the order their tables refer to each
 other, each in one transaction under the write lock, so two processes migrating at once
 apply each migration exactly once. ``serve`` and the admin commands apply them too when
 they open the database; this command is for doing it before starting instances (several
@@ -25,6 +25,7 @@ from pathlib import Path
 from nixd.errors import ConfigError
 from nixd.server.access import audit_db, keys, shared_policy
 from nixd.server.config import ServerConfig
+from nixd.server.flakes import releases
 from nixd.server.login import accounts, device, throttle, web
 from nixd.server.storage import db, store
 from nixd.server.storage.db import (
@@ -46,6 +47,7 @@ COMPONENTS: list[tuple[str, Sequence[Migration]]] = [
     ("web", web.MIGRATIONS),
     ("keys", keys.MIGRATIONS),
     ("policy", shared_policy.MIGRATIONS),
+    (releases.COMPONENT, releases.MIGRATIONS),
     ("audit", audit_db.MIGRATIONS),
 ]
 """Every component with a schema, in dependency order (device refers to accounts)."""
@@ -80,6 +82,8 @@ COPY_ORDER = [
     "web_keys",
     "keyrings",
     "policies",
+    "flakes",
+    "flake_releases",
 ]
 """Every table with rows worth keeping, parents before children."""
 IDENTITIES = ("orgs", "projects", "accounts")

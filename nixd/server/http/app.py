@@ -13,6 +13,7 @@ URL space (NIX-PROTOCOL.md has what the real client does with each answer)::
     GET  /api/v1/token/status                who am I, until when
     GET  /api/v1/cache/keys                  narinfo public keys, for pinning
     GET  /.well-known/jwks.json              access-token verification keys
+    /f/..., /api/v1/flakes...                private flakes (:mod:`.flakes`)
     GET  /healthz, /readyz, /metrics         live, ready, Prometheus (:mod:`.ops`)
 
 **Views.** A view of organization O (see the tenancy model in :mod:`nixd.server`) asks
@@ -83,7 +84,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -121,6 +122,10 @@ from nixd.server.login.web import WebPages
 from nixd.server.storage.blobs import BlobMissing
 from nixd.server.storage.db import Project
 from nixd.server.storage.store import Nar, PathConflict, PathInfo, Store, compression_of
+
+if TYPE_CHECKING:
+    from nixd.server.flakes.releases import FlakeStore
+    from nixd.server.http.flakes import FlakeRoutes
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +182,12 @@ class Services:
     """Interactive login: ``/api/v1/device/*`` and the ``/device`` pages."""
     ops: OpsRoutes | None = None
     """``/healthz``, ``/readyz``, ``/metrics`` (:mod:`nixd.server.http.ops`)."""
+    flakes: FlakeStore | None = None
+    """Private flakes: ``/f/``, ``/api/v1/flakes`` and their source store paths."""
+    max_tarball_bytes: int = 256 * 1024**2
+    """``[flakes] max_tarball_bytes``."""
+    public_url: str = ""
+    """``[server] public_url``: the base of the links the server writes ("" = Host)."""
 
 
 @dataclass
@@ -214,6 +225,12 @@ class CacheApp:
         self._live_version = -1
         self._revoked: set[str] = set()
         self._disabled: set[str] = set()
+        self._flakes: FlakeRoutes | None = None
+        if services.flakes is not None:
+            # Imported here: the flake routes build on this module's helpers.
+            from nixd.server.http.flakes import FlakeRoutes  # noqa: PLC0415
+
+            self._flakes = FlakeRoutes(self, services.flakes)
 
     # -- ASGI entry ---------------------------------------------------------------------
 
@@ -235,6 +252,8 @@ class CacheApp:
             self.s.store.sync()  # PostgreSQL: other instances' commits (SQLite: nothing)
             if path.startswith("/cache/"):
                 await self._cache(ctx, scope, receive, send, path[len("/cache/") :])
+            elif path.startswith("/f/") and self._flakes is not None:
+                await self._flakes.fetch(ctx, scope, send, path[len("/f/") :])
             elif path.startswith("/api/v1/") or path == "/.well-known/jwks.json":
                 await self._api(ctx, scope, receive, send, path)
             elif path in OPS_PATHS and self.s.ops is not None:
@@ -557,9 +576,18 @@ class CacheApp:
         if name == "nix-cache-info":
             await _respond(send, 200, CACHE_INFO, {"content-type": "text/plain"}, head=head)
         elif name.endswith(".narinfo") and "/" not in name:
-            holders = self.s.store.holders(_hash_part(name))
+            hash_part = _hash_part(name)
+            holders = self.s.store.holders(hash_part)
             candidates = [(p, i.created) for p, i in holders]
-            project = await self._read_decision(ctx, org, candidates, name)
+            try:
+                project = await self._read_decision(ctx, org, candidates, name)
+            except (NotFound, Unauthenticated):
+                # A miss (audited): a flake release's source tree, if this caller may read it.
+                if self._flakes is not None and await self._flakes.source_narinfo(
+                    ctx, scope, send, hash_part=hash_part, what=name, head=head
+                ):
+                    return
+                raise
             info = next(i for p, i in holders if p.id == project.id)
             self.s.store.note_access(project.id, info.hash_part)  # in memory (retention)
             await self._send_narinfo(scope, send, info, head)
@@ -688,7 +716,17 @@ class CacheApp:
         if project is not None:
             holders = [p for p in holders if p.id == project.id]
         candidates = [(p, 0.0) for p in holders] if nar else []
-        served = await self._read_decision(ctx, org, candidates, f"nar/{file_name}")
+        try:
+            served = await self._read_decision(ctx, org, candidates, f"nar/{file_name}")
+        except (NotFound, Unauthenticated):
+            # A miss (audited): a flake release's source NAR, if this caller may read it.
+            if (
+                project is None
+                and self._flakes is not None
+                and await self._flakes.source_nar(ctx, scope, send, file_hash, head)
+            ):
+                return
+            raise
         assert nar is not None
         self.s.store.note_nar_access(served.id, nar.nar_hash)  # in memory (retention)
         path = self.s.store.blob_local_path(nar.file_hash)
@@ -835,6 +873,8 @@ class CacheApp:
             await self._exchange(ctx, receive, send)
         elif path == "/api/v1/token/status" and method == "GET":
             await self._status(ctx, scope, send)
+        elif (path == "/api/v1/flakes" or path.startswith("/api/v1/flakes/")) and self._flakes:
+            await self._flakes.api(ctx, scope, receive, send, path)
         elif path.startswith("/api/v1/device/") and self.s.device is not None:
             await self.s.device.handle_api(
                 scope,

@@ -53,6 +53,7 @@ from nixd.server.access.shared_policy import open_policy
 from nixd.server.access.tokens import TokenIssuer
 from nixd.server.asgi import Message
 from nixd.server.config import ServerConfig
+from nixd.server.flakes.releases import FlakeStore
 from nixd.server.http.app import CacheApp, Services
 from nixd.server.http.ops import Observed, OpsRoutes
 from nixd.server.login.device import DeviceService, RefreshExchanger
@@ -95,6 +96,7 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
         audit = open_audit(config, conn)
         stack.callback(audit.close)
         device = DeviceService(conn, issuer=issuer, audit=audit, settings=config.device)
+        flakes = FlakeStore.open(conn, blobs, store.data_version)
         yield Services(
             ops=OpsRoutes(store, metrics=config.server.metrics),
             store=store,
@@ -107,6 +109,9 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
             nar_checker=NarParser,
             exchangers={**open_exchangers(config), "refresh": RefreshExchanger(device)},
             device=device,
+            flakes=flakes,
+            max_tarball_bytes=config.flakes.max_tarball_bytes,
+            public_url=config.server.public_url,
         )
 
 
