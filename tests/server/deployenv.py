@@ -14,8 +14,9 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -65,6 +66,8 @@ class DeployEnv:
     flake: FlakeEnv
     tokens: dict[str, str]
     tmp: Path
+    scratch: dict[str, Any] = field(default_factory=dict)
+    """What a property test keeps from one example to the next (the fixture is shared)."""
 
     async def put(self, slice_: str, hash_part: str, refs: tuple[str, ...] = ()) -> str:
         """Upload a path (its NAR's content unique to it) to ``slice_``; its FileHash."""
