@@ -304,3 +304,22 @@ async def test_discovery_lists_what_the_caller_may_read(flake_env: FlakeEnv) -> 
     assert [f["name"] for f in anonymous] == ["pub"]
     async with env.client(env.other) as c:
         assert [f["name"] for f in (await c.get("/api/v1/flakes")).json()["flakes"]] == ["pub"]
+
+
+async def test_admin_lists_and_shows_flakes(flake_env: FlakeEnv) -> None:
+    env = flake_env
+    await _publish_versions(env, "acme/tool", ["0.1.0", "0.2.0"])
+    listed = json.loads(env.state.admin("flake", "list", "--json"))
+    assert listed == [
+        {
+            "flake": "acme/tool",
+            "visibility": "private",
+            "latest": "0.2.0",
+            "releases": 2,
+            "description": "a tool",
+        }
+    ]
+    assert json.loads(env.state.admin("flake", "list", "other", "--json")) == []
+    shown = json.loads(env.state.admin("flake", "show", "acme/tool", "--json"))
+    assert [r["version"] for r in shown["releases"]] == ["0.2.0", "0.1.0"]
+    assert "acme/tool (private): a tool" in env.state.admin("flake", "show", "acme/tool")
