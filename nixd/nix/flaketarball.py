@@ -1,10 +1,12 @@
 """Flake source tarballs: check an uploaded ``.tar.gz`` and rewrite it in one canonical form.
 
 A flake release is a tarball that Nix 2.8 fetches as a ``tarball`` input: it unpacks it,
-takes the single top-level directory as the source tree, and locks the tree's NAR hash;
-``lastModified`` is that directory's mtime. The tree is then the store path
-``fixed_output_path(nar_hash, "source")``, which Nix first tries to substitute from its
-binary caches, so the server can serve a release both as the tarball and as that path.
+takes the single top-level directory as the source tree, and locks the tree's NAR hash
+(``{type = "tarball"; url; narHash}``; 2.8 records no ``lastModified`` for tarballs, newer
+Nix takes that directory's mtime, which is :attr:`Source.last_modified`). The tree is the
+store path ``fixed_output_path(nar_hash, "source")``, which Nix first tries to substitute
+from its binary caches, so the server can serve a release both as the tarball and as that
+path.
 
 :func:`normalize` reads an uploaded tarball as a stream (never extracting it to disk),
 checks every entry before reading its data, and keeps only what Nix keeps of the tree
@@ -56,7 +58,7 @@ _READ = 64 * 1024
 _TAIL = 64 * 1024  # decompressed bytes kept to look at the block where tar iteration ended
 _MAX_MTIME = 8**11 - 1  # fits the ustar header field, so no pax header is needed for it
 _MAX_SYMLINK_HOPS = 40  # Linux's limit
-_MAX_RESOLVE_STEPS = 10_000_000  # total work spent checking where symlinks lead
+_MAX_RESOLVE_STEPS = 2_000_000  # total work spent checking where symlinks lead
 
 
 class TarballError(FormatError):
@@ -92,6 +94,11 @@ class Source:
     @property
     def tarball_size(self) -> int:
         return len(self.tarball)
+
+    @property
+    def content_address(self) -> str:
+        """The narinfo ``CA`` of :attr:`store_path`: ``fixed:r:sha256:<base32>``."""
+        return f"fixed:r:{self.nar_hash.encode('base32')}"
 
     def nar_chunks(self) -> Iterator[bytes]:
         """The NAR of the tree, in chunks of about 1 MiB."""
@@ -138,6 +145,8 @@ class _Tree:
         for i in range(1, len(path)):
             parent = self.nodes.get(path[:i])
             if parent is None:
+                # An implied directory is an entry of the canonical tarball: count it.
+                self._new_node(where)
                 self.nodes[path[:i]] = TreeNode(path[:i], "directory")
             elif parent.type != "directory":
                 raise TarballError(
@@ -148,9 +157,18 @@ class _Tree:
             implicit_dir = old.type == "directory" and path not in self.explicit
             if not (implicit_dir and node.type == "directory"):
                 raise TarballError("duplicate entry", where=where)
+        else:
+            self._new_node(where)
         self.nodes[path] = node
         if node.type == "directory":
             self.explicit.add(path)
+
+    def _new_node(self, where: str) -> None:
+        if len(self.nodes) >= self.limits.entries:
+            raise TarballError(
+                f"more than {self.limits.entries} entries (counting implied directories)",
+                where=where,
+            )
 
     def check_symlinks(self) -> None:
         """Refuse a symlink that leads outside the tree, following the tree's symlinks."""
@@ -238,7 +256,7 @@ def _write_tarball(nodes: tuple[TreeNode, ...], mtime: int) -> bytes:
     out = io.BytesIO()
     # filename="" and mtime=0 keep the gzip header free of names and times.
     with (
-        gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz,
+        gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz,
         tarfile.open(
             fileobj=gz,
             mode="w|",
@@ -322,6 +340,11 @@ class _Gunzip(io.RawIOBase):
             chunk = self._source.read(_READ)
             if not self._started:
                 self._started = True
+                while chunk and len(chunk) < 2:  # a stream may hand out one byte at a time
+                    more = self._source.read(_READ)
+                    if not more:
+                        break
+                    chunk += more
                 if not chunk:
                     raise TarballError("the tarball is empty (not gzip)")
                 if not chunk.startswith(b"\x1f\x8b"):
@@ -397,7 +420,8 @@ def _read(tar: tarfile.TarFile, tree: _Tree, gunzip: _Gunzip, limits: TarballLim
     try:
         while True:
             member = tar.next()
-            tar.members.clear()  # type: ignore[attr-defined]  # stream mode: keep nothing of entries already read
+            # Stream mode: keep nothing of the entries already read.
+            tar.members.clear()  # type: ignore[attr-defined]
             if member is None:
                 break
             raw = member.name.encode("utf-8", "surrogateescape")
@@ -416,6 +440,9 @@ def _read(tar: tarfile.TarFile, tree: _Tree, gunzip: _Gunzip, limits: TarballLim
                     where=where,
                 )
             path = tuple(parts[1:])
+            if len(TOP_DIR) + sum(len(p) + 1 for p in path) > limits.path:
+                # As named in the canonical tarball, which must pass these limits again.
+                raise TarballError(f"path longer than {limits.path} bytes", where=where[:200])
             mtime = _mtime(member.mtime, where)
             newest = max(newest, mtime)
             if member.type in _REGULAR:

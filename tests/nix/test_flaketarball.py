@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from nixd.errors import FormatError
 from nixd.nix import nar
 from nixd.nix.flaketarball import Source, TarballError, TarballLimits, normalize, pack_tree
 from nixd.nix.hashes import Hash
@@ -204,6 +205,11 @@ def test_agrees_with_real_nix(real_nix: RealNix, tmp_path: Path) -> None:
         got = json.loads(out.stdout)
         assert Hash.parse(got["narHash"]) == s.nar_hash
         assert got["path"] == s.store_path.path()
+    info = real_nix.run(["nix", "path-info", "--json", s.store_path.path()])
+    (path_info,) = json.loads(info.stdout)
+    assert path_info["ca"] == s.content_address
+    assert path_info["narSize"] == s.nar_size
+    assert path_info["references"] == []
     # What a consumer flake's flake.lock records for such an input (Nix 2.8: no lastModified).
     consumer = tmp_path / "consumer"
     consumer.mkdir()
@@ -496,3 +502,151 @@ def test_normalize_is_idempotent_and_matches_pack_tree(
         again = normalize(s.tarball)
         assert again == s
         assert again.nar_bytes() == s.nar_bytes()
+
+
+def test_pax_header_bomb() -> None:
+    """A pax record of 30 MiB (tarfile reads records whole) stops at the decompressed bound."""
+    info = tarfile.TarInfo("source/f")
+    info.pax_headers = {"comment": "x" * (30 << 20)}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_dir("source"))
+        tar.addfile(info, io.BytesIO())
+    with pytest.raises(TarballError, match="gzip bomb"):
+        normalize(gzip.compress(out.getvalue()), SMALL)
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_gnu_long_names_and_bytearray_input() -> None:
+    long_name = "source/" + "d" * 200 + "/" + "f" * 200
+    members = [TOP, M("source/" + "d" * 200 + "/", D), M(long_name, data=b"deep")]
+    s = normalize(bytearray(tgz(members, fmt=tarfile.GNU_FORMAT)))
+    assert [m[0] for m in listing(s)] == ["source", "source/" + "d" * 200, long_name]
+    too_long = [TOP, M("source/" + ("d" * 200 + "/") * 21 + "f")]
+    with pytest.raises(TarballError, match="longer than 4096 bytes"):
+        normalize(tgz(too_long, fmt=tarfile.GNU_FORMAT))
+
+
+def test_names_that_are_not_utf8_survive() -> None:
+    members = [TOP, M("source/caf\udce9", data=b"latin-1 name")]  # the byte 0xe9 alone
+    s = normalize(tgz(members))
+    assert normalize(s.tarball) == s
+    names = [e.path for e in nar.list_entries([s.nar_bytes()])]
+    assert [os.fsencode(n) for n in names] == [b"", b"caf\xe9"]
+
+
+def test_errors_are_format_errors() -> None:
+    with pytest.raises(FormatError):
+        normalize(b"nope")
+    with pytest.raises(ValueError):
+        normalize(b"nope")
+
+
+def test_symlink_checking_work_is_bounded() -> None:
+    """Chains of symlinks with long targets cost at most a fixed amount of checking."""
+    padding = "./" * 2000
+    members = [TOP] + [
+        M(f"source/s{i:02}", tarfile.SYMTYPE, link=f"{padding}s{i + 1:02}") for i in range(60)
+    ]
+    with pytest.raises(TarballError, match="too many or too complex to check"):
+        normalize(tgz(members))
+
+
+_VALID_TAR = tar_bytes(BASIC)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_VALID_TAR) - 1), st.integers(0, 255)), max_size=8))
+def test_corrupted_archives_fail_cleanly(edits: list[tuple[int, int]]) -> None:
+    """Any byte edits of a valid archive give a Source or a TarballError, nothing else."""
+    data = bytearray(_VALID_TAR)
+    for offset, value in edits:
+        data[offset] = value
+    try:
+        s = normalize(gzip.compress(bytes(data)))
+    except TarballError:
+        return
+    assert normalize(s.tarball) == s
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, len(tgz(BASIC)) - 1), st.binary(max_size=16))
+def test_cut_or_spliced_gzip_fails_cleanly(cut: int, junk: bytes) -> None:
+    whole = tgz(BASIC)
+    data = whole[:cut] + junk
+    assume(data != whole)  # the junk may restore the cut bytes
+    with pytest.raises(TarballError):
+        normalize(data)
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that hands out one byte first, then at most 7 per read, as a slow socket."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = self._data.read(min(len(b), 1 if self._data.tell() == 0 else 7))
+        memoryview(b)[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_short_reads() -> None:
+    data = tgz(BASIC)
+    assert normalize(_Trickle(data)) == normalize(data)  # type: ignore[arg-type]
+    with pytest.raises(TarballError, match="not a gzip file"):
+        normalize(_Trickle(b"\x1f" + b"x" * 100))  # type: ignore[arg-type]
+
+
+def test_pax_names_agree_with_real_nix(real_nix: RealNix, tmp_path: Path) -> None:
+    """Long, non-ASCII and non-UTF-8 names and long targets go through pax headers; Nix's
+    libarchive must read our canonical tarball as the same tree."""
+    long_dir = "source/" + "d" * 150
+    members = [
+        TOP,
+        M(long_dir + "/", D),
+        M(long_dir + "/" + "f" * 200, data=b"long", mode=0o755),
+        M("source/é ü", data=b"unicode"),
+        M("source/caf\udce9", data=b"latin-1"),
+        M("source/l", tarfile.SYMTYPE, link="d" * 150 + "/" + "f" * 200),
+    ]
+    s = normalize(tgz(members))
+    archive = tmp_path / "pax.tar.gz"
+    archive.write_bytes(s.tarball)
+    expr = (
+        'let t = builtins.fetchTree { type = "tarball"; url = "file://' + str(archive) + '"; }; '
+        "in { inherit (t) narHash; path = t.outPath; }"
+    )
+    out = real_nix.run(
+        ["nix", "eval", "--extra-experimental-features", "flakes", "--impure", "--json",
+         "--expr", expr]
+    )  # fmt: skip
+    got = json.loads(out.stdout)
+    assert Hash.parse(got["narHash"]) == s.nar_hash
+    assert got["path"] == s.store_path.path()
+
+
+def test_limits_hold_for_the_canonical_names() -> None:
+    """A short top directory must not let a path grow past the limit once named source/."""
+    limits = TarballLimits(path=40)
+    ok = [M("s/", D), M("s/" + "f" * 33)]  # 35 bytes here, 40 as source/...
+    assert normalize(normalize(tgz(ok), limits).tarball, limits)
+    with pytest.raises(TarballError, match="longer than 40 bytes"):
+        normalize(tgz([M("s/", D), M("s/" + "f" * 34)]), limits)
+
+
+def test_implied_directories_count_as_entries() -> None:
+    limits = TarballLimits(entries=4)
+    implied = [M("s/a/b/c/f")]  # the canonical tarball has 5 entries: source, a, b, c, f
+    with pytest.raises(TarballError, match="counting implied directories"):
+        normalize(tgz(implied), limits)
+    fits = [M("s/a/b/f")]
+    assert normalize(normalize(tgz(fits), limits).tarball, limits)

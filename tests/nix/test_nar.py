@@ -338,3 +338,64 @@ def test_failed_restore_keeps_a_pre_existing_dest(tmp_path: Path, tree: Path) ->
         nar.restore([data[:5000]], dest)
     assert dest.is_dir()  # not ours to remove
     assert sorted(os.listdir(tmp_path)) == ["dest", "tree"]
+
+
+def _nodes_of(root: Path) -> list[nar.TreeNode]:
+    """The tree at ``root`` as TreeNodes in archive order (what dump_nodes expects)."""
+    nodes = []
+    for entry in nar.list_entries(nar.dump(root)):
+        path = tuple(os.fsencode(p) for p in entry.path.split("/")) if entry.path else ()
+        full = os.path.join(root, entry.path) if entry.path else str(root)
+        if entry.type == "regular":
+            contents = Path(full).read_bytes()
+            nodes.append(nar.TreeNode(path, "regular", entry.executable, contents))
+        elif entry.type == "symlink":
+            nodes.append(nar.TreeNode(path, "symlink", target=entry.target))
+        else:
+            nodes.append(nar.TreeNode(path, "directory"))
+    return nodes
+
+
+def test_dump_nodes_is_byte_identical_to_nix(real_nix: RealNix, tree: Path) -> None:
+    chunks = list(nar.dump_nodes(_nodes_of(tree)))
+    assert b"".join(chunks) == nix_dump(real_nix, tree)
+    assert max(map(len, chunks)) <= 2 * MiB
+
+
+def test_dump_nodes_single_file_and_symlink_roots() -> None:
+    file_nar = b"".join(nar.dump_nodes([nar.TreeNode((), "regular", True, b"#!")]))
+    assert nar.list_entries([file_nar]) == [nar.NarEntry("", "regular", 2, True)]
+    link_nar = b"".join(nar.dump_nodes([nar.TreeNode((), "symlink", target=b"x")]))
+    assert nar.list_entries([link_nar]) == [nar.NarEntry("", "symlink", target=b"x")]
+
+
+D = nar.TreeNode((), "directory")
+
+
+@pytest.mark.parametrize(
+    ("nodes", "message"),
+    [
+        ([], "no nodes"),
+        ([nar.TreeNode((b"a",), "directory")], "first node must be the root"),
+        ([D, D], "root comes more than once"),
+        (
+            [D, nar.TreeNode((b"b",), "regular"), nar.TreeNode((b"a",), "regular")],
+            "out of archive order",
+        ),
+        ([D, nar.TreeNode((b"a",), "regular"), nar.TreeNode((b"a",), "regular")], "duplicate"),
+        ([D, nar.TreeNode((b"a", b"b"), "regular")], "outside a directory"),
+        (
+            [D, nar.TreeNode((b"a",), "regular"), nar.TreeNode((b"a", b"b"), "regular")],
+            "outside a directory",
+        ),
+        ([D, nar.TreeNode((b"..",), "regular")], "invalid entry name"),
+        ([D, nar.TreeNode((b"a/b",), "regular")], "invalid entry name"),
+        ([D, nar.TreeNode((b"a\0",), "regular")], "invalid entry name"),
+        ([D, nar.TreeNode((b"n" * 256,), "regular")], "longer than 255"),
+        ([D, nar.TreeNode((b"l",), "symlink")], "symlink target is empty"),
+        ([nar.TreeNode((), "regular"), nar.TreeNode((b"a",), "regular")], "nodes after a root"),
+    ],
+)
+def test_dump_nodes_refuses_what_is_not_a_tree(nodes: list[nar.TreeNode], message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        b"".join(nar.dump_nodes(nodes))
