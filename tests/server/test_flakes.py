@@ -10,6 +10,7 @@ import tarfile
 from urllib.parse import quote
 
 import pytest
+import trio
 
 from nixd.nix.flaketarball import normalize
 from nixd.server.http.flakes import RELEASE_TYPE
@@ -323,3 +324,21 @@ async def test_admin_lists_and_shows_flakes(flake_env: FlakeEnv) -> None:
     shown = json.loads(env.state.admin("flake", "show", "acme/tool", "--json"))
     assert [r["version"] for r in shown["releases"]] == ["0.2.0", "0.1.0"]
     assert "acme/tool (private): a tool" in env.state.admin("flake", "show", "acme/tool")
+
+
+async def test_racing_publishes_of_one_version_keep_one_tree(flake_env: FlakeEnv) -> None:
+    """Two CI jobs publish one version at once with different trees: one wins (201), the
+    other is told the version is taken (409), never a 500 or a second release."""
+    env = flake_env
+    ci = await env.ci()
+    answers: list[int] = []
+
+    async def one(content: bytes) -> None:
+        r = await env.publish(ci, "acme/tool", "1.0.0", tarball({"flake.nix": content}))
+        answers.append(r.status_code)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(one, f"# tree {i}\n".encode())
+    assert sorted(answers) == [201, 409, 409, 409]
+    assert env.stored()[:2] == (1, 1)
