@@ -55,8 +55,10 @@ Retention
 Policy
     Deny beats allow everywhere; a project's ``--public`` flag is an allow rule for
     every caller, anonymous included, on ``cache:read`` of that slice, and nothing more
-    (a matching deny still wins). One decision function (:meth:`~nixd.server.access.
-    policy.Policy.decide`) serves requests and ``nixd-server policy explain``.
+    (a matching deny still wins); a flake published ``public`` is likewise an allow for
+    every caller on ``flake:read`` of that flake (rule ``public-flake``). One decision
+    function (:meth:`~nixd.server.access.policy.Policy.decide`) serves requests and
+    ``nixd-server policy explain``.
 
 Several instances
     With ``[storage] database`` on PostgreSQL, any number of ``serve`` processes on any
@@ -82,7 +84,9 @@ Rooms
     PostgreSQL table, credentials, access tokens, keys), ``login/`` (exchanges: OIDC,
     AWS, device code, accounts, web pages), ``storage/`` (metadata on SQLite or
     PostgreSQL, blobs in a directory or an S3 bucket, and retention: pins and the garbage
-    collector), ``cli/`` (one module per command group). Imports run cli → http → access,
-    login → storage; the room root holds config, errors, the metrics every room may count
-    into and the ASGI types that every room shares.
+    collector), ``flakes/`` (private flakes: releases by semantic version, their
+    tarballs and source trees, :mod:`nixd.server.flakes`), ``cli/`` (one module per
+    command group). Imports run cli → http → access, login, flakes → storage; the room
+    root holds config, errors, the metrics every room may count into and the ASGI types
+    that every room shares.
 """

@@ -33,6 +33,7 @@ from nixd.server.access.identity import KINDS, Identity
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.policy import load_policy
 from nixd.server.access.shared_policy import policy_in_force
+from nixd.server.cli.flakes import register as register_flake_cli
 from nixd.server.cli.gc import register as register_gc
 from nixd.server.cli.migrate import register as register_migrate
 from nixd.server.cli.policies import register as register_policy_cli
@@ -727,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_user_cli(sub, _state, _open, _audit)
     register_migrate(sub, _state)
+    register_flake_cli(sub, _state, _open)
     register_gc(sub, _state, _open, _audit, lambda: _admin_identity().render())
 
     project = sub.add_parser("project", help="projects (cache slices)").add_subparsers(
