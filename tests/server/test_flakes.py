@@ -10,6 +10,7 @@ import tarfile
 from urllib.parse import quote
 
 import pytest
+import trio
 
 from nixd.nix.flaketarball import normalize
 from nixd.server.http.flakes import RELEASE_TYPE
@@ -304,3 +305,40 @@ async def test_discovery_lists_what_the_caller_may_read(flake_env: FlakeEnv) -> 
     assert [f["name"] for f in anonymous] == ["pub"]
     async with env.client(env.other) as c:
         assert [f["name"] for f in (await c.get("/api/v1/flakes")).json()["flakes"]] == ["pub"]
+
+
+async def test_admin_lists_and_shows_flakes(flake_env: FlakeEnv) -> None:
+    env = flake_env
+    await _publish_versions(env, "acme/tool", ["0.1.0", "0.2.0"])
+    listed = json.loads(env.state.admin("flake", "list", "--json"))
+    assert listed == [
+        {
+            "flake": "acme/tool",
+            "visibility": "private",
+            "latest": "0.2.0",
+            "releases": 2,
+            "description": "a tool",
+        }
+    ]
+    assert json.loads(env.state.admin("flake", "list", "other", "--json")) == []
+    shown = json.loads(env.state.admin("flake", "show", "acme/tool", "--json"))
+    assert [r["version"] for r in shown["releases"]] == ["0.2.0", "0.1.0"]
+    assert "acme/tool (private): a tool" in env.state.admin("flake", "show", "acme/tool")
+
+
+async def test_racing_publishes_of_one_version_keep_one_tree(flake_env: FlakeEnv) -> None:
+    """Two CI jobs publish one version at once with different trees: one wins (201), the
+    other is told the version is taken (409), never a 500 or a second release."""
+    env = flake_env
+    ci = await env.ci()
+    answers: list[int] = []
+
+    async def one(content: bytes) -> None:
+        r = await env.publish(ci, "acme/tool", "1.0.0", tarball({"flake.nix": content}))
+        answers.append(r.status_code)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(one, f"# tree {i}\n".encode())
+    assert sorted(answers) == [201, 409, 409, 409]
+    assert env.stored()[:2] == (1, 1)

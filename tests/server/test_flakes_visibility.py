@@ -178,7 +178,7 @@ async def test_the_source_tree_is_a_store_path_for_readers_only(
         assert info.store_path == source.store_path
         assert info.nar_hash == source.nar_hash and info.nar_size == source.nar_size
         assert info.references == () and info.deriver is None
-        assert info.ca == f"fixed:r:{source.nar_hash}"
+        assert info.ca == source.content_address == f"fixed:r:{source.nar_hash}"
         assert info.sigs and info.sigs[0].startswith(env.state.public_key.split(":")[0] + ":")
         assert nar.status_code == 200
         assert hashlib.sha256(nar.content).digest() == info.file_hash.digest

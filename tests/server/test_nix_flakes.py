@@ -21,7 +21,7 @@ from nixd.nix.flaketarball import normalize
 from nixd.server.http.flakes import RELEASE_TYPE
 from tests.oidc_issuer import LocalIssuer, run_issuer
 from tests.realnix import RealNix
-from tests.server.conftest import ServerState, audit_text
+from tests.server.conftest import BACKENDS, ServerState, audit_text
 from tests.server.flakeenv import AUD, metadata, tarball
 from tests.serverproc import ServerProcess, running_server
 
@@ -97,6 +97,7 @@ def _build(nix: RealNix, flake: Path) -> str:
     return nix.real_path(out).read_text().strip()
 
 
+@pytest.mark.parametrize("metadata", BACKENDS, indirect=True)  # SQLite and PostgreSQL
 def test_a_lock_made_with_a_constraint_stays_reproducible(
     server_state: ServerState,
     served: tuple[ServerProcess, LocalIssuer],

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from nixd.errors import AuthError, ConfigError
+from nixd.server.access.deploy import ATTRIBUTE as DEPLOY_ATTRIBUTE
+from nixd.server.access.deploy import check_grants
 from nixd.server.access.identity import AttributeValue, Identity
 from nixd.server.errors import ServerError
 from nixd.server.storage.db import Connection, check_name, get_org, transaction
@@ -195,6 +197,10 @@ class CredentialStore:
         """
         check_name("credential", name)
         attrs = _check_attributes(attributes or {})
+        if DEPLOY_ATTRIBUTE in attrs:
+            # A deploy-only token (nixd.server.access.deploy): its grants are checked and
+            # normalized here, however they were given (--deploy or --attr deploy=...).
+            attrs[DEPLOY_ATTRIBUTE] = check_grants(attrs[DEPLOY_ATTRIBUTE], org)
         if expires_in is not None and expires_in <= 0:
             raise ConfigError(f"credential expiry must be in the future, got {expires_in} s")
         now = self._clock()

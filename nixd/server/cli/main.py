@@ -33,6 +33,7 @@ from nixd.server.access.identity import KINDS, Identity
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.policy import load_policy
 from nixd.server.access.shared_policy import policy_in_force
+from nixd.server.cli.flakes import register as register_flake_cli
 from nixd.server.cli.gc import register as register_gc
 from nixd.server.cli.migrate import register as register_migrate
 from nixd.server.cli.policies import register as register_policy_cli
@@ -143,6 +144,22 @@ def parse_attrs(pairs: Sequence[str]) -> dict[str, str]:
     return attrs
 
 
+def deploy_grants(outputs: Sequence[str], versions: Sequence[str]) -> list[str]:
+    """``--deploy ORG/FLAKE#OUTPUT`` (repeatable) with ``--deploy-version CONSTRAINT``: one
+    constraint for all, or one per ``--deploy`` in order; a grant may carry ``@C`` itself."""
+    if versions and not outputs:
+        raise ConfigError("--deploy-version needs --deploy ORG/FLAKE#OUTPUT")
+    if len(versions) not in (0, 1, len(outputs)):
+        raise ConfigError("give one --deploy-version for all --deploy, or one for each")
+    grants = []
+    for i, output in enumerate(outputs):
+        version = versions[0] if len(versions) == 1 else versions[i] if versions else ""
+        if version and "@" in output:
+            raise ConfigError(f"--deploy {output!r} has a constraint and --deploy-version too")
+        grants.append(f"{output}@{version}" if version else output)
+    return grants
+
+
 def _admin_identity() -> Identity:
     try:
         user = getpass.getuser()
@@ -241,8 +258,12 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     config, conn = _open(args)
     try:
         expires = parse_duration(args.expires) if args.expires else None
+        attributes: dict[str, Any] = dict(parse_attrs(args.attr))
+        grants = deploy_grants(args.deploy, args.deploy_version)
+        if grants:
+            attributes["deploy"] = grants
         record, token = CredentialStore(conn).create(
-            args.org, args.name, attributes=parse_attrs(args.attr), expires_in=expires
+            args.org, args.name, attributes=attributes, expires_in=expires
         )
     finally:
         conn.close()
@@ -652,6 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
             and every --attr. Attributes are facts the policy matches on (e.g. role=member),
             not permissions. Use it as the netrc password for `nix copy`, or exchange it
             at POST /api/v1/token/exchange for a short-lived access token.
+
+            With --deploy ORG/FLAKE#OUTPUT the token is deploy-only (attribute deploy): it
+            may resolve that output of the flake's releases (those matching
+            --deploy-version, if given) and read exactly their closures from the cache,
+            and nothing else; its exchanged access tokens keep that scope. For a target
+            machine: nixd login token, then nixd apply.
             """
         ),
     )
@@ -660,6 +687,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="a name unique among the org's live tokens")
     p.add_argument("--expires", metavar="DURATION", help="lifetime: 3600, 15m, 12h, 30d, 1y")
     p.add_argument("--attr", action="append", default=[], metavar="K=V", help="an attribute")
+    p.add_argument(
+        "--deploy",
+        action="append",
+        default=[],
+        metavar="ORG/FLAKE#OUTPUT",
+        help="a deploy-only token: it reads the closure of this recorded output of the "
+        "flake's releases and nothing else (repeatable)",
+    )
+    p.add_argument(
+        "--deploy-version",
+        action="append",
+        default=[],
+        metavar="CONSTRAINT",
+        help="only releases matching this version constraint (e.g. 1.*, ~1.2, =1.2.3)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON (id, token, ...)")
     p.set_defaults(func=cmd_token_create)
     p = token.add_parser("list", help="list API tokens (never their secrets)")
@@ -686,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_user_cli(sub, _state, _open, _audit)
     register_migrate(sub, _state)
+    register_flake_cli(sub, _state, _open)
     register_gc(sub, _state, _open, _audit, lambda: _admin_identity().render())
 
     project = sub.add_parser("project", help="projects (cache slices)").add_subparsers(

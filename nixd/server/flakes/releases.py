@@ -210,6 +210,7 @@ class FlakeStore:
         self.blobs = blobs
         self._data_version = data_version
         self._seen = -2
+        self.writes = 0
         self._paths: frozenset[str] = frozenset()
         self._files: frozenset[str] = frozenset()
 
@@ -273,6 +274,7 @@ class FlakeStore:
     def forget_cached(self) -> None:
         """This connection wrote: the remembered source paths may be stale."""
         self._seen = -2
+        self.writes += 1
 
     def is_source(self, hash_part: str) -> bool:
         """Whether some release's source tree has this store path hash (memory, usually)."""

@@ -96,6 +96,7 @@ from nixd.nix.narinfo import NarInfo
 from nixd.nix.storepath import StorePath
 from nixd.server.access.audit import AuditWriter, event_body
 from nixd.server.access.credentials import CredentialRejected, CredentialStore
+from nixd.server.access.deploy import DEPLOY_ONLY, is_deploy_only
 from nixd.server.access.identity import Identity, anonymous
 from nixd.server.access.keys import ServerKeys
 from nixd.server.access.policy import DEFAULT_DENY, PUBLIC_RULES, PolicyHolder
@@ -125,6 +126,7 @@ from nixd.server.storage.store import Nar, PathConflict, PathInfo, Store, compre
 
 if TYPE_CHECKING:
     from nixd.server.flakes.releases import FlakeStore
+    from nixd.server.http.deploy import DeployRoutes
     from nixd.server.http.flakes import FlakeRoutes
 
 log = logging.getLogger(__name__)
@@ -226,11 +228,14 @@ class CacheApp:
         self._revoked: set[str] = set()
         self._disabled: set[str] = set()
         self._flakes: FlakeRoutes | None = None
+        self._deploy: DeployRoutes | None = None
         if services.flakes is not None:
             # Imported here: the flake routes build on this module's helpers.
+            from nixd.server.http.deploy import DeployRoutes  # noqa: PLC0415
             from nixd.server.http.flakes import FlakeRoutes  # noqa: PLC0415
 
             self._flakes = FlakeRoutes(self, services.flakes)
+            self._deploy = DeployRoutes(self, services.flakes, self._flakes)
 
     # -- ASGI entry ---------------------------------------------------------------------
 
@@ -417,10 +422,15 @@ class CacheApp:
         if hit is not None and hit[0] is identity and hit[1] is policy:
             return hit[2], hit[3]
         decision = policy.decide(identity, action, resource, ctx.source_ip or None, public=public)
+        allowed, rule = decision.allowed, decision.rule
+        if action != "deploy:read" and is_deploy_only(identity):
+            # Decided here, once per identity and question (memoized): a deploy-only
+            # credential reads its grants' closures (nixd.server.http.deploy), nothing else.
+            allowed, rule = False, DEPLOY_ONLY
         if len(self._decisions) >= _DECISION_CACHE_MAX:
             self._decisions.clear()
-        self._decisions[key] = (identity, policy, decision.allowed, decision.rule)
-        return decision.allowed, decision.rule
+        self._decisions[key] = (identity, policy, allowed, rule)
+        return allowed, rule
 
     async def _audit(
         self, ctx: _Ctx, action: str, resource: str, allowed: bool, rule: str, **extra: Any
@@ -587,6 +597,11 @@ class CacheApp:
                     ctx, scope, send, hash_part=hash_part, what=name, head=head
                 ):
                     return
+                # Or a path of a deployable closure this caller was granted.
+                if self._deploy is not None and await self._deploy.narinfo(
+                    ctx, scope, send, org=org, project=None, hash_part=hash_part, head=head
+                ):
+                    return
                 raise
             info = next(i for p, i in holders if p.id == project.id)
             self.s.store.note_access(project.id, info.hash_part)  # in memory (retention)
@@ -608,8 +623,17 @@ class CacheApp:
         if name == "nix-cache-info":
             await _respond(send, 200, CACHE_INFO, {"content-type": "text/plain"}, head=head)
         elif name.endswith(".narinfo") and "/" not in name:
-            info = self.s.store.in_slice(project, _hash_part(name))
-            await self._read_decision(ctx, project.org, here if info else [], name)
+            hash_part = _hash_part(name)
+            info = self.s.store.in_slice(project, hash_part)
+            try:
+                await self._read_decision(ctx, project.org, here if info else [], name)
+            except (NotFound, Unauthenticated):
+                # A miss (audited): a path of a deployable closure granted to this caller.
+                if self._deploy is not None and await self._deploy.narinfo(
+                    ctx, scope, send, org=None, project=project, hash_part=hash_part, head=head
+                ):
+                    return
+                raise
             assert info is not None
             self.s.store.note_access(project.id, info.hash_part)  # in memory (retention)
             await self._send_narinfo(scope, send, info, head)
@@ -726,9 +750,17 @@ class CacheApp:
                 and await self._flakes.source_nar(ctx, scope, send, file_hash, head)
             ):
                 return
+            if self._deploy is not None and await self._deploy.nar(
+                ctx, scope, send, org=org, project=project, file_hash=file_hash, head=head
+            ):
+                return
             raise
         assert nar is not None
         self.s.store.note_nar_access(served.id, nar.nar_hash)  # in memory (retention)
+        await self._send_nar_bytes(scope, send, nar, head)
+
+    async def _send_nar_bytes(self, scope: Scope, send: Send, nar: Nar, head: bool) -> None:
+        """The bytes of a NAR whose read was decided (and audited)."""
         path = self.s.store.blob_local_path(nar.file_hash)
         if path is not None:
             # _send_file opens the blob before it sends the head: a GC that unlinks it now

@@ -291,6 +291,12 @@ class FlakeRoutes:
             return
         if method != "GET":
             raise MethodNotAllowed(f"{method} is not supported here")
+        if len(parts) == 6 and parts[2] == "releases" and parts[4] == "outputs":
+            assert self.app._deploy is not None  # built with these routes
+            await self.app._deploy.resolve(
+                ctx, scope, send, org=parts[0], name=parts[1], spec=parts[3], attr=parts[5]
+            )
+            return
         org = parts[0]
         name = parts[1] if len(parts) > 1 else ""
         if len(parts) == 2:
@@ -397,6 +403,14 @@ class FlakeRoutes:
                     f"version {old.version} of {existing.resource} is already published with "
                     "other content; versions are immutable"
                 )
+        # Recorded outputs must be deployable: their closures all there (nixd.server.http.deploy).
+        deploy = self.app._deploy
+        if meta.outputs and deploy is not None:
+            outputs = meta.outputs
+            if await deploy.refuse_incomplete(
+                ctx, send, org=org, name=name, version=str(version), outputs=outputs
+            ):
+                return
         stored = await trio.to_thread.run_sync(self.flakes.store_blobs, source)
         identity = ctx.identity.render() if ctx.identity is not None else "anonymous"
         try:

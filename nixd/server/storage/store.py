@@ -681,6 +681,9 @@ class Store:
         self._version = -1
         self._wal_seen = b""
         self._wal_index = _map_wal_index(conn) if isinstance(conn, sqlite3.Connection) else None
+        self.writes = 0
+        """How many times this connection wrote records (its own commits do not move
+        ``data_version``): with it, a cache of reads knows when to start over."""
         self._accessed: dict[tuple[int, str], float] = {}
         self._nar_accessed: dict[tuple[int, str], float] = {}
 
@@ -729,6 +732,7 @@ class Store:
 
     def _changed(self) -> None:
         """This connection wrote: cached reads may be stale."""
+        self.writes += 1
         self._holders.clear()
         self._trust.clear()
 
