@@ -40,6 +40,8 @@ COMMANDS: dict[str, str] = {
     "post-build-hook": "push",
     "publish": "publish",
     "flake": "flake",
+    "resolve": "resolve",
+    "apply": "apply",
     "completion": "completion",
     "man": "completion",
 }
