@@ -59,7 +59,7 @@ RETRY_DELAYS = (1.0, 3.0)
 PROGRESS_EVERY = 0.5
 """Least seconds between two byte-progress lines (each copied path gets one anyway)."""
 ACT_COPY_PATH = 100
-ACT_SUBSTITUTE = 108
+ACT_FILE_TRANSFER = 101
 RES_PROGRESS = 105
 MAX_ERROR = 4000
 
@@ -161,17 +161,24 @@ def _mib(n: int) -> str:
 
 @dataclass
 class Progress:
-    """Reads Nix's internal-json log lines; writes progress and Nix's messages to ``out``."""
+    """Reads Nix's internal-json log lines; writes progress and Nix's messages to ``out``.
+
+    Paths: Nix's ``copyPath`` activities (type 100), one per path it copies (paths already
+    in the store are not copied). Bytes: the progress of its file transfers (type 101) of
+    NAR files, as downloaded (compressed); the closure's total is the uncompressed size
+    the server reported."""
 
     total_paths: int
     total_bytes: int
     out: IO[str]
     clock: Callable[[], float] = time.monotonic
     copied: int = 0
-    copied_bytes: int = 0
+    downloaded: int = 0
     errors: list[str] = field(default_factory=list)
-    _active: dict[int, tuple[str, int, int]] = field(default_factory=dict)
-    """activity id → (path, bytes done, bytes expected) of paths being copied."""
+    _paths: dict[int, str] = field(default_factory=dict)
+    """copyPath activity id → its store path."""
+    _transfers: dict[int, int] = field(default_factory=dict)
+    """NAR transfer activity id → bytes received so far."""
     _last: float = 0.0
 
     def _line(self, text: str) -> None:
@@ -179,11 +186,12 @@ class Progress:
         self.out.flush()
 
     def _status(self, path: str) -> str:
-        running = sum(done for _, done, _ in self._active.values())
-        got = self.copied_bytes + running
+        got = self.downloaded + sum(self._transfers.values())
         of = f" of {self.total_paths}" if self.total_paths else ""
-        size = f", {_mib(got)}" + (f" of {_mib(self.total_bytes)}" if self.total_bytes else "")
-        return f"fetched {self.copied}{of} paths{size}" + (f": {path}" if path else "")
+        size = f" (closure {_mib(self.total_bytes)})" if self.total_bytes else ""
+        return f"fetched {self.copied}{of} paths{size}, {_mib(got)} downloaded" + (
+            f": {path}" if path else ""
+        )
 
     def feed(self, line: str) -> None:
         if not line.startswith("@nix "):
@@ -196,27 +204,31 @@ class Progress:
             return
         if not isinstance(event, dict):
             return
-        kind, ident = event.get("action"), event.get("id")
-        if kind == "start" and event.get("type") in (ACT_COPY_PATH,):
-            fields = event.get("fields") or []
-            path = fields[0] if fields and isinstance(fields[0], str) else ""
-            if isinstance(ident, int):
-                self._active[ident] = (path, 0, 0)
-        elif kind == "result" and event.get("type") == RES_PROGRESS and ident in self._active:
-            fields = event.get("fields") or []
-            if len(fields) >= 2 and all(isinstance(f, int) for f in fields[:2]):
-                path = self._active[ident][0]
-                self._active[ident] = (path, fields[0], fields[1])
+        kind, ident, fields = event.get("action"), event.get("id"), event.get("fields") or []
+        if not isinstance(fields, list):
+            return
+        first = fields[0] if fields else None
+        if kind == "start" and isinstance(ident, int) and isinstance(first, str):
+            if event.get("type") == ACT_COPY_PATH:
+                self._paths[ident] = first
+            elif event.get("type") == ACT_FILE_TRANSFER and "/nar/" in first:
+                self._transfers[ident] = 0
+        elif kind == "result" and event.get("type") == RES_PROGRESS and ident in self._transfers:
+            if fields and isinstance(first, int) and not isinstance(first, bool) and first >= 0:
+                assert isinstance(ident, int)
+                self._transfers[ident] = first
                 now = self.clock()
                 if now - self._last >= PROGRESS_EVERY:
                     self._last = now
-                    self._line(self._status(path))
-        elif kind == "stop" and ident in self._active:
-            path, done, expected = self._active.pop(ident)
+                    self._line(self._status(""))
+        elif kind == "stop" and ident in self._transfers:
+            assert isinstance(ident, int)
+            self.downloaded += self._transfers.pop(ident)
+        elif kind == "stop" and ident in self._paths:
+            assert isinstance(ident, int)
             self.copied += 1
-            self.copied_bytes += max(done, expected)
             self._last = self.clock()
-            self._line(self._status(path))
+            self._line(self._status(self._paths.pop(ident)))
         elif kind == "msg":
             level, msg = event.get("level"), event.get("msg")
             if isinstance(msg, str) and isinstance(level, int):
@@ -372,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(args, exitcodes.FAILURE, str(exc))
     result |= {
         "profile_changed": p.changes_profile,
-        "fetched": {"paths": progress.copied, "nar_size": progress.copied_bytes,
+        "fetched": {"paths": progress.copied, "downloaded": progress.downloaded,
                     "attempts": attempts},
     }  # fmt: skip
     if args.json:

@@ -47,7 +47,7 @@ NIX_CONF = (
     "build-users-group =\nsandbox = false\nexperimental-features = nix-command\n"
     "substituters =\nfsync-metadata = false\n"
 )
-RECORDER = 'echo "$(basename "$0") $* DRY_RUN=${DRY_RUN:-}" >> "$NIXD_APPLY_RECORD"'
+RECORDER = 'echo "$(basename "$0")" "$@" "DRY_RUN=${DRY_RUN:-}" >> "$NIXD_APPLY_RECORD"'
 SYSTEM = """let
   mk = name: script: derivation {
     inherit name; system = builtins.currentSystem; builder = "/bin/sh";
@@ -85,7 +85,8 @@ class Deploy:
         return self.ci.build(system_expr(os.urandom(4).hex(), big))
 
     def push(self, path: str) -> None:
-        done = copy_to(self.ci, f"{self.server.url}/cache/acme/app", self.push_netrc, path)
+        url = f"{self.server.url}/cache/acme/app?compression=none"
+        done = copy_to(self.ci, url, self.push_netrc, path)
         assert done.returncode == 0, done.stderr.decode()
 
     def publish(self, name: str, version: str, top: str) -> httpx.Response:
@@ -359,14 +360,14 @@ async def test_the_server_going_away_mid_fetch_then_a_retry_at_once_succeeds(
     a large NAR is on its way; the failed apply changed nothing, and the same command run
     right after the server is back succeeds — with Nix's default negative TTL."""
     name = f"big{os.urandom(3).hex()}"
-    big = 3 << 20
+    big = 64 << 20  # more than the sockets between relay and server buffer
     top = deploy.build(big=big)
     deploy.push(top)
     assert deploy.publish(name, "0.1.0", top).status_code == 201
     token = deploy.deploy_token(name, name)
     async with trio.open_nursery() as nursery:
         relay = await nursery.start(
-            PacedRelay(SERVER_HOST, deploy.server.port, rate=256 << 10).serve
+            PacedRelay(SERVER_HOST, deploy.server.port, rate=16 << 20).serve
         )
         t = await _target(tmp_path, relay.url, token, daemon_factory)
         # Nix's default negative TTL wins over the 0 of nixd's fragment (included above)
@@ -381,7 +382,7 @@ async def test_the_server_going_away_mid_fetch_then_a_retry_at_once_succeeds(
             first.append(await t.nixd(*args))
 
         nursery.start_soon(first_apply)
-        await relay.wait_forwarded(relay.forwarded + (1 << 20))
+        await relay.wait_forwarded(relay.forwarded + (8 << 20))
         deploy.server.stop(signal.SIGKILL)
         while not first:  # noqa: ASYNC110 - a task of this nursery
             await trio.sleep(0.05)
