@@ -597,9 +597,15 @@ class CacheApp:
                     ctx, scope, send, hash_part=hash_part, what=name, head=head
                 ):
                     return
-                # Or a path of a deployable closure this caller was granted.
-                if self._deploy is not None and await self._deploy.narinfo(
-                    ctx, scope, send, org=org, project=None, hash_part=hash_part, head=head
+                # Or a path of a deployable closure this caller was granted; only a path
+                # some slice holds can be one (the misses `nix copy --to` makes before
+                # each upload cost nothing more).
+                if (
+                    holders
+                    and self._deploy is not None
+                    and await self._deploy.narinfo(
+                        ctx, scope, send, org=org, project=None, hash_part=hash_part, head=head
+                    )
                 ):
                     return
                 raise
@@ -629,8 +635,12 @@ class CacheApp:
                 await self._read_decision(ctx, project.org, here if info else [], name)
             except (NotFound, Unauthenticated):
                 # A miss (audited): a path of a deployable closure granted to this caller.
-                if self._deploy is not None and await self._deploy.narinfo(
-                    ctx, scope, send, org=None, project=project, hash_part=hash_part, head=head
+                if (
+                    info
+                    and self._deploy is not None
+                    and await self._deploy.narinfo(
+                        ctx, scope, send, org=None, project=project, hash_part=hash_part, head=head
+                    )
                 ):
                     return
                 raise
@@ -750,8 +760,12 @@ class CacheApp:
                 and await self._flakes.source_nar(ctx, scope, send, file_hash, head)
             ):
                 return
-            if self._deploy is not None and await self._deploy.nar(
-                ctx, scope, send, org=org, project=project, file_hash=file_hash, head=head
+            if (
+                candidates
+                and self._deploy is not None
+                and await self._deploy.nar(
+                    ctx, scope, send, org=org, project=project, file_hash=file_hash, head=head
+                )
             ):
                 return
             raise

@@ -33,8 +33,9 @@ audit line), so a normal identity's hit costs nothing more; a deploy-only identi
 refused everything else by the policy decision itself (rule ``deploy-only``), so any
 other path, the flake tarball and the flake listings answer exactly as absent. The set
 of readable paths is computed once per identity, policy and database version and kept
-(the closures themselves per output). Every such read is audited (``deploy:read``, with
-the output and its store path).
+(the closures themselves per output), and only asked for a path some slice holds, so the
+misses of paths nobody has (``nix copy --to`` asks before each upload) cost nothing more.
+Every such read is audited (``deploy:read``, with the output and its store path).
 """
 
 from __future__ import annotations
