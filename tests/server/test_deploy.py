@@ -11,6 +11,7 @@ import pytest
 from nixd.errors import ConfigError
 from nixd.nix.flaketarball import normalize
 from nixd.semver import parse_version
+from nixd.server.flakes.deploy import walk
 from nixd.server.flakes.metadata import ReleaseMetadata
 from nixd.server.flakes.releases import Flake
 from tests.server.deployenv import (
@@ -352,3 +353,39 @@ async def test_members_read_as_before(deploy_env: DeployEnv) -> None:
     assert (await env.get(env.flake.member, "/f/acme/tool/0.1.0.tar.gz")).status_code == 200
     flake = env.flake.flakes.flake("acme", "tool")
     assert isinstance(flake, Flake) and flake.visibility == "private"
+
+
+async def test_hostile_resolves_and_reference_graphs(deploy_env: DeployEnv) -> None:
+    """Gigantic or malformed names, versions and attributes; cycles and self-references
+    in uploaded narinfos; a closure past the walk's bound."""
+    env = deploy_env
+    a, b = new_hash(), new_hash()
+    await env.put("acme/app", a, (a, b))  # a self-reference and a cycle a -> b -> a
+    await env.put("acme/app", b, (a,))
+    assert (await env.publish("acme/tool", "0.1.0", {OUTPUT: path_of(a)})).status_code == 201
+    base = "/api/v1/flakes/acme/tool/releases"
+    r = await env.get(env.flake.member, f"{base}/0.1.0/outputs/{OUTPUT}")
+    assert r.status_code == 200 and r.json()["closure"]["paths"] == 2
+    member, kiosk = env.flake.member, env.tokens["kiosk"]
+    for attr in ("x" * 5000, "a%2Fb", "%2E%2E", "$(id)", 'a"b'):
+        r = await env.get(member, f"{base}/0.1.0/outputs/{attr}")
+        assert r.status_code in (400, 404), r.text
+        assert len(r.content) < 400
+        hidden = await env.get(kiosk, f"{base}/0.1.0/outputs/{attr}")
+        ghost = await env.get(kiosk, f"/api/v1/flakes/acme/ghost/releases/0.1.0/outputs/{attr}")
+        assert answer(hidden) == answer(ghost)
+    for spec in ("9" * 400, "~~", ">=0.1 <1 " * 40):
+        r = await env.get(member, f"{base}/{spec}/outputs/{OUTPUT}")
+        assert r.status_code == 400, r.text
+        hidden = await env.get(kiosk, f"{base}/{spec}/outputs/{OUTPUT}")
+        assert hidden.status_code in (400, 404)
+    for flake in ("acme/" + "x" * 300, "../acme/tool", "acme/tool%00"):
+        r = await env.get(member, f"/api/v1/flakes/{flake}/releases/0.1.0/outputs/{OUTPUT}")
+        assert r.status_code == 404
+    # More paths than the walk takes: incomplete, and said so.
+    chain = [new_hash() for _ in range(4)]
+    for i in reversed(range(4)):
+        await env.put("acme/app", chain[i], (chain[i + 1],) if i < 3 else ())
+    walked = walk(env.flake.services.store, "acme", path_of(chain[0]), limit=2)
+    assert walked.truncated and not walked.complete and len(walked.records) == 2
+    assert walk(env.flake.services.store, "ACME", path_of(chain[0])).complete

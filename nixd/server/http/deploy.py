@@ -51,6 +51,7 @@ from nixd.server.access.policy import DEFAULT_DENY
 from nixd.server.asgi import Scope, Send
 from nixd.server.errors import BadRequest, NoRelease, NotFound, Unauthenticated
 from nixd.server.flakes.deploy import Closure, Closures
+from nixd.server.flakes.metadata import ATTR_RE, MAX_ATTR
 from nixd.server.flakes.releases import Flake, FlakeStore, Release
 from nixd.server.http.app import CacheApp, _Ctx, _json
 from nixd.server.storage.db import NAME_RE, Project
@@ -288,6 +289,8 @@ class DeployRoutes:
                 raise Unauthenticated("authentication required")
             raise NotFound()
         try:
+            if len(attr) > MAX_ATTR or not ATTR_RE.fullmatch(attr):
+                raise BadRequest(f"{attr[:80]!r} is not an output attribute name")
             release = self._release(flake, spec, grants, attr)
             path = _outputs(release).get(attr)
             if path is None:
