@@ -6,9 +6,6 @@ pinning, ``deploy:read`` policy rules (and a deny taking a grant away), and the 
 
 from __future__ import annotations
 
-import pytest
-
-from nixd.errors import ConfigError
 from nixd.nix.flaketarball import normalize
 from nixd.semver import parse_version
 from nixd.server.flakes.deploy import walk
@@ -325,21 +322,28 @@ async def test_deploy_read_by_policy_and_a_deny_over_a_grant(deploy_env: DeployE
 def test_token_create_checks_deploy_grants(deploy_env: DeployEnv) -> None:
     state = deploy_env.flake.state
     bad = [
-        ("--deploy", "other/tool#out"),  # another organization's flake
-        ("--deploy", "acme/tool"),  # no output
-        ("--deploy", "acme/tool#out", "--deploy-version", "not a constraint"),
-        ("--deploy-version", "1.*"),
-        ("--attr", "deploy=acme/../x#out"),
+        (("--deploy", "other/tool#out"), "a token of acme may only deploy flakes of acme"),
+        (("--deploy", "acme/tool"), "expected ORG/FLAKE#OUTPUT[@CONSTRAINT]"),
+        (("--deploy", "acme/t#o", "--deploy-version", "~~"), "deploy grant 'acme/t#o@~~'"),
+        (("--deploy-version", "1.*"), "--deploy-version needs --deploy"),
+        (("--attr", "deploy=acme/../x#out"), "expected ORG/FLAKE#OUTPUT"),
     ]
-    for i, args in enumerate(bad):
-        with pytest.raises((ConfigError, AssertionError)):
-            deploy_token(state, "acme", f"bad{i}", *args)
+    for i, (args, message) in enumerate(bad):
+        proc = state.cli(
+            "token", "create", "--org", "acme", "--name", f"bad{i}", *args, check=False
+        )
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
     token = deploy_token(
         state, "acme", "two", "--deploy", "acme/a#x", "--deploy", "acme/b#y@~1.2",
     )  # fmt: skip
     assert token.startswith("nixd_")
     listed = state.cli("token", "list", "--json").stdout
     assert '"deploy": ["acme/a#x@*", "acme/b#y@~1.2"]' in listed
+    # policy explain says what the server decides for such an identity.
+    who = ("--identity", "token:acme/two", "--attr", "org=acme", "--attr", "deploy=acme/a#x")
+    proc = state.cli("policy", "explain", *who, "--action", "cache:read", "--resource", "acme/app",
+                     check=False)  # fmt: skip
+    assert proc.returncode == 2 and "deny cache:read on acme/app (rule deploy-only)" in proc.stdout
 
 
 async def test_members_read_as_before(deploy_env: DeployEnv) -> None:
