@@ -85,7 +85,8 @@ Rooms
     AWS, device code, accounts, web pages), ``storage/`` (metadata on SQLite or
     PostgreSQL, blobs in a directory or an S3 bucket, and retention: pins and the garbage
     collector), ``flakes/`` (private flakes: releases by semantic version, their
-    tarballs and source trees, :mod:`nixd.server.flakes`), ``cli/`` (one module per
+    tarballs and source trees, and the closures of the outputs they record, which
+    deploy-only tokens read: :mod:`nixd.server.flakes`), ``cli/`` (one module per
     command group). Imports run cli → http → access, login, flakes → storage; the room
     root holds config, errors, the metrics every room may count into and the ASGI types
     that every room shares.
