@@ -13,7 +13,7 @@ URL space (NIX-PROTOCOL.md has what the real client does with each answer)::
     GET  /api/v1/token/status                who am I, until when
     GET  /api/v1/cache/keys                  narinfo public keys, for pinning
     GET  /.well-known/jwks.json              access-token verification keys
-    /f/..., /api/v1/flakes...                private flakes (:mod:`.flakes`)
+    /f/..., /api/v1/flakes...                private flakes (:mod:`.flakes`, :mod:`.deploy`)
     GET  /healthz, /readyz, /metrics         live, ready, Prometheus (:mod:`.ops`)
 
 **Views.** A view of organization O (see the tenancy model in :mod:`nixd.server`) asks

@@ -67,6 +67,7 @@ NO_GRANT = "no-deploy-grant"
 INCOMPLETE = "incomplete-closure"
 """Audit rule of a publish refused because an output's closure is not all there."""
 _ALLOWED_MAX = 10_000
+_READABLE_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,9 @@ class DeployRoutes:
         self.closures = Closures(store, lambda: (store.data_version(), store.writes, flakes.writes))
         self._outputs_version: Any = None
         self._outputs: list[tuple[Flake, Release]] = []
-        self._readable: dict[tuple[int, str], tuple[Identity, Any, Any, Readable]] = {}
+        self._granted_to: dict[tuple[int, str], tuple[Identity, Any, Any, tuple[Output, ...]]] = {}
+        self._readable: dict[tuple[Output, ...], Readable] = {}
+        self._readable_version: Any = None
 
     # -- what may be read ---------------------------------------------------------------
 
@@ -122,7 +125,11 @@ class DeployRoutes:
         return self._outputs
 
     def readable(self, ctx: _Ctx) -> Readable:
-        """The records this caller may read by deploy grants (remembered per identity)."""
+        """The records this caller may read by deploy grants.
+
+        What it was granted is remembered per identity; the records per set of granted
+        outputs, so a thousand kiosks with one grant share one map.
+        """
         recorded = self._recorded()  # also notices a changed database
         if not recorded:
             return _NOTHING
@@ -130,18 +137,30 @@ class DeployRoutes:
         policy = self.app.s.policy.current
         version = self.closures.version()
         key = (id(identity), ctx.source_ip)
-        hit = self._readable.get(key)
+        hit = self._granted_to.get(key)
         if hit is not None and hit[0] is identity and hit[1] is policy and hit[2] == version:
-            return hit[3]
-        readable = Readable()
-        for output in self._granted(ctx, identity, recorded):
-            closure = self.closures.of(output.org, output.store_path)
-            for hash_part, (project, info) in closure.records.items():
-                readable.paths.setdefault(hash_part, (project, info, output))
-                readable.files.setdefault(info.nar.file_hash, (project, info, output))
-        if len(self._readable) >= _ALLOWED_MAX:
+            outputs = hit[3]
+        else:
+            outputs = tuple(self._granted(ctx, identity, recorded))
+            if len(self._granted_to) >= _ALLOWED_MAX:
+                self._granted_to.clear()
+            self._granted_to[key] = (identity, policy, version, outputs)
+        if not outputs:
+            return _NOTHING
+        if self._readable_version != version:
+            self._readable_version = version
             self._readable.clear()
-        self._readable[key] = (identity, policy, version, readable)
+        readable = self._readable.get(outputs)
+        if readable is None:
+            readable = Readable()
+            for output in outputs:
+                closure = self.closures.of(output.org, output.store_path)
+                for hash_part, (project, info) in closure.records.items():
+                    readable.paths.setdefault(hash_part, (project, info, output))
+                    readable.files.setdefault(info.nar.file_hash, (project, info, output))
+            if len(self._readable) >= _READABLE_MAX:
+                self._readable.clear()
+            self._readable[outputs] = readable
         return readable
 
     def _granted(
