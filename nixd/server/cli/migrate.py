@@ -1,7 +1,7 @@
 """``nixd-server migrate STATE_DIR``: bring the metadata database's schema up to date.
 
 Every component's migrations (core, store, accounts, device, throttle, web, keys, policy,
-and audit, whose tables exist on PostgreSQL only) in the order their tables refer to each
+audit, whose tables exist on PostgreSQL only, and mirror) in the order their tables refer to each
 other, each in one transaction under the write lock, so two processes migrating at once
 apply each migration exactly once. ``serve`` and the admin commands apply them too when
 they open the database; this command is for doing it before starting instances (several
@@ -26,6 +26,7 @@ from nixd.errors import ConfigError
 from nixd.server.access import audit_db, keys, shared_policy
 from nixd.server.config import ServerConfig
 from nixd.server.login import accounts, device, throttle, web
+from nixd.server.mirror import records as mirror_records
 from nixd.server.storage import db, store
 from nixd.server.storage.db import (
     Connection,
@@ -47,6 +48,7 @@ COMPONENTS: list[tuple[str, Sequence[Migration]]] = [
     ("keys", keys.MIGRATIONS),
     ("policy", shared_policy.MIGRATIONS),
     ("audit", audit_db.MIGRATIONS),
+    ("mirror", mirror_records.MIGRATIONS),
 ]
 """Every component with a schema, in dependency order (device refers to accounts)."""
 
@@ -71,6 +73,7 @@ COPY_ORDER = [
     "upload_aliases",
     "slice_records",
     "pins",
+    *mirror_records.TABLES,
     "logs",
     "accounts",
     "device_codes",

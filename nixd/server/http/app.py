@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import itertools
 import json
 import logging
@@ -118,6 +119,7 @@ from nixd.server.http.ops import OpsRoutes, count_storage_error
 from nixd.server.login.device import DeviceService
 from nixd.server.login.exchange import Exchanger, ExchangeRejected
 from nixd.server.login.web import WebPages
+from nixd.server.mirror.service import MirrorService
 from nixd.server.storage.blobs import BlobMissing
 from nixd.server.storage.db import Project
 from nixd.server.storage.store import Nar, PathConflict, PathInfo, Store, compression_of
@@ -177,6 +179,8 @@ class Services:
     """Interactive login: ``/api/v1/device/*`` and the ``/device`` pages."""
     ops: OpsRoutes | None = None
     """``/healthz``, ``/readyz``, ``/metrics`` (:mod:`nixd.server.http.ops`)."""
+    mirror: MirrorService | None = None
+    """Upstream caches (:mod:`nixd.server.mirror`): completion after uploads, pull-through."""
 
 
 @dataclass
@@ -559,6 +563,8 @@ class CacheApp:
         elif name.endswith(".narinfo") and "/" not in name:
             holders = self.s.store.holders(_hash_part(name))
             candidates = [(p, i.created) for p, i in holders]
+            if self.s.mirror is not None and self.s.mirror.pull_through:
+                holders, candidates = await self._pull_view(ctx, org, name, holders, candidates)
             project = await self._read_decision(ctx, org, candidates, name)
             info = next(i for p, i in holders if p.id == project.id)
             self.s.store.note_access(project.id, info.hash_part)  # in memory (retention)
@@ -581,6 +587,12 @@ class CacheApp:
             await _respond(send, 200, CACHE_INFO, {"content-type": "text/plain"}, head=head)
         elif name.endswith(".narinfo") and "/" not in name:
             info = self.s.store.in_slice(project, _hash_part(name))
+            if (
+                info is None
+                and self.s.mirror is not None
+                and self._may(ctx, "cache:read", project)[0]
+            ):
+                info = await self.s.mirror.pull(project, _hash_part(name))  # 503 if it is slow
             await self._read_decision(ctx, project.org, here if info else [], name)
             assert info is not None
             self.s.store.note_access(project.id, info.hash_part)  # in memory (retention)
@@ -602,6 +614,32 @@ class CacheApp:
             await _respond(send, 200, logs[0][2], {"content-type": "text/plain"}, head=head)
         else:
             await self._read_decision(ctx, project.org, [], name)
+
+    async def _pull_view(
+        self,
+        ctx: _Ctx,
+        org: str | None,
+        name: str,
+        holders: list[tuple[Project, PathInfo]],
+        candidates: list[tuple[Project, float]],
+    ) -> tuple[list[tuple[Project, PathInfo]], list[tuple[Project, float]]]:
+        """A view's miss: pulled into the first slice of the view that pulls through.
+
+        Only what the reader would see decides (the view is empty for it): a path hidden
+        in a slice it cannot read is pulled as if absent, so no answer tells it apart.
+        """
+        assert self.s.mirror is not None
+        if self._view(ctx, org, candidates)[0]:
+            return holders, candidates
+        targets = [(p, 0.0) for p in self.s.mirror.pull_targets(org)]
+        ranked = self._view(ctx, org, targets)[0]
+        if not ranked:
+            return holders, candidates
+        project = ranked[0][0]
+        info = await self.s.mirror.pull(project, _hash_part(name))  # 503 if it is slow
+        if info is None:
+            return holders, candidates
+        return [*holders, (project, info)], [*candidates, (project, info.created)]
 
     def _signed_narinfo(self, info: PathInfo) -> bytes:
         now = self.s.clock()
@@ -641,6 +679,13 @@ class CacheApp:
             sigs=(),
             ca=info.ca,
         )
+        if self.s.mirror is not None:  # a mirrored record keeps its upstream's Sig too
+            ni = dataclasses.replace(
+                ni,
+                sigs=self.s.mirror.upstream_sigs(
+                    info.hash_part, info.nar.nar_hash, ni.fingerprint()
+                ),
+            )
         for secret in signers:
             ni = ni.signed(secret)
         body = ni.render().encode()
@@ -810,7 +855,14 @@ class CacheApp:
         )
         existing = self.s.store.in_slice(project, record.hash_part)
         replace = False
-        if existing is not None and not existing.same_contents(record):
+        if (
+            existing is not None
+            and not existing.same_contents(record)
+            and self.s.mirror is not None
+            and self.s.mirror.mirrored(project, existing)
+        ):
+            replace = True  # the slice's writer's own build replaces a mirrored copy
+        elif existing is not None and not existing.same_contents(record):
             replace, rule = self._may(ctx, "cache:admin", project)
             await self._audit(
                 ctx, "cache:replace", project.slice, replace, rule, object=record.basename
@@ -821,6 +873,8 @@ class CacheApp:
             raise Conflict(str(exc)) from exc
         if changed:
             log.info("stored %s in %s", ni.store_path.path(), project.slice)
+            if self.s.mirror is not None:  # its closure is completed in the background
+                self.s.mirror.uploaded(project, record)
 
     # -- /api/ --------------------------------------------------------------------------
 
