@@ -266,6 +266,7 @@ class MirrorService:
     ) -> Progress:
         """Fetch what ``project`` lacks of the closure of ``hash_part``; see the module
         docstring (``deep``: descend through held paths too). Marks the root's state."""
+        records.add_root(self.store.conn, project.id, hash_part, name)
         done = Progress()
         seen = {hash_part}
         note = progress or (lambda what, path: None)

@@ -25,10 +25,12 @@ within it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 import trio
@@ -158,11 +160,17 @@ class Upstream:
                     raise Refused(self.name, f"narinfo of {length} bytes (at most {MAX_NARINFO})")
                 parts: list[bytes] = []
                 size = 0
-                async for chunk in resp.aiter_raw():
-                    size += len(chunk)
-                    if size > MAX_NARINFO:
-                        raise Refused(self.name, f"narinfo larger than {MAX_NARINFO} bytes")
-                    parts.append(chunk)
+                async with contextlib.aclosing(_raw_chunks(resp)) as chunks:
+                    try:
+                        async for chunk in chunks:
+                            size += len(chunk)
+                            if size > MAX_NARINFO:
+                                raise Refused(self.name, f"narinfo larger than {MAX_NARINFO} bytes")
+                            parts.append(chunk)
+                    except BaseException:
+                        with trio.CancelScope(shield=True):
+                            await _discard(resp, chunks)
+                        raise
                 return b"".join(parts)
         except httpx.HTTPError as exc:
             raise Unavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
@@ -198,16 +206,22 @@ class Upstream:
                     size = 0
                     pending: list[bytes] = []
                     held = 0
-                    async for chunk in resp.aiter_raw():
-                        size += len(chunk)
-                        if size > limit:
-                            raise Refused(self.name, f"NAR body larger than {limit} bytes")
-                        pending.append(chunk)
-                        held += len(chunk)
-                        if held >= FEED_BATCH:
-                            await feed(b"".join(pending))
-                            pending.clear()
-                            held = 0
+                    async with contextlib.aclosing(_raw_chunks(resp)) as chunks:
+                        try:
+                            async for chunk in chunks:
+                                size += len(chunk)
+                                if size > limit:
+                                    raise Refused(self.name, f"NAR body larger than {limit} bytes")
+                                pending.append(chunk)
+                                held += len(chunk)
+                                if held >= FEED_BATCH:
+                                    await feed(b"".join(pending))
+                                    pending.clear()
+                                    held = 0
+                        except BaseException:
+                            with trio.CancelScope(shield=True):
+                                await _discard(resp, chunks)
+                            raise
                     if pending:
                         await feed(b"".join(pending))
                     if info.file_size is not None and size != info.file_size:
@@ -216,6 +230,25 @@ class Upstream:
                         )
             except httpx.HTTPError as exc:
                 raise Unavailable(self.name, f"NAR download: {type(exc).__name__}: {exc}") from exc
+
+
+def _raw_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """``response.aiter_raw()`` as what it is, an async generator (so it can be closed)."""
+    return cast("AsyncGenerator[bytes, None]", response.aiter_raw())
+
+
+async def _discard(response: httpx.Response, chunks: AsyncGenerator[bytes, None]) -> None:
+    """Stop reading ``response`` mid-body, leaving nothing to the garbage collector.
+
+    httpx reads bodies through a chain of async generators; closing only the outer one
+    abandons the inner ones mid-iteration (encode/httpx#3686), which trio reports when
+    they are collected. So the connection is closed under them first and the chain run
+    into that (the proxy's upstream client does the same).
+    """
+    await response.aclose()
+    with contextlib.suppress(Exception):
+        async for _ in chunks:
+            pass
 
 
 def _status(upstream: str, status: int, url: str, *, what: str = "narinfo") -> None:
