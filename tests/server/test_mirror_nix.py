@@ -10,28 +10,28 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
 from tests.realnix import RealNix
-from tests.server.conftest import ServerState
+from tests.server.conftest import BACKENDS, ServerState
 from tests.server.mirrorenv import StandIn, make_upstream, stand_in
 from tests.server.test_nix_e2e import copy_from, exchange, netrc
 from tests.serverproc import start_server
 
 
 def add_mirror(state: Path, url: str, key: str, **extra: object) -> None:
-    lines = [
-        "\n[[mirror]]",
-        'name = "up"',
-        f'url = "{url}"',
-        f'public_keys = ["{key}"]',
-        'slices = ["acme/app"]',
-        "timeout = 5.0",
-        "requests_per_second = 0",
-    ]
-    for k, v in extra.items():
-        lines.append(f"{k} = {json.dumps(v)}")
+    keys: dict[str, object] = {
+        "name": "up",
+        "url": url,
+        "public_keys": [key],
+        "slices": ["acme/app"],
+        "timeout": 5.0,
+        "requests_per_second": 0,
+        **extra,
+    }
+    lines = ["\n[[mirror]]", *(f"{k} = {json.dumps(v)}" for k, v in keys.items())]
     with (state / "config.toml").open("a") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -68,6 +68,7 @@ def wait_complete(state: ServerState, slice_: str) -> dict[str, object]:
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("metadata", BACKENDS, indirect=True)  # SQLite and PostgreSQL
 def test_upload_of_the_top_completes_the_closure_from_a_stopped_upstream(
     server_state: ServerState, real_nix: RealNix, tmp_path: Path
 ) -> None:
