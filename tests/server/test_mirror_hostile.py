@@ -163,12 +163,24 @@ async def test_only_verified_paths_are_stored_and_every_refusal_is_reported(
         forever = up.publish("forever", b"f", hp=endless_hp)
         s.answers[f"/nar/{endless_hp}.nar.xz"] = endless
         many_refs = up.publish("many", b"m", tuple(f"{fresh()}-r" for _ in range(10_000)))
+        refs_5k = up.publish("fivek", b"5", tuple(f"{fresh()}-r" for _ in range(5000)))
         elsewhere = up.publish("elsewhere", b"e", url="http://169.254.169.254/latest")
         absent = f"{fresh()}-absent"
         root = up.publish(
             "root",
             b"root",
-            (good, badsig, mismatch, truncated, huge, forever, many_refs, elsewhere, absent),
+            (
+                good,
+                badsig,
+                mismatch,
+                truncated,
+                huge,
+                forever,
+                many_refs,
+                refs_5k,
+                elsewhere,
+                absent,
+            ),
         )
         service = MirrorService((mirror(s.url),), store, max_nar_size=64 << 20)
         app = project(store)
@@ -181,7 +193,7 @@ async def test_only_verified_paths_are_stored_and_every_refusal_is_reported(
         assert store.in_slice(app, good[:32]) is not None
         assert len(list(store.iter_blobs())) == 2  # nothing unverified is kept
         assert store.stats()["nars"] == 2
-        bad = [badsig, mismatch, truncated, huge, forever, many_refs, elsewhere, absent]
+        bad = [badsig, mismatch, truncated, huge, forever, many_refs, refs_5k, elsewhere, absent]
         for path in bad:
             assert store.in_slice(app, path[:32]) is None, path
         assert sorted(result.missing) == sorted(f"/nix/store/{p}" for p in bad)
@@ -201,6 +213,7 @@ async def test_only_verified_paths_are_stored_and_every_refusal_is_reported(
         assert "larger than this server accepts" in reasons["huge"]
         assert "larger than" in reasons["forever"] or "TooLarge" in reasons["forever"]
         assert "narinfo of 3" in reasons["many"] and "(at most 262144)" in reasons["many"]
+        assert "5000 references (more than 4096 accepted)" in reasons["fivek"]
         assert "not a name inside the cache" in reasons["elsewhere"]
 
 
