@@ -42,6 +42,17 @@ refused 507 before its body is asked for (no ``100 Continue``), and one to a buc
 does not answer 503 likewise: Nix 2.8 does not rewind an
 upload it retries, so only a refusal that read none of the body leaves its retries whole.
 
+**Mirrors** (:mod:`nixd.server.mirror`, ``Services.mirror``). A stored narinfo upload to
+a slice a ``[[mirror]]`` lists queues the completion of its closure (a row and a queue
+entry; the fetching happens in the background task). With ``pull_through``, a narinfo
+miss is fetched first: in a slice, if the caller may read it; in a view, if the view is
+empty for this reader (what it cannot see plays no part, so a hidden path is pulled as if
+absent), into the first slice of the view that pulls through. An upstream that is slow
+or down is a 503, never a 404 (Nix would remember it for an hour). A mirrored record's
+narinfo carries the upstream's ``Sig`` (re-checked against the record's fingerprint) next
+to the server's, and a writer's own upload replaces a mirrored copy without
+``cache:admin``.
+
 **Hot path.** Every URL is dispatched by hand (a dozen fixed routes do not need a router,
 and Starlette's per-request middleware stack cost more than the rest of a narinfo answer):
 parse the Authorization header; a verified token is remembered until it expires (an API
