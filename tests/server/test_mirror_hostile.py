@@ -312,3 +312,30 @@ async def test_mirrored_paths_live_by_the_closures_that_reference_them(
     assert store.in_slice(app, stray[:32]) is None
     live = {p.hash_part for p in records.live_provenance(store.conn, app.id)}
     assert live == {top[:32], mid[:32], leaf[:32]}
+
+
+async def test_an_upstream_that_does_not_answer_leaves_the_closure_pending(
+    store: Store, tmp_path: Path
+) -> None:
+    with stand_in() as s:
+        up = Upstream(s, tmp_path)
+        leaf = up.publish("leaf", b"leaf")
+        top = up.publish("top", b"top", (leaf,))
+        service = MirrorService((mirror(s.url, timeout=0.5),), store, max_nar_size=1 << 20)
+        app = project(store)
+        try:
+            good = s.answers[f"/{leaf[:32]}.narinfo"]
+            s.answers[f"/{leaf[:32]}.narinfo"] = lambda h: send(h, 502, b"bad gateway")
+            # top is fetched; its reference is not, as the upstream fails: retry later.
+            result = await service.complete(app, top[:32], "top")
+            assert (result.fetched, result.unavailable) == (1, 1)
+            (st,) = status_of(store.conn, app)
+            assert st["roots"] == {"pending": 1, "complete": 0, "incomplete": 0}
+            assert "HTTP 502" in st["failures"][0]["reason"]
+            s.answers[f"/{leaf[:32]}.narinfo"] = good
+            result = await service.complete(app, top[:32], "top")
+        finally:
+            await service.aclose()
+        (st,) = status_of(store.conn, app)
+        assert st["roots"] == {"pending": 0, "complete": 1, "incomplete": 0}
+        assert st["failures"] == [] and st["mirrored"] == 2

@@ -200,21 +200,33 @@ def add_root(conn: Connection, project_id: int, hash_part: str, name: str) -> No
         )
 
 
-def finish_root(conn: Connection, project_id: int, hash_part: str, missing: int) -> None:
+def finish_root(
+    conn: Connection, project_id: int, hash_part: str, missing: int, *, retry: bool = False
+) -> None:
+    """A completion ended: complete, incomplete, or (``retry``) pending for a later try."""
+    state = PENDING if retry and missing else COMPLETE if missing == 0 else INCOMPLETE
     with transaction(conn):
         conn.execute(
             "UPDATE mirror_roots SET state = ?, missing = ?, updated = ? "
             "WHERE project_id = ? AND hash_part = ?",
-            (COMPLETE if missing == 0 else INCOMPLETE, missing, time.time(), project_id, hash_part),
+            (state, missing, time.time(), project_id, hash_part),
         )
 
 
 def roots(
-    conn: Connection, *, state: str | None = None, project_id: int | None = None
+    conn: Connection,
+    *,
+    state: str | None = None,
+    project_id: int | None = None,
+    before: float | None = None,
 ) -> list[tuple[int, str, str, str, int]]:
-    """``(project id, hash part, name, state, missing)`` of the roots, oldest first."""
+    """``(project id, hash part, name, state, missing)`` of the roots, oldest first;
+    ``before``: only those not updated since."""
     clauses: list[str] = []
     args: list[Any] = []
+    if before is not None:
+        clauses.append("updated < ?")
+        args.append(before)
     if state is not None:
         clauses.append("state = ?")
         args.append(state)

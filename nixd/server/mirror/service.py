@@ -72,6 +72,8 @@ class Progress:
 
     fetched: int = 0
     failed: int = 0
+    unavailable: int = 0
+    """Of the failed, how many because an upstream did not answer (worth a retry)."""
     missing: list[str] = field(default_factory=list)
 
 
@@ -173,9 +175,10 @@ class MirrorService:
                     reason=reason,
                 )
             raise Absent(errors[0].upstream, f"no upstream has {label}: {reason}")
-        records.note_want(
-            self.store.conn, project.id, hash_part, name, state=records.FAILED, reason=reason
-        )
+        if not pull:
+            records.note_want(
+                self.store.conn, project.id, hash_part, name, state=records.FAILED, reason=reason
+            )
         kind = Unavailable if any(isinstance(e, Unavailable) for e in errors) else Refused
         raise kind(errors[0].upstream, reason)
 
@@ -278,6 +281,7 @@ class MirrorService:
                     info = await self.fetch(project, hp, nm)
                 except UpstreamError as exc:
                     done.failed += 1
+                    done.unavailable += isinstance(exc, Unavailable)
                     note("failed", f"/nix/store/{hp}-{nm}: {exc}")
                     return
                 done.fetched += 1
@@ -295,7 +299,10 @@ class MirrorService:
                 nursery.start_soon(visit, hash_part, name, nursery)
         _, missing = walk(self.store, project, hash_part, name)
         done.missing = sorted(f"/nix/store/{hp}-{n}" for hp, n in missing.items())
-        records.finish_root(self.store.conn, project.id, hash_part, len(missing))
+        # An upstream that did not answer leaves the root pending: retried later.
+        records.finish_root(
+            self.store.conn, project.id, hash_part, len(missing), retry=done.unavailable > 0
+        )
         return done
 
     def uploaded(self, project: Project, info: PathInfo) -> None:
@@ -331,20 +338,21 @@ class MirrorService:
             with trio.CancelScope(shield=True):
                 await self.aclose()
 
-    def _rescan(self) -> None:
+    def _rescan(self, before: float | None = None) -> None:
         self._overflow = False
-        for pid, hp, name, _, _ in records.roots(self.store.conn, state=records.PENDING):
+        pending = records.roots(self.store.conn, state=records.PENDING, before=before)
+        for pid, hp, name, _, _ in pending:
             self._enqueue(pid, hp, name)
 
     async def _rescanner(self) -> None:
+        """Every :data:`RESCAN_EVERY`: roots left pending (an upstream did not answer, the
+        queue overflowed, another process died with them) and untouched since."""
         while True:
             await trio.sleep(RESCAN_EVERY)
-            if self._overflow:
-                self._rescan()
+            self._rescan(before=time.time() - RESCAN_EVERY)
 
     async def _worker(self) -> None:
         async for pid, hp, name in self._recv:
-            self._queued.discard((pid, hp))
             try:
                 project = self._project(pid)
                 if project is None:
@@ -361,6 +369,8 @@ class MirrorService:
                     )
             except Exception:  # one root's failure ends that root only
                 log.exception("completing the closure of %s in project %d failed", hp, pid)
+            finally:
+                self._queued.discard((pid, hp))  # only now: a rescan meanwhile skips it
 
     def _project(self, project_id: int) -> Project | None:
         return next((p for p in list_projects(self.store.conn) if p.id == project_id), None)
