@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -105,7 +106,10 @@ def main() -> int:
                     await service.aclose()
                 return time.monotonic() - start, result.fetched, result.missing
 
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             took, fetched, missing = trio.run(run)
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
             stats = store.stats()
             conn.close()
     finally:
@@ -114,7 +118,8 @@ def main() -> int:
     print(
         f"completed a {len(paths)}-path closure ({args.shape}, {args.compression}, upstream "
         f"{nginx.kind}): {fetched} fetched in {took:.2f}s = {fetched / took:.0f} paths/s; "
-        f"{stats['bytes']} bytes of zstd blobs"
+        f"{stats['bytes']} bytes of zstd blobs; server CPU {cpu:.2f}s "
+        f"({cpu / fetched * 1000:.1f} ms/path); load average {os.getloadavg()[0]:.1f}"
     )
     return 0
 

@@ -219,7 +219,10 @@ class MirrorService:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(ingest.discard)
             raise
-        nar = await self.store.commit_nar_async(ingest, finished, project, alias)
+        try:
+            nar = await self.store.commit_nar_async(ingest, finished, project, alias)
+        except NixdError as exc:  # a full disk, a bucket that does not answer: retry later
+            raise Unavailable(up.name, f"storing the NAR: {exc}") from exc
         record = PathInfo(
             hash_part=info.store_path.hash_part,
             name=info.store_path.name,
