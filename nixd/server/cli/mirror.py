@@ -1,11 +1,12 @@
 """``nixd-server mirror status|complete|verify``: closures completed from upstream caches.
 
-The model is :mod:`nixd.server.mirror`'s: ``[[mirror]]`` entries name the upstreams and
-the slices that may use them; the server completes a slice's closure after each upload
-in the background. ``status`` shows per slice what is mirrored, which roots are pending,
-complete or incomplete, and every path no upstream gave (missing, or failed with why);
-``complete`` runs a completion now, in this process, printing each path as it comes;
-``verify`` re-checks every mirrored record. ``complete`` is audited.
+Each [[mirror]] in config.toml names an upstream binary cache, the keys its paths must be
+signed with and the slices that may use it; after each upload to such a slice the
+server fetches, in the background, what the slice lacks of the path's closure. "status"
+shows per slice what is mirrored, which closures are pending, complete or incomplete,
+and every path no upstream gave (missing, or failed with why); "complete" runs a
+completion now, in this process, printing each path as it comes; "verify" re-checks
+every mirrored path's upstream signature and stored NAR. "complete" is audited.
 """
 
 from __future__ import annotations
@@ -176,7 +177,9 @@ def register(
         return 1 if bad else 0
 
     group = sub.add_parser(
-        "mirror", help="closures completed from upstream caches ([[mirror]])"
+        "mirror",
+        help="closures completed from upstream caches ([[mirror]])",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
     ).add_subparsers(dest="mirror_command", metavar="ACTION", required=True)
     p = group.add_parser(
         "status",
