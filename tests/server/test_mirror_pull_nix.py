@@ -142,3 +142,60 @@ def test_a_completion_cut_by_kill_resumes_when_the_server_starts(
             assert done["mirrored"] == 4
         finally:
             server.close()
+
+
+LIMITED = """
+[[rule]]
+id = "limited-not-secret"
+effect = "deny"
+subjects = [{ kind = "token", subject = "acme/limited" }]
+actions = ["*"]
+resources = ["acme/secret"]
+"""
+
+
+def test_pull_through_treats_a_hidden_path_exactly_as_an_absent_one(
+    server_state: ServerState, real_nix: RealNix, tmp_path: Path
+) -> None:
+    state = server_state
+    state.admin("project", "create", "acme/app")
+    state.admin("project", "create", "acme/secret")  # no mirror lists it
+    (state.path / "policy.toml").write_text((state.path / "policy.toml").read_text() + LIMITED)
+    cache = tmp_path / "upstream"
+    top, paths, up_key = make_upstream(real_nix, cache, n=2)
+    dep = next(p for p in paths if p != top)
+    hp = {p: p.rsplit("/", maxsplit=1)[-1][:32] for p in paths}
+    with stand_in(cache) as upstream:
+        add_mirror(state.path, upstream.url, up_key, pull_through=True)
+        server = start_server(state.path)
+        try:
+            _, ci = state.token("acme", "ci", fast=True)
+            _, limited = state.token("acme", "limited", fast=True)
+            upload_from_cache(server.url, "acme/secret", ci, cache, top)
+            upload_from_cache(server.url, "acme/secret", ci, cache, dep)
+            (cache / f"{hp[dep]}.narinfo").unlink()  # only the hidden slice has it now
+            before = upstream.total
+
+            def get(token: str, hash_part: str) -> httpx.Response:
+                return httpx.get(
+                    f"{server.url}/cache/{hash_part}.narinfo",
+                    headers={"authorization": f"Bearer {token}"},
+                    timeout=30,
+                )
+
+            # A reader of acme/secret is answered from it; the upstream is not asked.
+            assert get(ci, hp[dep]).status_code == 200
+            assert upstream.total == before
+            # A reader who may not see acme/secret: its miss is pulled as for any miss.
+            hidden = get(limited, hp[dep])
+            absent = get(limited, "0" * 32)
+            assert hidden.status_code == absent.status_code == 404
+            assert hidden.content == absent.content
+            assert upstream.requests[f"/{hp[dep]}.narinfo"] == 1
+            assert upstream.requests[f"/{'0' * 32}.narinfo"] == 1
+            # Upstream has the other: pulled into acme/app, as if acme/secret were empty.
+            r = get(limited, hp[top])
+            assert r.status_code == 200, r.text
+            assert status(state, "acme/app")["mirrored"] == 1
+        finally:
+            server.close()
