@@ -3,9 +3,9 @@
 Every component's migrations (core, store, accounts, device, throttle, web, keys, policy,
 flakes, audit, whose tables exist on PostgreSQL only, and mirror) in the order their tables
 refer to each other, each in one transaction under the write lock, so two processes
-migrating at once apply each migration exactly once. ``serve`` and the admin commands apply them too when
-they open the database; this command is for doing it before starting instances (several
-servers on one PostgreSQL), and for checking.
+migrating at once apply each migration exactly once. ``serve`` and the admin commands
+apply them too when they open the database; this command is for doing it before starting
+instances (several servers on one PostgreSQL), and for checking.
 A database newer than this nixd-server is refused, naming both versions.
 
 ``--copy-from OLD.db`` moves a single-box server to PostgreSQL: the configured (empty)
