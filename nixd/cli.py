@@ -38,6 +38,8 @@ COMMANDS: dict[str, str] = {
     "push": "push",
     "watch-store": "push",
     "post-build-hook": "push",
+    "publish": "publish",
+    "flake": "flake",
     "completion": "completion",
     "man": "completion",
 }

@@ -155,38 +155,52 @@ def run_login_token(args: argparse.Namespace) -> int:
     return _login(args, "token", {"token": read_api_token(args.token_file)})
 
 
-def run_login_github(args: argparse.Namespace) -> int:
+def github_action_params(audience: str | None) -> dict[str, Any]:
+    """The ``github-action`` login params from this process's environment (the running job).
+
+    Shared by ``nixd login github-action`` (which hands them to the daemon) and ``nixd
+    publish`` (which exchanges them itself).
+    """
     url, token = os.environ.get(URL_VAR), os.environ.get(TOKEN_VAR)
     if not url or not token:
         raise LoginFailed(
             f"{URL_VAR} and {TOKEN_VAR} are not set: run this in a GitHub Actions job with "
             "`permissions: id-token: write` (and `sudo -E` to keep the environment)"
         )
-    params = {"request_url": url, "request_token": token, "audience": args.audience}
-    return _login(args, "github-action", params)
+    return {"request_url": url, "request_token": token, "audience": audience}
 
 
-def run_login_gitlab(args: argparse.Namespace) -> int:
-    if args.token_file:
+def gitlab_pipeline_params(variable: str, token_file: str | None) -> dict[str, Any]:
+    """The ``gitlab-pipeline`` login params: the job's ID token from ``token_file`` (``-``:
+    stdin) or the environment variable ``variable`` (as :func:`github_action_params`)."""
+    if token_file:
         try:
-            if args.token_file == "-":  # noqa: S105 - stdin, not a password
+            if token_file == "-":  # noqa: S105 - stdin, not a password
                 text = sys.stdin.read()
             else:
-                with open(args.token_file, encoding="utf-8") as f:
+                with open(token_file, encoding="utf-8") as f:
                     text = f.read()
         except OSError as exc:
-            raise LoginFailed(f"cannot read the ID token from {args.token_file}: {exc}") from exc
-        where = args.token_file
+            raise LoginFailed(f"cannot read the ID token from {token_file}: {exc}") from exc
+        where = token_file
     else:
-        text = os.environ.get(args.variable, "")
-        where = f"${args.variable}"
+        text = os.environ.get(variable, "")
+        where = f"${variable}"
     token = text.strip()
     if not token:
         raise LoginFailed(
             f"no ID token in {where}: declare it in .gitlab-ci.yml as `id_tokens: "
-            f"{{{args.variable}: {{aud: <the server's audience>}}}}`"
+            f"{{{variable}: {{aud: <the server's audience>}}}}`"
         )
-    return _login(args, "gitlab-pipeline", {"id_token": token})
+    return {"id_token": token}
+
+
+def run_login_github(args: argparse.Namespace) -> int:
+    return _login(args, "github-action", github_action_params(args.audience))
+
+
+def run_login_gitlab(args: argparse.Namespace) -> int:
+    return _login(args, "gitlab-pipeline", gitlab_pipeline_params(args.variable, args.token_file))
 
 
 def run_login_aws(args: argparse.Namespace) -> int:

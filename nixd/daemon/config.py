@@ -6,6 +6,8 @@ The file (``/etc/nixd/config.toml`` by default) has four sections, all optional:
     [server]   url, trusted_keys            (the nixd cache server; its keys are pinned at login)
     [proxy]    listen, store_dir, store_max_bytes, negative_ttl, prefetch,
                prefetch_concurrency, offline_after, offline_probe, token_wait,
+               flakes, flakes_max_bytes   (private flakes for local users, see
+                                           nixd.proxy.flakes),
                [[proxy.upstreams]]
                (url, priority, trusted_keys, auth, netrc_file, foreign_urls)
     [nix]      nix_conf, fragment, netrc, additional_netrc_sources, restart_nix_daemon,
@@ -121,6 +123,11 @@ class ProxySection:
     offline_probe: float = 2.0
     #: seconds a request waits for a token being renewed before it is answered 503
     token_wait: float = 5.0
+    #: serve /f/... and /api/v1/flakes... to local users without the secret, as this
+    #: machine's login (nixd.proxy.flakes)
+    flakes: bool = True
+    #: largest flake answer (a release tarball) the proxy passes on
+    flakes_max_bytes: int = 256 << 20
     upstreams: tuple[UpstreamSection, ...] = ()
 
 
@@ -395,6 +402,8 @@ def parse_config(data: Mapping[str, Any], file: str = "<config>") -> Config:
         offline_after=p.get("offline_after", int, 2, _offline_after),
         offline_probe=p.get("offline_probe", float, 2.0, _offline_probe),
         token_wait=p.get("token_wait", float, 5.0, _token_wait),
+        flakes=p.get("flakes", bool, True),
+        flakes_max_bytes=p.get("flakes_max_bytes", int, 256 << 20, _positive),
         upstreams=tuple(upstreams),
     )
     p.finish()

@@ -66,7 +66,7 @@ from nixd.daemon.state import (
     save_state,
 )
 from nixd.errors import ConfigError, LoginFailed, NixdError
-from nixd.proxy.config import ProxyConfig, UpstreamConfig
+from nixd.proxy.config import FlakesConfig, ProxyConfig, UpstreamConfig
 from nixd.proxy.credential import redact_url, strip_userinfo
 from nixd.proxy.server import ProxyHandle, serve_proxy
 
@@ -269,11 +269,25 @@ class Daemon:
             prefetch=c.proxy.prefetch,
             prefetch_concurrency=c.proxy.prefetch_concurrency,
             upstreams=tuple(upstreams),
+            flakes=self.flakes_config(c),
+        )
+
+    def flakes_config(self, c: Config) -> FlakesConfig | None:
+        """The proxy's flake routes: to the logged-in server; None when turned off."""
+        if not c.proxy.flakes:
+            return None
+        state = self.login_state
+        return FlakesConfig(
+            server_url=strip_userinfo(state.server_url) if state is not None else None,
+            max_bytes=c.proxy.flakes_max_bytes,
+            token_wait=c.proxy.token_wait,
         )
 
     def update_proxy(self) -> None:
         if self.proxy_handle is not None:
-            self.proxy_handle.update_upstreams(self.proxy_config().upstreams)
+            config = self.proxy_config()
+            self.proxy_handle.update_upstreams(config.upstreams)
+            self.proxy_handle.update_flakes(config.flakes)
 
     def nix_setup(self) -> NixSetup:
         n = self.config.nix

@@ -114,6 +114,33 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FlakesConfig:
+    """Flake requests served to local users without the secret (:mod:`nixd.proxy.flakes`)."""
+
+    server_url: str | None = None
+    """The base URL of the server this machine is logged in to; None: not logged in
+    (requests are answered 503 saying so)."""
+    max_bytes: int = 256 << 20
+    """Largest answer passed on (the server's own bound on a release tarball is the same)."""
+    timeout: float = 30.0
+    """Seconds for the connection, the answer's head, and each read of its body."""
+    token_wait: float = 5.0
+    """Most seconds a request waits for a token being renewed (as for upstreams)."""
+
+    def __post_init__(self) -> None:
+        if self.server_url is not None:
+            shown = redact_url(self.server_url)
+            try:
+                origin_of(self.server_url)
+            except FormatError as exc:
+                raise ConfigError(f"flakes server url {shown!r}: {exc}") from None
+        if self.max_bytes < 1:
+            raise ConfigError("proxy flakes_max_bytes must be positive")
+        if not self.timeout > 0 or not self.token_wait >= 0:
+            raise ConfigError("proxy flakes timeout must be positive, token_wait not negative")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProxyConfig:
     """The whole proxy: listener, local secret, local store and upstreams."""
 
@@ -143,6 +170,10 @@ class ProxyConfig:
     prefetch_ahead: int = 1024
     """Things (narinfos, small NARs) fetched ahead of Nix and not yet asked for, at most:
     the global bound on what a narinfo's references can make the proxy fetch."""
+    flakes: FlakesConfig | None = None
+    """Serve ``/f/...`` and ``/api/v1/flakes...`` to local users without the secret,
+    forwarded as this machine's login (:mod:`nixd.proxy.flakes`); None: they need the
+    secret like every other request (and are answered 404)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:

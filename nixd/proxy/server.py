@@ -2,11 +2,14 @@
 
 Model (DESIGN.md, "Security model"):
 
-- Every request but ``nix-cache-info`` (a constant Nix must always be able to read) and
-  ``/metrics`` from loopback needs Basic auth with user ``nixd`` and the local secret from
-  ``secret_file`` (compared in constant time). Others get 401. Nix remembers a 401 as
-  "absent" for an hour: for a local user without the secret that is the intended outcome,
-  and for root/nix-daemon (which read the managed netrc) it never happens.
+- Every request but ``nix-cache-info`` (a constant Nix must always be able to read),
+  ``/metrics`` from loopback and, with ``flakes`` on, the flake routes (``GET``/``HEAD
+  /f/...`` and ``/api/v1/flakes...``, granted to local users on purpose and forwarded as
+  this machine's login: :mod:`nixd.proxy.flakes`) needs Basic auth with user ``nixd``
+  and the local secret from ``secret_file`` (compared in constant time). Others get
+  401. Nix remembers a 401 as "absent" for an hour: for a local user without the secret
+  that is the intended outcome, and for root/nix-daemon (which read the managed netrc)
+  it never happens.
   ``/metrics`` holds only counters (no store paths, no identities), so it is open to
   loopback callers for a Prometheus scraper without the secret.
 - ``<hash>.narinfo``: answered from the local store (narinfos whose NAR is kept there),
@@ -74,8 +77,9 @@ from nixd.nix.narinfo import NarInfo
 from nixd.nix.signing import PublicKey
 from nixd.nix.storepath import StorePath
 from nixd.proxy import pagecache
-from nixd.proxy.config import ProxyConfig, UpstreamConfig
+from nixd.proxy.config import FlakesConfig, ProxyConfig, UpstreamConfig
 from nixd.proxy.errors import BadRequest, NotFound, status_for, worst_error
+from nixd.proxy.flakes import FlakeForwarder, is_flake_request
 from nixd.proxy.front import Abort, Connection, HttpServer, Request, Responder, serve_front
 from nixd.proxy.localstore import SMALL, LocalStore
 from nixd.proxy.metrics import Metrics
@@ -256,6 +260,10 @@ class Proxy:
         self.prefetch = Prefetcher(self, metrics)
         nursery.start_soon(self.prefetch.run)
         self._set_upstreams(config.upstreams)
+        self.url = ""
+        """The proxy's own base URL, once it listens."""
+        self.flakes: FlakeForwarder | None = None
+        self.update_flakes(config.flakes)
 
         # NARs streamed through without being kept (the store could not hold them).
         self.passing_through = 0
@@ -284,6 +292,19 @@ class Proxy:
     async def _close_when_unused(self, upstream: Upstream) -> None:
         await upstream.unused.wait()
         await upstream.aclose()
+
+    def update_flakes(self, config: FlakesConfig | None) -> None:
+        """Turn the flake routes on, off, or to another server (:mod:`nixd.proxy.flakes`)."""
+        self.config = dataclasses.replace(self.config, flakes=config)
+        if config is None:
+            if self.flakes is not None:
+                self.nursery.start_soon(self.flakes.aclose)
+            self.flakes = None
+        elif self.flakes is None:
+            self.flakes = FlakeForwarder(config, self.tokens, self.token_lock)
+            self.flakes.proxy_url = self.url
+        else:
+            self.flakes.update(config)
 
     def update_upstreams(self, configs: Sequence[UpstreamConfig]) -> None:
         """Swap the upstream set; downloads in flight finish on the old clients."""
@@ -332,6 +353,9 @@ class Proxy:
                 await resp.simple(
                     200, body, [(b"content-type", b"text/plain; version=0.0.4")], head=head
                 )
+            elif self.flakes is not None and is_flake_request(request.method, path):
+                kind = "flake"  # open to local users by design: see nixd.proxy.flakes
+                await self.flakes.handle(request, resp)
             elif not self.secret.allows_on(
                 request.headers.get(b"authorization"), request.connection
             ):
@@ -883,6 +907,9 @@ class ProxyHandle:
     def update_upstreams(self, upstreams: Sequence[UpstreamConfig]) -> None:
         self._proxy.update_upstreams(upstreams)
 
+    def update_flakes(self, flakes: FlakesConfig | None) -> None:
+        self._proxy.update_flakes(flakes)
+
     def status(self) -> dict[str, Any]:
         return {"url": self.url, **self._proxy.status()}
 
@@ -929,6 +956,9 @@ async def serve_proxy(
             shutdown = trio.Event()
             front = await nursery.start(serve_front, listeners, proxy.handle, shutdown)
             url = front.urls[0]
+            proxy.url = url
+            if proxy.flakes is not None:
+                proxy.flakes.proxy_url = url
             log.info("proxy listening on %s with %d upstream(s)", url, len(proxy.upstreams))
             nursery.start_soon(store.reconcile)  # after start: never holds up a request
             task_status.started(ProxyHandle(proxy, url, front, shutdown))
@@ -937,4 +967,6 @@ async def serve_proxy(
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             for upstream in proxy.upstreams if proxy is not None else []:
                 await upstream.aclose()
+            if proxy is not None and proxy.flakes is not None:
+                await proxy.flakes.aclose()
         store.close()

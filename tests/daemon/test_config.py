@@ -271,3 +271,32 @@ async def test_the_offline_and_token_settings_reach_every_upstream(tmp_path: Pat
     assert [u.auth for u in upstreams] == ["nixd", "none", "netrc"]
     for u in upstreams:
         assert (u.offline_after, u.offline_probe, u.token_wait) == (3, 1.5, 0.0)
+
+
+async def test_the_flake_routes_follow_the_login(tmp_path: Path) -> None:
+    """[proxy] flakes: on by default, to the logged-in server (none before a login);
+    flakes = false turns the routes off (the secret is needed, as for everything else)."""
+    config = load_config(write(tmp_path, "[proxy]\nflakes_max_bytes = 4096\ntoken_wait = 1\n"))
+    assert config.proxy.flakes is True
+    async with httpx.AsyncClient() as http:
+        daemon = Daemon(config, http)
+        flakes = daemon.proxy_config().flakes
+        assert flakes is not None and flakes.server_url is None  # not logged in: 503s
+        daemon.login_state = LoginState(
+            server_url="http://127.0.0.1:8080",
+            method=TokenMethod("a-token"),
+            pinned_keys=(f"k-1:{KEY}",),
+        )
+        flakes = daemon.proxy_config().flakes
+        assert flakes is not None
+        assert (flakes.server_url, flakes.max_bytes, flakes.token_wait) == (
+            "http://127.0.0.1:8080",
+            4096,
+            1.0,
+        )
+        off = load_config(write(tmp_path, "[proxy]\nflakes = false\n"))
+        assert daemon.proxy_config(off).flakes is None
+    with pytest.raises(ConfigError, match=r"proxy\.flakes_max_bytes"):
+        load_config(write(tmp_path, "[proxy]\nflakes_max_bytes = 0\n"))
+    with pytest.raises(ConfigError, match=r"proxy\.flakes"):
+        load_config(write(tmp_path, '[proxy]\nflakes = "yes"\n'))

@@ -37,6 +37,7 @@ from nixd.server.access.shared_policy import policy_in_force
 from nixd.server.cli.flakes import register as register_flake_cli
 from nixd.server.cli.gc import register as register_gc
 from nixd.server.cli.migrate import register as register_migrate
+from nixd.server.cli.mirror import register as register_mirror
 from nixd.server.cli.policies import register as register_policy_cli
 from nixd.server.cli.users import register_cli as register_user_cli
 from nixd.server.cli.views import register as register_view_cli
@@ -738,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_migrate(sub, _state)
     register_flake_cli(sub, _state, _open)
     register_gc(sub, _state, _open, _audit, lambda: _admin_identity().render())
+    register_mirror(sub, _state, _open, _audit)
 
     project = sub.add_parser("project", help="projects (cache slices)").add_subparsers(
         dest="project_command", metavar="ACTION", required=True
