@@ -52,6 +52,17 @@ Retention
     a path that a kept closure references, from whichever slice could serve it. Removing
     a record is one slice's business: another slice's record of the same path stays.
 
+Mirrors
+    ``[[mirror]]`` upstream caches (:mod:`nixd.server.mirror`) complete the closures of
+    the slices they list: after an upload, references the slice lacks are fetched,
+    checked against the upstream's keys and through the upload path's NAR checks, and
+    become records of that slice whose writer is the server (``mirror:<name>``), with
+    their provenance and the upstream's ``Sig`` served next to the server's. The
+    invariant holds with the admin as the trusted writer: only slices a mirror lists get
+    its paths, and a slice no mirror lists never contacts an upstream. Pull-through
+    (opt-in) does the same for a reader's miss, answering 503 — never 404 — while an
+    upstream is slow.
+
 Policy
     Deny beats allow everywhere; a project's ``--public`` flag is an allow rule for
     every caller, anonymous included, on ``cache:read`` of that slice, and nothing more
@@ -85,8 +96,10 @@ Rooms
     AWS, device code, accounts, web pages), ``storage/`` (metadata on SQLite or
     PostgreSQL, blobs in a directory or an S3 bucket, and retention: pins and the garbage
     collector), ``flakes/`` (private flakes: releases by semantic version, their
-    tarballs and source trees, :mod:`nixd.server.flakes`), ``cli/`` (one module per
-    command group). Imports run cli → http → access, login, flakes → storage; the room
+    tarballs and source trees, and the closures of the outputs they record, which
+    deploy-only tokens read: :mod:`nixd.server.flakes`), ``mirror/`` (upstream caches:
+    closure completion, pull-through, provenance), ``cli/`` (one module per command
+    group). Imports run cli → http → access, login, flakes, mirror → storage; the room
     root holds config, errors, the metrics every room may count into and the ASGI types
     that every room shares.
 """

@@ -94,6 +94,17 @@ wrong type or a bad value is a :class:`~nixd.errors.ConfigError` that says ``fil
     sts_endpoint = "https://sts.amazonaws.com"
     region = "us-east-1"            # the SigV4 scope region the endpoint expects
     max_skew = 300.0                # seconds X-Amz-Date may be off
+
+    [[mirror]]                      # an upstream binary cache (nixd.server.mirror)
+    name = "nixos"                  # how status, provenance and the audit log name it
+    url = "https://cache.nixos.org"
+    public_keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+    priority = 100                  # lower is asked first
+    slices = ["acme/*"]             # "org/project" or "org/*" that may use it (default none)
+    max_concurrency = 8             # requests in flight to it
+    requests_per_second = 50.0      # 0 = no rate limit
+    timeout = 30.0                  # seconds without progress before a request fails
+    pull_through = false            # a reader's miss in those slices is fetched from it
 """
 
 from __future__ import annotations
@@ -106,7 +117,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from nixd.errors import ConfigError
+from nixd.errors import ConfigError, FormatError
 
 CONFIG_NAME = "config.toml"
 DEFAULT_ISSUERS = {
@@ -286,6 +297,35 @@ class RetentionSection:
         return not self.days and not self.releases
 
 
+@dataclass(frozen=True, slots=True)
+class MirrorSection:
+    """An upstream binary cache whose signed paths may complete slices' closures.
+
+    Only the slices listed (``org/project`` or ``org/*``) use it: a slice no mirror lists
+    never makes the server contact an upstream on its behalf. ``public_keys`` are the
+    only keys its narinfos are trusted by (required: an unsigned upstream is refused).
+    """
+
+    name: str = ""
+    url: str = ""
+    public_keys: tuple[str, ...] = ()
+    priority: int = 100
+    slices: tuple[str, ...] = ()
+    max_concurrency: int = 8
+    requests_per_second: float = 50.0
+    timeout: float = 30.0
+    pull_through: bool = False
+
+    def serves(self, slice_name: str) -> bool:
+        """Whether ``slice_name`` (``org/project``) may use this mirror (case-insensitive)."""
+        org, _, project = slice_name.lower().partition("/")
+        for pattern in self.slices:
+            p_org, _, p_project = pattern.lower().partition("/")
+            if p_org == org and p_project in ("*", project):
+                return True
+        return False
+
+
 _LISTS: dict[str, type[Any]] = {"github": OidcSection, "gitlab": OidcSection, "aws": AwsSection}
 
 
@@ -306,6 +346,7 @@ class ServerConfig:
     github: tuple[OidcSection, ...] = ()
     gitlab: tuple[OidcSection, ...] = ()
     aws: tuple[AwsSection, ...] = ()
+    mirror: tuple[MirrorSection, ...] = ()
 
     def path(self, relative: str) -> Path:
         """A config path resolved against the state directory."""
@@ -388,11 +429,14 @@ class ServerConfig:
             if key == "retention":
                 built[key] = _retention(value, source)
                 continue
+            if key == "mirror":
+                built[key] = _mirrors(value, source)
+                continue
             if key in _LISTS:
                 built[key] = _entries(key, value, source)
                 continue
             if key not in sections:
-                known = ", ".join([*sections, "retention", *_LISTS])
+                known = ", ".join([*sections, "retention", "mirror", *_LISTS])
                 raise ConfigError(f"{source}:{key}: unknown section (known: {known})")
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}:{key}: must be a table")
@@ -494,6 +538,55 @@ def _retention(value: Any, source: str) -> tuple[RetentionSection, ...]:
         if entry.days > 100 * 365:
             raise ConfigError(f'{where}.days: at most 36500 (use keep = "all")')
         entries.append(entry)
+    return tuple(entries)
+
+
+_MIRROR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_MIRROR_SLICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/(\*|[A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def _mirrors(value: Any, source: str) -> tuple[MirrorSection, ...]:
+    """``[[mirror]]`` entries: a unique name, an http(s) URL, trusted keys, sane limits."""
+    from nixd.nix.signing import PublicKey  # noqa: PLC0415 - nix/ is pure; only mirrors pay
+
+    tables = [value] if isinstance(value, dict) else value
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{source}:mirror: must be an array of tables ([[mirror]])")
+    entries: list[MirrorSection] = []
+    for i, table in enumerate(tables):
+        where = f"{source}:mirror[{i}]"
+        entry: MirrorSection = _section(MirrorSection, table, source, f"mirror[{i}]")
+        if not _MIRROR_NAME.fullmatch(entry.name):
+            raise ConfigError(f"{where}.name: needs a name of letters, digits, '.', '_', '-'")
+        if any(e.name.lower() == entry.name.lower() for e in entries):
+            raise ConfigError(f"{where}.name: {entry.name!r} names another mirror too")
+        parts = urlsplit(entry.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.url: must be an http:// or https:// URL")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ConfigError(f"{where}.url: no query, fragment or credentials in the URL")
+        if not entry.public_keys:
+            raise ConfigError(
+                f"{where}.public_keys: list the keys its narinfos are signed with "
+                '(e.g. "cache.nixos.org-1:6NCH...="); unsigned paths are never mirrored'
+            )
+        for key in entry.public_keys:
+            try:
+                PublicKey.parse(key)
+            except FormatError as exc:
+                raise ConfigError(f"{where}.public_keys: {key!r} is not a key: {exc}") from exc
+        for pattern in entry.slices:
+            if not _MIRROR_SLICE.fullmatch(pattern):
+                raise ConfigError(f'{where}.slices: {pattern!r} is not "org/project" or "org/*"')
+        if not 0 <= entry.priority <= 10_000:
+            raise ConfigError(f"{where}.priority: must be between 0 and 10000")
+        if not 1 <= entry.max_concurrency <= 256:
+            raise ConfigError(f"{where}.max_concurrency: must be between 1 and 256")
+        if not 0 <= entry.requests_per_second <= 100_000:
+            raise ConfigError(f"{where}.requests_per_second: between 0 (no limit) and 100000")
+        if not 0 < entry.timeout <= 3600:
+            raise ConfigError(f"{where}.timeout: must be between 0 and 3600 seconds")
+        entries.append(replace(entry, url=entry.url.rstrip("/")))
     return tuple(entries)
 
 
@@ -803,4 +896,18 @@ access_flush = {d.gc.access_flush}
 # accounts = ["123456789012"]          # "*" = any
 # sts_endpoint = "https://sts.amazonaws.com"
 # region = "us-east-1"
+
+# Upstream caches that complete slices' closures (`nixd-server mirror status`); only the
+# slices listed may use one, and only paths signed by its keys are taken (uncomment):
+#
+# [[mirror]]
+# name = "nixos"
+# url = "https://cache.nixos.org"
+# public_keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+# priority = 100                       # lower is asked first
+# slices = ["acme/*"]                  # "org/project" or "org/*"; default none
+# max_concurrency = 8
+# requests_per_second = 50.0           # 0 = no limit
+# timeout = 30.0                       # seconds without progress
+# pull_through = false                 # a reader's miss in those slices is fetched
 """

@@ -38,6 +38,9 @@ with the status it really gets)::
     │                                                            answer, denies or is missing;
     │                                                            nothing partial is kept, Nix
     │                                                            retries (operational)
+    ├── UpstreamUnavailable             503 upstream_unavailable pull-through: the upstream cache
+    │                                                            is slow or down; never a 404,
+    │                                                            which Nix would remember
     └── StorageFull                     507 insufficient_storage the disk (or quota) is full: the
                                                                  upload is dropped, Nix retries;
                                                                  the message is shown (operational)
@@ -62,6 +65,10 @@ translation)::
     FlakeStoreError                     500 internal             (flakes.releases)
     VersionTaken                        500 internal             (flakes.releases) the app answers
                                                                  it as Conflict before it gets here
+    UpstreamError                       500 internal             (mirror.upstream) an upstream
+    Absent                              500 internal             gave no verified path; pull-
+    Refused                             500 internal             through answers them as 404, or
+    Unavailable                         500 internal             as UpstreamUnavailable (503)
     BlobMissing                         500 internal             (storage.blobs) a stored NAR's
                                                                  blob is gone; a download answers
                                                                  it as NotFound (logged as an error)
@@ -230,6 +237,20 @@ class StorageUnavailable(ServerError):
 
     status = 503
     code = "storage_unavailable"
+    operational = True
+
+
+class UpstreamUnavailable(ServerError):
+    """A pull-through read (:mod:`nixd.server.mirror`) found no answer because an upstream
+    cache did not answer in time, or answered 5xx.
+
+    503, not 404: Nix remembers a 404 for an hour (``narinfo-cache-negative-ttl``) and
+    retries a 5xx, and the path may well be there once the upstream is back. The message
+    names the upstream (configured by the admin; nothing secret) and is shown.
+    """
+
+    status = 503
+    code = "upstream_unavailable"
     operational = True
 
 

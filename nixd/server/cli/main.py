@@ -29,13 +29,15 @@ from nixd.server.access.audit import HEAD_SUFFIX, VerifyResult, verify
 from nixd.server.access.audit_db import export as export_database
 from nixd.server.access.audit_db import export_file, open_audit, open_private, verify_database
 from nixd.server.access.credentials import CredentialStore
+from nixd.server.access.deploy import DEPLOY_ONLY, is_deploy_only
 from nixd.server.access.identity import KINDS, Identity
 from nixd.server.access.keys import ServerKeys
-from nixd.server.access.policy import load_policy
+from nixd.server.access.policy import Decision, load_policy
 from nixd.server.access.shared_policy import policy_in_force
 from nixd.server.cli.flakes import register as register_flake_cli
 from nixd.server.cli.gc import register as register_gc
 from nixd.server.cli.migrate import register as register_migrate
+from nixd.server.cli.mirror import register as register_mirror
 from nixd.server.cli.policies import register as register_policy_cli
 from nixd.server.cli.users import register_cli as register_user_cli
 from nixd.server.cli.views import register as register_view_cli
@@ -436,6 +438,11 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     source_ip = args.source_ip or None
     public = _is_public(config, args.resource)
     decision = policy.decide(identity, args.action, args.resource, source_ip, public=public)
+    deploy_only = args.action != "deploy:read" and is_deploy_only(identity)
+    if deploy_only:  # as the server decides it (nixd.server.access.deploy)
+        decision = Decision(
+            False, DEPLOY_ONLY, "a deploy-only token reads its deploy grants' closures only"
+        )
     if args.json:
         print(
             json.dumps(
@@ -451,6 +458,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
                 }
             )
         )
+    elif deploy_only:
+        print(f"deny {args.action} on {args.resource} (rule {DEPLOY_ONLY}): {decision.reason}")
     else:
         print(
             policy.explain(identity, args.action, args.resource, source_ip, public=public), end=""
@@ -730,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_migrate(sub, _state)
     register_flake_cli(sub, _state, _open)
     register_gc(sub, _state, _open, _audit, lambda: _admin_identity().render())
+    register_mirror(sub, _state, _open, _audit)
 
     project = sub.add_parser("project", help="projects (cache slices)").add_subparsers(
         dest="project_command", metavar="ACTION", required=True

@@ -1,11 +1,11 @@
 """``nixd-server migrate STATE_DIR``: bring the metadata database's schema up to date.
 
 Every component's migrations (core, store, accounts, device, throttle, web, keys, policy,
-flakes, and audit, whose tables exist on PostgreSQL only) in the order their tables refer to each
-other, each in one transaction under the write lock, so two processes migrating at once
-apply each migration exactly once. ``serve`` and the admin commands apply them too when
-they open the database; this command is for doing it before starting instances (several
-servers on one PostgreSQL), and for checking.
+flakes, audit, whose tables exist on PostgreSQL only, and mirror) in the order their tables
+refer to each other, each in one transaction under the write lock, so two processes
+migrating at once apply each migration exactly once. ``serve`` and the admin commands
+apply them too when they open the database; this command is for doing it before starting
+instances (several servers on one PostgreSQL), and for checking.
 A database newer than this nixd-server is refused, naming both versions.
 
 ``--copy-from OLD.db`` moves a single-box server to PostgreSQL: the configured (empty)
@@ -27,6 +27,7 @@ from nixd.server.access import audit_db, keys, shared_policy
 from nixd.server.config import ServerConfig
 from nixd.server.flakes import releases
 from nixd.server.login import accounts, device, throttle, web
+from nixd.server.mirror import records as mirror_records
 from nixd.server.storage import db, store
 from nixd.server.storage.db import (
     Connection,
@@ -49,6 +50,7 @@ COMPONENTS: list[tuple[str, Sequence[Migration]]] = [
     ("policy", shared_policy.MIGRATIONS),
     (releases.COMPONENT, releases.MIGRATIONS),
     ("audit", audit_db.MIGRATIONS),
+    ("mirror", mirror_records.MIGRATIONS),
 ]
 """Every component with a schema, in dependency order (device refers to accounts)."""
 
@@ -73,6 +75,7 @@ COPY_ORDER = [
     "upload_aliases",
     "slice_records",
     "pins",
+    *mirror_records.TABLES,
     "logs",
     "accounts",
     "device_codes",

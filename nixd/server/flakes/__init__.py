@@ -35,7 +35,17 @@ Storage
     ``flakes/<filehash>.nar.zst``), which the cache's garbage collector never names and
     so never removes. Releases are kept as long as the server keeps its data.
 
+Deploying a recorded output
+    An output recorded at publish is a store path CI built and pushed; a target deploys
+    it without evaluating anything by resolving it (``.../releases/V/outputs/ATTR``) and
+    substituting its closure. The server refuses to record an output, and to resolve
+    one, whose closure is not all in the organization's deploy view (:mod:`.deploy`), so
+    what resolves can be fetched whole; a deploy-only token
+    (:mod:`nixd.server.access.deploy`) reads exactly those closures and nothing else.
+
 Modules
     :mod:`.releases` (schema, rows, blobs), :mod:`.metadata` (the publish request's JSON,
-    checked and bounded). The routes are :mod:`nixd.server.http.flakes`.
+    checked and bounded), :mod:`.deploy` (closures of recorded outputs, their
+    completeness). The routes are :mod:`nixd.server.http.flakes` and
+    :mod:`nixd.server.http.deploy`.
 """

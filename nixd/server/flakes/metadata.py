@@ -35,6 +35,8 @@ VISIBILITIES = ("private", "public")
 _KEYS = frozenset({"visibility", "description", "commit", "ref", "lock", "outputs"})
 _COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _ATTR = re.compile(r"[A-Za-z0-9_.'\"+-]+")
+ATTR_RE = _ATTR
+"""An output attribute path as ``--include-output`` records it (resolve checks it too)."""
 
 
 class MetadataError(FormatError):

@@ -13,7 +13,7 @@ URL space (NIX-PROTOCOL.md has what the real client does with each answer)::
     GET  /api/v1/token/status                who am I, until when
     GET  /api/v1/cache/keys                  narinfo public keys, for pinning
     GET  /.well-known/jwks.json              access-token verification keys
-    /f/..., /api/v1/flakes...                private flakes (:mod:`.flakes`)
+    /f/..., /api/v1/flakes...                private flakes (:mod:`.flakes`, :mod:`.deploy`)
     GET  /healthz, /readyz, /metrics         live, ready, Prometheus (:mod:`.ops`)
 
 **Views.** A view of organization O (see the tenancy model in :mod:`nixd.server`) asks
@@ -42,6 +42,17 @@ signs with its own keys. An upload whose ``Content-Length`` exceeds the free spa
 refused 507 before its body is asked for (no ``100 Continue``), and one to a bucket that
 does not answer 503 likewise: Nix 2.8 does not rewind an
 upload it retries, so only a refusal that read none of the body leaves its retries whole.
+
+**Mirrors** (:mod:`nixd.server.mirror`, ``Services.mirror``). A stored narinfo upload to
+a slice a ``[[mirror]]`` lists queues the completion of its closure (a row and a queue
+entry; the fetching happens in the background task). With ``pull_through``, a narinfo
+miss is fetched first: in a slice, if the caller may read it; in a view, if the view is
+empty for this reader (what it cannot see plays no part, so a hidden path is pulled as if
+absent), into the first slice of the view that pulls through. An upstream that is slow
+or down is a 503, never a 404 (Nix would remember it for an hour). A mirrored record's
+narinfo carries the upstream's ``Sig`` (re-checked against the record's fingerprint) next
+to the server's, and a writer's own upload replaces a mirrored copy without
+``cache:admin``.
 
 **Hot path.** Every URL is dispatched by hand (a dozen fixed routes do not need a router,
 and Starlette's per-request middleware stack cost more than the rest of a narinfo answer):
@@ -74,6 +85,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import itertools
 import json
 import logging
@@ -120,6 +132,7 @@ from nixd.server.http.ops import OpsRoutes, count_storage_error
 from nixd.server.login.device import DeviceService
 from nixd.server.login.exchange import Exchanger, ExchangeRejected
 from nixd.server.login.web import WebPages
+from nixd.server.mirror.service import MirrorService
 from nixd.server.storage.blobs import BlobMissing
 from nixd.server.storage.db import Project
 from nixd.server.storage.store import Nar, PathConflict, PathInfo, Store, compression_of
@@ -190,6 +203,8 @@ class Services:
     """``[flakes] max_tarball_bytes``."""
     public_url: str = ""
     """``[server] public_url``: the base of the links the server writes ("" = Host)."""
+    mirror: MirrorService | None = None
+    """Upstream caches (:mod:`nixd.server.mirror`): completion after uploads, pull-through."""
 
 
 @dataclass
@@ -589,6 +604,8 @@ class CacheApp:
             hash_part = _hash_part(name)
             holders = self.s.store.holders(hash_part)
             candidates = [(p, i.created) for p, i in holders]
+            if self.s.mirror is not None and self.s.mirror.pull_through:
+                holders, candidates = await self._pull_view(ctx, org, name, holders, candidates)
             try:
                 project = await self._read_decision(ctx, org, candidates, name)
             except (NotFound, Unauthenticated):
@@ -597,9 +614,15 @@ class CacheApp:
                     ctx, scope, send, hash_part=hash_part, what=name, head=head
                 ):
                     return
-                # Or a path of a deployable closure this caller was granted.
-                if self._deploy is not None and await self._deploy.narinfo(
-                    ctx, scope, send, org=org, project=None, hash_part=hash_part, head=head
+                # Or a path of a deployable closure this caller was granted; only a path
+                # some slice holds can be one (the misses `nix copy --to` makes before
+                # each upload cost nothing more).
+                if (
+                    holders
+                    and self._deploy is not None
+                    and await self._deploy.narinfo(
+                        ctx, scope, send, org=org, project=None, hash_part=hash_part, head=head
+                    )
                 ):
                     return
                 raise
@@ -625,12 +648,22 @@ class CacheApp:
         elif name.endswith(".narinfo") and "/" not in name:
             hash_part = _hash_part(name)
             info = self.s.store.in_slice(project, hash_part)
+            if (
+                info is None
+                and self.s.mirror is not None
+                and self._may(ctx, "cache:read", project)[0]
+            ):
+                info = await self.s.mirror.pull(project, hash_part)  # 503 if it is slow
             try:
                 await self._read_decision(ctx, project.org, here if info else [], name)
             except (NotFound, Unauthenticated):
                 # A miss (audited): a path of a deployable closure granted to this caller.
-                if self._deploy is not None and await self._deploy.narinfo(
-                    ctx, scope, send, org=None, project=project, hash_part=hash_part, head=head
+                if (
+                    info
+                    and self._deploy is not None
+                    and await self._deploy.narinfo(
+                        ctx, scope, send, org=None, project=project, hash_part=hash_part, head=head
+                    )
                 ):
                     return
                 raise
@@ -654,6 +687,32 @@ class CacheApp:
             await _respond(send, 200, logs[0][2], {"content-type": "text/plain"}, head=head)
         else:
             await self._read_decision(ctx, project.org, [], name)
+
+    async def _pull_view(
+        self,
+        ctx: _Ctx,
+        org: str | None,
+        name: str,
+        holders: list[tuple[Project, PathInfo]],
+        candidates: list[tuple[Project, float]],
+    ) -> tuple[list[tuple[Project, PathInfo]], list[tuple[Project, float]]]:
+        """A view's miss: pulled into the first slice of the view that pulls through.
+
+        Only what the reader would see decides (the view is empty for it): a path hidden
+        in a slice it cannot read is pulled as if absent, so no answer tells it apart.
+        """
+        assert self.s.mirror is not None
+        if self._view(ctx, org, candidates)[0]:
+            return holders, candidates
+        targets = [(p, 0.0) for p in self.s.mirror.pull_targets(org)]
+        ranked = self._view(ctx, org, targets)[0]
+        if not ranked:
+            return holders, candidates
+        project = ranked[0][0]
+        info = await self.s.mirror.pull(project, _hash_part(name))  # 503 if it is slow
+        if info is None:
+            return holders, candidates
+        return [*holders, (project, info)], [*candidates, (project, info.created)]
 
     def _signed_narinfo(self, info: PathInfo) -> bytes:
         now = self.s.clock()
@@ -693,6 +752,13 @@ class CacheApp:
             sigs=(),
             ca=info.ca,
         )
+        if self.s.mirror is not None:  # a mirrored record keeps its upstream's Sig too
+            ni = dataclasses.replace(
+                ni,
+                sigs=self.s.mirror.upstream_sigs(
+                    info.hash_part, info.nar.nar_hash, ni.fingerprint()
+                ),
+            )
         for secret in signers:
             ni = ni.signed(secret)
         body = ni.render().encode()
@@ -750,8 +816,12 @@ class CacheApp:
                 and await self._flakes.source_nar(ctx, scope, send, file_hash, head)
             ):
                 return
-            if self._deploy is not None and await self._deploy.nar(
-                ctx, scope, send, org=org, project=project, file_hash=file_hash, head=head
+            if (
+                candidates
+                and self._deploy is not None
+                and await self._deploy.nar(
+                    ctx, scope, send, org=org, project=project, file_hash=file_hash, head=head
+                )
             ):
                 return
             raise
@@ -880,7 +950,14 @@ class CacheApp:
         )
         existing = self.s.store.in_slice(project, record.hash_part)
         replace = False
-        if existing is not None and not existing.same_contents(record):
+        if (
+            existing is not None
+            and not existing.same_contents(record)
+            and self.s.mirror is not None
+            and self.s.mirror.mirrored(project, existing)
+        ):
+            replace = True  # the slice's writer's own build replaces a mirrored copy
+        elif existing is not None and not existing.same_contents(record):
             replace, rule = self._may(ctx, "cache:admin", project)
             await self._audit(
                 ctx, "cache:replace", project.slice, replace, rule, object=record.basename
@@ -891,6 +968,8 @@ class CacheApp:
             raise Conflict(str(exc)) from exc
         if changed:
             log.info("stored %s in %s", ni.store_path.path(), project.slice)
+            if self.s.mirror is not None:  # its closure is completed in the background
+                self.s.mirror.uploaded(project, record)
 
     # -- /api/ --------------------------------------------------------------------------
 

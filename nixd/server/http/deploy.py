@@ -33,8 +33,9 @@ audit line), so a normal identity's hit costs nothing more; a deploy-only identi
 refused everything else by the policy decision itself (rule ``deploy-only``), so any
 other path, the flake tarball and the flake listings answer exactly as absent. The set
 of readable paths is computed once per identity, policy and database version and kept
-(the closures themselves per output). Every such read is audited (``deploy:read``, with
-the output and its store path).
+(the closures themselves per output), and only asked for a path some slice holds, so the
+misses of paths nobody has (``nix copy --to`` asks before each upload) cost nothing more.
+Every such read is audited (``deploy:read``, with the output and its store path).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from nixd.server.access.policy import DEFAULT_DENY
 from nixd.server.asgi import Scope, Send
 from nixd.server.errors import BadRequest, NoRelease, NotFound, Unauthenticated
 from nixd.server.flakes.deploy import Closure, Closures
+from nixd.server.flakes.metadata import ATTR_RE, MAX_ATTR
 from nixd.server.flakes.releases import Flake, FlakeStore, Release
 from nixd.server.http.app import CacheApp, _Ctx, _json
 from nixd.server.storage.db import NAME_RE, Project
@@ -65,6 +67,7 @@ NO_GRANT = "no-deploy-grant"
 INCOMPLETE = "incomplete-closure"
 """Audit rule of a publish refused because an output's closure is not all there."""
 _ALLOWED_MAX = 10_000
+_READABLE_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +108,9 @@ class DeployRoutes:
         self.closures = Closures(store, lambda: (store.data_version(), store.writes, flakes.writes))
         self._outputs_version: Any = None
         self._outputs: list[tuple[Flake, Release]] = []
-        self._readable: dict[tuple[int, str], tuple[Identity, Any, Any, Readable]] = {}
+        self._granted_to: dict[tuple[int, str], tuple[Identity, Any, Any, tuple[Output, ...]]] = {}
+        self._readable: dict[tuple[Output, ...], Readable] = {}
+        self._readable_version: Any = None
 
     # -- what may be read ---------------------------------------------------------------
 
@@ -120,7 +125,11 @@ class DeployRoutes:
         return self._outputs
 
     def readable(self, ctx: _Ctx) -> Readable:
-        """The records this caller may read by deploy grants (remembered per identity)."""
+        """The records this caller may read by deploy grants.
+
+        What it was granted is remembered per identity; the records per set of granted
+        outputs, so a thousand kiosks with one grant share one map.
+        """
         recorded = self._recorded()  # also notices a changed database
         if not recorded:
             return _NOTHING
@@ -128,18 +137,30 @@ class DeployRoutes:
         policy = self.app.s.policy.current
         version = self.closures.version()
         key = (id(identity), ctx.source_ip)
-        hit = self._readable.get(key)
+        hit = self._granted_to.get(key)
         if hit is not None and hit[0] is identity and hit[1] is policy and hit[2] == version:
-            return hit[3]
-        readable = Readable()
-        for output in self._granted(ctx, identity, recorded):
-            closure = self.closures.of(output.org, output.store_path)
-            for hash_part, (project, info) in closure.records.items():
-                readable.paths.setdefault(hash_part, (project, info, output))
-                readable.files.setdefault(info.nar.file_hash, (project, info, output))
-        if len(self._readable) >= _ALLOWED_MAX:
+            outputs = hit[3]
+        else:
+            outputs = tuple(self._granted(ctx, identity, recorded))
+            if len(self._granted_to) >= _ALLOWED_MAX:
+                self._granted_to.clear()
+            self._granted_to[key] = (identity, policy, version, outputs)
+        if not outputs:
+            return _NOTHING
+        if self._readable_version != version:
+            self._readable_version = version
             self._readable.clear()
-        self._readable[key] = (identity, policy, version, readable)
+        readable = self._readable.get(outputs)
+        if readable is None:
+            readable = Readable()
+            for output in outputs:
+                closure = self.closures.of(output.org, output.store_path)
+                for hash_part, (project, info) in closure.records.items():
+                    readable.paths.setdefault(hash_part, (project, info, output))
+                    readable.files.setdefault(info.nar.file_hash, (project, info, output))
+            if len(self._readable) >= _READABLE_MAX:
+                self._readable.clear()
+            self._readable[outputs] = readable
         return readable
 
     def _granted(
@@ -287,6 +308,8 @@ class DeployRoutes:
                 raise Unauthenticated("authentication required")
             raise NotFound()
         try:
+            if len(attr) > MAX_ATTR or not ATTR_RE.fullmatch(attr):
+                raise BadRequest(f"{attr[:80]!r} is not an output attribute name")
             release = self._release(flake, spec, grants, attr)
             path = _outputs(release).get(attr)
             if path is None:

@@ -59,6 +59,7 @@ from nixd.server.http.ops import Observed, OpsRoutes
 from nixd.server.login.device import DeviceService, RefreshExchanger
 from nixd.server.login.exchangers import open_exchangers
 from nixd.server.metrics import disable_multiprocess, enable_multiprocess
+from nixd.server.mirror.service import MirrorService
 from nixd.server.storage.blobs import open_blob_store
 from nixd.server.storage.db import open_db
 from nixd.server.storage.gc import GcReport, flush_reads, serve_gc
@@ -97,7 +98,13 @@ def open_services(config: ServerConfig) -> Iterator[Services]:
         stack.callback(audit.close)
         device = DeviceService(conn, issuer=issuer, audit=audit, settings=config.device)
         flakes = FlakeStore.open(conn, blobs, store.data_version)
+        mirror = (
+            MirrorService(config.mirror, store, max_nar_size=config.storage.max_upload_bytes)
+            if config.mirror
+            else None
+        )
         yield Services(
+            mirror=mirror,
             ops=OpsRoutes(store, metrics=config.server.metrics),
             store=store,
             credentials=CredentialStore(conn),
@@ -283,6 +290,8 @@ async def serve(
             nursery.start_soon(_watch_signals, front, notify)
             nursery.start_soon(services.policy.watch)
             nursery.start_soon(_housekeeping, config, services, collect_garbage)
+            if services.mirror is not None:  # closure completion; the first process resumes
+                nursery.start_soon(partial(services.mirror.run, resume=collect_garbage))
             urls = await nursery.start(front.serve, listeners)
             if ready is not None:
                 await ready(urls)
