@@ -42,7 +42,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from nixd.errors import ConfigError, NixdError
 
@@ -142,10 +142,10 @@ def store_root(store: str | None) -> Path:
         return Path("/")
     if store.startswith("/"):
         return Path(store)
-    parts = urlsplit(store)
-    if parts.scheme == "local":
-        root = parse_qs(parts.query).get("root")
-        return Path(root[-1]) if root else Path("/")
+    scheme, _, query = store.partition("?")
+    if scheme in ("local", "local://", "auto"):
+        root = parse_qs(query).get("root")
+        return Path(root[-1]) if root and root[-1].startswith("/") else Path("/")
     raise ConfigError(f"--store {store!r}: nixd apply installs only into a local store")
 
 

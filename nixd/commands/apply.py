@@ -179,7 +179,7 @@ class Progress:
     """copyPath activity id → its store path."""
     _transfers: dict[int, int] = field(default_factory=dict)
     """NAR transfer activity id → bytes received so far."""
-    _last: float = 0.0
+    _last: float = float("-inf")
 
     def _line(self, text: str) -> None:
         self.out.write(f"nixd: {text}\n")
