@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,8 @@ ACT_COPY_PATH = 100
 ACT_FILE_TRANSFER = 101
 RES_PROGRESS = 105
 MAX_ERROR = 4000
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+"""Nix colours its messages even in internal-json; kept text is plain."""
 
 HELP = """\
 Deploy a configuration CI built and published, with no evaluation on this machine:
@@ -171,6 +174,8 @@ class Progress:
     total_paths: int
     total_bytes: int
     out: IO[str]
+    present: Callable[[str], bool] = lambda path: True
+    """Whether a path is in the store now (a copyPath activity also stops when it failed)."""
     clock: Callable[[], float] = time.monotonic
     copied: int = 0
     downloaded: int = 0
@@ -226,12 +231,15 @@ class Progress:
             self.downloaded += self._transfers.pop(ident)
         elif kind == "stop" and ident in self._paths:
             assert isinstance(ident, int)
-            self.copied += 1
-            self._last = self.clock()
-            self._line(self._status(self._paths.pop(ident)))
+            path = self._paths.pop(ident)
+            if self.present(path):
+                self.copied += 1
+                self._last = self.clock()
+                self._line(self._status(path))
         elif kind == "msg":
             level, msg = event.get("level"), event.get("msg")
             if isinstance(msg, str) and isinstance(level, int):
+                msg = _ANSI.sub("", msg)
                 if level == 0:
                     self.errors.append(msg)
                 if level <= 1:
@@ -293,7 +301,7 @@ def fetch(
         progress.errors.clear()
         if _run_nix(cmd, progress) == 0:
             return attempt
-    why = "; ".join(e.strip() for e in progress.errors)[-MAX_ERROR:] or "nix failed"
+    why = "; ".join(" ".join(e.split()) for e in progress.errors)[-MAX_ERROR:] or "nix failed"
     raise FetchError(f"fetching {path} failed after {len(waits)} attempts: {why}")
 
 
@@ -371,7 +379,12 @@ def run(args: argparse.Namespace) -> int:
         f"fetching its closure ({found.paths} paths, {_mib(found.nar_size)})",
         file=sys.stderr,
     )
-    progress = Progress(found.paths, found.nar_size, sys.stderr)
+    progress = Progress(
+        found.paths,
+        found.nar_size,
+        sys.stderr,
+        present=lambda path: act.real_path(args.store, path).exists(),
+    )
     proxy = act_proxy(args) if _can_use_proxy_directly() else None
     try:
         attempts = fetch(proxy, found.store_path, args.store, progress)

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,3 +400,56 @@ async def test_the_server_going_away_mid_fetch_then_a_retry_at_once_succeeds(
         assert os.readlink(profile.parent / os.readlink(profile)) == top
         assert t.real(top).exists()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_outage_remembered_by_nix_does_not_reach_nixd_apply(
+    deploy: Deploy, tmp_path: Path, daemon_factory: list[DaemonProcess]
+) -> None:
+    """Why ``nixd apply``'s Nix has a narinfo cache of its own: with the server down, the
+    proxy answers 404 for a narinfo (so builds go on, not remembered by the proxy); a
+    plain ``nix copy`` with the machine's cache and Nix's default negative TTL remembers
+    that for an hour and keeps failing after the server is back, while ``nixd apply``
+    run right then succeeds."""
+    name = f"out{os.urandom(3).hex()}"
+    top = deploy.build()
+    deploy.push(top)
+    assert deploy.publish(name, "0.1.0", top).status_code == 201
+    t = await _target(tmp_path, deploy.server.url, deploy.deploy_token(name, name),
+                      daemon_factory)  # fmt: skip
+    with (t.machine / "etc" / "nix.conf").open("a") as f:
+        f.write("narinfo-cache-negative-ttl = 3600\n")
+    env = {**os.environ, **t.env()}
+    shown = await trio.run_process(
+        ["nix", "show-config"], env=env, capture_stdout=True, capture_stderr=True
+    )
+    assert b"narinfo-cache-negative-ttl = 3600" in shown.stdout
+    proxy = json.loads(
+        (await t.nixd("status", "--json"))[1]
+    )["proxy"]["url"].rstrip("/")  # fmt: skip
+
+    async def plain_copy(dest: Path, cache: str = "") -> subprocess.CompletedProcess[bytes]:
+        with trio.fail_after(120):
+            return await trio.run_process(
+                ["nix", "copy", "--from", proxy, "--store", str(dest), top],
+                env={**env, **({"XDG_CACHE_HOME": cache} if cache else {})},
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+
+    deploy.server.stop()
+    try:
+        refused = await plain_copy(tmp_path / "plain1")
+        assert refused.returncode != 0
+    finally:
+        await trio.to_thread.run_sync(deploy.server.start)
+    profile = t.machine / "profiles" / "system"
+    code, _, err = await t.nixd("apply", "nixos", f"acme/{name}/0.1.0#{NIXOS}", "--store",
+                                str(t.store), "--profile", str(profile))  # fmt: skip
+    assert code == 0, err + t.daemon.log()[-3000:]
+    assert t.recorded() == ["switch-to-configuration switch DRY_RUN="]
+    # the proxy serves the path now, but the machine's Nix still says it is not there
+    again = await plain_copy(tmp_path / "plain2")
+    assert again.returncode != 0, "Nix did not remember the outage: the test shows nothing"
+    assert b"no substituter that can build it" in again.stderr, again.stderr
+    # the same command with a cache of its own works: it was only the remembered 404
+    fresh = await plain_copy(tmp_path / "plain3", str(tmp_path / "fresh-cache"))
+    assert fresh.returncode == 0, fresh.stderr
