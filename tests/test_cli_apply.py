@@ -9,6 +9,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from nixd.commands import _activation as act
 from nixd.commands.apply import Progress, fetch_command
 from nixd.commands.resolve import FlakeRef, parse_ref
 from nixd.errors import ConfigError
+from tests.daemon.conftest import REPO
 from tests.realnix import RealNix
 from tests.server.test_nix_e2e import configure
 
@@ -280,3 +285,40 @@ def test_a_closure_without_the_program_changes_nothing(nix: RealNix, tmp_path: P
     act.apply_plan(act.plan(act.TARGETS["profile"], None, plain, str(nix.store), str(profile)))
     assert act.profile_target(profile) == plain
     assert json.dumps(os.readlink(profile)) == '"system-1-link"'
+
+
+CHECK = """
+import sys
+from nixd.commands import _activation as act
+p = act.plan(act.TARGETS["nixos"], None, "/nix/store/x", None, sys.argv[1])
+try:
+    act.check_writable(p)
+except act.ActivationError as exc:
+    print("refused:", exc)
+else:
+    print("allowed")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root")
+def test_an_unwritable_profile_is_refused_before_anything(tmp_path: Path) -> None:
+    """As an unprivileged user (the real ``nobody``): refused, naming the directory."""
+    shared = Path(tempfile.mkdtemp(prefix="nixd-profile-"))
+    try:
+        shared.chmod(0o755)
+        (shared / "mine").mkdir()
+        os.chown(shared / "mine", pwd.getpwnam("nobody").pw_uid, -1)
+
+        def as_nobody(profile: Path) -> str:
+            done = subprocess.run(
+                ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={REPO}", "python3", "-c",
+                 CHECK, str(profile)],
+                capture_output=True, text=True, check=True, timeout=60, cwd="/",
+            )  # fmt: skip
+            return done.stdout.strip()
+
+        out = as_nobody(shared / "a" / "system")
+        assert out.startswith("refused:") and f"{shared} is not writable" in out
+        assert as_nobody(shared / "mine" / "profiles" / "system") == "allowed"
+    finally:
+        shutil.rmtree(shared)

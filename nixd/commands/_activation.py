@@ -251,6 +251,20 @@ def check_program(p: Plan) -> None:
         )
 
 
+def check_writable(p: Plan) -> None:
+    """The profile can be set by this user, checked before anything is fetched."""
+    if p.profile is None or not p.sets_profile:
+        return
+    where = p.profile.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not os.access(where, os.W_OK):
+        raise ActivationError(
+            f"cannot set the profile {p.profile}: {where} is not writable by this user "
+            "(run as root, or pass --profile; nothing was changed)"
+        )
+
+
 def set_profile(p: Plan, nix_env: str = "nix-env") -> None:
     """``nix-env -p PROFILE --set PATH``: a new generation (none if it is the current one)."""
     assert p.profile is not None

@@ -374,6 +374,10 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(p.describe()))
         return exitcodes.OK
 
+    try:
+        act.check_writable(p)
+    except act.ActivationError as exc:
+        return _fail(args, exitcodes.DENIED, str(exc))
     print(
         f"nixd: {ref.org}/{ref.name} {found.version} {found.output} is {found.store_path}; "
         f"fetching its closure ({found.paths} paths, {_mib(found.nar_size)})",
