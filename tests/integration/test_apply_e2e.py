@@ -33,6 +33,7 @@ from tests.integration.flake_fixtures import AUDIENCE, clean_env
 from tests.integration.relay import PacedRelay
 from tests.oidc_issuer import LocalIssuer, run_issuer
 from tests.realnix import RealNix
+from tests.server.conftest import audit_text
 from tests.server.flakeenv import metadata, tarball
 from tests.server.test_nix_e2e import closure, configure, copy_to, exchange
 from tests.serverproc import ServerProcess, server_cli, start_server
@@ -267,6 +268,16 @@ async def test_apply_fetches_sets_the_profile_and_activates(
         assert result["profile_changed"] is True
     else:
         assert not profile.exists()
+
+    # the server audited the resolve and every read of the deploy credential
+    lines = [json.loads(x) for x in audit_text(deploy.state).splitlines() if x.strip()]
+    mine = [e for e in lines if e.get("identity") == f"token:acme/kiosk-{name}"]
+    resolves = [e for e in mine if e["action"] == "flake:resolve" and e.get("store_path")]
+    assert resolves and all(e["store_path"] == top for e in resolves)
+    assert {e["output"] for e in resolves} == {output}
+    reads = [e for e in mine if e["action"] == "deploy:read"]
+    assert {e["path"] for e in reads} == set(closure(deploy.ci, top))
+    assert all(e["store_path"] == top for e in reads)
 
     # applying the same again changes nothing in the profile, activates again
     again = json.loads(_ok(*await t.nixd(*args, "--dry-run"), t))
