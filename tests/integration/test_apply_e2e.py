@@ -13,6 +13,8 @@ directory.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ import httpx
 import pytest
 import trio
 
+from nixd.commands.apply import Progress, fetch
 from nixd.server.http.flakes import RELEASE_TYPE
 from tests.daemon.conftest import NIXD, REPO, DaemonProcess, start_daemon, write_config
 from tests.integration.conftest import SERVER_HOST
@@ -464,3 +467,51 @@ async def test_an_outage_remembered_by_nix_does_not_reach_nixd_apply(
     # the same command with a cache of its own works: it was only the remembered 404
     fresh = await plain_copy(tmp_path / "plain3", str(tmp_path / "fresh-cache"))
     assert fresh.returncode == 0, fresh.stderr
+
+
+async def test_an_unprivileged_fetch_goes_through_nix_daemon(
+    deploy: Deploy, tmp_path: Path, daemon_factory: list[DaemonProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Who cannot read the proxy's secret (not root) fetches with ``nix-store --realise``:
+    a real ``nix-daemon`` with the machine's nix.conf substitutes the closure through the
+    proxy, and the progress comes back through the daemon's log."""
+    name = f"hm{os.urandom(3).hex()}"
+    top = deploy.build()
+    deploy.push(top)
+    assert deploy.publish(name, "0.1.0", top).status_code == 201
+    t = await _target(tmp_path, deploy.server.url, deploy.deploy_token(name, name),
+                      daemon_factory)  # fmt: skip
+    with (t.machine / "etc" / "nix.conf").open("a") as f:
+        f.write(f"store = {t.store}\n")
+    socket = tmp_path / "nix-daemon.sock"
+    nix_daemon = await trio.lowlevel.open_process(
+        ["nix-daemon"],
+        env={"PATH": os.environ["PATH"], "NIX_CONF_DIR": str(t.machine / "etc"),
+             "NIX_DAEMON_SOCKET_PATH": str(socket), "HOME": str(tmp_path)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(30):
+            while not await trio.Path(socket).exists():  # noqa: ASYNC110 - a file
+                await trio.sleep(0.05)
+        for key, value in t.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("NIX_REMOTE", f"unix://{socket}?root={t.store}")
+        err = io.StringIO()
+        progress = Progress(3, 0, err, present=lambda p: t.real(p).exists())
+        attempts = await trio.to_thread.run_sync(
+            functools.partial(fetch, None, top, None, progress, delays=())
+        )
+        assert attempts == 1, err.getvalue()
+        for path in closure(deploy.ci, top):
+            assert t.real(path).exists(), path
+        assert progress.copied == 3, err.getvalue()
+        assert "fetched 3 of 3 paths" in err.getvalue()
+    finally:
+        nix_daemon.terminate()
+        with trio.move_on_after(10):
+            await nix_daemon.wait()
+        if nix_daemon.returncode is None:
+            nix_daemon.kill()
+            await nix_daemon.wait()
