@@ -251,6 +251,8 @@ async def test_a_deploy_token_reads_exactly_the_closure(deploy_env: DeployEnv) -
         if e["identity"] == "token:acme/kiosk" and e["decision"] == "deny"
     ]
     assert any(e["object"] == f"{h['x']}.narinfo" and e["rule"] == "deploy-only" for e in refused)
+    # A served read is one line (deploy:read), not a refusal and then a read.
+    assert not {e["request_id"] for e in reads} & {e["request_id"] for e in refused}
 
 
 async def test_the_exchanged_access_token_keeps_the_scope(deploy_env: DeployEnv) -> None:

@@ -214,6 +214,9 @@ class _Ctx:
     request_id: str
     source_ip: str
     identity: Identity | None = None
+    deploy_only: bool = False
+    """A deploy-only credential (:mod:`nixd.server.access.deploy`): its cache reads go
+    to its grants' closures first, so a served read has one audit line."""
 
 
 class CacheApp:
@@ -559,10 +562,11 @@ class CacheApp:
                 return
             raise MethodNotAllowed("nix-cache-info is fixed by the server")
         try:
-            self._identify(ctx, scope)
+            ident = self._identify(ctx, scope)
         except AuthError as exc:
             await self._audit(ctx, "authenticate", "*", False, "credential", error=str(exc))
             raise
+        ctx.deploy_only = ident is not None and self._deploy is not None and is_deploy_only(ident)
         parts = rest.split("/")
         if parts[0] in VIEW_FILES or len(parts) == 1:
             await self._view_read(ctx, scope, send, self._reader_org(ctx), rest)
@@ -603,6 +607,14 @@ class CacheApp:
         elif name.endswith(".narinfo") and "/" not in name:
             hash_part = _hash_part(name)
             holders = self.s.store.holders(hash_part)
+            if (
+                ctx.deploy_only
+                and holders
+                and await self._deploy_narinfo(
+                    ctx, scope, send, org=org, project=None, hash_part=hash_part, head=head
+                )
+            ):
+                return
             candidates = [(p, i.created) for p, i in holders]
             if self.s.mirror is not None and self.s.mirror.pull_through:
                 holders, candidates = await self._pull_view(ctx, org, name, holders, candidates)
@@ -619,8 +631,8 @@ class CacheApp:
                 # each upload cost nothing more).
                 if (
                     holders
-                    and self._deploy is not None
-                    and await self._deploy.narinfo(
+                    and not ctx.deploy_only
+                    and await self._deploy_narinfo(
                         ctx, scope, send, org=org, project=None, hash_part=hash_part, head=head
                     )
                 ):
@@ -649,6 +661,14 @@ class CacheApp:
             hash_part = _hash_part(name)
             info = self.s.store.in_slice(project, hash_part)
             if (
+                ctx.deploy_only
+                and info
+                and await self._deploy_narinfo(
+                    ctx, scope, send, org=None, project=project, hash_part=hash_part, head=head
+                )
+            ):
+                return
+            if (
                 info is None
                 and self.s.mirror is not None
                 and self._may(ctx, "cache:read", project)[0]
@@ -660,8 +680,8 @@ class CacheApp:
                 # A miss (audited): a path of a deployable closure granted to this caller.
                 if (
                     info
-                    and self._deploy is not None
-                    and await self._deploy.narinfo(
+                    and not ctx.deploy_only
+                    and await self._deploy_narinfo(
                         ctx, scope, send, org=None, project=project, hash_part=hash_part, head=head
                     )
                 ):
@@ -713,6 +733,42 @@ class CacheApp:
         if info is None:
             return holders, candidates
         return [*holders, (project, info)], [*candidates, (project, info.created)]
+
+    async def _deploy_narinfo(
+        self,
+        ctx: _Ctx,
+        scope: Scope,
+        send: Send,
+        *,
+        org: str | None,
+        project: Project | None,
+        hash_part: str,
+        head: bool,
+    ) -> bool:
+        """Serve a path of a closure granted to this caller (:mod:`.deploy`); else False."""
+        if self._deploy is None:
+            return False
+        return await self._deploy.narinfo(
+            ctx, scope, send, org=org, project=project, hash_part=hash_part, head=head
+        )
+
+    async def _deploy_nar(
+        self,
+        ctx: _Ctx,
+        scope: Scope,
+        send: Send,
+        *,
+        org: str | None,
+        project: Project | None,
+        file_hash: str,
+        head: bool,
+    ) -> bool:
+        """Serve a NAR of a closure granted to this caller (:mod:`.deploy`); else False."""
+        if self._deploy is None:
+            return False
+        return await self._deploy.nar(
+            ctx, scope, send, org=org, project=project, file_hash=file_hash, head=head
+        )
 
     def _signed_narinfo(self, info: PathInfo) -> bytes:
         now = self.s.clock()
@@ -806,6 +862,14 @@ class CacheApp:
         if project is not None:
             holders = [p for p in holders if p.id == project.id]
         candidates = [(p, 0.0) for p in holders] if nar else []
+        if (
+            ctx.deploy_only
+            and candidates
+            and await self._deploy_nar(
+                ctx, scope, send, org=org, project=project, file_hash=file_hash, head=head
+            )
+        ):
+            return
         try:
             served = await self._read_decision(ctx, org, candidates, f"nar/{file_name}")
         except (NotFound, Unauthenticated):
@@ -818,8 +882,8 @@ class CacheApp:
                 return
             if (
                 candidates
-                and self._deploy is not None
-                and await self._deploy.nar(
+                and not ctx.deploy_only
+                and await self._deploy_nar(
                     ctx, scope, send, org=org, project=project, file_hash=file_hash, head=head
                 )
             ):

@@ -28,9 +28,10 @@ credential's grant: :mod:`nixd.server.access.deploy`) lets the caller read the r
 the closures of its releases' recorded outputs as the deploy view serves them, and
 nothing more: in the view of the flake's own organization (``/cache/``, whose view is
 the token's organization, or ``/cache/<org>/``) or in the slice whose record is served
-(``/cache/<org>/<project>/``). This runs only when the normal read missed (after its
-audit line), so a normal identity's hit costs nothing more; a deploy-only identity is
-refused everything else by the policy decision itself (rule ``deploy-only``), so any
+(``/cache/<org>/<project>/``). For a normal identity this runs only when the normal
+read missed (after its audit line), so its hits cost nothing more; a deploy-only
+identity is asked here first (one audit line per served read), and is refused everything
+else by the policy decision itself (rule ``deploy-only``, audited as any refusal), so any
 other path, the flake tarball and the flake listings answer exactly as absent. The set
 of readable paths is computed once per identity, policy and database version and kept
 (the closures themselves per output), and only asked for a path some slice holds, so the
