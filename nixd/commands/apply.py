@@ -52,7 +52,8 @@ from typing import IO, Any
 from nixd import exitcodes
 from nixd.commands import _activation as act
 from nixd.commands._common import add_daemon_options
-from nixd.commands.resolve import ResolveError, missing_lines, parse_ref, resolve
+from nixd.commands.flake import FlakeQueryError
+from nixd.commands.resolve import missing_lines, parse_ref, resolve
 from nixd.errors import ConfigError, NixdError
 
 RETRY_DELAYS = (1.0, 3.0)
@@ -109,7 +110,8 @@ ORG/FLAKE#OUTPUT) and logged in with nixd login token, this resolves and fetches
 that output's closure, and nothing else of the cache.
 
 Progress goes to stderr; --json prints one document: target, ref, version, output,
-store_path, profile, previous, profile_changed, action, ran, fetched.
+store_path, closure, profile, previous, profile_changed, action, run (the
+activation's command line), fetched {paths, downloaded, attempts}.
 """
 
 
@@ -339,8 +341,8 @@ def run(args: argparse.Namespace) -> int:
         act.store_root(args.store)  # refuse a non-local store before asking anything
     try:
         found = resolve(args, ref)
-    except ResolveError as exc:
-        return _fail(args, exc.code, str(exc), exc.missing)
+    except FlakeQueryError as exc:  # ResolveError, or no proxy to ask
+        return _fail(args, exc.code, str(exc), getattr(exc, "missing", ()))
     try:
         p = act.plan(target, args.action, found.store_path, args.store, args.profile)
     except ConfigError as exc:
@@ -389,14 +391,16 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr,
         present=lambda path: act.real_path(args.store, path).exists(),
     )
-    proxy = act_proxy(args) if _can_use_proxy_directly() else None
     try:
+        proxy = act_proxy(args) if _can_use_proxy_directly() else None
         attempts = fetch(proxy, found.store_path, args.store, progress)
         if not act.real_path(args.store, found.store_path).exists():
             raise FetchError(f"{found.store_path} is not in the store after fetching it")
         act.apply_plan(p)
+    except FlakeQueryError as exc:
+        return _fail(args, exc.code, str(exc))
     except FetchError as exc:
-        return _fail(args, exitcodes.UNREACHABLE, f"{exc} (nothing was changed)")
+        return _fail(args, exitcodes.UNREACHABLE, f"{exc} (nothing was set or activated)")
     except act.ActivationError as exc:
         return _fail(args, exitcodes.FAILURE, str(exc))
     result |= {

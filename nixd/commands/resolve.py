@@ -251,18 +251,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
-def _fail(args: argparse.Namespace, exc: ResolveError) -> int:
+def _fail(args: argparse.Namespace, exc: FlakeQueryError) -> int:
     from nixd.cliutil import error_json  # noqa: PLC0415
 
+    missing: tuple[str, ...] = getattr(exc, "missing", ())
     if args.json:
         error = json.loads(error_json(exc.code, str(exc)))
-        if exc.missing:
-            error["error"]["missing"] = list(exc.missing)
+        if missing:
+            error["error"]["missing"] = list(missing)
         print(json.dumps(error))
     else:
         lines = [f"nixd: error: {exc}"]
-        if exc.missing:
-            lines += ["missing from the cache:", *missing_lines(exc.missing, len(exc.missing))]
+        if missing:
+            lines += ["missing from the cache:", *missing_lines(missing, len(missing))]
         print("\n".join(lines), file=sys.stderr)
     return exc.code
 
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     ref = parse_ref(args.ref)
     try:
         found = resolve(args, ref, check=args.check)
-    except ResolveError as exc:
+    except FlakeQueryError as exc:  # ResolveError, or no proxy to ask
         return _fail(args, exc)
     if args.json:
         print(json.dumps(found.answer, indent=1, sort_keys=True))

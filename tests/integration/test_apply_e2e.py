@@ -403,7 +403,7 @@ async def test_the_server_going_away_mid_fetch_then_a_retry_at_once_succeeds(
             await trio.sleep(0.05)
         code, _, err = first[0]
         assert code == 6, err  # unreachable
-        assert "nothing was changed" in err
+        assert "nothing was set or activated" in err
         assert t.recorded() == [] and not profile.exists() and not t.real(top).exists()
 
         await trio.to_thread.run_sync(deploy.server.start)
@@ -515,3 +515,24 @@ async def test_an_unprivileged_fetch_goes_through_nix_daemon(
         if nix_daemon.returncode is None:
             nix_daemon.kill()
             await nix_daemon.wait()
+
+
+async def test_a_machine_that_is_not_logged_in_is_told_so(
+    deploy: Deploy, tmp_path: Path, daemon_factory: list[DaemonProcess]
+) -> None:
+    machine = tmp_path / "machine"
+    machine.mkdir()
+    config = write_config(machine, server_url=deploy.server.url)
+    (machine / "etc" / "nix.conf").write_text(NIX_CONF)
+    daemon = await start_daemon(machine, config)
+    daemon_factory.append(daemon)
+    await daemon.wait_for("READY=1")
+    t = Target(daemon, machine, tmp_path / "store", tmp_path / "record")
+    code, out, err = await t.nixd("apply", "nixos", f"acme/sys/1.*#{NIXOS}", "--json",
+                                  "--store", str(t.store))  # fmt: skip
+    assert code == 6 and err == ""
+    error = json.loads(out)["error"]
+    assert error["kind"] == "unreachable" and "not logged in" in error["message"]
+    code, _, err = await t.nixd("resolve", f"acme/sys/1.*#{NIXOS}")
+    assert code == 6 and "not logged in" in err
+    assert t.recorded() == [] and not t.store.exists()
