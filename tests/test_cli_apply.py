@@ -16,12 +16,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import trio
 
+from nixd.cli import main
 from nixd.commands import _activation as act
 from nixd.commands.apply import Progress, fetch_command
 from nixd.commands.resolve import FlakeRef, parse_ref
 from nixd.errors import ConfigError
 from tests.daemon.conftest import REPO
+from tests.proxy.hostile import Hostile, response
 from tests.realnix import RealNix
 from tests.server.test_nix_e2e import configure
 
@@ -289,6 +292,7 @@ def test_a_closure_without_the_program_changes_nothing(nix: RealNix, tmp_path: P
 
 CHECK = """
 import sys
+from nixd.cli import main
 from nixd.commands import _activation as act
 p = act.plan(act.TARGETS["nixos"], None, "/nix/store/x", None, sys.argv[1])
 try:
@@ -322,3 +326,70 @@ def test_an_unwritable_profile_is_refused_before_anything(tmp_path: Path) -> Non
         assert as_nobody(shared / "mine" / "profiles" / "system") == "allowed"
     finally:
         shutil.rmtree(shared)
+
+
+# -- resolve against a scripted (hostile) server ----------------------------------------
+
+ROUTE = "/api/v1/flakes/acme/sys/releases/{v}/outputs/out"
+GOOD = "/nix/store/" + "a" * 32 + "-system"
+
+
+def _answer(status: int, body: object) -> object:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))], data
+    )
+
+
+async def test_resolve_takes_only_what_the_server_may_say(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = Hostile()
+    routes = {
+        "1.0.0": _answer(200, {"version": "1.0.0", "output": "out", "store_path": GOOD,
+                               "closure": {"paths": 2, "nar_size": 10}, "complete": True}),
+        "2.0.0": _answer(200, {"version": "2\x1b[31m", "store_path": GOOD,
+                               "closure": {"paths": -5, "nar_size": "x"}, "complete": True}),
+        "3.0.0": _answer(200, {"store_path": "/nix/store/../../etc/passwd"}),
+        "4.0.0": _answer(200, {"store_path": GOOD + "/bin/sh"}),
+        "5.0.0": _answer(409, {"error": "incomplete", "message": "2 paths missing",
+                               "missing": [GOOD, "/etc/shadow", 7]}),
+        "6.0.0": _answer(404, {"error": "not-found", "message":
+                               "output out was not recorded for acme/sys 6.0.0"}),
+        "7.0.0": _answer(404, b""),
+        "8.0.0": _answer(200, b"[1, 2]"),
+        "9.0.0": _answer(200, {"store_path": GOOD, "complete": False,
+                               "missing": [GOOD], "missing_count": 3}),
+    }  # fmt: skip
+    server.routes.update({ROUTE.format(v=v): r for v, r in routes.items()})  # type: ignore[misc]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        url = f"http://127.0.0.1:{server.port}"
+
+        async def resolve(version: str, *extra: str) -> tuple[int, str, str]:
+            code: int = await trio.to_thread.run_sync(
+                main, ["resolve", f"acme/sys/{version}#out", "--server", url, *extra]
+            )
+            captured = capsys.readouterr()
+            return code, captured.out, captured.err
+
+        assert await resolve("1.0.0") == (0, GOOD + "\n", "")
+        code, out, _ = await resolve("2.0.0", "--check")
+        assert code == 0 and "\x1b" not in out and "0 paths, 0 bytes" in out
+        for bad in ("3.0.0", "4.0.0"):  # traversal, a path inside a store path
+            code, out, err = await resolve(bad)
+            assert code == 1 and out == "" and "no valid store path" in err
+        code, out, err = await resolve("8.0.0")  # not an object
+        assert code == 1 and out == "" and "HTTP 200" in err
+        code, out, err = await resolve("5.0.0", "--json")
+        assert code == 1 and json.loads(out)["error"]["missing"] == [GOOD]  # only store paths
+        code, _, err = await resolve("6.0.0")
+        assert code == 1 and "was not recorded" in err
+        code, _, err = await resolve("7.0.0")
+        assert code == 1 and "no release of acme/sys matching 7.0.0" in err
+        code, out, _ = await resolve("9.0.0", "--check")
+        assert code == 1 and "INCOMPLETE, 3 paths missing" in out and "and 2 more" in out
+        # a constraint with characters a path cannot carry reaches the route encoded
+        await resolve(">=1 <2")
+        assert server.requests[-1][0] == ROUTE.format(v="%3E%3D1%20%3C2")
+        nursery.cancel_scope.cancel()

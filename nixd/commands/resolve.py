@@ -33,7 +33,6 @@ from nixd.errors import ConfigError
 MAX_REF = 1024
 MAX_SHOWN_MISSING = 20
 """Missing paths printed in text; --json has the server's whole list."""
-STORE_DIR = "/nix/store/"
 
 HELP = """\
 Print the store path that CI recorded for an output of a published release, without
@@ -133,6 +132,27 @@ class ResolveError(FlakeQueryError):
         self.missing = missing
 
 
+def _text(value: object, default: str) -> str:
+    """A value from the server as one printable line (no control characters)."""
+    if not isinstance(value, str) or not value:
+        return default
+    return "".join(c if c.isprintable() else " " for c in value[:MAX_REF])
+
+
+def _store_path(value: object) -> str | None:
+    """``value`` if it is exactly a store path (``/nix/store/<hash>-<name>``), else None:
+    what apply fetches and runs programs from, so no ``..`` or deeper path gets through."""
+    from nixd.errors import FormatError  # noqa: PLC0415
+    from nixd.nix.storepath import StorePath  # noqa: PLC0415
+
+    if not isinstance(value, str) or len(value) > MAX_REF:
+        return None
+    try:
+        return StorePath.parse(value).path()
+    except FormatError:
+        return None
+
+
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
@@ -141,7 +161,7 @@ def _missing(body: dict[str, Any]) -> tuple[str, ...]:
     raw = body.get("missing")
     if not isinstance(raw, list):
         return ()
-    return tuple(p for p in raw if isinstance(p, str) and p.isprintable())
+    return tuple(p for p in map(_store_path, raw[:10_000]) if p is not None)
 
 
 def _message(body: object, raw: bytes, status: int) -> str:
@@ -181,16 +201,16 @@ def resolve(args: argparse.Namespace, ref: FlakeRef, *, check: bool = False) -> 
         body = None
     message = _message(body, raw, status)
     if status == 200 and isinstance(body, dict):
-        path = body.get("store_path")
-        if not isinstance(path, str) or not path.startswith(STORE_DIR) or "\n" in path:
-            raise ResolveError(f"{base}: the answer has no store path", exitcodes.FAILURE)
+        path = _store_path(body.get("store_path"))
+        if path is None:
+            raise ResolveError(f"{base}: the answer has no valid store path", exitcodes.FAILURE)
         closure = body.get("closure") if isinstance(body.get("closure"), dict) else {}
         assert isinstance(closure, dict)
         missing = _missing(body)
         return Resolution(
             ref=ref,
-            version=str(body.get("version", ref.version)),
-            output=str(body.get("output", ref.output)),
+            version=_text(body.get("version"), ref.version),
+            output=_text(body.get("output"), ref.output),
             store_path=path,
             paths=_int(closure.get("paths")),
             nar_size=_int(closure.get("nar_size")),
