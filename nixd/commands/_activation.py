@@ -143,7 +143,7 @@ def store_root(store: str | None) -> Path:
     if store.startswith("/"):
         return Path(store)
     scheme, _, query = store.partition("?")
-    if scheme in ("local", "local://", "auto"):
+    if scheme in ("local", "auto"):
         root = parse_qs(query).get("root")
         return Path(root[-1]) if root and root[-1].startswith("/") else Path("/")
     raise ConfigError(f"--store {store!r}: nixd apply installs only into a local store")
