@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+import trio
+
 from nixd.semver import VersionError, parse_constraint, parse_version
 from nixd.server.access.deploy import DEPLOY_TOKEN, Grant, grants_of
 from nixd.server.access.identity import Identity, anonymous
@@ -68,6 +70,11 @@ NO_GRANT = "no-deploy-grant"
 INCOMPLETE = "incomplete-closure"
 """Audit rule of a publish refused because an output's closure is not all there."""
 _ALLOWED_MAX = 10_000
+MIRROR_WAIT = 120.0
+"""Seconds a publish waits for the mirrors to complete its outputs' closures before it
+is refused as incomplete: a CI job pushes what it built and publishes at once, while the
+lower half of the closure (what an upstream cache such as cache.nixos.org has) is still
+being fetched; ``nixd publish`` waits up to 300 s for an answer."""
 _READABLE_MAX = 256
 
 
@@ -365,15 +372,41 @@ class DeployRoutes:
 
     # -- publish --------------------------------------------------------------------------
 
-    async def refuse_incomplete(
-        self, ctx: _Ctx, send: Send, *, org: str, name: str, version: str, outputs: dict[str, str]
-    ) -> bool:
-        """Answer 409 (and say True) if a recorded output's closure is not all there."""
-        incomplete = {
+    def _incomplete(self, org: str, outputs: dict[str, str]) -> dict[str, Closure]:
+        return {
             attr: closure
             for attr, path in sorted(outputs.items())
             if not (closure := self.closures.of(org, path)).complete
         }
+
+    async def _complete_from_mirrors(self, incomplete: dict[str, Closure]) -> bool:
+        """Complete each output's closure in the slice holding the output, from the
+        mirrors that slice may use, for at most :data:`MIRROR_WAIT`; True if any was
+        tried. Only the mirror room fetches (verified like an upload); a slice no mirror
+        lists fetches nothing, and an output the server does not hold is left alone."""
+        mirror = self.app.s.mirror
+        if mirror is None:
+            return False
+        tried = False
+        with trio.move_on_after(MIRROR_WAIT):
+            for closure in incomplete.values():
+                if closure.truncated:
+                    continue
+                found = closure.records.get(closure.store_path.removeprefix("/nix/store/")[:32])
+                if found is None or not mirror.for_slice(found[0]):
+                    continue
+                project, info = found
+                await mirror.complete(project, info.hash_part, info.name, deep=True)
+                tried = True
+        return tried
+
+    async def refuse_incomplete(
+        self, ctx: _Ctx, send: Send, *, org: str, name: str, version: str, outputs: dict[str, str]
+    ) -> bool:
+        """Answer 409 (and say True) if a recorded output's closure is not all there."""
+        incomplete = self._incomplete(org, outputs)
+        if incomplete and await self._complete_from_mirrors(incomplete):
+            incomplete = self._incomplete(org, outputs)
         if not incomplete:
             return False
         missing = sorted({p for c in incomplete.values() for p in c.missing})
