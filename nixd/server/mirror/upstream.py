@@ -19,8 +19,10 @@ upstream is Absent" into a 404.
 
 Limits per upstream: ``max_concurrency`` requests in flight (a semaphore), and
 ``requests_per_second`` (requests start at most that often, spaced evenly); ``timeout``
-is the longest wait for any progress (connect, a chunk), and a narinfo must arrive whole
-within it.
+is the longest wait for any progress (connect, a chunk), a narinfo must arrive whole
+within it, and a NAR must average ``min_rate`` bytes per second after its first
+``timeout`` seconds (an upstream that drips a byte per ``timeout`` is Unavailable, not a
+fetch held for days).
 """
 
 from __future__ import annotations
@@ -206,12 +208,14 @@ class Upstream:
                     size = 0
                     pending: list[bytes] = []
                     held = 0
+                    start = trio.current_time()
                     async with contextlib.aclosing(_raw_chunks(resp)) as chunks:
                         try:
                             async for chunk in chunks:
                                 size += len(chunk)
                                 if size > limit:
                                     raise Refused(self.name, f"NAR body larger than {limit} bytes")
+                                self._check_rate(size, trio.current_time() - start)
                                 pending.append(chunk)
                                 held += len(chunk)
                                 if held >= FEED_BATCH:
@@ -230,6 +234,16 @@ class Upstream:
                         )
             except httpx.HTTPError as exc:
                 raise Unavailable(self.name, f"NAR download: {type(exc).__name__}: {exc}") from exc
+
+    def _check_rate(self, size: int, elapsed: float) -> None:
+        """Unavailable if ``size`` bytes in ``elapsed`` seconds is below ``min_rate``."""
+        rate, grace = self.section.min_rate, self.section.timeout
+        if rate and elapsed > grace and size < rate * (elapsed - grace):
+            raise Unavailable(
+                self.name,
+                f"NAR download too slow: {size} bytes in {elapsed:.0f}s (at least {rate} "
+                f"bytes/s after the first {grace:g}s)",
+            )
 
 
 def _raw_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
