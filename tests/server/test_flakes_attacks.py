@@ -78,3 +78,45 @@ async def test_another_orgs_ci_cannot_publish_into_any_spelling(flake_env: Flake
         r.version
         for r in env.flakes.releases(env.flakes.flake("acme", "tool"))  # type: ignore[arg-type]
     ] == ["1.0.0"]
+
+
+async def test_an_upstream_that_is_down_does_not_hide_a_flake_source(flake_env: FlakeEnv) -> None:
+    """With pull-through on, a reader's miss asks the upstream first; when the upstream is
+    down, what the server itself can serve (a release's source tree) is still served, and
+    only a path nothing here answers is the 503."""
+    import socket  # noqa: PLC0415
+
+    from nixd.nix.signing import SecretKey  # noqa: PLC0415
+    from nixd.server.config import ServerConfig  # noqa: PLC0415
+    from nixd.server.http.app import CacheApp  # noqa: PLC0415
+    from nixd.server.http.serve import open_services  # noqa: PLC0415
+
+    env = flake_env
+    ci = await env.ci()
+    r = await env.publish(ci, "acme/tool", "0.1.0", tarball(), metadata())
+    assert r.status_code == 201, r.text
+    source = r.json()["store_path"].removeprefix("/nix/store/")[:32]
+    env.state.admin("project", "create", "acme/app")
+    with socket.socket() as s:  # a port nothing listens on: the upstream is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = SecretKey.generate("up-1").public().render()
+    with (env.state.path / "config.toml").open("a") as f:
+        f.write(f"""
+[[mirror]]
+name = "up"
+url = "http://127.0.0.1:{port}"
+public_keys = ["{key}"]
+slices = ["acme/*"]
+timeout = 2.0
+pull_through = true
+""")
+    with open_services(ServerConfig.load(env.state.path)) as services:
+        assert services.mirror is not None and services.mirror.pull_through
+        env.app = CacheApp(services)
+        async with env.client(env.member) as c:
+            got = await c.get(f"/cache/{source}.narinfo")
+            assert got.status_code == 200, got.text
+            absent = await c.get(f"/cache/{'0' * 31 + '9'}.narinfo")
+            assert absent.status_code == 503, absent.text
+        await services.mirror.aclose()
