@@ -1,6 +1,7 @@
-"""The mirror against an upstream that drips: a NAR sent a byte at a time, each byte just
-within the timeout, holds a fetch (a completion worker, a pull-through reader) for as
-long as the upstream likes unless the download must keep a minimum rate."""
+"""Attacks on the mirror. An upstream that drips: a NAR sent a byte at a time, each byte
+just within the timeout, holds a fetch (a completion worker, a pull-through reader) for
+as long as the upstream likes unless the download must keep a minimum rate. And one
+slice's mirrored copy must not change another slice's answer for the same path."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from nixd.server.config import ServerConfig
 from nixd.server.errors import UpstreamUnavailable
+from nixd.server.http.app import CacheApp
+from nixd.server.http.serve import open_services
 from nixd.server.mirror.service import MirrorService
 from nixd.server.storage.store import Store
+from tests.server.appenv import make_nar, upload
+from tests.server.flakeenv import FlakeEnv, flake_env
 from tests.server.mirrorenv import stand_in
-from tests.server.test_mirror_hostile import Upstream, mirror, project, store
+from tests.server.test_mirror_hostile import KEY, Upstream, fresh, mirror, project, store
 
-__all__ = ["store"]
+__all__ = ["flake_env", "store"]
 
 
 def dripping(payload: bytes, pause: float) -> object:
@@ -71,3 +77,45 @@ def test_min_rate_is_checked_in_the_config() -> None:
     assert _mirrors([entry], "config.toml")[0].min_rate == 65536
     with pytest.raises(ConfigError, match="min_rate"):
         _mirrors([{**entry, "min_rate": -1}], "config.toml")
+
+
+async def test_an_upstreams_signature_is_served_only_with_the_record_it_came_with(
+    flake_env: FlakeEnv, tmp_path: Path
+) -> None:
+    """The same path mirrored into ``acme/app`` and uploaded by a writer into ``acme/lib``:
+    the upload's narinfo carries the server's signature only — what another slice mirrored
+    changes nothing in this slice's answers."""
+    env = flake_env
+    env.state.admin("project", "create", "acme/app")
+    env.state.admin("project", "create", "acme/lib")
+    with stand_in() as s:
+        up = Upstream(s, tmp_path)
+        hp = fresh()
+        content = b"shared between slices\n"
+        up.publish("hello", content, hp=hp)
+        with (env.state.path / "config.toml").open("a") as f:
+            f.write(f"""
+[[mirror]]
+name = "up"
+url = "{s.url}"
+public_keys = ["{KEY.public().render()}"]
+slices = ["acme/app"]
+timeout = 5.0
+""")
+        with open_services(ServerConfig.load(env.state.path)) as services:
+            assert services.mirror is not None
+            app = CacheApp(services)
+            env.app = app
+            mirrored = await services.mirror.fetch(project(services.store, "app"), hp, "hello")
+            assert mirrored.uploader == "mirror:up"
+            async with env.client(env.member) as c:
+                r = await upload(c, "acme/lib", hp, make_nar(tmp_path / "n", content))
+                assert r.status_code == 200, r.text
+                lib = (await c.get(f"/cache/acme/lib/{hp}.narinfo")).text
+                mine = (await c.get(f"/cache/acme/app/{hp}.narinfo")).text
+            await services.mirror.aclose()
+    lib_sigs = [line for line in lib.splitlines() if line.startswith("Sig: ")]
+    app_sigs = [line for line in mine.splitlines() if line.startswith("Sig: ")]
+    assert any(line.startswith("Sig: up-1:") for line in app_sigs), mine
+    assert not any(line.startswith("Sig: up-1:") for line in lib_sigs), lib
+    assert len(lib_sigs) == len(app_sigs) - 1

@@ -819,9 +819,7 @@ class CacheApp:
         if self.s.mirror is not None:  # a mirrored record keeps its upstream's Sig too
             ni = dataclasses.replace(
                 ni,
-                sigs=self.s.mirror.upstream_sigs(
-                    info.hash_part, info.nar.nar_hash, ni.fingerprint()
-                ),
+                sigs=self.s.mirror.upstream_sigs(info, ni.fingerprint()),
             )
         for secret in signers:
             ni = ni.signed(secret)

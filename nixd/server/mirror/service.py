@@ -231,7 +231,7 @@ class MirrorService:
             deriver=info.deriver.basename if info.deriver else None,
             system=info.system,
             ca=info.ca,
-            uploader=f"mirror:{up.name}",
+            uploader=f"{records.UPLOADER_PREFIX}{up.name}",
         )
         conn = self.store.conn
         try:
@@ -406,14 +406,19 @@ class MirrorService:
 
     # -- serving and checking provenance ---------------------------------------------------
 
-    def upstream_sigs(self, hash_part: str, nar_hash: str, fingerprint: bytes) -> tuple[str, ...]:
+    def upstream_sigs(self, info: PathInfo, fingerprint: bytes) -> tuple[str, ...]:
         """The upstream's Sig lines of a mirrored record that still verify for the narinfo
-        being served (its fingerprint), with the configured keys."""
-        prov = records.provenance_of(self.store.conn, hash_part, nar_hash)
+        being served (its fingerprint), with that upstream's keys. Only a record the
+        mirror wrote carries them: the same path uploaded into another slice is answered
+        alike whether or not some slice mirrored it."""
+        name = info.uploader.removeprefix(records.UPLOADER_PREFIX)
+        up = self._by_name.get(name) if info.uploader.startswith(records.UPLOADER_PREFIX) else None
+        if up is None:
+            return ()
+        prov = records.provenance_of(self.store.conn, info.hash_part, info.nar.nar_hash, name)
         if prov is None:
             return ()
-        keys = [k for u in self.upstreams for k in u.keys]
-        return tuple(s for s in prov.sigs if any(k.verify(fingerprint, s) for k in keys))
+        return tuple(s for s in prov.sigs if any(k.verify(fingerprint, s) for k in up.keys))
 
     def mirrored(self, project: Project, info: PathInfo) -> bool:
         """Whether the slice's record came from a mirror (an upload may replace it)."""
