@@ -142,10 +142,11 @@ class FlakeRoutes:
         if no deny rule names another spelling of it (lower case, or as ``asked``): the
         store knows one flake whatever the case, while rules match case-sensitively."""
         allowed, rule = self.app._may_on(ctx, action, resource)
-        if not allowed:
+        if not allowed and rule != DEFAULT_DENY:
             return allowed, rule
+        # Also when no rule matched: a deploy grant allows on a default deny, a deny not.
         ok, by = self._spellings(ctx, action, resource, asked)
-        return (True, rule) if ok else (False, by)
+        return (allowed, rule) if ok else (False, by)
 
     def _spellings(
         self, ctx: _Ctx, action: str, resource: str, asked: str | None
