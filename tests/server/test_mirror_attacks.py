@@ -20,7 +20,7 @@ from nixd.server.mirror.service import MirrorService
 from nixd.server.storage.store import Store
 from tests.server.appenv import make_nar, upload
 from tests.server.flakeenv import FlakeEnv, flake_env
-from tests.server.mirrorenv import stand_in
+from tests.server.mirrorenv import send, stand_in
 from tests.server.test_mirror_hostile import KEY, Upstream, fresh, mirror, project, store
 
 __all__ = ["flake_env", "store"]
@@ -119,3 +119,27 @@ timeout = 5.0
     assert any(line.startswith("Sig: up-1:") for line in app_sigs), mine
     assert not any(line.startswith("Sig: up-1:") for line in lib_sigs), lib
     assert len(lib_sigs) == len(app_sigs) - 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 400, 401, 407, 418])
+async def test_an_upstream_that_answers_oddly_is_unavailable_not_absent(
+    store: Store, tmp_path: Path, status: int
+) -> None:
+    """Only 404/403/410 say "not here": a redirect the mirror does not follow, an
+    authentication the upstream wants, any other status is a failure to answer, so a
+    pull-through reader gets a 503 (retried) and never a 404 Nix would remember."""
+    with stand_in() as s:
+        up = Upstream(s, tmp_path)
+        path = up.publish("odd", b"odd")
+        good = s.answers[f"/{path[:32]}.narinfo"]
+        s.answers[f"/{path[:32]}.narinfo"] = lambda h: send(h, status, b"no\n")
+        service = MirrorService((mirror(s.url, pull_through=True),), store, max_nar_size=1 << 20)
+        app = project(store)
+        try:
+            with pytest.raises(UpstreamUnavailable):
+                await service.pull(app, path[:32])
+            s.answers[f"/{path[:32]}.narinfo"] = good
+            info = await service.pull(app, path[:32])
+        finally:
+            await service.aclose()
+        assert info is not None and info.basename == path

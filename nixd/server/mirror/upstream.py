@@ -14,8 +14,9 @@ whole NAR whose NarHash and NarSize are the signed ones is committed.
 Three outcomes besides success, because the callers must tell them apart: the upstream
 does not have the path (:class:`Absent`: 404, 403, 410), it has something that failed a
 check (:class:`Refused`, with why), or it did not answer properly (:class:`Unavailable`:
-a timeout, a refused connection, a 5xx, a cut body). Pull-through turns only "every
-upstream is Absent" into a 404.
+a timeout, a refused connection, a cut body, any other status: a 5xx, a redirect, a
+401). Pull-through answers 503 if any upstream is Unavailable, else a 404 (nothing
+verified to serve).
 
 Limits per upstream: ``max_concurrency`` requests in flight (a semaphore), and
 ``requests_per_second`` (requests start at most that often, spaced evenly); ``timeout``
@@ -272,6 +273,6 @@ def _status(upstream: str, status: int, url: str, *, what: str = "narinfo") -> N
         if what == "NAR":
             raise Refused(upstream, f"its narinfo names a NAR it does not serve ({status})")
         raise Absent(upstream, f"{what} not there (HTTP {status})")
-    if status >= 500 or status in (408, 429):
-        raise Unavailable(upstream, f"HTTP {status} for the {what}")
-    raise Refused(upstream, f"HTTP {status} for the {what}")
+    # Any other status (a 5xx, a redirect the mirror does not follow, an authentication it
+    # wants) is a failure to answer, not "not here": retried, and never a reader's 404.
+    raise Unavailable(upstream, f"HTTP {status} for the {what}")
