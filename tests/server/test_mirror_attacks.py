@@ -11,7 +11,9 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+import trio
 
+from nixd.server.cli.mirror import status_of
 from nixd.server.config import ServerConfig
 from nixd.server.errors import UpstreamUnavailable
 from nixd.server.http.app import CacheApp
@@ -143,3 +145,36 @@ async def test_an_upstream_that_answers_oddly_is_unavailable_not_absent(
         finally:
             await service.aclose()
         assert info is not None and info.basename == path
+
+
+class _Endless(dict):  # type: ignore[type-arg]
+    """Answers that sign a new path for every narinfo asked, each with three fresh
+    references: an upstream (holding the trusted key) whose closure never ends."""
+
+    up: Upstream
+
+    def get(self, path: str, default: object = None) -> object:
+        if path.endswith(".narinfo") and not dict.__contains__(self, path):
+            hp = path[1:33]
+            self.up.publish("gen", hp.encode(), tuple(f"{fresh()}-gen" for _ in range(3)), hp=hp)
+        return dict.get(self, path, default)
+
+
+async def test_an_endless_signed_closure_stops_at_the_bound(store: Store, tmp_path: Path) -> None:
+    with stand_in() as s:
+        answers = _Endless()
+        s.answers = answers
+        up = answers.up = Upstream(s, tmp_path)
+        root = up.publish("root", b"root", (f"{fresh()}-gen", f"{fresh()}-gen"))
+        service = MirrorService((mirror(s.url),), store, max_nar_size=1 << 20)
+        service.max_closure = 40
+        app = project(store)
+        try:
+            # Only a guard against the hang this test is about; nothing here is timed.
+            with trio.fail_after(300):
+                result = await service.complete(app, root[:32], "root")
+        finally:
+            await service.aclose()
+    assert 30 <= result.fetched <= 40 and result.missing
+    (st,) = status_of(store.conn, app)
+    assert st["roots"] == {"pending": 0, "complete": 0, "incomplete": 1}
