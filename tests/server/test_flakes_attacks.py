@@ -120,3 +120,54 @@ pull_through = true
             absent = await c.get(f"/cache/{'0' * 31 + '9'}.narinfo")
             assert absent.status_code == 503, absent.text
         await services.mirror.aclose()
+
+
+async def test_what_the_name_decides_is_refused_before_the_body(flake_env: FlakeEnv) -> None:
+    """An organization that does not exist, or another spelling of a published flake, is
+    refused without reading the body (the upload may be as large as the bound)."""
+    from nixd.server.http.flakes import RELEASE_TYPE  # noqa: PLC0415
+    from tests.server.conftest import write_policy  # noqa: PLC0415
+
+    env = flake_env
+    policy = env.state.path / "policy.toml"
+    write_policy(
+        policy,
+        policy.read_text()
+        + """
+[[rule]]
+id = "ci-publishes-anywhere"
+effect = "allow"
+subjects = [{ kind = "github", org = "acme" }]
+actions = ["flake:publish"]
+resources = ["*"]
+""",
+    )
+    env.services.policy.reload()
+    ci = await env.ci()
+    assert (await env.publish(ci, "acme/tool", "1.0.0", tarball(), metadata())).status_code == 201
+    for flake, status in [("ghost/tool", 400), ("acme/TOOL", 409)]:
+        read: list[int] = []
+        sent: list[dict[str, object]] = []
+
+        async def receive(read: list[int] = read) -> dict[str, object]:
+            read.append(1)
+            return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+        async def send(message: dict[str, object], sent: list[dict[str, object]] = sent) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "PUT",
+            "path": f"/api/v1/flakes/{flake}/releases/2.0.0",
+            "query_string": b"",
+            "headers": [
+                (b"authorization", f"Bearer {ci}".encode()),
+                (b"content-type", RELEASE_TYPE.encode()),
+                (b"x-nixd-metadata-length", b"10"),
+            ],
+            "client": ("127.0.0.1", 1),
+        }
+        await env.app(scope, receive, send)
+        assert sent[0]["status"] == status, (flake, sent)
+        assert not read, flake

@@ -403,6 +403,12 @@ class FlakeRoutes:
                 f"the release is {length} bytes; this server takes tarballs of at most "
                 f"{self.app.s.max_tarball_bytes} bytes ([flakes] max_tarball_bytes)"
             )
+        # What the name alone decides is refused before a byte of the body is read.
+        if get_org(self.flakes.conn, org) is None:
+            raise BadRequest(f"there is no organization {org!r} on this server")
+        named = self.flakes.flake(org, name)
+        if named is not None and (named.org, named.name) != (org, name):
+            raise Conflict(f"this flake is published as {named.resource}; use that name")
         body = await _read_bounded(receive, limit, self.app.s.max_tarball_bytes)
         if len(body) < meta_length:
             raise BadUpload(
@@ -419,12 +425,7 @@ class FlakeRoutes:
             source: Source = await trio.to_thread.run_sync(normalize, tarball, limits)
         except TarballError as exc:
             raise BadUpload(f"the flake tarball is refused: {exc}") from exc
-        known = get_org(self.flakes.conn, org)
-        if known is None:
-            raise BadRequest(f"there is no organization {org!r} on this server")
         existing = self.flakes.flake(org, name)
-        if existing is not None and (existing.org, existing.name) != (org, name):
-            raise Conflict(f"this flake is published as {existing.resource}; use that name")
         if existing is not None:
             old = self.flakes.release(existing, str(version))
             if old is not None and old.nar_hash != str(source.nar_hash):
