@@ -314,6 +314,9 @@ class MirrorSection:
     max_concurrency: int = 8
     requests_per_second: float = 50.0
     timeout: float = 30.0
+    min_rate: int = 65536
+    """Bytes per second a NAR download must average once its first ``timeout`` seconds
+    have passed (0: any), so an upstream that drips cannot hold a fetch for hours."""
     pull_through: bool = False
 
     def serves(self, slice_name: str) -> bool:
@@ -586,6 +589,8 @@ def _mirrors(value: Any, source: str) -> tuple[MirrorSection, ...]:
             raise ConfigError(f"{where}.requests_per_second: between 0 (no limit) and 100000")
         if not 0 < entry.timeout <= 3600:
             raise ConfigError(f"{where}.timeout: must be between 0 and 3600 seconds")
+        if not 0 <= entry.min_rate <= 1 << 40:
+            raise ConfigError(f"{where}.min_rate: bytes per second, from 0 (no minimum)")
         entries.append(replace(entry, url=entry.url.rstrip("/")))
     return tuple(entries)
 
@@ -909,5 +914,6 @@ access_flush = {d.gc.access_flush}
 # max_concurrency = 8
 # requests_per_second = 50.0           # 0 = no limit
 # timeout = 30.0                       # seconds without progress
+# min_rate = 65536                     # bytes/s a NAR must average after `timeout`
 # pull_through = false                 # a reader's miss in those slices is fetched
 """

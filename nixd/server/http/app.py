@@ -49,8 +49,9 @@ entry; the fetching happens in the background task). With ``pull_through``, a na
 miss is fetched first: in a slice, if the caller may read it; in a view, if the view is
 empty for this reader (what it cannot see plays no part, so a hidden path is pulled as if
 absent), into the first slice of the view that pulls through. An upstream that is slow
-or down is a 503, never a 404 (Nix would remember it for an hour). A mirrored record's
-narinfo carries the upstream's ``Sig`` (re-checked against the record's fingerprint) next
+or down is a 503, never a 404 (Nix would remember it for an hour), unless the server
+answers the path itself (a release's source tree, a granted closure's path). A mirrored
+record's narinfo carries the upstream's ``Sig`` (re-checked against the record's fingerprint) next
 to the server's, and a writer's own upload replaces a mirrored copy without
 ``cache:admin``.
 
@@ -125,6 +126,7 @@ from nixd.server.errors import (
     NotFound,
     TooLarge,
     Unauthenticated,
+    UpstreamUnavailable,
     into_client,
 )
 from nixd.server.http.ops import PATHS as OPS_PATHS
@@ -616,8 +618,12 @@ class CacheApp:
             ):
                 return
             candidates = [(p, i.created) for p, i in holders]
+            unavailable: UpstreamUnavailable | None = None
             if self.s.mirror is not None and self.s.mirror.pull_through:
-                holders, candidates = await self._pull_view(ctx, org, name, holders, candidates)
+                try:
+                    holders, candidates = await self._pull_view(ctx, org, name, holders, candidates)
+                except UpstreamUnavailable as exc:  # the 503, unless this server has it
+                    unavailable = exc
             try:
                 project = await self._read_decision(ctx, org, candidates, name)
             except (NotFound, Unauthenticated):
@@ -637,6 +643,8 @@ class CacheApp:
                     )
                 ):
                     return
+                if unavailable is not None:
+                    raise unavailable from None
                 raise
             info = next(i for p, i in holders if p.id == project.id)
             self.s.store.note_access(project.id, info.hash_part)  # in memory (retention)
@@ -811,9 +819,7 @@ class CacheApp:
         if self.s.mirror is not None:  # a mirrored record keeps its upstream's Sig too
             ni = dataclasses.replace(
                 ni,
-                sigs=self.s.mirror.upstream_sigs(
-                    info.hash_part, info.nar.nar_hash, ni.fingerprint()
-                ),
+                sigs=self.s.mirror.upstream_sigs(info, ni.fingerprint()),
             )
         for secret in signers:
             ni = ni.signed(secret)

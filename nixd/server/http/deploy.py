@@ -177,7 +177,7 @@ class DeployRoutes:
         grants = grants_of(identity)
         found: list[Output] = []
         for flake, release in recorded:
-            allowed, rule = self.app._may_on(ctx, "deploy:read", flake.resource)
+            allowed, rule = self.routes.may(ctx, "deploy:read", flake.resource)
             for attr, path in sorted(_outputs(release).items()):
                 if allowed:
                     why = rule
@@ -261,7 +261,7 @@ class DeployRoutes:
         allowed, rule = self.routes._may_read(ctx, flake)
         if allowed:
             return True, rule, []
-        deploy, deploy_rule = self.app._may_on(ctx, "deploy:read", flake.resource)
+        deploy, deploy_rule = self.routes.may(ctx, "deploy:read", flake.resource)
         if deploy:
             return True, deploy_rule, []
         grants = grants_of(ctx.identity)

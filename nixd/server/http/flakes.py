@@ -13,9 +13,13 @@ URL space (dispatched from :class:`nixd.server.http.app.CacheApp`)::
 
 **Reading** is ``flake:read`` on ``org/name``, decided by the policy's one function; a
 public flake is also readable by anyone (rule ``public-flake``), unless a deny rule
-matches. Hidden and absent are one answer, whatever the URL below ``/f/<org>/<name>/``
-asks: 401 + ``WWW-Authenticate`` to a caller without a credential, 404 with the same body
-to one with a credential; the reason goes to the audit log only. Only a caller who may
+matches. Names are one flake ignoring case but rules match case-sensitively, so an allow
+stands only if no deny rule names the lower-case or the requested spelling either
+(:meth:`FlakeRoutes.may`; publishing likewise).
+
+Hidden and absent are one answer, whatever the URL below ``/f/<org>/<name>/`` asks:
+401 + ``WWW-Authenticate`` to a caller without a credential, 404 with the same body to
+one with a credential; the reason goes to the audit log only. Only a caller who may
 read the flake learns which versions exist (a 404 naming what matched nothing, a 400 for
 a constraint that does not parse).
 
@@ -131,18 +135,43 @@ class FlakeRoutes:
             await self.app._audit(ctx, "authenticate", "*", False, "credential", error=str(exc))
             raise
 
-    def _may_read(self, ctx: _Ctx, flake: Flake) -> tuple[bool, str]:
+    def may(
+        self, ctx: _Ctx, action: str, resource: str, asked: str | None = None
+    ) -> tuple[bool, str]:
+        """``action`` on the flake ``resource``, decided on that name; an allow stands only
+        if no deny rule names another spelling of it (lower case, or as ``asked``): the
+        store knows one flake whatever the case, while rules match case-sensitively."""
+        allowed, rule = self.app._may_on(ctx, action, resource)
+        if not allowed and rule != DEFAULT_DENY:
+            return allowed, rule
+        # Also when no rule matched: a deploy grant allows on a default deny, a deny not.
+        ok, by = self._spellings(ctx, action, resource, asked)
+        return (allowed, rule) if ok else (False, by)
+
+    def _spellings(
+        self, ctx: _Ctx, action: str, resource: str, asked: str | None
+    ) -> tuple[bool, str]:
+        for other in sorted({resource.lower(), asked or resource} - {resource}):
+            allowed, rule = self.app._may_on(ctx, action, other)
+            if not allowed and rule != DEFAULT_DENY:
+                return False, rule
+        return True, ""
+
+    def _may_read(self, ctx: _Ctx, flake: Flake, asked: str | None = None) -> tuple[bool, str]:
         """``flake:read`` on the flake; a public flake is an allow that a deny overrides."""
         allowed, rule = self.app._may_on(ctx, "flake:read", flake.resource)
         if not allowed and rule == DEFAULT_DENY and flake.public:
-            return True, PUBLIC_FLAKE_RULE
-        return allowed, rule
+            allowed, rule = True, PUBLIC_FLAKE_RULE
+        if not allowed:
+            return allowed, rule
+        ok, by = self._spellings(ctx, "flake:read", flake.resource, asked)
+        return (allowed, rule) if ok else (False, by)
 
     async def _readable(self, ctx: _Ctx, org: str, name: str, what: str) -> Flake:
         """The flake if the caller may read it (audited); else the answer of an absent one."""
         flake = self.flakes.flake(org, name) if _valid_name(org) and _valid_name(name) else None
         if flake is not None:
-            allowed, rule = self._may_read(ctx, flake)
+            allowed, rule = self._may_read(ctx, flake, f"{org}/{name}")
             if allowed:
                 await self.app._audit(ctx, "flake:read", flake.resource, True, rule, object=what)
                 return flake
@@ -353,7 +382,7 @@ class FlakeRoutes:
                 "(at most 63 each, starting with a letter or digit)"
             )
         resource = f"{org}/{name}"
-        allowed, rule = self.app._may_on(ctx, "flake:publish", resource)
+        allowed, rule = self.may(ctx, "flake:publish", resource)
         await self.app._audit(ctx, "flake:publish", resource, allowed, rule, object=spec)
         if not allowed:
             if ctx.identity is None:
@@ -374,6 +403,12 @@ class FlakeRoutes:
                 f"the release is {length} bytes; this server takes tarballs of at most "
                 f"{self.app.s.max_tarball_bytes} bytes ([flakes] max_tarball_bytes)"
             )
+        # What the name alone decides is refused before a byte of the body is read.
+        if get_org(self.flakes.conn, org) is None:
+            raise BadRequest(f"there is no organization {org!r} on this server")
+        named = self.flakes.flake(org, name)
+        if named is not None and (named.org, named.name) != (org, name):
+            raise Conflict(f"this flake is published as {named.resource}; use that name")
         body = await _read_bounded(receive, limit, self.app.s.max_tarball_bytes)
         if len(body) < meta_length:
             raise BadUpload(
@@ -390,12 +425,7 @@ class FlakeRoutes:
             source: Source = await trio.to_thread.run_sync(normalize, tarball, limits)
         except TarballError as exc:
             raise BadUpload(f"the flake tarball is refused: {exc}") from exc
-        known = get_org(self.flakes.conn, org)
-        if known is None:
-            raise BadRequest(f"there is no organization {org!r} on this server")
         existing = self.flakes.flake(org, name)
-        if existing is not None and (existing.org, existing.name) != (org, name):
-            raise Conflict(f"this flake is published as {existing.resource}; use that name")
         if existing is not None:
             old = self.flakes.release(existing, str(version))
             if old is not None and old.nar_hash != str(source.nar_hash):

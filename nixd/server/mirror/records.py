@@ -50,6 +50,8 @@ def ensure(conn: Connection) -> None:
 PENDING, COMPLETE, INCOMPLETE = "pending", "complete", "incomplete"
 MISSING, FAILED = "missing", "failed"
 MAX_REASON = 500
+UPLOADER_PREFIX = "mirror:"
+"""A mirrored record's uploader: ``mirror:<name>`` of the upstream it came from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +122,16 @@ _PROV_COLS = (
 )
 
 
-def provenance_of(conn: Connection, hash_part: str, nar_hash: str) -> Provenance | None:
-    """Provenance of any slice's mirrored record of this path with this NarHash."""
+def provenance_of(
+    conn: Connection, hash_part: str, nar_hash: str, upstream: str
+) -> Provenance | None:
+    """Provenance of a slice's record of this path with this NarHash mirrored from
+    ``upstream`` (the signatures are that upstream's, whichever slice fetched them)."""
     row = conn.execute(
         f"SELECT {_PROV_COLS} FROM mirror_paths m "  # noqa: S608 - fixed columns
-        "WHERE m.hash_part = ? AND m.nar_hash = ? ORDER BY m.fetched_at LIMIT 1",
-        (hash_part, nar_hash),
+        "WHERE m.hash_part = ? AND m.nar_hash = ? AND m.upstream = ? "
+        "ORDER BY m.fetched_at LIMIT 1",
+        (hash_part, nar_hash, upstream),
     ).fetchone()
     return _provenance(row) if row else None
 

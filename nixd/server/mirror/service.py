@@ -12,7 +12,9 @@ that gives a verified path wins; one that refuses or fails is noted and the next
 then that path's references likewise. From an upload, a reference the slice already
 holds is not descended into: it was uploaded (and became a root itself) or mirrored (and
 its references were seen to then); ``mirror complete`` walks the whole closure. At most
-:data:`PARALLEL_FETCHES` paths are fetched at a time per process, and each upstream
+:data:`PARALLEL_FETCHES` paths are fetched at a time per process (level by level, by
+that many workers; one completion follows at most ``max_closure`` paths, so an upstream's
+endless signed closure ends there as incomplete), and each upstream
 keeps its own limits (:mod:`.upstream`). One fetch per (slice, path) is in flight: a
 second asker — another root, a pull-through reader — waits for the first's outcome.
 """
@@ -38,7 +40,7 @@ from nixd.nix.storepath import StorePath
 from nixd.server.config import MirrorSection
 from nixd.server.errors import BadUpload, TooLarge, UnsupportedCompression, UpstreamUnavailable
 from nixd.server.mirror import records
-from nixd.server.mirror.closure import walk
+from nixd.server.mirror.closure import MAX_CLOSURE, walk
 from nixd.server.mirror.upstream import (
     Absent,
     Fetched,
@@ -98,6 +100,8 @@ class MirrorService:
         self._by_name = {u.name: u for u in self.upstreams}
         self.pull_through = any(m.pull_through for m in mirrors)
         self._flights: dict[tuple[int, str], _Flight] = {}
+        self.max_closure = MAX_CLOSURE
+        """Paths one completion follows at most (the closure walk's bound)."""
         self._limiter = trio.CapacityLimiter(PARALLEL_FETCHES)
         self._send, self._recv = trio.open_memory_channel[tuple[int, str, str]](QUEUE_MAX)
         self._queued: set[tuple[int, str]] = set()
@@ -231,7 +235,7 @@ class MirrorService:
             deriver=info.deriver.basename if info.deriver else None,
             system=info.system,
             ca=info.ca,
-            uploader=f"mirror:{up.name}",
+            uploader=f"{records.UPLOADER_PREFIX}{up.name}",
         )
         conn = self.store.conn
         try:
@@ -276,8 +280,10 @@ class MirrorService:
         done = Progress()
         seen = {hash_part}
         note = progress or (lambda what, path: None)
+        level: list[tuple[str, str]] = [(hash_part, name)]
+        deeper: list[tuple[str, str]] = []
 
-        async def visit(hp: str, nm: str, nursery: trio.Nursery) -> None:
+        async def visit(hp: str, nm: str) -> None:
             info = self.store.in_slice(project, hp)
             if info is None:
                 try:
@@ -293,13 +299,22 @@ class MirrorService:
                 return
             for ref in info.references:
                 rhp, _, rname = ref.partition("-")
-                if rhp not in seen:
+                if rhp not in seen and len(seen) < self.max_closure:
                     seen.add(rhp)
-                    nursery.start_soon(visit, rhp, rname, nursery)
+                    deeper.append((rhp, rname))
 
-        if self.for_slice(project):
+        async def worker(todo: Iterator[tuple[str, str]]) -> None:
+            for hp, nm in todo:  # shared by the level's workers: each path once
+                await visit(hp, nm)
+
+        # Level by level, a fixed number of workers: what waits is a tuple, not a task, and
+        # an upstream's endless (signed) closure stops at max_closure paths.
+        while level and self.for_slice(project):
+            todo = iter(level)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(visit, hash_part, name, nursery)
+                for _ in range(PARALLEL_FETCHES):
+                    nursery.start_soon(worker, todo)
+            level, deeper = deeper, []
         _, missing = walk(self.store, project, hash_part, name)
         done.missing = sorted(f"/nix/store/{hp}-{n}" for hp, n in missing.items())
         # An upstream that did not answer leaves the root pending: retried later.
@@ -406,14 +421,19 @@ class MirrorService:
 
     # -- serving and checking provenance ---------------------------------------------------
 
-    def upstream_sigs(self, hash_part: str, nar_hash: str, fingerprint: bytes) -> tuple[str, ...]:
+    def upstream_sigs(self, info: PathInfo, fingerprint: bytes) -> tuple[str, ...]:
         """The upstream's Sig lines of a mirrored record that still verify for the narinfo
-        being served (its fingerprint), with the configured keys."""
-        prov = records.provenance_of(self.store.conn, hash_part, nar_hash)
+        being served (its fingerprint), with that upstream's keys. Only a record the
+        mirror wrote carries them: the same path uploaded into another slice is answered
+        alike whether or not some slice mirrored it."""
+        name = info.uploader.removeprefix(records.UPLOADER_PREFIX)
+        up = self._by_name.get(name) if info.uploader.startswith(records.UPLOADER_PREFIX) else None
+        if up is None:
+            return ()
+        prov = records.provenance_of(self.store.conn, info.hash_part, info.nar.nar_hash, name)
         if prov is None:
             return ()
-        keys = [k for u in self.upstreams for k in u.keys]
-        return tuple(s for s in prov.sigs if any(k.verify(fingerprint, s) for k in keys))
+        return tuple(s for s in prov.sigs if any(k.verify(fingerprint, s) for k in up.keys))
 
     def mirrored(self, project: Project, info: PathInfo) -> bool:
         """Whether the slice's record came from a mirror (an upload may replace it)."""

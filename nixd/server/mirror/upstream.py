@@ -14,13 +14,16 @@ whole NAR whose NarHash and NarSize are the signed ones is committed.
 Three outcomes besides success, because the callers must tell them apart: the upstream
 does not have the path (:class:`Absent`: 404, 403, 410), it has something that failed a
 check (:class:`Refused`, with why), or it did not answer properly (:class:`Unavailable`:
-a timeout, a refused connection, a 5xx, a cut body). Pull-through turns only "every
-upstream is Absent" into a 404.
+a timeout, a refused connection, a cut body, any other status: a 5xx, a redirect, a
+401). Pull-through answers 503 if any upstream is Unavailable, else a 404 (nothing
+verified to serve).
 
 Limits per upstream: ``max_concurrency`` requests in flight (a semaphore), and
 ``requests_per_second`` (requests start at most that often, spaced evenly); ``timeout``
-is the longest wait for any progress (connect, a chunk), and a narinfo must arrive whole
-within it.
+is the longest wait for any progress (connect, a chunk), a narinfo must arrive whole
+within it, and a NAR must average ``min_rate`` bytes per second after its first
+``timeout`` seconds (an upstream that drips a byte per ``timeout`` is Unavailable, not a
+fetch held for days).
 """
 
 from __future__ import annotations
@@ -206,12 +209,14 @@ class Upstream:
                     size = 0
                     pending: list[bytes] = []
                     held = 0
+                    start = trio.current_time()
                     async with contextlib.aclosing(_raw_chunks(resp)) as chunks:
                         try:
                             async for chunk in chunks:
                                 size += len(chunk)
                                 if size > limit:
                                     raise Refused(self.name, f"NAR body larger than {limit} bytes")
+                                self._check_rate(size, trio.current_time() - start)
                                 pending.append(chunk)
                                 held += len(chunk)
                                 if held >= FEED_BATCH:
@@ -230,6 +235,16 @@ class Upstream:
                         )
             except httpx.HTTPError as exc:
                 raise Unavailable(self.name, f"NAR download: {type(exc).__name__}: {exc}") from exc
+
+    def _check_rate(self, size: int, elapsed: float) -> None:
+        """Unavailable if ``size`` bytes in ``elapsed`` seconds is below ``min_rate``."""
+        rate, grace = self.section.min_rate, self.section.timeout
+        if rate and elapsed > grace and size < rate * (elapsed - grace):
+            raise Unavailable(
+                self.name,
+                f"NAR download too slow: {size} bytes in {elapsed:.0f}s (at least {rate} "
+                f"bytes/s after the first {grace:g}s)",
+            )
 
 
 def _raw_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
@@ -258,6 +273,6 @@ def _status(upstream: str, status: int, url: str, *, what: str = "narinfo") -> N
         if what == "NAR":
             raise Refused(upstream, f"its narinfo names a NAR it does not serve ({status})")
         raise Absent(upstream, f"{what} not there (HTTP {status})")
-    if status >= 500 or status in (408, 429):
-        raise Unavailable(upstream, f"HTTP {status} for the {what}")
-    raise Refused(upstream, f"HTTP {status} for the {what}")
+    # Any other status (a 5xx, a redirect the mirror does not follow, an authentication it
+    # wants) is a failure to answer, not "not here": retried, and never a reader's 404.
+    raise Unavailable(upstream, f"HTTP {status} for the {what}")
