@@ -782,7 +782,9 @@ metrics = "{d.server.metrics}"
 # method, path without query, status, bytes, duration, identity kind, peer; never a header
 access_log = {str(d.server.access_log).lower()}
 # the server's URL as clients reach it (behind a reverse proxy: its https:// URL), for
-# the links it writes, such as flake version redirects; "" = from each request's Host
+# the links it writes, such as flake version redirects; "" = from each request's Host.
+# Set it behind a CDN or shared HTTP cache: a public flake's tarball is cacheable
+# (immutable) and carries such a link, which a cache keyed on the path alone would share
 public_url = "{d.server.public_url}"
 
 [storage]
