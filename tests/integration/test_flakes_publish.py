@@ -26,6 +26,7 @@ from nixd.nix.flaketarball import normalize
 from nixd.proxy.config import FlakesConfig
 from nixd.proxy.server import serve_proxy
 from tests.daemon.conftest import NIXD
+from tests.integration.conftest import SERVER_HOST
 from tests.integration.flake_fixtures import (
     AUDIENCE,
     MAX_TARBALL,
@@ -33,10 +34,12 @@ from tests.integration.flake_fixtures import (
     access_token,
     clean_env,
     flake_server,  # noqa: F401 - a fixture
+    nix_env,
     publish,
     tool_flake,
 )
 from tests.proxy.conftest import proxy_config
+from tests.serverproc import server_cli
 from tests.test_cli_publish import FLAKE, git, make_repo
 
 
@@ -176,6 +179,29 @@ def test_a_gitlab_job_publishes_with_its_outputs_and_description(
     repo = make_repo(tmp_path / "widget", {"flake.nix": tool_flake("2.0.0")}, tag="v2.0.0")
     id_token = fs.gitlab.gitlab_token(audience=AUDIENCE, lifetime=600)
     attr = "packages.x86_64-linux.default"
+    # Recording an output whose closure is not in the cache is refused, naming it.
+    early = publish(fs, repo, "--include-output", attr, env={"NIXD_ID_TOKEN": id_token})
+    assert early.returncode == exitcodes.FAILURE, early.stderr
+    assert "not complete" in early.stderr and "-tool-2.0.0" in early.stderr, early.stderr
+    # The job builds it and pushes the closure first, as the README's workflow does.
+    env = clean_env(nix_env(repo.parent / f"{repo.name}-nix"))
+    # a chroot store builds in a chroot: bring /bin/sh in (see tests.realnix)
+    env["NIX_CONFIG"] += "\nsandbox-paths = /bin /usr /lib /lib64"
+    built = subprocess.run(
+        ["nix", "build", "--no-link", "--json", f"{repo}#default"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    server_cli("project", "create", str(fs.server.state_dir), "acme/widgets")
+    netrc = tmp_path / "push-netrc"
+    netrc.write_text(f"machine {SERVER_HOST} login ci password {fs.member_token}\n")
+    netrc.chmod(0o600)
+    pushed = subprocess.run(
+        ["nix", "copy", "--to", f"{fs.url}/cache/acme/widgets", "--netrc-file", str(netrc),
+         json.loads(built.stdout)[0]["outputs"]["out"]],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
     done = publish(fs, repo, "--include-output", attr, "--json",
                    env={"NIXD_ID_TOKEN": id_token})  # fmt: skip
     assert done.returncode == 0, done.stderr + fs.server.log()[-3000:]
